@@ -1,0 +1,237 @@
+"""Self-describing, atomically written checkpoints.
+
+Weights are safetensors files whose metadata carries everything needed to
+rebuild the model (see docs/ARCHITECTURE.md): sampling needs only the file.
+The original guided-diffusion's bare ``.pt`` state dicts still load (with
+``weights_only=True``; nothing loaded here can execute code).
+"""
+
+import json
+import os
+import re
+import tempfile
+
+import torch
+
+from .errors import UserError
+
+META_KEY = "guided_diffusion_vae"
+FORMAT_VERSION = 1
+
+
+def atomic_write(path, write_fn):
+    """Call ``write_fn(tmp_path)`` then move the finished file onto ``path``.
+
+    The temporary file lives in the same folder (so the rename is atomic) and
+    is fsynced first: a crash at any moment leaves either the old file or the
+    complete new one, never a torn file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def atomic_write_bytes(path, data):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, write)
+
+
+def save_weights(path, state_dict, metadata):
+    """Store ``state_dict`` as safetensors with ``metadata`` (a JSON-able dict)."""
+    from safetensors.torch import save_file
+
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state_dict.items()}
+    header = {META_KEY: json.dumps({"format": FORMAT_VERSION, **metadata}, sort_keys=True)}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def read_metadata(path):
+    """The metadata dict of a checkpoint of ours, or None for a bare state dict."""
+    if not path.endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    _require_file(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types
+        raise UserError(f"cannot read checkpoint {path}: {err}")
+    return json.loads(header[META_KEY]) if META_KEY in header else None
+
+
+def _require_file(path):
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+
+
+def load_weights(path, data=None):
+    """Return ``(state_dict, metadata_or_None)`` for a ``.safetensors`` file of
+    ours or an original guided-diffusion ``.pt`` state dict.
+
+    ``data`` may hold the file's bytes already (read once on rank 0 and
+    broadcast); otherwise the file is read here.
+    """
+    if data is None:
+        _require_file(path)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load, load_file
+
+            state = load(data) if data is not None else load_file(path)
+            meta = read_metadata(path) if data is None else _metadata_from_bytes(data)
+            return state, meta
+        import io
+
+        source = io.BytesIO(data) if data is not None else path
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors")
+    return state, None
+
+
+def _metadata_from_bytes(data):
+    # safetensors layout: 8-byte little-endian header length, then JSON header.
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    meta = header.get("__metadata__", {})
+    return json.loads(meta[META_KEY]) if META_KEY in meta else None
+
+
+def _explain_mismatch(missing, unexpected, wrong_shapes):
+    """Hints from parameter names to the configuration values behind them."""
+    names = set(missing) | set(unexpected) | {n for n, _, _ in wrong_shapes}
+    hints = []
+    if "label_emb.weight" in set(missing) | set(unexpected):
+        hints.append("class_cond differs")
+    elif "label_emb.weight" in names:
+        hints.append("num_classes differs")
+    if "input_blocks.0.0.weight" in names:
+        hints.append("in_channels differs (pixels vs VAE latents?)")
+    if any(n.startswith("out.") for n in names):
+        hints.append("learn_sigma or in_channels differs")
+    if "time_embed.0.weight" in names:
+        hints.append("num_channels differs")
+    if any(".qkv." in n or ".proj_out." in n for n in set(missing) | set(unexpected)):
+        hints.append("attention_resolutions differ")
+    if any(n.startswith(("input_blocks", "output_blocks")) for n in set(missing) | set(unexpected)):
+        hints.append("num_res_blocks, channel_mult or resblock_updown differ")
+    return hints
+
+
+def load_state_strict(model, state_dict, source, checkpoint_config=None, model_config=None):
+    """Load strictly; on any mismatch raise a UserError naming the missing,
+    unexpected and wrongly shaped parameters and the config values that explain
+    them. Never leaves a partly loaded model to be used silently."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = [
+        (name, tuple(state_dict[name].shape), tuple(own[name].shape))
+        for name in sorted(set(own) & set(state_dict))
+        if tuple(state_dict[name].shape) != tuple(own[name].shape)
+    ]
+    if not (missing or unexpected or wrong):
+        model.load_state_dict(state_dict, strict=True)
+        return model
+
+    def few(items):
+        shown = ", ".join(items[:4])
+        return shown + (f" (+{len(items) - 4} more)" if len(items) > 4 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing: {few(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected: {few(unexpected)}")
+    if wrong:
+        parts.append(
+            f"{len(wrong)} wrongly shaped: "
+            + few([f"{n} checkpoint {list(a)} vs model {list(b)}" for n, a, b in wrong])
+        )
+    reasons = []
+    if checkpoint_config and model_config:
+        diffs = [
+            f"{k}={checkpoint_config.get(k)!r} in the checkpoint, {model_config.get(k)!r} here"
+            for k in sorted(set(checkpoint_config) | set(model_config))
+            if checkpoint_config.get(k) != model_config.get(k)
+        ]
+        reasons.extend(diffs)
+    if not reasons:
+        reasons = _explain_mismatch(missing, unexpected, wrong)
+    why = f"; likely cause: {'; '.join(reasons)}" if reasons else ""
+    raise UserError(f"{source} does not fit the model: {'; '.join(parts)}{why}")
+
+
+def save_training_state(path, state):
+    """Optimizer, loss scaler, step and random states; tensors, numbers,
+    strings, lists, tuples and dicts only, so ``weights_only`` loading works."""
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path):
+    _require_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"cannot read training state {path}: {str(err).splitlines()[0]}")
+
+
+_STEP = re.compile(r"(\d+)\.(safetensors|pt)$")
+
+
+def parse_step(path):
+    """``.../model001200.safetensors`` -> 1200 (0 when the name has no step)."""
+    found = _STEP.search(os.path.basename(path))
+    return int(found.group(1)) if found else 0
+
+
+def model_path(folder, step):
+    return os.path.join(folder, f"model{step:06d}.safetensors")
+
+
+def ema_path(folder, rate, step):
+    return os.path.join(folder, f"ema_{rate}_{step:06d}.safetensors")
+
+
+def state_path(folder, step):
+    return os.path.join(folder, f"opt{step:06d}.pt")
+
+
+def latest_model_checkpoint(folder):
+    """The newest ``modelNNNNNN.safetensors`` in ``folder`` whose training
+    state was also written, or None."""
+    if not os.path.isdir(folder):
+        return None
+    steps = [
+        parse_step(name)
+        for name in os.listdir(folder)
+        if re.fullmatch(r"model\d+\.safetensors", name) and os.path.exists(state_path(folder, parse_step(name)))
+    ]
+    return model_path(folder, max(steps)) if steps else None

@@ -1,0 +1,200 @@
+"""Sampling from a checkpoint: what ``image_sample.py`` and
+``image_sample_vae.py`` run.
+
+A checkpoint of ours describes its model, diffusion, classes and VAE, so
+``--model_path`` is all it needs; the original's bare ``.pt`` files are built
+from the model flags instead.
+"""
+
+import os
+import re
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from . import logger, script_util
+from .errors import UserError
+from .sample_io import save_samples
+from .sampling import DenoisedClipper, generate_samples
+
+
+def sample_defaults():
+    """Sampling flags; the model flags only matter for bare ``.pt`` files."""
+    return {
+        **script_util.model_and_diffusion_defaults(),
+        "model_path": "",
+        "output_dir": "",
+        "use_ema": True,
+        "num_samples": 16,
+        "user_ids": [],
+        "num_images_per_user": 5,
+        "batch_size": 16,
+        "use_ddim": False,
+        "eta": 0.0,
+        "clip_denoised": "auto",
+        "clip_range": 3.0,
+        "dynamic_threshold_percentile": 0.995,
+        "seed": 0,
+        "device": "auto",
+        "precision": "fp32",
+        "vae_path": "",
+    }
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def resolve_weights_file(model_path, use_ema):
+    """The weights file to sample from: a run folder means its newest
+    checkpoint; with ``use_ema`` the EMA file of that step is taken."""
+    if os.path.isdir(model_path):
+        found = [n for n in os.listdir(model_path) if re.fullmatch(r"model\d+\.safetensors", n)]
+        if not found:
+            raise UserError(f"{model_path} holds no modelNNNNNN.safetensors checkpoint")
+        model_path = os.path.join(model_path, max(found, key=ckpt.parse_step))
+    if not os.path.isfile(model_path):
+        raise UserError(f"checkpoint not found: {model_path}")
+    name = os.path.basename(model_path)
+    if not use_ema or name.startswith("ema_"):
+        return model_path
+    folder, step = os.path.dirname(model_path), ckpt.parse_step(model_path)
+    suffix = ".safetensors" if name.endswith(".safetensors") else ".pt"
+    pattern = re.compile(rf"ema_([0-9.]+)_{step:06d}{re.escape(suffix)}")
+    emas = sorted(n for n in os.listdir(folder or ".") if pattern.fullmatch(n))
+    if not emas:
+        raise UserError(
+            f"no EMA weights beside {model_path} (looked for ema_<rate>_{step:06d}{suffix}); "
+            f"pass --use_ema False to sample from the raw weights"
+        )
+    # The slowest average (largest rate) is the one guided-diffusion samples from.
+    emas.sort(key=lambda n: float(pattern.fullmatch(n).group(1)), reverse=True)
+    return os.path.join(folder, emas[0])
+
+
+def resolve_user_ids(user_ids, label_map):
+    """Class indices for ``--user_ids`` tokens: a class name (``user_05``) or a
+    number matching the number in a class name (``5``)."""
+    names = {int(k): v for k, v in label_map.items()}
+    by_name = {v: k for k, v in names.items()}
+    by_number = {}
+    for index, name in names.items():
+        digits = re.search(r"(\d+)$", str(name))
+        if digits:
+            by_number.setdefault(int(digits.group(1)), index)
+    chosen = []
+    for token in user_ids:
+        token = str(token)
+        if token in by_name:
+            chosen.append(by_name[token])
+        elif token.isdigit() and int(token) in by_number:
+            chosen.append(by_number[int(token)])
+        elif token.isdigit() and not by_number and int(token) in names:
+            chosen.append(int(token))
+        else:
+            valid = sorted(by_number) if by_number else sorted(names)
+            shown = ", ".join(str(v) for v in valid)
+            raise UserError(f"unknown user id {token!r}; valid ids: {shown} (or the names {names[min(names)]}..)")
+    return chosen
+
+
+def load_sampling_model(config, device):
+    """``(model, diffusion_config, meta)`` for the checkpoint in ``config``."""
+    path = resolve_weights_file(config["model_path"], config["use_ema"])
+    state, meta = ckpt.load_weights(path)
+    if meta is None:
+        logger.log(f"{path} is a bare state dict: building the model from the flags")
+        flags = {k: config[k] for k in script_util.model_and_diffusion_defaults()}
+        model = script_util.create_model(**{k: flags[k] for k in _create_model_keys()})
+        diffusion_config = {
+            "steps": flags["diffusion_steps"], "learn_sigma": flags["learn_sigma"],
+            "noise_schedule": flags["noise_schedule"], "use_kl": flags["use_kl"],
+            "predict_xstart": flags["predict_xstart"], "rescale_timesteps": flags["rescale_timesteps"],
+            "rescale_learned_sigmas": flags["rescale_learned_sigmas"], "timestep_respacing": "",
+        }
+        model_config = {k: flags[k] for k in _create_model_keys()}
+        meta = {"model": model_config, "diffusion": diffusion_config, "data": {}, "vae": None}
+        ckpt.load_state_strict(model, state, path)
+    else:
+        model = script_util.create_model(**meta["model"])
+        ckpt.load_state_strict(model, state, path)
+        diffusion_config = dict(meta["diffusion"])
+    logger.log(f"sampling from {path} (step {meta.get('step', ckpt.parse_step(path))})")
+    if config.get("use_fp16"):
+        model.convert_to_fp16()
+    return model.to(device).eval(), diffusion_config, meta
+
+
+def _create_model_keys():
+    import inspect
+
+    return list(inspect.signature(script_util.create_model).parameters)
+
+
+def load_decoder(meta, config, device):
+    """The VAE decoder for a latent checkpoint (None for pixel models)."""
+    vae_meta = meta.get("vae")
+    if not vae_meta:
+        return None
+    from .vae_wrapper import VAEInterface
+
+    path = config["vae_path"] or vae_meta["path"]
+    if not os.path.isdir(path):
+        raise UserError(
+            f"the checkpoint's VAE was expected at {vae_meta['path']} and is not there; "
+            f"pass --vae_path DIR to point to it"
+        )
+    vae = VAEInterface.from_description(vae_meta, path=path, device=device)
+    return vae.decode_batch
+
+
+def run_sampling(config):
+    """Draw samples as configured and write them; returns the paths written."""
+    if not config["model_path"]:
+        raise UserError("model_path is required: a checkpoint file or a run folder")
+    if not config["output_dir"]:
+        raise UserError("output_dir is required")
+    device = pick_device(config["device"])
+    model, diffusion_config, meta = load_sampling_model(config, device)
+    if config["timestep_respacing"]:
+        diffusion_config["timestep_respacing"] = config["timestep_respacing"]
+    diffusion = script_util.create_gaussian_diffusion(**diffusion_config)
+    label_map = (meta.get("data") or {}).get("label_map")
+    class_cond = bool(meta["model"].get("class_cond"))
+    if class_cond:
+        if not label_map:
+            label_map = {str(i): f"class_{i:03d}" for i in range(int(meta["model"]["num_classes"]))}
+        classes = resolve_user_ids(config["user_ids"], label_map) if config["user_ids"] else sorted(int(k) for k in label_map)
+        labels = np.repeat(np.array(classes, dtype=np.int64), config["num_images_per_user"])
+    else:
+        if config["user_ids"]:
+            raise UserError("user_ids given, but this model is unconditional: use --num_samples")
+        labels = None
+    num_samples = len(labels) if labels is not None else config["num_samples"]
+    clip_mode = config["clip_denoised"]
+    if clip_mode == "auto":  # pixels keep the original's [-1, 1] clip; latents get none
+        clip_mode = "none" if meta.get("vae") else "pixel"
+    clipper = DenoisedClipper(clip_mode, config["clip_range"], config["dynamic_threshold_percentile"])
+    decode_fn = load_decoder(meta, config, device)
+    channels = meta["model"].get("in_channels", 3)
+    size = meta["model"]["image_size"]
+    images, labels_out, clipped = generate_samples(
+        model=model, diffusion=diffusion, sample_shape=(channels, size, size),
+        num_samples=num_samples, batch_size=config["batch_size"], labels=labels,
+        use_ddim=config["use_ddim"], eta=config["eta"], clipper=clipper, decode_fn=decode_fn,
+        seed=config["seed"], device=device, precision=config["precision"],
+    )
+    if clip_mode != "none":
+        logger.log(f"clip_denoised={clip_mode}: {100 * clipped:.3f}% of predicted x0 values were clipped")
+    paths = save_samples(config["output_dir"], images, labels_out, label_map if class_cond else None)
+    logger.log(f"wrote {len(images)} samples to {config['output_dir']} (grid: {paths['grid']})")
+    return paths

@@ -1,0 +1,147 @@
+"""Small neural-network helpers shared by the UNet, the diffusion code and training.
+
+Behaviour follows openai/guided-diffusion's ``nn`` module (same names, same
+numbers); the implementations favour fused/foreach kernels and avoid
+host-device synchronisation so that they stay cheap on a GPU and trace cleanly
+under ``torch.compile``.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint as torch_checkpoint
+
+_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_AVG_POOL_BY_DIMS = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+
+
+class SiLU(nn.SiLU):
+    """Alias kept for code written against the original module (``nn.SiLU`` is built in)."""
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm whose statistics are always computed in float32.
+
+    The input is upcast, normalised, and the result is returned in the input's
+    dtype, so fp16/bf16 activations never accumulate mean/variance in low
+    precision.
+    """
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+def normalization(channels):
+    """The normalisation layer used throughout the UNet: 32-group float32 GroupNorm."""
+    return GroupNorm32(num_groups=32, num_channels=channels)
+
+
+def _pick(table, dims, what):
+    if dims not in table:
+        raise ValueError(f"unsupported dimensions for {what}: {dims}")
+    return table[dims]
+
+
+def conv_nd(dims, *args, **kwargs):
+    """A 1D, 2D or 3D convolution (``nn.Conv{dims}d``) built with the given arguments."""
+    return _pick(_CONV_BY_DIMS, dims, "conv_nd")(*args, **kwargs)
+
+
+def linear(*args, **kwargs):
+    """A plain ``nn.Linear``; kept as a function for symmetry with ``conv_nd``."""
+    return nn.Linear(*args, **kwargs)
+
+
+def avg_pool_nd(dims, *args, **kwargs):
+    """A 1D, 2D or 3D average pooling layer (``nn.AvgPool{dims}d``)."""
+    return _pick(_AVG_POOL_BY_DIMS, dims, "avg_pool_nd")(*args, **kwargs)
+
+
+def zero_module(module):
+    """Set every parameter of ``module`` to zero in place and return the module.
+
+    Used on the last layer of residual branches so that each block starts as
+    the identity.
+    """
+    with torch.no_grad():
+        for param in module.parameters():
+            param.zero_()
+    return module
+
+
+def scale_module(module, scale):
+    """Multiply every parameter of ``module`` by ``scale`` in place; return the module."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.mul_(scale)
+    return module
+
+
+def mean_flat(tensor):
+    """Mean over every dimension except the first: (N, ...) -> (N,)."""
+    return tensor.mean(dim=tuple(range(1, tensor.ndim)))
+
+
+def update_ema(target_params, source_params, rate: float = 0.99):
+    """Move ``target_params`` towards ``source_params`` in place.
+
+    Each target becomes ``rate * target + (1 - rate) * source``. Done as one
+    foreach ``lerp`` over all tensors: no per-tensor Python loop on the hot path
+    and no host-device synchronisation.
+
+    :param target_params: iterable of tensors updated in place (the EMA copy).
+    :param source_params: iterable of tensors with the same shapes (the live weights).
+    :param rate: the EMA decay, between 0 and 1.
+    """
+    targets = list(target_params)
+    sources = list(source_params)
+    if len(targets) != len(sources):
+        raise ValueError(f"update_ema: {len(targets)} targets but {len(sources)} sources")
+    if not targets:
+        return
+    weight = 1.0 - rate
+    with torch.no_grad():
+        targets = [t.detach() for t in targets]
+        sources = [s.detach().to(t.dtype) for t, s in zip(targets, sources)]
+        torch._foreach_lerp_(targets, sources, weight)
+
+
+def timestep_embedding(timesteps, dim: int, max_period: float = 10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps.
+
+    :param timesteps: 1-D tensor (or scalar) of N timesteps, integer or float.
+    :param dim: width of the embedding.
+    :param max_period: longest period of the sinusoids.
+    :return: float32 tensor (N, dim): ``[cos(t * f_0..f_{h-1}), sin(t * f_0..f_{h-1})]``
+        with ``h = dim // 2`` and ``f_i = max_period ** (-i / h)``; an odd ``dim``
+        gets one trailing column of zeros.
+    """
+    t = torch.as_tensor(timesteps).reshape(-1).to(torch.float32)
+    half = dim // 2
+    # Same operation order as the reference so the float32 frequencies match bit for bit.
+    exponents = torch.arange(half, dtype=torch.float32, device=t.device) * -math.log(max_period)
+    freqs = torch.exp(exponents / half)
+    angles = t[:, None] * freqs[None, :]
+    parts = [torch.cos(angles), torch.sin(angles)]
+    if dim % 2:
+        parts.append(torch.zeros_like(angles[:, :1]))
+    return torch.cat(parts, dim=-1)
+
+
+def checkpoint(func, inputs, params, flag: bool):
+    """Call ``func(*inputs)``, recomputing activations in backward when ``flag`` is set.
+
+    Uses PyTorch's non-reentrant activation checkpointing, which tracks the
+    parameters ``func`` uses on its own; ``params`` is accepted only for
+    signature compatibility with the original code.
+
+    :param func: the function to evaluate.
+    :param inputs: sequence of positional arguments for ``func``.
+    :param params: unused (the parameters ``func`` depends on).
+    :param flag: if False, simply call ``func`` (no memory saving, no recompute).
+    """
+    del params
+    if flag:
+        return torch_checkpoint.checkpoint(func, *inputs, use_reentrant=False)
+    return func(*inputs)

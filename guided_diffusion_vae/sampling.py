@@ -1,0 +1,166 @@
+"""Drawing samples: one function used by the sampling scripts and by the
+training loop's previews.
+
+Every sample owns a random stream seeded from ``(seed, sample index)``: its
+starting noise and every step's noise come from it, so a sample does not
+depend on the batch it was drawn in, and the same seed gives the same images
+whatever the batch size.
+"""
+
+import contextlib
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UserError
+
+CLIP_MODES = ("none", "pixel", "fixed", "dynamic")
+
+
+def sample_generator(seed, index, device):
+    """The random stream of sample ``index`` for ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((int(seed) * 1_000_003 + int(index)) % (2**63 - 1))
+    return gen
+
+
+def _per_sample_normal(generators, shape, device):
+    return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
+
+
+class DenoisedClipper:
+    """The ``denoised_fn`` applied to each predicted ``x_0``.
+
+    Modes: ``none``; ``pixel`` (clamp to [-1, 1], the original's
+    ``clip_denoised=True``, right for pixels only); ``fixed`` (clamp to
+    ``+-clip_range``, for unit-variance latents e.g. 3); ``dynamic`` (per
+    sample, clamp to the ``percentile`` of ``|x_0|``, never tighter than
+    ``clip_range``). Counts the values it changes, on the device.
+    """
+
+    def __init__(self, mode="none", clip_range=3.0, percentile=0.995):
+        if mode not in CLIP_MODES:
+            raise UserError(f"clip_denoised {mode!r} must be one of {', '.join(CLIP_MODES)}")
+        if mode in ("fixed", "dynamic") and not clip_range > 0:
+            raise UserError(f"clip_range must be positive, got {clip_range}")
+        if not 0.0 < percentile <= 1.0:
+            raise UserError(f"dynamic_threshold_percentile must lie in (0, 1], got {percentile}")
+        self.mode, self.clip_range, self.percentile = mode, float(clip_range), float(percentile)
+        self.clipped = None
+        self.seen = 0
+
+    def __call__(self, x0):
+        if self.mode == "none":
+            return x0
+        if self.mode == "pixel":
+            limit = torch.ones((), device=x0.device, dtype=x0.dtype)
+        elif self.mode == "fixed":
+            limit = torch.full((), self.clip_range, device=x0.device, dtype=x0.dtype)
+        else:
+            flat = x0.detach().abs().flatten(1).float()
+            q = torch.quantile(flat, self.percentile, dim=1)
+            limit = q.clamp(min=self.clip_range).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+        changed = (x0.abs() > limit).sum()
+        self.clipped = changed if self.clipped is None else self.clipped + changed
+        self.seen += x0.numel()
+        return torch.maximum(torch.minimum(x0, limit), -limit)
+
+    def fraction(self):
+        """Share of predicted values clipped so far (synchronises once)."""
+        if self.clipped is None or not self.seen:
+            return 0.0
+        return float(self.clipped.item()) / self.seen
+
+
+def _run_chain(*, diffusion, model, x, generators, use_ddim, eta, denoised_fn, cond_fn, model_kwargs, progress):
+    """Denoise one batch ``x`` (N, C, H, W) from pure noise to ``x_0``."""
+    steps = list(range(diffusion.num_timesteps))[::-1]
+    needs_noise = not use_ddim or eta > 0
+    for i in tqdm(steps, desc="denoising", leave=False, disable=not progress):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        noise = _per_sample_normal(generators, x.shape[1:], x.device) if needs_noise else None
+        with torch.no_grad():
+            if use_ddim:
+                out = diffusion.ddim_sample(
+                    model, x, t, clip_denoised=False, denoised_fn=denoised_fn,
+                    cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, noise=noise,
+                )
+            else:
+                out = diffusion.p_sample(
+                    model, x, t, clip_denoised=False, denoised_fn=denoised_fn,
+                    cond_fn=cond_fn, model_kwargs=model_kwargs, noise=noise,
+                )
+        x = out["sample"]
+    return x
+
+
+def to_uint8_images(images):
+    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def generate_samples(
+    *,
+    model,
+    diffusion,
+    sample_shape,
+    num_samples,
+    batch_size,
+    labels=None,
+    use_ddim=False,
+    eta=0.0,
+    clipper=None,
+    cond_fn=None,
+    decode_fn=None,
+    seed=0,
+    device="cpu",
+    precision="fp32",
+    progress=True,
+):
+    """Draw ``num_samples`` samples and return ``(uint8 NHWC images, labels,
+    clip fraction)``.
+
+    Args:
+        sample_shape: (C, H, W) of what the diffusion produces (latents or pixels).
+        labels: class index per sample (length ``num_samples``) for
+            class-conditional models, else None.
+        clipper: a :class:`DenoisedClipper` (default: no clipping).
+        cond_fn: classifier guidance, ``cond_fn(x, t, y=...)`` -> grad of log p(y|x).
+        decode_fn: latents -> images in [-1, 1] (the VAE's decoder), or None
+            for pixel models.
+    """
+    device = torch.device(device)
+    clipper = clipper or DenoisedClipper("none")
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        if len(labels) != num_samples:
+            raise ValueError(f"{len(labels)} labels for {num_samples} samples")
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if precision == "bf16" else contextlib.nullcontext()
+    )
+    images, kept_labels = [], []
+    starts = range(0, num_samples, batch_size)
+    for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) == 1):
+        stop = min(start + batch_size, num_samples)
+        generators = [sample_generator(seed, i, device) for i in range(start, stop)]
+        x = _per_sample_normal(generators, tuple(sample_shape), device)
+        kwargs = {}
+        if labels is not None:
+            kwargs["y"] = labels[start:stop].to(device)
+        with autocast:
+            x = _run_chain(
+                diffusion=diffusion, model=model, x=x, generators=generators,
+                use_ddim=use_ddim, eta=eta, denoised_fn=clipper, cond_fn=cond_fn,
+                model_kwargs=kwargs, progress=progress,
+            )
+        x = x.float()
+        if decode_fn is not None:
+            with torch.no_grad():
+                x = decode_fn(x)
+        images.append(to_uint8_images(x))
+        if labels is not None:
+            kept_labels.append(labels[start:stop].numpy())
+    all_labels = np.concatenate(kept_labels) if kept_labels else None
+    return np.concatenate(images), all_labels, clipper.fraction()

@@ -1,0 +1,414 @@
+"""Flag defaults and factories that turn flat flag dictionaries into models.
+
+The flag names and default values are guided-diffusion's, so its command lines
+and configuration files keep working. Two things the original hard-codes are
+parameters here: ``in_channels`` (3 for pixels, the VAE's latent channels for
+latents) and ``num_classes`` (taken from the data's label map).
+"""
+
+import argparse
+import inspect
+
+from . import gaussian_diffusion as gd
+from .errors import UserError
+from .respace import SpacedDiffusion, space_timesteps
+from .unet import EncoderUNetModel, SuperResModel, UNetModel
+
+NUM_CLASSES = 1000  # ImageNet's, the original's only choice; a flag here.
+
+# channel_mult="" picks one of these by the network's input resolution. The
+# pixel sizes are the original's; 8, 16 and 32 serve VAE latents.
+DEFAULT_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 3, 4),
+    16: (1, 2, 3),
+    8: (1, 2),
+}
+
+
+def diffusion_defaults():
+    """Flags that shape the Gaussian diffusion process."""
+    return {
+        "learn_sigma": False,
+        "diffusion_steps": 1000,
+        "noise_schedule": "linear",
+        "timestep_respacing": "",
+        "use_kl": False,
+        "predict_xstart": False,
+        "rescale_timesteps": False,
+        "rescale_learned_sigmas": False,
+    }
+
+
+def classifier_defaults():
+    """Flags of the noisy-image classifier used for guidance."""
+    return {
+        "image_size": 64,
+        "classifier_use_fp16": False,
+        "classifier_width": 128,
+        "classifier_depth": 2,
+        "classifier_attention_resolutions": "32,16,8",
+        "classifier_use_scale_shift_norm": True,
+        "classifier_resblock_updown": True,
+        "classifier_pool": "attention",
+    }
+
+
+def model_and_diffusion_defaults():
+    """Flags of the denoising UNet together with those of the diffusion."""
+    unet_flags = {
+        "image_size": 64,
+        "num_channels": 128,
+        "num_res_blocks": 2,
+        "num_heads": 4,
+        "num_heads_upsample": -1,
+        "num_head_channels": -1,
+        "attention_resolutions": "16,8",
+        "channel_mult": "",
+        "dropout": 0.0,
+        "class_cond": False,
+        "use_checkpoint": False,
+        "use_scale_shift_norm": True,
+        "resblock_updown": False,
+        "use_fp16": False,
+        "use_new_attention_order": False,
+        "in_channels": 3,
+        "num_classes": NUM_CLASSES,
+    }
+    return {**unet_flags, **diffusion_defaults()}
+
+
+def classifier_and_diffusion_defaults():
+    return {**classifier_defaults(), **diffusion_defaults()}
+
+
+def _pick(flags, fn):
+    """The entries of ``flags`` that are keyword parameters of ``fn``."""
+    names = inspect.signature(fn).parameters
+    return {key: value for key, value in flags.items() if key in names}
+
+
+def _split_model_and_diffusion(flags, model_fn):
+    model_flags = _pick(flags, model_fn)
+    diffusion_flags = {
+        "steps": flags["diffusion_steps"],
+        "learn_sigma": flags["learn_sigma"],
+        "noise_schedule": flags["noise_schedule"],
+        "use_kl": flags["use_kl"],
+        "predict_xstart": flags["predict_xstart"],
+        "rescale_timesteps": flags["rescale_timesteps"],
+        "rescale_learned_sigmas": flags["rescale_learned_sigmas"],
+        "timestep_respacing": flags["timestep_respacing"],
+    }
+    unknown = set(flags) - set(model_flags) - set(diffusion_defaults()) - {"sigma_small"}
+    if unknown:
+        raise TypeError(f"unexpected model/diffusion flags: {sorted(unknown)}")
+    if "sigma_small" in flags:
+        diffusion_flags["sigma_small"] = flags["sigma_small"]
+    return model_flags, diffusion_flags
+
+
+def create_model_and_diffusion(**flags):
+    """Build ``(UNetModel, SpacedDiffusion)`` from the flags of
+    :func:`model_and_diffusion_defaults` (all of them must be given)."""
+    model_flags, diffusion_flags = _split_model_and_diffusion(flags, create_model)
+    return create_model(**model_flags), create_gaussian_diffusion(**diffusion_flags)
+
+
+def parse_channel_mult(channel_mult, image_size):
+    """``"1,2,4"`` -> ``(1, 2, 4)``; ``""`` -> the default for ``image_size``."""
+    if isinstance(channel_mult, (tuple, list)):
+        return tuple(channel_mult)
+    if channel_mult == "":
+        if image_size not in DEFAULT_CHANNEL_MULT:
+            sizes = ", ".join(str(s) for s in sorted(DEFAULT_CHANNEL_MULT))
+            raise UserError(
+                f"no default channel_mult for image_size {image_size} (defaults exist for "
+                f"{sizes}); set channel_mult, e.g. channel_mult: \"1,2,2\""
+            )
+        return DEFAULT_CHANNEL_MULT[image_size]
+    try:
+        return tuple(float(part) if "." in part else int(part) for part in channel_mult.split(","))
+    except ValueError:
+        raise UserError(f"channel_mult {channel_mult!r} is not a comma-separated list of numbers")
+
+
+def attention_downsample_rates(attention_resolutions, image_size, channel_mult, flag="attention_resolutions"):
+    """Turn resolutions (``"16,8"``, read at the network's input resolution)
+    into the downsampling rates at which the UNet places attention.
+
+    Each resolution must be reached by the network: ``image_size / res`` must be
+    a power of two no larger than the deepest downsampling ``2**(levels-1)``.
+    """
+    if isinstance(attention_resolutions, (tuple, list)):
+        resolutions = [int(r) for r in attention_resolutions]
+    else:
+        text = str(attention_resolutions).strip()
+        try:
+            resolutions = [int(r) for r in text.split(",")] if text else []
+        except ValueError:
+            raise UserError(f"{flag} {attention_resolutions!r} is not a comma-separated list of integers")
+    deepest = 2 ** (len(channel_mult) - 1)
+    reachable = [image_size // 2**level for level in range(len(channel_mult))]
+    rates = []
+    for res in resolutions:
+        rate = image_size // res if res > 0 else 0
+        if res <= 0 or image_size % res or rate & (rate - 1) or rate > deepest:
+            raise UserError(
+                f"{flag} {attention_resolutions!r}: resolution {res} is not one the network "
+                f"passes through for image_size {image_size} with {len(channel_mult)} levels "
+                f"(it passes through {reachable})"
+            )
+        rates.append(rate)
+    return tuple(rates)
+
+
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    channel_mult="",
+    learn_sigma=False,
+    class_cond=False,
+    use_checkpoint=False,
+    attention_resolutions="16",
+    num_heads=1,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=False,
+    dropout=0,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+    in_channels=3,
+    num_classes=NUM_CLASSES,
+):
+    """A :class:`UNetModel` predicting ``in_channels`` values per pixel (twice
+    that with ``learn_sigma``: the second half parameterises the variance)."""
+    mult = parse_channel_mult(channel_mult, image_size)
+    if class_cond and (num_classes is None or int(num_classes) < 1):
+        raise UserError(f"class_cond needs num_classes >= 1, got {num_classes!r}")
+    return UNetModel(
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=in_channels * (2 if learn_sigma else 1),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_downsample_rates(attention_resolutions, image_size, mult),
+        dropout=dropout,
+        channel_mult=mult,
+        num_classes=int(num_classes) if class_cond else None,
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+    )
+
+
+def create_classifier_and_diffusion(**flags):
+    """Build ``(EncoderUNetModel, SpacedDiffusion)`` from the flags of
+    :func:`classifier_and_diffusion_defaults`."""
+    classifier_flags, diffusion_flags = _split_model_and_diffusion(flags, create_classifier)
+    return create_classifier(**classifier_flags), create_gaussian_diffusion(**diffusion_flags)
+
+
+def create_classifier(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    in_channels=3,
+    num_classes=NUM_CLASSES,
+):
+    """A noisy-input classifier (the UNet's encoder half with a pooling head)."""
+    mult = parse_channel_mult("", image_size)
+    rates = attention_downsample_rates(
+        classifier_attention_resolutions, image_size, mult, flag="classifier_attention_resolutions"
+    )
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=in_channels,
+        model_channels=classifier_width,
+        out_channels=int(num_classes),
+        num_res_blocks=classifier_depth,
+        attention_resolutions=rates,
+        channel_mult=mult,
+        use_fp16=classifier_use_fp16,
+        num_head_channels=64,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )
+
+
+def sr_model_and_diffusion_defaults():
+    """Flags of the super-resolution model: the UNet's, with two image sizes."""
+    flags = model_and_diffusion_defaults()
+    flags["large_size"] = 256
+    flags["small_size"] = 64
+    model_params = inspect.signature(sr_create_model_and_diffusion).parameters
+    return {key: value for key, value in flags.items() if key in model_params}
+
+
+def sr_create_model_and_diffusion(
+    large_size,
+    small_size,
+    class_cond,
+    learn_sigma,
+    num_channels,
+    num_res_blocks,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    attention_resolutions,
+    dropout,
+    diffusion_steps,
+    noise_schedule,
+    timestep_respacing,
+    use_kl,
+    predict_xstart,
+    rescale_timesteps,
+    rescale_learned_sigmas,
+    use_checkpoint,
+    use_scale_shift_norm,
+    resblock_updown,
+    use_fp16,
+    in_channels=3,
+    num_classes=NUM_CLASSES,
+):
+    flags = dict(locals())
+    model = sr_create_model(**_pick(flags, sr_create_model))
+    diffusion = create_gaussian_diffusion(
+        steps=diffusion_steps,
+        learn_sigma=learn_sigma,
+        noise_schedule=noise_schedule,
+        use_kl=use_kl,
+        predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps,
+        rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing,
+    )
+    return model, diffusion
+
+
+def sr_create_model(
+    large_size,
+    small_size,
+    num_channels,
+    num_res_blocks,
+    learn_sigma,
+    class_cond,
+    use_checkpoint,
+    attention_resolutions,
+    num_heads,
+    num_head_channels,
+    num_heads_upsample,
+    use_scale_shift_norm,
+    dropout,
+    resblock_updown,
+    use_fp16,
+    in_channels=3,
+    num_classes=NUM_CLASSES,
+):
+    """A :class:`SuperResModel` that upsamples ``small_size`` inputs to ``large_size``."""
+    del small_size  # the low-resolution input is upsampled inside the model
+    sr_mult = {512: (1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 64: (1, 2, 3, 4)}
+    if large_size not in sr_mult:
+        raise UserError(f"no super-resolution channel_mult for large_size {large_size}")
+    mult = sr_mult[large_size]
+    return SuperResModel(
+        image_size=large_size,
+        in_channels=in_channels,
+        model_channels=num_channels,
+        out_channels=in_channels * (2 if learn_sigma else 1),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_downsample_rates(attention_resolutions, large_size, mult),
+        dropout=dropout,
+        channel_mult=mult,
+        num_classes=int(num_classes) if class_cond else None,
+        use_checkpoint=use_checkpoint,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_fp16=use_fp16,
+    )
+
+
+def create_gaussian_diffusion(
+    *,
+    steps=1000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    timestep_respacing="",
+):
+    """A :class:`SpacedDiffusion` configured by guided-diffusion's flags.
+
+    ``timestep_respacing=""`` keeps every one of the ``steps`` timesteps.
+    """
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if learn_sigma:
+        var_type = gd.ModelVarType.LEARNED_RANGE
+    else:
+        var_type = gd.ModelVarType.FIXED_SMALL if sigma_small else gd.ModelVarType.FIXED_LARGE
+    mean_type = gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON
+    spacing = timestep_respacing or [steps]
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, spacing),
+        betas=gd.get_named_beta_schedule(noise_schedule, steps),
+        model_mean_type=mean_type,
+        model_var_type=var_type,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+    )
+
+
+def str2bool(value):
+    """argparse type for booleans written as yes/no, true/false, 1/0."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def add_dict_to_argparser(parser, default_dict):
+    """Add ``--key`` for every entry, typed after its default value."""
+    for key, default in default_dict.items():
+        if default is None:
+            value_type = str
+        elif isinstance(default, bool):
+            value_type = str2bool
+        else:
+            value_type = type(default)
+        parser.add_argument(f"--{key}", default=default, type=value_type)
+
+
+def args_to_dict(args, keys):
+    """``{key: args.key}`` for the given keys."""
+    return {key: getattr(args, key) for key in keys}

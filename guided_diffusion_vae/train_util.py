@@ -1,0 +1,580 @@
+"""The diffusion training loop.
+
+What guided-diffusion's ``TrainLoop`` does (EMA at several rates,
+microbatches, learning-rate annealing, weight decay, uniform or loss-aware
+timestep sampling, periodic logs and checkpoints, resume), plus bf16
+autocast, gradient clipping, self-describing atomic checkpoints, graceful
+SIGTERM/SIGINT, and skipping of non-finite steps.
+
+The step is kept free of host-device synchronisation: losses and grad norms
+accumulate on the device and are read once per ``log_interval``; a
+non-finite loss skips the optimizer update on the device (the fused AdamW
+``found_inf`` path) instead of being tested on the host.
+"""
+
+import contextlib
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint as ckpt
+from . import dist_util, logger
+from .errors import UserError
+from .fp16_util import MixedPrecisionTrainer
+from .nn import update_ema
+from .resample import LossAwareSampler, UniformSampler
+
+
+def training_defaults():
+    """Training flags: the original ``image_train.py`` flags and ours."""
+    return {
+        "data_dir": "",
+        "schedule_sampler": "uniform",
+        "lr": 1e-4,
+        "weight_decay": 0.0,
+        "lr_anneal_steps": 0,
+        "batch_size": 1,
+        "microbatch": -1,
+        "ema_rate": "0.9999",
+        "log_interval": 10,
+        "save_interval": 10000,
+        "resume_checkpoint": "",
+        "use_fp16": False,
+        "fp16_scale_growth": 1e-3,
+        # ours
+        "log_dir": "",
+        "seed": 0,
+        "precision": "auto",
+        "grad_clip": 0.0,
+        "max_nonfinite_steps": 5,
+        "sample_interval": 0,
+        "num_preview_samples": 16,
+        "compile": False,
+        "num_workers": 2,
+        "random_flip": True,
+        "tensorboard": True,
+    }
+
+
+def parse_ema_rates(ema_rate):
+    """``"0.9999,0.999"`` -> ``[0.9999, 0.999]`` (rates must lie in (0, 1))."""
+    text = str(ema_rate).strip()
+    try:
+        rates = [float(r) for r in text.split(",")] if text else []
+    except ValueError:
+        raise UserError(f"ema_rate {ema_rate!r} is not a comma-separated list of numbers")
+    for rate in rates:
+        if not 0.0 < rate < 1.0:
+            raise UserError(f"ema_rate {rate} must lie strictly between 0 and 1")
+    return rates
+
+
+def resolve_precision(precision, device):
+    """``auto`` is bf16 autocast on GPUs that support it, else float32."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"precision {precision!r} must be one of auto, bf16, fp32")
+    if precision == "auto":
+        cuda = torch.device(device).type == "cuda"
+        return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+class DeviceMeans:
+    """Running sums of metrics kept on the device; read once per log.
+
+    ``add`` takes tensors (any shape, averaged) and never synchronises;
+    ``pop`` moves everything to the host in one transfer and resets.
+    """
+
+    def __init__(self):
+        self._sums, self._counts = {}, {}
+
+    def add(self, name, values, count=None):
+        values = values.detach().float()
+        total = values.sum()
+        n = torch.as_tensor(values.numel() if count is None else count, device=total.device, dtype=torch.float32)
+        if name in self._sums:
+            self._sums[name] += total
+            self._counts[name] += n
+        else:
+            self._sums[name], self._counts[name] = total, n.clone()
+
+    def add_by_quarter(self, name, values, t, num_timesteps):
+        """Also average ``values`` per quarter of the timestep range (q0..q3)."""
+        quarter = (t * 4 // num_timesteps).clamp(max=3)
+        values = values.detach().float()
+        sums = torch.zeros(4, device=values.device).index_add_(0, quarter, values)
+        counts = torch.zeros(4, device=values.device).index_add_(0, quarter, torch.ones_like(values))
+        for q in range(4):
+            self.add(f"{name}_q{q}", sums[q], counts[q])
+
+    def pop(self):
+        if not self._sums:
+            return {}
+        names = sorted(self._sums)
+        rows = torch.stack([torch.stack([self._sums[k], self._counts[k]]) for k in names]).tolist()
+        self._sums, self._counts = {}, {}
+        return {k: s / c for k, (s, c) in zip(names, rows) if c > 0}
+
+
+class TrainLoop:
+    """Trains ``model`` on ``diffusion`` from an endless iterator ``data`` of
+    ``(batch, {"y": labels, ...})``.
+
+    ``batch_transform`` (optional) runs on the device before the loss, e.g. a
+    VAE encoding whole image batches on the GPU. ``metadata`` is stored in every
+    checkpoint (model, diffusion, data, vae, train configuration: see
+    docs/ARCHITECTURE.md). ``sample_fn(model, step)`` draws preview samples.
+    """
+
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        batch_size,
+        microbatch=-1,
+        lr=1e-4,
+        ema_rate="0.9999",
+        log_interval=10,
+        save_interval=10000,
+        resume_checkpoint="",
+        use_fp16=False,
+        fp16_scale_growth=1e-3,
+        schedule_sampler=None,
+        weight_decay=0.0,
+        lr_anneal_steps=0,
+        checkpoint_dir=None,
+        metadata=None,
+        batch_transform=None,
+        precision="auto",
+        grad_clip=0.0,
+        max_nonfinite_steps=5,
+        sample_interval=0,
+        sample_fn=None,
+        compile=False,
+        seed=0,
+    ):
+        self.model, self.diffusion, self.data = model, diffusion, data
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr, self.weight_decay, self.lr_anneal_steps = lr, weight_decay, lr_anneal_steps
+        self.ema_rates = parse_ema_rates(ema_rate)
+        self.log_interval, self.save_interval = max(1, log_interval), save_interval
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.checkpoint_dir = checkpoint_dir or logger.get_dir() or "."
+        self.metadata = dict(metadata or {})
+        self.batch_transform = batch_transform
+        self.grad_clip, self.max_nonfinite_steps = grad_clip, max_nonfinite_steps
+        self.sample_interval, self.sample_fn = sample_interval, sample_fn
+        self.seed = seed
+        self.device = dist_util.dev()
+        self.use_fp16 = use_fp16
+        self.precision = "fp16-master" if use_fp16 else resolve_precision(precision, self.device)
+        self.step = 0
+        self.metrics = DeviceMeans()
+        self._stop_signal = None
+        self._images_seen_at_log = (0, time.time())
+
+        self.model.to(self.device)
+        if self.device.type == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        self.params = list(self.model.parameters())
+        self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rates]
+        training_state = self._resume(resume_checkpoint) if resume_checkpoint else None
+        dist_util.sync_params(self.model.parameters())
+        dist_util.sync_params(self.model.buffers())
+        for ema in self.ema_params:
+            dist_util.sync_params(ema)
+
+        # Built after the weights are final: fp16 master copies start from them.
+        self.mp_trainer = (
+            MixedPrecisionTrainer(model=self.model, use_fp16=True, fp16_scale_growth=fp16_scale_growth)
+            if use_fp16 else None
+        )
+        self.opt = torch.optim.AdamW(
+            self.mp_trainer.master_params if use_fp16 else self.params,
+            lr=lr,
+            weight_decay=weight_decay,
+            **self._fused_kwargs(),
+        )
+        self._lr_now = lr
+        self._nonfinite_now = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._nonfinite_run = torch.zeros((), device=self.device)
+        if training_state is not None:
+            self._load_training_state(training_state)
+
+        self.ddp_model = self.model
+        if dist_util.world_size() > 1:
+            self.ddp_model = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+                gradient_as_bucket_view=True,
+            )
+        self.compiled_model = torch.compile(self.ddp_model) if compile else self.ddp_model
+
+    def _fused_kwargs(self):
+        # The fused kernel skips the update on the device when ``found_inf``
+        # is set, which is how non-finite steps are dropped without a sync.
+        if self.use_fp16:
+            return {}
+        return {"fused": True}
+
+    # ------------------------------------------------------------------ resume
+
+    def _resume(self, path):
+        """Load weights and EMA now; return the training state to apply once
+        the optimizer exists (or None)."""
+        if path == "auto":
+            path = ckpt.latest_model_checkpoint(self.checkpoint_dir)
+            if path is None:
+                logger.log(f"no checkpoint in {self.checkpoint_dir} to resume from; starting fresh")
+                return None
+        data = dist_util.read_file_once(path)
+        state, meta = ckpt.load_weights(path, data=data)
+        ckpt.load_state_strict(
+            self.model, state, path,
+            checkpoint_config=(meta or {}).get("model"), model_config=self.metadata.get("model"),
+        )
+        self.step = meta["step"] if meta else ckpt.parse_step(path)
+        folder = os.path.dirname(path)
+        logger.log(f"resuming from {path} at step {self.step}")
+        for i, rate in enumerate(self.ema_rates):
+            ema_file = self._find_ema_file(folder, rate, path)
+            if ema_file is None:
+                raise UserError(
+                    f"resume: no EMA weights for rate {rate} beside {path} "
+                    f"(expected {ckpt.ema_path(folder, rate, self.step)})"
+                )
+            ema_state, _ = ckpt.load_weights(ema_file, data=dist_util.read_file_once(ema_file))
+            names = [name for name, _ in self.model.named_parameters()]
+            self.ema_params[i] = [ema_state[n].to(self.device).float() for n in names]
+        opt_file = ckpt.state_path(folder, self.step)
+        if os.path.exists(opt_file):
+            return ckpt.load_training_state(opt_file)
+        logger.warn(f"resume: no optimizer state {opt_file}; the optimizer starts afresh")
+        return None
+
+    def _find_ema_file(self, folder, rate, model_file):
+        legacy = model_file.endswith(".pt")
+        candidate = (
+            os.path.join(folder, f"ema_{rate}_{self.step:06d}.pt") if legacy else ckpt.ema_path(folder, rate, self.step)
+        )
+        return candidate if os.path.exists(candidate) else None
+
+    def _training_state(self):
+        state = {
+            "step": self.step,
+            "optimizer": self.opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": _numpy_state_to_tensors(np.random.get_state()),
+            "python_rng": random.getstate(),
+        }
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.mp_trainer is not None:
+            state["lg_loss_scale"] = float(self.mp_trainer.lg_loss_scale)
+        if hasattr(self.data, "state_dict"):
+            state["data"] = self.data.state_dict()
+        if hasattr(self.schedule_sampler, "state_dict"):
+            state["schedule_sampler"] = self.schedule_sampler.state_dict()
+        return state
+
+    def _load_training_state(self, state):
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        np.random.set_state(_numpy_state_from_tensors(state["numpy_rng"]))
+        random.setstate(_tuples(state["python_rng"]))
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self.mp_trainer is not None and "lg_loss_scale" in state:
+            self.mp_trainer.lg_loss_scale = state["lg_loss_scale"]
+        if "data" in state and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(state["data"])
+        elif hasattr(self.data, "load_state_dict") or "data" in state:
+            logger.warn("resume: the data order could not be restored; batches will differ from the original run")
+        if "schedule_sampler" in state and hasattr(self.schedule_sampler, "load_state_dict"):
+            self.schedule_sampler.load_state_dict(state["schedule_sampler"])
+
+    # -------------------------------------------------------------------- loop
+
+    def _finished(self):
+        return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
+
+    @contextlib.contextmanager
+    def _graceful_signals(self):
+        """SIGTERM (preemption) and SIGINT (Ctrl-C, a notebook's stop) ask the
+        loop to save and return; a second SIGINT interrupts at once."""
+
+        def request_stop(signum, frame):
+            self._stop_signal = signal.Signals(signum).name
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        previous = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _should_stop(self):
+        if dist_util.world_size() == 1:
+            return self._stop_signal is not None
+        if self.step % self.log_interval:
+            return False
+        # Every rank must leave at the same step, or the next all-reduce hangs.
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def run_loop(self):
+        """Train until ``lr_anneal_steps`` (if set) or a stop signal; returns
+        the path of the last model checkpoint written."""
+        last_saved = None
+        total = self.lr_anneal_steps or None
+        with self._graceful_signals():
+            while not self._finished():
+                batch, cond = next(self.data)
+                self.run_step(batch, cond)
+                self.step += 1
+                if self.step % self.log_interval == 0:
+                    self._log(total)
+                if self.save_interval and self.step % self.save_interval == 0:
+                    last_saved = self.save()
+                if self.sample_interval and self.sample_fn and self.step % self.sample_interval == 0:
+                    self.sample_fn(self.ema_model_for_sampling(), self.step)
+                if self._should_stop():
+                    logger.log(f"{self._stop_signal or 'stop signal'} received: saving at step {self.step} and exiting")
+                    break
+        if last_saved is None or ckpt.parse_step(last_saved) != self.step:
+            last_saved = self.save()
+        self.check_ranks_agree()
+        return last_saved
+
+    def run_step(self, batch, cond):
+        self.forward_backward(batch, cond)
+        self.optimize()
+
+    def _move(self, batch, cond):
+        batch = batch.to(self.device, non_blocking=True)
+        cond = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
+        if self.batch_transform is not None:
+            with torch.no_grad():
+                batch = self.batch_transform(batch)
+        if self.device.type == "cuda" and batch.dim() == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch, cond
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward_backward(self, batch, cond):
+        batch, cond = self._move(batch, cond)
+        if self.mp_trainer is not None:
+            self.mp_trainer.zero_grad()
+        else:
+            self.opt.zero_grad(set_to_none=True)
+        nonfinite = torch.zeros((), device=self.device)
+        for start in range(0, batch.shape[0], self.microbatch):
+            micro = batch[start : start + self.microbatch]
+            micro_cond = {k: v[start : start + self.microbatch] for k, v in cond.items()}
+            last = start + self.microbatch >= batch.shape[0]
+            t, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
+            no_sync = getattr(self.ddp_model, "no_sync", None)
+            sync_ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+            with sync_ctx:
+                with self._autocast():
+                    losses = self.diffusion.training_losses(self.compiled_model, micro, t, model_kwargs=micro_cond)
+                if isinstance(self.schedule_sampler, LossAwareSampler):
+                    self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+                per_sample = losses["loss"].float() * weights
+                finite = torch.isfinite(per_sample)
+                nonfinite = nonfinite + (~finite).sum()
+                loss = per_sample.mean()
+                self._record_losses(losses, t, finite, weights)
+                if self.mp_trainer is not None:
+                    self.mp_trainer.backward(loss)
+                else:
+                    loss.backward()
+        self._nonfinite_now = nonfinite > 0
+
+    def _record_losses(self, losses, t, finite, weights):
+        for name, values in losses.items():
+            values = torch.where(finite, values.detach().float() * weights, torch.zeros_like(weights))
+            self.metrics.add(name, values, count=finite.sum())
+            self.metrics.add_by_quarter(name, values, t, self.diffusion.num_timesteps)
+
+    def optimize(self):
+        frac_done = self.step / self.lr_anneal_steps if self.lr_anneal_steps else 0.0
+        lr = self.lr * (1.0 - frac_done)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self._lr_now = lr
+        if self.mp_trainer is not None:
+            # The original fp16 scheme checks gradients on the host by design.
+            took_step = self.mp_trainer.optimize(self.opt)
+            if took_step:
+                self._update_ema()
+            self.metrics.add("skipped_step", torch.tensor(0.0 if took_step else 1.0, device=self.device))
+            return
+        params = [p for p in self.params if p.grad is not None]
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        bad = self._nonfinite_now | ~torch.isfinite(grad_norm)
+        self.opt.found_inf = bad.float()
+        self.opt.grad_scale = None
+        self.opt.step()
+        self._update_ema(skipped=bad)
+        self.metrics.add("grad_norm", torch.where(bad, torch.zeros_like(grad_norm), grad_norm), count=(~bad).float())
+        self.metrics.add("skipped_step", bad.float())
+        self._nonfinite_run = (self._nonfinite_run + 1) * bad.float()
+
+    def _update_ema(self, skipped=None):
+        """Move every EMA towards the weights; ``skipped`` (a 0-dim bool on
+        the device) freezes them for a skipped step without a host branch."""
+        source = [p.detach().float() for p in self.params] if self.mp_trainer is not None else self.params
+        for rate, ema in zip(self.ema_rates, self.ema_params):
+            if skipped is None:
+                update_ema(ema, source, rate=rate)
+                continue
+            weight = (1.0 - rate) * (~skipped).float()
+            with torch.no_grad():
+                step = torch._foreach_sub([p.detach() for p in source], ema)
+                torch._foreach_mul_(step, weight)
+                torch._foreach_add_(ema, step)
+
+    # ----------------------------------------------------------------- logging
+
+    def _log(self, total_steps):
+        values = self.metrics.pop()
+        now = time.time()
+        seen_step, seen_time = self._images_seen_at_log
+        images = (self.step - seen_step) * self.batch_size * dist_util.world_size()
+        rate = images / max(now - seen_time, 1e-9)
+        self._images_seen_at_log = (self.step, now)
+        for key, value in values.items():
+            logger.logkv(key, value)
+        logger.logkv("step", self.step)
+        logger.logkv("samples", self.step * self.batch_size * dist_util.world_size())
+        logger.logkv("images_per_sec", rate)
+        logger.logkv("lr", self._lr_now)
+        if self.mp_trainer is not None:
+            logger.logkv("lg_loss_scale", self.mp_trainer.lg_loss_scale)
+        if total_steps:
+            steps_per_sec = (self.step - seen_step) / max(now - seen_time, 1e-9)
+            eta = (total_steps - self.step) / max(steps_per_sec, 1e-9)
+            logger.logkv("eta_min", eta / 60.0)
+        logger.dumpkvs(step=self.step)
+        line = f"step {self.step}" + (f"/{total_steps}" if total_steps else "")
+        if "loss" in values:
+            line += f"  loss {values['loss']:.4f}"
+        line += f"  {rate:.1f} img/s"
+        if total_steps:
+            line += f"  ETA {_duration(eta)}"
+        logger.log(line)
+        if self.mp_trainer is None:
+            in_a_row = int(self._nonfinite_run.item())
+            if self.max_nonfinite_steps and in_a_row >= self.max_nonfinite_steps:
+                self.save()
+                raise UserError(
+                    f"training stopped: {in_a_row} steps in a row had a non-finite loss or gradient "
+                    f"(step {self.step}); try a lower lr (now {self.lr}), grad_clip (e.g. 1.0), "
+                    f"precision fp32, or check the data/latent scale for NaN or huge values"
+                )
+
+    def check_ranks_agree(self):
+        """Compare a digest of the weights across ranks; diverged ranks (a
+        broken all-reduce, a rank-dependent branch) stop with an error."""
+        if dist_util.world_size() == 1:
+            return
+        with torch.no_grad():
+            digest = torch.stack(
+                [p.detach().double().sum() * (i + 1) + p.detach().double().abs().sum() for i, p in enumerate(self.params)]
+            ).sum().reshape(1)
+        gathered = [torch.zeros_like(digest) for _ in range(dist_util.world_size())]
+        dist.all_gather(gathered, digest)
+        values = [g.item() for g in gathered]
+        if len(set(values)) != 1:
+            raise RuntimeError(f"ranks hold different weights after step {self.step}: digests {values}")
+        logger.log(f"weights identical on all {len(values)} ranks (digest {values[0]:.10g})")
+
+    # ------------------------------------------------------------- checkpoints
+
+    def _meta(self, weights):
+        return {**self.metadata, "step": self.step, "weights": weights}
+
+    def ema_state_dict(self, index=0):
+        names = [name for name, _ in self.model.named_parameters()]
+        state = dict(self.model.state_dict())
+        state.update({n: p for n, p in zip(names, self.ema_params[index])})
+        return state
+
+    def model_state_dict(self):
+        if self.mp_trainer is not None:
+            return self.mp_trainer.master_params_to_state_dict(self.mp_trainer.master_params)
+        return self.model.state_dict()
+
+    def ema_model_for_sampling(self):
+        """A copy of the model holding the first EMA's weights (or the raw
+        weights when no EMA rate is set), in eval mode."""
+        import copy
+
+        model = copy.deepcopy(self.model)
+        if self.ema_rates:
+            state = self.ema_state_dict(0)
+            model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
+        return model.eval()
+
+    def save(self):
+        """Write model, EMA and training state for the current step (rank 0);
+        returns the model checkpoint path."""
+        folder = self.checkpoint_dir
+        model_file = ckpt.model_path(folder, self.step)
+        if dist_util.is_main():
+            ckpt.save_weights(model_file, self.model_state_dict(), self._meta("model"))
+            for i, rate in enumerate(self.ema_rates):
+                ckpt.save_weights(ckpt.ema_path(folder, rate, self.step), self.ema_state_dict(i), self._meta(f"ema_{rate}"))
+            # The training state goes last: a model file counts as resumable
+            # only once its state file exists.
+            ckpt.save_training_state(ckpt.state_path(folder, self.step), self._training_state())
+            logger.log(f"saved checkpoint {model_file}")
+        dist_util.barrier()
+        return model_file
+
+
+def _duration(seconds):
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _numpy_state_to_tensors(state):
+    name, keys, pos, has_gauss, cached = state
+    return (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
+
+
+def _numpy_state_from_tensors(state):
+    name, keys, pos, has_gauss, cached = state
+    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+
+
+def _tuples(value):
+    """Lists back to tuples (random.setstate wants the exact nesting)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_tuples(v) for v in value)
+    return value

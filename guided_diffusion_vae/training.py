@@ -1,0 +1,224 @@
+"""From a resolved configuration to a trained, checkpointed model.
+
+Pixel and latent training share everything here; they differ only in the
+:class:`TrainingData` they build (where batches come from, what shape the
+diffusion sees, and how samples become images again).
+"""
+
+import dataclasses
+import inspect
+import os
+from typing import Callable, Optional
+
+import torch
+
+from . import dist_util, logger, script_util
+from .config import write_resolved_config
+from .errors import UserError
+from .resample import create_named_schedule_sampler
+from .train_util import TrainLoop, resolve_precision, training_defaults
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """What the training loop needs from a data source.
+
+    batches: endless iterator of (tensor, {"y": labels}) for this rank.
+    label_map: {"0": "user_01", ...} or None for unlabelled data.
+    image_size, image_channels: the pixel images (what people look at).
+    sample_shape: (C, H, W) the diffusion model works on.
+    batch_transform: runs on the device before the loss (e.g. VAE encoding).
+    decode_fn: turns diffusion samples into images in [-1, 1] (None for pixels).
+    data_meta, vae_meta: stored in checkpoints.
+    """
+
+    batches: object
+    label_map: Optional[dict]
+    image_size: int
+    image_channels: int
+    sample_shape: tuple
+    batch_transform: Optional[Callable] = None
+    decode_fn: Optional[Callable] = None
+    data_meta: dict = dataclasses.field(default_factory=dict)
+    vae_meta: Optional[dict] = None
+
+
+def json_label_map(label_map):
+    """``{0: "user_01"}`` -> ``{"0": "user_01"}`` (JSON object keys are strings)."""
+    if not label_map:
+        return None
+    return {str(int(k)): str(v) for k, v in label_map.items()}
+
+
+def pixel_training_data(config):
+    """Batches of images from ``data_dir`` (pixel-space diffusion)."""
+    from .image_datasets import image_batch_stream
+
+    if not config["data_dir"]:
+        raise UserError("data_dir is required: a folder of images (class sub-folders for class_cond)")
+    channels = config["in_channels"]
+    stream, dataset = image_batch_stream(
+        data_dir=config["data_dir"],
+        batch_size=config["batch_size"],
+        image_size=config["image_size"],
+        channels=channels,
+        class_cond=config["class_cond"],
+        random_flip=config["random_flip"],
+        seed=config["seed"],
+        num_workers=config["num_workers"],
+    )
+    return TrainingData(
+        batches=stream,
+        label_map=json_label_map(dataset.label_map),
+        image_size=config["image_size"],
+        image_channels=channels,
+        sample_shape=(channels, config["image_size"], config["image_size"]),
+        data_meta={"data_dir": os.path.abspath(config["data_dir"]), "num_images": len(dataset)},
+    )
+
+
+def model_flags(config, data):
+    """The ``create_model_and_diffusion`` flags for this data: the network is
+    built at the resolution and channel count the diffusion sees, and the
+    class count comes from the data's label map."""
+    flags = {k: config[k] for k in script_util.model_and_diffusion_defaults()}
+    channels, height, width = data.sample_shape
+    if height != width:
+        raise UserError(f"only square inputs are supported, got {height}x{width}")
+    flags["image_size"] = height
+    flags["in_channels"] = channels
+    if flags["class_cond"]:
+        if not data.label_map:
+            raise UserError(
+                "class_cond is set but the data has no classes: put each class's images in "
+                "its own sub-folder of data_dir (e.g. user_01/), or set class_cond false"
+            )
+        flags["num_classes"] = len(data.label_map)
+    return flags
+
+
+def split_flags(flags):
+    """(create_model kwargs, create_gaussian_diffusion kwargs) of resolved flags:
+    the two dicts every checkpoint stores."""
+    model_keys = inspect.signature(script_util.create_model).parameters
+    model = {k: v for k, v in flags.items() if k in model_keys}
+    diffusion = {
+        "steps": flags["diffusion_steps"],
+        "learn_sigma": flags["learn_sigma"],
+        "noise_schedule": flags["noise_schedule"],
+        "use_kl": flags["use_kl"],
+        "predict_xstart": flags["predict_xstart"],
+        "rescale_timesteps": flags["rescale_timesteps"],
+        "rescale_learned_sigmas": flags["rescale_learned_sigmas"],
+        "timestep_respacing": flags["timestep_respacing"],
+    }
+    return model, diffusion
+
+
+def preview_sampler(*, diffusion_config, data, num_samples, precision):
+    """A ``sample_fn(model, step)`` that draws a grid with the same function
+    the sampling scripts use, and writes it to the log directory."""
+    from .sample_io import image_grid, save_png
+    from .sampling import generate_samples
+
+    preview_diffusion = script_util.create_gaussian_diffusion(
+        **{**diffusion_config, "timestep_respacing": "ddim25" if diffusion_config["steps"] % 25 == 0 else "25"}
+    )
+    labels = None
+    if data.label_map:
+        labels = [i % len(data.label_map) for i in range(num_samples)]
+
+    def sample_fn(model, step):
+        if not dist_util.is_main():
+            return
+        images, _, clipped = generate_samples(
+            model=model, diffusion=preview_diffusion, sample_shape=data.sample_shape,
+            num_samples=num_samples, batch_size=num_samples, labels=labels, use_ddim=True,
+            decode_fn=data.decode_fn, seed=0, device=dist_util.dev(), precision=precision, progress=False,
+        )
+        grid = image_grid(images)
+        path = os.path.join(logger.get_dir() or ".", "samples", f"preview_{step:06d}.png")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_png(path, grid)
+        logger.log_image("samples", grid, step=step)
+        logger.log(f"preview samples at step {step}: {path}")
+
+    return sample_fn
+
+
+def run_training(config, build_data):
+    """Train with ``config`` (resolved flags) on the data ``build_data(config)``
+    returns; returns the path of the last model checkpoint."""
+    dist_util.setup_dist()
+    formats = "stdout,log,csv" + (",tensorboard" if config.get("tensorboard", True) else "")
+    logger.configure(dir=config.get("log_dir") or None, format_strs=formats)
+    if dist_util.is_main():
+        write_resolved_config(config, logger.get_dir())
+    torch.manual_seed(config["seed"])
+
+    data = build_data(config)
+    flags = model_flags(config, data)
+    model, diffusion = script_util.create_model_and_diffusion(**flags)
+    model_config, diffusion_config = split_flags(flags)
+    train_keys = set(training_defaults())
+    metadata = {
+        "model": model_config,
+        "diffusion": diffusion_config,
+        "data": {
+            "image_size": data.image_size,
+            "image_channels": data.image_channels,
+            "label_map": data.label_map,
+            **data.data_meta,
+        },
+        "vae": data.vae_meta,
+        "train": {k: v for k, v in config.items() if k in train_keys},
+    }
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.log(
+        f"model: {n_params / 1e6:.2f}M parameters, input {tuple(data.sample_shape)}, "
+        f"{len(data.label_map) if data.label_map else 0} classes; {dist_util.world_size()} process(es)"
+    )
+    device = dist_util.dev()
+    precision = resolve_precision(config["precision"], device)
+    sample_fn = None
+    if config["sample_interval"]:
+        sample_fn = preview_sampler(
+            diffusion_config=diffusion_config, data=data,
+            num_samples=config["num_preview_samples"], precision=precision,
+        )
+    loop = TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data.batches,
+        batch_size=config["batch_size"],
+        microbatch=config["microbatch"],
+        lr=config["lr"],
+        ema_rate=config["ema_rate"],
+        log_interval=config["log_interval"],
+        save_interval=config["save_interval"],
+        resume_checkpoint=config["resume_checkpoint"],
+        use_fp16=config["use_fp16"],
+        fp16_scale_growth=config["fp16_scale_growth"],
+        schedule_sampler=create_named_schedule_sampler(config["schedule_sampler"], diffusion),
+        weight_decay=config["weight_decay"],
+        lr_anneal_steps=config["lr_anneal_steps"],
+        checkpoint_dir=logger.get_dir(),
+        metadata=metadata,
+        batch_transform=data.batch_transform,
+        precision=config["precision"],
+        grad_clip=config["grad_clip"],
+        max_nonfinite_steps=config["max_nonfinite_steps"],
+        sample_interval=config["sample_interval"],
+        sample_fn=sample_fn,
+        compile=config["compile"],
+        seed=config["seed"],
+    )
+    path = loop.run_loop()
+    if sample_fn is not None and loop.step % config["sample_interval"]:
+        sample_fn(loop.ema_model_for_sampling(), loop.step)
+    logger.log(f"done: {path}")
+    return path
+
+
+def pixel_train_defaults():
+    return {**script_util.model_and_diffusion_defaults(), **training_defaults()}

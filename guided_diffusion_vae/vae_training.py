@@ -1,0 +1,688 @@
+"""Training the AutoencoderKL that maps spectrograms to diffusion latents.
+
+``train_vae(config)`` (flags: ``vae_train_defaults()``) trains a diffusers
+``AutoencoderKL`` on an image folder and exports it, atomically, as a diffusers
+directory ``output_dir`` that ``VAEInterface`` (and ``from_pretrained``) loads:
+
+    config.json, diffusion_pytorch_model.safetensors   the EMA weights
+    latent_stats.json    latent_scale = 1/std of the training latents
+                         (posterior mean), with the model's fingerprint
+    metrics.json         held-out reconstruction PSNR / SSIM / L1
+    reconstructions.png  held-out images (top row) and reconstructions (bottom)
+
+Training state (resume) and logs live in ``checkpoint_dir`` (default
+``<output_dir>_train``): ``vae_state_NNNNNN.pt`` holds model, EMA, optimizer,
+step, data position and RNG state; a rerun continues from the newest one.
+
+Objective, per image, in the LDM weighting divided by the pixel count D:
+
+    loss = mean|x - x_rec| + kl_weight * KL(q(z|x) || N(0, I)) / D
+           [+ ssim_weight * (1 - SSIM(x, x_rec))]
+
+so ``kl_weight`` means what it means in LDM's configs (1e-6 there), while the
+reconstruction term stays at per-pixel scale. No perceptual or adversarial
+terms (no pretrained networks are available, and none are needed for a
+latent that only has to be reconstructable).
+
+Architecture presets (``vae_size``), each with 3 down blocks = 4x downsampling:
+    tiny   block_out_channels (16, 32, 64),   1 layer/block, 8 groups   (~0.7M params)
+    small  (32, 64, 128),  1 layer/block, 16 groups  (~2.7M)
+    base   (64, 128, 256), 2 layers/block, 32 groups (~14M)
+"""
+
+import copy
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import dist_util, logger
+from .batching import BatchStream, ShardedBatchSampler
+from .errors import UserError
+from .train_util import resolve_precision
+from .vae_wrapper import LATENT_STATS_FILE, scale_from_moments, vae_fingerprint
+
+PRESETS = {
+    "tiny": {"block_out_channels": (16, 32, 64), "layers_per_block": 1, "norm_num_groups": 8},
+    "small": {"block_out_channels": (32, 64, 128), "layers_per_block": 1, "norm_num_groups": 16},
+    "base": {"block_out_channels": (64, 128, 256), "layers_per_block": 2, "norm_num_groups": 32},
+}
+METRICS_FILE = "metrics.json"
+GRID_FILE = "reconstructions.png"
+_STATE = re.compile(r"vae_state_(\d{6,})\.pt$")
+# Settings a resumed run must share with the run that wrote the state.
+_RESUME_KEYS = ("image_size", "vae_size", "latent_channels", "block_out_channels", "layers_per_block",
+                "norm_num_groups", "in_channels", "batch_size", "holdout_fraction", "seed")
+
+
+def vae_train_defaults():
+    """Flags of ``scripts/vae_train.py``."""
+    return {
+        "data_dir": "",
+        "output_dir": "",
+        "checkpoint_dir": "",  # default: <output_dir>_train
+        "image_size": 64,
+        "channels": 0,  # 0: 1 if every sampled image is gray, else 3
+        "vae_size": "base",  # tiny | small | base
+        "latent_channels": 4,
+        "block_out_channels": "",  # e.g. "64,128,256" overrides the preset (levels = downsampling)
+        "layers_per_block": 0,  # 0: the preset's
+        "norm_num_groups": 0,  # 0: the preset's
+        "batch_size": 32,
+        "lr": 1e-4,
+        "weight_decay": 0.0,
+        "lr_anneal_steps": 20000,  # total steps; the learning rate falls linearly to 0
+        "kl_weight": 1e-6,
+        "ssim_weight": 0.0,
+        "ema_rate": 0.999,
+        "grad_clip": 1.0,
+        "random_flip": True,
+        "holdout_fraction": 0.05,
+        "max_eval_images": 256,
+        "scale_images": 2048,  # training images used to measure the latent scale
+        "log_interval": 100,
+        "save_interval": 2000,
+        "keep_states": 2,
+        "resume": True,
+        "precision": "auto",  # auto (bf16 on CUDA) | bf16 | fp32
+        "num_workers": 2,
+        "seed": 0,
+        "progress": True,
+    }
+
+
+# --------------------------------------------------------------------------- #
+# configuration checks and the model
+# --------------------------------------------------------------------------- #
+
+
+def resolve_architecture(config, in_channels):
+    """``AutoencoderKL`` keyword arguments for ``config`` (UserError on bad values)."""
+    size = config["vae_size"]
+    if size not in PRESETS:
+        raise UserError(f"vae_size must be one of {', '.join(PRESETS)}, got {size!r}")
+    arch = dict(PRESETS[size])
+    text = str(config.get("block_out_channels") or "").strip()
+    if text:
+        try:
+            arch["block_out_channels"] = tuple(int(c) for c in text.split(","))
+        except ValueError:
+            raise UserError(f"block_out_channels must be comma-separated integers, got {text!r}") from None
+    for key in ("layers_per_block", "norm_num_groups"):
+        if int(config.get(key) or 0) > 0:
+            arch[key] = int(config[key])
+    groups = arch["norm_num_groups"]
+    bad = [c for c in arch["block_out_channels"] if c < 1 or c % groups]
+    if bad:
+        raise UserError(f"block_out_channels {arch['block_out_channels']} must be multiples of norm_num_groups {groups}")
+    if int(config["latent_channels"]) < 1:
+        raise UserError(f"latent_channels must be >= 1, got {config['latent_channels']}")
+    levels = len(arch["block_out_channels"])
+    factor = 2 ** (levels - 1)
+    if config["image_size"] % factor:
+        raise UserError(
+            f"image size {config['image_size']} is not divisible by the VAE's downsampling factor {factor}"
+        )
+    return {
+        "in_channels": int(in_channels),
+        "out_channels": int(in_channels),
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "block_out_channels": list(arch["block_out_channels"]),
+        "layers_per_block": arch["layers_per_block"],
+        "norm_num_groups": groups,
+        "latent_channels": int(config["latent_channels"]),
+        "sample_size": int(config["image_size"]),
+    }
+
+
+def build_autoencoder(arch):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**arch)
+
+
+def _check_config(config):
+    if not config["data_dir"]:
+        raise UserError("data_dir is required: a folder of training images")
+    if not config["output_dir"]:
+        raise UserError("output_dir is required: where the trained VAE is saved")
+    positive = ("image_size", "batch_size", "lr_anneal_steps", "log_interval", "save_interval", "keep_states",
+                "max_eval_images", "scale_images")
+    for key in positive:
+        if int(config[key]) < 1:
+            raise UserError(f"{key} must be >= 1, got {config[key]}")
+    if not config["lr"] > 0:
+        raise UserError(f"lr must be positive, got {config['lr']}")
+    for key in ("kl_weight", "ssim_weight", "weight_decay", "grad_clip"):
+        if config[key] < 0:
+            raise UserError(f"{key} must be >= 0, got {config[key]}")
+    if not 0.0 < config["ema_rate"] < 1.0:
+        raise UserError(f"ema_rate must lie strictly between 0 and 1, got {config['ema_rate']}")
+    if not 0.0 <= config["holdout_fraction"] < 1.0:
+        raise UserError(f"holdout_fraction must lie in [0, 1), got {config['holdout_fraction']}")
+    if config["channels"] not in (0, 1, 3):
+        raise UserError(f"channels must be 0 (auto), 1 or 3, got {config['channels']}")
+
+
+# --------------------------------------------------------------------------- #
+# data
+# --------------------------------------------------------------------------- #
+
+
+def detect_channels(paths, max_files=16):
+    """1 if the first ``max_files`` images are all gray (R == G == B), else 3."""
+    from PIL import Image
+
+    for path in paths[:max_files]:
+        with Image.open(path) as img:
+            if img.mode in ("L", "I", "I;16", "F", "1"):
+                continue
+            rgb = np.asarray(img.convert("RGB"))
+            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+                return 3
+    return 1
+
+
+def split_holdout(paths, data_dir, fraction):
+    """``(train, heldout)`` path lists: a fixed fraction chosen by a hash of the
+    relative path, so the split does not depend on order, seed or rank."""
+    if fraction <= 0 or len(paths) < 2:
+        return list(paths), []
+    count = min(len(paths) - 1, max(1, round(fraction * len(paths))))
+
+    def key(path):
+        return hashlib.sha1(os.path.relpath(path, data_dir).encode()).hexdigest()
+
+    heldout = set(sorted(paths, key=key)[:count])
+    return [p for p in paths if p not in heldout], [p for p in paths if p in heldout]
+
+
+class _Uint8(torch.utils.data.Dataset):
+    """ImageDataset items back as uint8 (they were uint8 / 127.5 - 1: exact)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        pixels = self.dataset[index][0]
+        return torch.from_numpy(np.rint((pixels + 1.0) * 127.5).astype(np.uint8))
+
+
+def load_images(paths, image_size, channels, num_workers=0, desc="loading images", progress=False):
+    """All of ``paths`` as one uint8 tensor ``(N, channels, S, S)`` (decoded once)."""
+    from tqdm.auto import tqdm
+
+    from .image_datasets import ImageDataset
+
+    if not paths:
+        return torch.zeros((0, channels, image_size, image_size), dtype=torch.uint8)
+    dataset = ImageDataset(image_size, paths, channels=channels, random_flip=False, random_crop=False)
+    loader = torch.utils.data.DataLoader(_Uint8(dataset), batch_size=64, num_workers=num_workers)
+    parts = [batch for batch in tqdm(loader, desc=desc, disable=not progress, leave=False)]
+    return torch.cat(parts)
+
+
+def to_model_range(images_uint8, device):
+    """uint8 ``(N, C, S, S)`` -> float32 in [-1, 1] on ``device``."""
+    return images_uint8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+
+
+# --------------------------------------------------------------------------- #
+# image quality
+# --------------------------------------------------------------------------- #
+
+
+def _gaussian_window(size, sigma, channels, device):
+    coords = torch.arange(size, dtype=torch.float32, device=device) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(x, y, data_range=2.0, window_size=11, sigma=1.5):
+    """Per-image SSIM of ``x`` and ``y`` ``(N, C, H, W)`` (Wang et al. 2004).
+
+    Gaussian-weighted local statistics (11x11, sigma 1.5, 'valid' region),
+    constants K1 = 0.01, K2 = 0.03 of ``data_range`` (2 for [-1, 1]); the map is
+    averaged over channels and positions. Windows shrink for images under 11 px.
+    :return: ``(N,)`` float32, 1 for identical images.
+    """
+    x, y = x.float(), y.float()
+    size = min(window_size, x.shape[-1], x.shape[-2])
+    size -= 1 - size % 2  # odd
+    window = _gaussian_window(size, sigma, x.shape[1], x.device)
+
+    def blur(t):
+        return F.conv2d(t, window, groups=x.shape[1])
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.mean(dim=(1, 2, 3))
+
+
+def psnr(x, y, data_range=2.0):
+    """Per-image PSNR in dB of ``x`` and ``y`` ``(N, C, H, W)`` (``data_range`` 2 for [-1, 1])."""
+    mse = (x.float() - y.float()).pow(2).mean(dim=(1, 2, 3)).clamp_min(1e-12)
+    return 10 * torch.log10(data_range**2 / mse)
+
+
+# --------------------------------------------------------------------------- #
+# the objective
+# --------------------------------------------------------------------------- #
+
+
+class AutoencoderObjective(torch.nn.Module):
+    """Encode, sample the posterior with the given noise, decode (one module, so
+    DistributedDataParallel sees every parameter in one forward).
+
+    ``forward(x, noise)``: ``x`` ``(N, C, S, S)`` in [-1, 1], ``noise`` standard
+    normal ``(N, latent_channels, S/f, S/f)``; returns ``(reconstruction,
+    kl per image (N,))``.
+    """
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x, noise):
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * noise.to(posterior.mean.dtype)
+        reconstruction = self.vae.decode(z).sample
+        mean, logvar = posterior.mean.float(), posterior.logvar.float()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=(1, 2, 3))
+        return reconstruction, kl
+
+
+def vae_loss(x, reconstruction, kl, kl_weight, ssim_weight):
+    """Total loss and its parts (see the module docstring); all 0-dim tensors."""
+    reconstruction = reconstruction.float()
+    pixels = x[0].numel()
+    parts = {"rec_l1": (x - reconstruction).abs().mean(), "kl": kl.mean()}
+    loss = parts["rec_l1"] + kl_weight * parts["kl"] / pixels
+    if ssim_weight > 0:
+        parts["ssim_loss"] = 1 - ssim(x, reconstruction).mean()
+        loss = loss + ssim_weight * parts["ssim_loss"]
+    parts["loss"] = loss
+    return loss, parts
+
+
+# --------------------------------------------------------------------------- #
+# evaluation, latent scale, export
+# --------------------------------------------------------------------------- #
+
+
+@torch.no_grad()
+def reconstruct(vae, images, device, batch_size=64, autocast=None):
+    """Posterior-mean reconstructions of float images in [-1, 1] (clamped), on CPU."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device)
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            z = vae.encode(x).latent_dist.mean
+            out.append(vae.decode(z).sample.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def evaluate(vae, images_uint8, device, batch_size=64):
+    """Reconstruction quality of ``images_uint8`` (in float32): mean PSNR (dB,
+    on the [-1, 1] range, i.e. the same as on [0, 1]), SSIM and L1, plus the
+    reconstructions ``(N, C, S, S)`` in [-1, 1]."""
+    real = to_model_range(images_uint8, torch.device("cpu"))
+    recon = reconstruct(vae, real, device, batch_size)
+    return {
+        "psnr": float(psnr(real, recon).mean()),
+        "ssim": float(ssim(real, recon).mean()),
+        "l1": float((real - recon).abs().mean()),
+        "num_images": int(real.shape[0]),
+    }, recon
+
+
+@torch.no_grad()
+def measure_latent_stats(vae, images_uint8, device, batch_size=64):
+    """Mean, std and ``latent_scale = 1/std`` of the posterior-mean latents (all values)."""
+    total = total_sq = 0.0
+    count = 0
+    for start in range(0, images_uint8.shape[0], batch_size):
+        x = to_model_range(images_uint8[start:start + batch_size], device)
+        z = vae.encode(x).latent_dist.mean.double()
+        total += z.sum().item()
+        total_sq += z.pow(2).sum().item()
+        count += z.numel()
+    scale = scale_from_moments(total, total_sq, count)
+    return {"latent_scale": scale, "raw_std": 1.0 / scale, "raw_mean": total / count,
+            "num_images": int(images_uint8.shape[0])}
+
+
+def comparison_grid(real, recon, min_tile=64):
+    """uint8 HWC image: ``real`` on the top row, ``recon`` below (both [-1, 1] NCHW)."""
+    n = real.shape[0]
+    pair = torch.cat([real, recon])  # (2n, C, S, S)
+    scale = max(1, math.ceil(min_tile / real.shape[-1]))
+    if scale > 1:
+        pair = F.interpolate(pair, scale_factor=scale, mode="nearest")
+    pair = ((pair + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    c, s = pair.shape[1], pair.shape[-1]
+    gap = 2
+    grid = torch.full((c, 2 * s + gap, n * s + (n - 1) * gap), 255, dtype=torch.uint8)
+    for i in range(2 * n):
+        row, col = divmod(i, n)
+        grid[:, row * (s + gap):row * (s + gap) + s, col * (s + gap):col * (s + gap) + s] = pair[i]
+    grid = grid.permute(1, 2, 0).numpy()
+    return grid[:, :, 0] if c == 1 else grid
+
+
+def _save_png(path, array):
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def export_vae(vae, output_dir, *, stats, metrics, grid):
+    """Write ``output_dir`` as a whole: save into a temporary sibling folder,
+    then rename it into place (an old export is swapped out, then removed)."""
+    output_dir = os.path.abspath(output_dir)
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(output_dir)}.tmp{os.getpid()}")
+    old = os.path.join(parent, f".{os.path.basename(output_dir)}.old{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # The config then carries our measured scale, for other diffusers users;
+    # our own code never reads scaling_factor (see vae_wrapper).
+    vae.register_to_config(scaling_factor=float(stats["latent_scale"]))
+    vae.save_pretrained(tmp, safe_serialization=True)
+    stats = dict(stats, fingerprint=vae_fingerprint(tmp), input_range="-1,1", sample_posterior=False)
+    metrics = dict(metrics, fingerprint=stats["fingerprint"])
+    for name, obj in ((LATENT_STATS_FILE, stats), (METRICS_FILE, metrics)):
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+    _save_png(os.path.join(tmp, GRID_FILE), grid)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp):
+        # Temporary-file writers create 0600 files; a model folder is for sharing.
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    if os.path.exists(output_dir):
+        os.replace(output_dir, old)
+    os.replace(tmp, output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return stats, metrics
+
+
+# --------------------------------------------------------------------------- #
+# training state
+# --------------------------------------------------------------------------- #
+
+
+def _state_files(folder):
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
+             if (m := _STATE.fullmatch(name))]
+    return sorted(found)
+
+
+def _resume_settings(config, arch):
+    settings = {key: config.get(key) for key in _RESUME_KEYS}
+    settings.update(block_out_channels=list(arch["block_out_channels"]), layers_per_block=arch["layers_per_block"],
+                    norm_num_groups=arch["norm_num_groups"], in_channels=arch["in_channels"])
+    return json.dumps(settings, sort_keys=True)
+
+
+class _EMA:
+    """Exponential moving average of parameters, float32, with warm-up
+    (``decay = min(rate, (1 + step) / (10 + step))``) so short runs are usable."""
+
+    def __init__(self, model, rate):
+        self.rate = rate
+        self.names = [name for name, _ in model.named_parameters()]
+        self.params = [p.detach().clone().float() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model, step):
+        decay = min(self.rate, (1 + step) / (10 + step))
+        current = [p.detach().float() for p in model.parameters()]
+        torch._foreach_lerp_(self.params, current, 1 - decay)
+
+    def state_dict(self):
+        return {name: p.cpu() for name, p in zip(self.names, self.params)}
+
+    def load_state_dict(self, state):
+        for name, p in zip(self.names, self.params):
+            p.copy_(state[name])
+
+    def copy_to(self, model):
+        """A copy of ``model`` holding the EMA weights."""
+        clone = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, e in zip(clone.parameters(), self.params):
+                p.copy_(e.to(p.dtype))
+        return clone
+
+
+# --------------------------------------------------------------------------- #
+# the run
+# --------------------------------------------------------------------------- #
+
+
+def _step_generator(seed, rank, step, device):
+    """Posterior noise and flips of a step: a pure function of (seed, rank, step),
+    so a resumed run draws exactly what the uninterrupted one would have."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + rank * 10_007 + step) % (2**63))
+    return gen
+
+
+def train_vae(config):
+    """Train (or resume), evaluate and export; returns the final metrics dict."""
+    config = dict(vae_train_defaults(), **config)
+    _check_config(config)
+    dist_util.setup_dist()
+    rank, world, device = dist_util.rank(), dist_util.world_size(), dist_util.dev()
+    checkpoint_dir = config["checkpoint_dir"] or os.path.abspath(config["output_dir"]).rstrip("/") + "_train"
+    with logger.scoped_configure(checkpoint_dir, format_strs=None if rank == 0 else ""):
+        return _train(config, checkpoint_dir, rank, world, device)
+
+
+def _train(config, checkpoint_dir, rank, world, device):
+    from tqdm.auto import tqdm
+
+    from .image_datasets import list_image_files
+
+    paths = list_image_files(config["data_dir"])
+    if not paths:
+        raise UserError(f"no image files found in {config['data_dir']}")
+    channels = config["channels"] or detect_channels(paths)
+    arch = resolve_architecture(config, channels)
+    train_paths, heldout_paths = split_holdout(paths, config["data_dir"], config["holdout_fraction"])
+    logger.log(
+        f"VAE training: {len(train_paths)} training / {len(heldout_paths)} held-out images from "
+        f"{config['data_dir']}, {channels} channel(s), {config['image_size']}px; architecture {arch}"
+    )
+    precision = resolve_precision(config["precision"], device)
+
+    # Each rank keeps its share of the training images in memory as uint8.
+    local_paths = train_paths[rank::world]
+    images = load_images(local_paths, config["image_size"], channels, config["num_workers"],
+                         desc="loading images", progress=config["progress"] and rank == 0)
+    if device.type == "cuda":
+        images = images.pin_memory()
+    try:
+        sampler = ShardedBatchSampler(len(images), config["batch_size"], shuffle=True,
+                                      seed=config["seed"] * 1000 + rank)
+    except ValueError:
+        raise UserError(
+            f"{config['data_dir']}: {len(images)} training image(s) per rank, fewer than "
+            f"batch_size={config['batch_size']} (lower batch_size or holdout_fraction)"
+        ) from None
+    stream = BatchStream(sampler, lambda s: iter(s))
+
+    torch.manual_seed(config["seed"])
+    vae = build_autoencoder(arch).to(device)
+    if device.type == "cuda":
+        vae = vae.to(memory_format=torch.channels_last)
+    objective = AutoencoderObjective(vae)
+    opt = torch.optim.AdamW(vae.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    ema = _EMA(vae, config["ema_rate"])
+    settings = _resume_settings(config, arch)
+    step = 0
+
+    states = _state_files(checkpoint_dir) if config["resume"] else []
+    if states:
+        step, path = states[-1]
+        state = dist_util.load_state_dict(path, map_location="cpu", weights_only=True)
+        if state["settings"] != settings:
+            old, new = json.loads(state["settings"]), json.loads(settings)
+            key = next(k for k in sorted(new) if old.get(k) != new.get(k))
+            raise UserError(
+                f"{path} was written with {key}={old.get(key)!r}, now {new.get(key)!r}; "
+                "use the same settings, another checkpoint_dir, or --resume False"
+            )
+        vae.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["data"])
+        torch.set_rng_state(state["torch_rng"])
+        step = int(state["step"])
+        logger.log(f"resumed from {path} at step {step}")
+    dist_util.sync_params(vae.parameters())
+    for group in opt.param_groups:  # resume works with a changed lr or total
+        group["lr"] = config["lr"]
+
+    model = objective
+    if dist_util.is_distributed():
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else None
+    total = config["lr_anneal_steps"]
+    latent_hw = config["image_size"] // 2 ** (len(arch["block_out_channels"]) - 1)
+    noise_shape = (config["batch_size"], arch["latent_channels"], latent_hw, latent_hw)
+
+    def save_state():
+        if rank == 0:
+            state = {
+                "step": step, "settings": settings, "model": vae.state_dict(), "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(), "data": stream.state_dict(), "torch_rng": torch.get_rng_state(),
+            }
+            ckpt.save_training_state(os.path.join(checkpoint_dir, f"vae_state_{step:06d}.pt"), state)
+            for _, old in _state_files(checkpoint_dir)[:-config["keep_states"]]:
+                os.remove(old)
+        dist_util.barrier()
+
+    bar = tqdm(total=total, initial=min(step, total), desc="VAE training", unit="step",
+               disable=not (config["progress"] and rank == 0))
+    started, steps_done = time.time(), 0
+    skipped = 0
+    while step < total:
+        indices = next(stream)
+        gen = _step_generator(config["seed"], rank, step, device)
+        x = to_model_range(images[indices], device)
+        if config["random_flip"]:
+            flip = torch.rand(x.shape[0], generator=gen, device=device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+        noise = torch.randn(noise_shape, generator=gen, device=device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        for group in opt.param_groups:
+            group["lr"] = config["lr"] * (1 - step / total)
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            reconstruction, kl = model(x, noise)
+        loss, parts = vae_loss(x, reconstruction, kl, config["kl_weight"], config["ssim_weight"])
+        opt.zero_grad(set_to_none=True)
+        finite = torch.isfinite(loss.detach()).float()
+        if dist_util.is_distributed():
+            # All ranks must agree to step (or skip), or DDP's all-reduce would hang.
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() > 0:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), config["grad_clip"] or float("inf"))
+            opt.step()
+            ema.update(vae, step)
+            logger.logkv_mean("grad_norm", grad_norm)
+        else:
+            skipped += 1
+            logger.warn(f"step {step}: non-finite loss, update skipped")
+            if skipped > 5:
+                raise UserError(f"VAE training diverged (non-finite loss {skipped} times): lower lr")
+        step += 1
+        steps_done += 1
+        for key, value in parts.items():
+            logger.logkv_mean(key, value.detach())
+        bar.update(1)
+        if step % config["log_interval"] == 0 or step == total:
+            logger.logkv("step", step)
+            logger.logkv("lr", config["lr"] * (1 - (step - 1) / total))
+            logger.logkv("images_per_sec", steps_done * config["batch_size"] * world / (time.time() - started))
+            row = logger.dumpkvs()
+            if row and "loss" in row:
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if step % config["save_interval"] == 0 or step == total:
+            save_state()
+            if step < total and rank == 0 and heldout_paths:
+                quick, _ = evaluate(ema.copy_to(vae).eval(), _heldout(heldout_paths, config, channels), device)
+                logger.log(f"step {step}: held-out PSNR {quick['psnr']:.2f} dB, SSIM {quick['ssim']:.4f} (EMA)")
+    bar.close()
+    return _finish(config, vae, ema, images, heldout_paths, channels, step, rank, device)
+
+
+_HELDOUT_CACHE = {}
+
+
+def _heldout(paths, config, channels):
+    key = (tuple(paths), config["image_size"], channels)
+    if key not in _HELDOUT_CACHE:
+        _HELDOUT_CACHE.clear()
+        _HELDOUT_CACHE[key] = load_images(paths[: config["max_eval_images"]], config["image_size"], channels)
+    return _HELDOUT_CACHE[key]
+
+
+def _finish(config, vae, ema, train_images, heldout_paths, channels, step, rank, device):
+    """Rank 0: EMA weights -> held-out metrics, latent scale, grid, export."""
+    metrics = None
+    if rank == 0:
+        final = ema.copy_to(vae).eval().requires_grad_(False)
+        if heldout_paths:
+            eval_images, split = _heldout(heldout_paths, config, channels), "heldout"
+        else:
+            eval_images, split = train_images[: config["max_eval_images"]], "train"
+            logger.warn("holdout_fraction is 0: the reported PSNR/SSIM are on training images")
+        quality, recon = evaluate(final, eval_images, device)
+        stats = measure_latent_stats(final, train_images[: config["scale_images"]], device)
+        stats["step"] = step
+        shown = min(8, eval_images.shape[0])
+        grid = comparison_grid(to_model_range(eval_images[:shown], torch.device("cpu")), recon[:shown])
+        metrics = dict(quality, split=split, step=step, weights=f"ema_{config['ema_rate']}",
+                       latent_scale=stats["latent_scale"])
+        final = final.to("cpu").to(memory_format=torch.contiguous_format)
+        stats, metrics = export_vae(final, config["output_dir"], stats=stats, metrics=metrics, grid=grid)
+        logger.logkvs({f"eval_{k}": v for k, v in quality.items()})
+        logger.logkv("latent_scale", stats["latent_scale"])
+        logger.dumpkvs()
+        logger.log(
+            f"saved VAE to {config['output_dir']}: {split} PSNR {quality['psnr']:.2f} dB, SSIM {quality['ssim']:.4f}, "
+            f"L1 {quality['l1']:.4f} on {quality['num_images']} images; latent_scale {stats['latent_scale']:.5g}"
+        )
+        with open(os.path.join(logger.get_dir(), METRICS_FILE), "w") as f:
+            json.dump(metrics, f, indent=2, sort_keys=True)
+    metrics = dist_util.broadcast_object(metrics)
+    dist_util.barrier()
+    return metrics

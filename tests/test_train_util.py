@@ -1,0 +1,180 @@
+"""The training loop: resume equals uninterrupted, non-finite steps, checkpoints."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from guided_diffusion_vae import checkpoint as ckpt
+from guided_diffusion_vae import logger, script_util
+from guided_diffusion_vae.batching import BatchStream, ShardedBatchSampler
+from guided_diffusion_vae.errors import UserError
+from guided_diffusion_vae.train_util import DeviceMeans, TrainLoop
+from guided_diffusion_vae.training import split_flags
+
+
+def _stream(seed=0, n=24, batch=4, interrupt_at=None):
+    gen = torch.Generator().manual_seed(123)
+    data = torch.randn(n, 4, 8, 8, generator=gen)
+    labels = torch.arange(n) % 3
+
+    def batches(sampler):
+        for k, idx in enumerate(sampler, start=sampler.start):
+            if k == interrupt_at:  # a cluster's preemption, as the loop sees it
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield data[idx], {"y": labels[idx]}
+
+    return BatchStream(ShardedBatchSampler(n, batch, seed=seed), batches)
+
+
+def _loop(flags, folder, steps, resume="", interrupt_at=None, **kw):
+    torch.manual_seed(0)
+    model, diffusion = script_util.create_model_and_diffusion(**flags)
+    model_config, diffusion_config = split_flags(flags)
+    loop = TrainLoop(
+        model=model, diffusion=diffusion, data=_stream(interrupt_at=interrupt_at), batch_size=4, microbatch=2, lr=1e-3,
+        ema_rate="0.9,0.99", log_interval=2, save_interval=0, resume_checkpoint=resume,
+        lr_anneal_steps=steps, checkpoint_dir=str(folder), weight_decay=0.01, grad_clip=1.0,
+        metadata={"model": model_config, "diffusion": diffusion_config, "data": {"label_map": {"0": "a", "1": "b", "2": "c"}}},
+        **kw,
+    )
+    return loop
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_model_flags):
+    logger.configure(dir=str(tmp_path / "log"), format_strs="log")
+    straight = _loop(tiny_model_flags, tmp_path / "a", 6)
+    straight.run_loop()
+
+    first = _loop(tiny_model_flags, tmp_path / "b", 6, interrupt_at=2)
+    path = first.run_loop()  # SIGTERM during step 3: save and return
+    assert os.path.basename(path) == "model000003.safetensors"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    torch.manual_seed(999)  # the resumed run must not depend on the fresh process's RNG
+    second = _loop(tiny_model_flags, tmp_path / "b", 6, resume=path)
+    assert second.step == 3
+    second.run_loop()
+
+    for a, b in zip(straight.model.parameters(), second.model.parameters()):
+        assert torch.equal(a, b)
+    for ema_a, ema_b in zip(straight.ema_params, second.ema_params):
+        for a, b in zip(ema_a, ema_b):
+            assert torch.equal(a, b)
+    # The run changed the weights (so equality above is not trivial).
+    fresh = _loop(tiny_model_flags, tmp_path / "c", 6)
+    assert any(not torch.equal(a, b) for a, b in zip(fresh.model.parameters(), second.model.parameters()))
+
+
+def test_checkpoint_describes_itself(tmp_path, tiny_model_flags):
+    logger.configure(dir=str(tmp_path), format_strs="log")
+    path = _loop(tiny_model_flags, tmp_path, 2).run_loop()
+    state, meta = ckpt.load_weights(path)
+    assert meta["step"] == 2 and meta["weights"] == "model"
+    assert meta["model"]["in_channels"] == 4 and meta["model"]["num_classes"] == 3
+    assert meta["data"]["label_map"] == {"0": "a", "1": "b", "2": "c"}
+    ema_state, ema_meta = ckpt.load_weights(ckpt.ema_path(str(tmp_path), 0.99, 2))
+    assert ema_meta["weights"] == "ema_0.99"
+    rebuilt = script_util.create_model(**meta["model"])
+    rebuilt.load_state_dict(ema_state, strict=True)
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, tiny_model_flags):
+    logger.configure(dir=str(tmp_path), format_strs="log,csv")
+    loop = _loop(tiny_model_flags, tmp_path, 20, max_nonfinite_steps=3)
+    loop.log_interval = 1
+    loop.run_loop.__func__  # noqa: B018 (the loop object is used below)
+    poisoned = {"on": False}
+    real = loop.diffusion.training_losses
+
+    def losses(model, x, t, model_kwargs=None, noise=None):
+        out = real(model, x, t, model_kwargs=model_kwargs, noise=noise)
+        if poisoned["on"]:
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    loop.diffusion.training_losses = losses
+    batch, cond = next(loop.data)
+    loop.run_step(batch, cond)  # one good step
+    before = [p.detach().clone() for p in loop.model.parameters()]
+    ema_before = [p.clone() for p in loop.ema_params[0]]
+    poisoned["on"] = True
+    loop.run_step(batch, cond)
+    assert all(torch.equal(a, b) for a, b in zip(before, loop.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ema_before, loop.ema_params[0]))
+    assert loop.opt.state[loop.params[0]]["step"].item() == 1  # the skipped step did not count
+    with pytest.raises(UserError, match=r"steps in a row had a non-finite loss.*try a lower lr"):
+        loop.run_loop()
+    assert loop.step <= 4
+
+
+def test_strict_loading_names_parameters_and_config(tmp_path, tiny_model_flags):
+    model, _ = script_util.create_model_and_diffusion(**tiny_model_flags)
+    model_config, _ = split_flags(tiny_model_flags)
+    path = str(tmp_path / "m.safetensors")
+    ckpt.save_weights(path, model.state_dict(), {"model": model_config})
+    other_flags = dict(tiny_model_flags, class_cond=False, in_channels=3)
+    other, _ = script_util.create_model_and_diffusion(**other_flags)
+    state, meta = ckpt.load_weights(path)
+    with pytest.raises(UserError) as err:
+        ckpt.load_state_strict(other, state, path, meta["model"], split_flags(other_flags)[0])
+    text = str(err.value)
+    assert "unexpected: label_emb.weight" in text
+    assert "input_blocks.0.0.weight checkpoint [32, 4, 3, 3] vs model [32, 3, 3, 3]" in text
+    assert "class_cond=True in the checkpoint, False here" in text
+    assert "in_channels=4 in the checkpoint, 3 here" in text
+    # Without configs the parameter names still point at the cause.
+    with pytest.raises(UserError, match="class_cond differs.*in_channels differs"):
+        ckpt.load_state_strict(other, state, path)
+
+
+def test_killed_write_leaves_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "model000001.safetensors"
+    script = textwrap.dedent(f"""
+        import sys, time, torch
+        from guided_diffusion_vae import checkpoint as ckpt
+        ckpt.save_weights({str(path)!r}, {{"w": torch.ones(1000)}}, {{"step": 1}})
+        def slow(tmp):
+            with open(tmp, "wb") as f:
+                f.write(b"partial" * 1000)
+                f.flush()
+                print("writing", flush=True)
+                time.sleep(60)
+        ckpt.atomic_write({str(path)!r}, slow)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    state, meta = ckpt.load_weights(str(path))
+    assert torch.equal(state["w"], torch.ones(1000)) and meta["step"] == 1
+
+
+def test_bare_pt_state_dicts_load_without_unpickling_code(tmp_path, tiny_model_flags):
+    model, _ = script_util.create_model_and_diffusion(**tiny_model_flags)
+    path = str(tmp_path / "model000100.pt")
+    torch.save(model.state_dict(), path)
+    state, meta = ckpt.load_weights(path)
+    assert meta is None and set(state) == set(model.state_dict())
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"w": Evil()}, str(tmp_path / "evil.pt"))
+    with pytest.raises(UserError, match="cannot read checkpoint .*evil.pt"):
+        ckpt.load_weights(str(tmp_path / "evil.pt"))
+
+
+def test_device_means_average_without_host_values():
+    means = DeviceMeans()
+    means.add("loss", torch.tensor([1.0, 3.0]))
+    means.add("loss", torch.tensor([5.0]))
+    means.add_by_quarter("mse", torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0, 10, 99]), 100)
+    out = means.pop()
+    assert out["loss"] == pytest.approx(3.0)
+    assert out["mse_q0"] == pytest.approx(1.5) and out["mse_q3"] == pytest.approx(4.0)
+    assert "mse_q1" not in out and means.pop() == {}
