@@ -166,6 +166,14 @@ def attention_downsample_rates(attention_resolutions, image_size, channel_mult, 
     return tuple(rates)
 
 
+# create_model flags handed to UNetModel under the same name.
+_UNET_PASSTHROUGH = (
+    "image_size", "in_channels", "num_res_blocks", "dropout", "use_checkpoint", "use_fp16",
+    "num_heads", "num_head_channels", "num_heads_upsample", "use_scale_shift_norm",
+    "resblock_updown", "use_new_attention_order",
+)
+
+
 def create_model(
     image_size,
     num_channels,
@@ -191,24 +199,14 @@ def create_model(
     mult = parse_channel_mult(channel_mult, image_size)
     if class_cond and (num_classes is None or int(num_classes) < 1):
         raise UserError(f"class_cond needs num_classes >= 1, got {num_classes!r}")
+    settings = {k: v for k, v in locals().items() if k in _UNET_PASSTHROUGH}
     return UNetModel(
-        image_size=image_size,
-        in_channels=in_channels,
+        **settings,
         model_channels=num_channels,
         out_channels=in_channels * (2 if learn_sigma else 1),
-        num_res_blocks=num_res_blocks,
         attention_resolutions=attention_downsample_rates(attention_resolutions, image_size, mult),
-        dropout=dropout,
         channel_mult=mult,
         num_classes=int(num_classes) if class_cond else None,
-        use_checkpoint=use_checkpoint,
-        use_fp16=use_fp16,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_new_attention_order=use_new_attention_order,
     )
 
 
@@ -236,6 +234,7 @@ def create_classifier(
     rates = attention_downsample_rates(
         classifier_attention_resolutions, image_size, mult, flag="classifier_attention_resolutions"
     )
+    # The classifier flags carry a "classifier_" prefix; the network's do not.
     return EncoderUNetModel(
         image_size=image_size,
         in_channels=in_channels,
@@ -246,9 +245,14 @@ def create_classifier(
         channel_mult=mult,
         use_fp16=classifier_use_fp16,
         num_head_channels=64,
-        use_scale_shift_norm=classifier_use_scale_shift_norm,
-        resblock_updown=classifier_resblock_updown,
         pool=classifier_pool,
+        **{
+            name: value
+            for name, value in (
+                ("use_scale_shift_norm", classifier_use_scale_shift_norm),
+                ("resblock_updown", classifier_resblock_updown),
+            )
+        },
     )
 
 
@@ -289,16 +293,8 @@ def sr_create_model_and_diffusion(
 ):
     flags = dict(locals())
     model = sr_create_model(**_pick(flags, sr_create_model))
-    diffusion = create_gaussian_diffusion(
-        steps=diffusion_steps,
-        learn_sigma=learn_sigma,
-        noise_schedule=noise_schedule,
-        use_kl=use_kl,
-        predict_xstart=predict_xstart,
-        rescale_timesteps=rescale_timesteps,
-        rescale_learned_sigmas=rescale_learned_sigmas,
-        timestep_respacing=timestep_respacing,
-    )
+    diffusion_flags = dict(flags, steps=diffusion_steps, timestep_respacing=timestep_respacing)
+    diffusion = create_gaussian_diffusion(**_pick(diffusion_flags, create_gaussian_diffusion))
     return model, diffusion
 
 
@@ -327,23 +323,15 @@ def sr_create_model(
     if large_size not in sr_mult:
         raise UserError(f"no super-resolution channel_mult for large_size {large_size}")
     mult = sr_mult[large_size]
+    settings = {k: v for k, v in locals().items() if k in _UNET_PASSTHROUGH}
     return SuperResModel(
+        **settings,
         image_size=large_size,
-        in_channels=in_channels,
         model_channels=num_channels,
         out_channels=in_channels * (2 if learn_sigma else 1),
-        num_res_blocks=num_res_blocks,
         attention_resolutions=attention_downsample_rates(attention_resolutions, large_size, mult),
-        dropout=dropout,
         channel_mult=mult,
         num_classes=int(num_classes) if class_cond else None,
-        use_checkpoint=use_checkpoint,
-        num_heads=num_heads,
-        num_head_channels=num_head_channels,
-        num_heads_upsample=num_heads_upsample,
-        use_scale_shift_norm=use_scale_shift_norm,
-        resblock_updown=resblock_updown,
-        use_fp16=use_fp16,
     )
 
 

@@ -164,11 +164,12 @@ class TrainLoop:
     ):
         self.model, self.diffusion, self.data = model, diffusion, data
         self.batch_size = batch_size
-        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.microbatch = batch_size if microbatch <= 0 else microbatch
         self.lr, self.weight_decay, self.lr_anneal_steps = lr, weight_decay, lr_anneal_steps
         self.ema_rates = parse_ema_rates(ema_rate)
         self.log_interval, self.save_interval = max(1, log_interval), save_interval
-        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.schedule_sampler = UniformSampler(diffusion) if schedule_sampler is None else schedule_sampler
+        self._loss_aware = isinstance(self.schedule_sampler, LossAwareSampler)
         self.checkpoint_dir = checkpoint_dir or logger.get_dir() or "."
         self.metadata = dict(metadata or {})
         self.batch_transform = batch_transform
@@ -189,8 +190,7 @@ class TrainLoop:
         self.params = list(self.model.parameters())
         self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rates]
         training_state = self._resume(resume_checkpoint) if resume_checkpoint else None
-        dist_util.sync_params(self.model.parameters())
-        dist_util.sync_params(self.model.buffers())
+        dist_util.sync_params([*self.model.parameters(), *self.model.buffers()])
         for ema in self.ema_params:
             dist_util.sync_params(ema)
 
@@ -365,7 +365,7 @@ class TrainLoop:
         return last_saved
 
     def run_step(self, batch, cond):
-        self.forward_backward(batch, cond)
+        self._accumulate_gradients(batch, cond)
         self.optimize()
 
     def _move(self, batch, cond):
@@ -383,7 +383,7 @@ class TrainLoop:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def forward_backward(self, batch, cond):
+    def _accumulate_gradients(self, batch, cond):
         batch, cond = self._move(batch, cond)
         if self.mp_trainer is not None:
             self.mp_trainer.zero_grad()
@@ -400,7 +400,7 @@ class TrainLoop:
             with sync_ctx:
                 with self._autocast():
                     losses = self.diffusion.training_losses(self.compiled_model, micro, t, model_kwargs=micro_cond)
-                if isinstance(self.schedule_sampler, LossAwareSampler):
+                if self._loss_aware:
                     self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
                 per_sample = losses["loss"].float() * weights
                 finite = torch.isfinite(per_sample)
@@ -427,10 +427,10 @@ class TrainLoop:
         self._lr_now = lr
         if self.mp_trainer is not None:
             # The original fp16 scheme checks gradients on the host by design.
-            took_step = self.mp_trainer.optimize(self.opt)
-            if took_step:
+            stepped = self.mp_trainer.optimize(self.opt)
+            if stepped:
                 self._update_ema()
-            self.metrics.add("skipped_step", torch.tensor(0.0 if took_step else 1.0, device=self.device))
+            self.metrics.add("skipped_step", torch.tensor(0.0 if stepped else 1.0, device=self.device))
             return
         params = [p for p in self.params if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
