@@ -144,16 +144,12 @@ def load_decoder(meta, config, device):
     """The VAE decoder for a latent checkpoint (None for pixel models)."""
     vae_meta = meta.get("vae")
     if not vae_meta:
+        if config["vae_path"]:
+            raise UserError("vae_path given, but this checkpoint is a pixel-space model (it has no VAE)")
         return None
-    from .vae_wrapper import VAEInterface
+    from .latent_model import vae_from_description
 
-    path = config["vae_path"] or vae_meta["path"]
-    if not os.path.isdir(path):
-        raise UserError(
-            f"the checkpoint's VAE was expected at {vae_meta['path']} and is not there; "
-            f"pass --vae_path DIR to point to it"
-        )
-    vae = VAEInterface.from_description(vae_meta, path=path, device=device)
+    vae = vae_from_description(vae_meta, path=config["vae_path"] or None, device=device)
     return vae.decode_batch
 
 

@@ -216,7 +216,6 @@ class TrainLoop:
             self.ddp_model = DistributedDataParallel(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
                 gradient_as_bucket_view=True,
             )
         self.compiled_model = torch.compile(self.ddp_model) if compile else self.ddp_model

@@ -1,0 +1,184 @@
+"""Diffusion in a VAE's latent space: where the VAE meets the training loop.
+
+The diffusion core never learns it runs on latents: the data arrive encoded
+and scaled (from a latent cache, or encoded whole batches on the device), the
+network is built for the latent shape, and samples are unscaled and decoded on
+the way out. ``image_size`` stays in pixels everywhere a user writes it.
+"""
+
+import os
+
+from . import logger, script_util
+from .errors import UserError
+from .train_util import training_defaults
+from .training import TrainingData, json_label_map
+
+
+def latent_train_defaults():
+    """Flags of ``scripts/image_train_vae.py``: guided-diffusion's model,
+    diffusion and training flags plus where the latents come from."""
+    return {
+        **script_util.model_and_diffusion_defaults(),
+        **training_defaults(),
+        "latent_cache": "",
+        "vae_path": "",
+        # a number, "stored" (VAE_DIR/latent_stats.json) or "measured" (from the data)
+        "latent_scale": "stored",
+        "sample_posterior": False,
+        "input_range": "-1,1",
+        "vae_batch_size": 64,
+        "vae_dtype": "auto",
+        "measure_scale_batches": 20,
+    }
+
+
+def _vae_dtype(name, device):
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return name
+
+
+def load_vae(path, *, device, dtype="auto", input_range="-1,1", sample_posterior=False,
+             latent_scale=None, max_batch=64):
+    """A :class:`VAEInterface` on ``device`` (errors name the path)."""
+    from .vae_wrapper import VAEInterface
+
+    if not path:
+        raise UserError("vae_path is required: a folder written by AutoencoderKL.save_pretrained")
+    return VAEInterface(
+        path, device=device, dtype=_vae_dtype(dtype, device), max_batch=max_batch,
+        input_range=input_range, sample_posterior=sample_posterior, latent_scale=latent_scale,
+    )
+
+
+def vae_from_description(vae_meta, *, path=None, device, dtype="auto"):
+    """The VAE a checkpoint or cache was made with, with its stored scale and
+    input range; ``path`` overrides where it is looked for."""
+    path = path or vae_meta["path"]
+    if not os.path.isdir(path):
+        raise UserError(
+            f"the VAE was expected at {vae_meta['path']} and is not there; pass --vae_path DIR to point to it"
+        )
+    vae = load_vae(
+        path, device=device, dtype=dtype, input_range=vae_meta["input_range"],
+        sample_posterior=vae_meta.get("sample_posterior", False), latent_scale=vae_meta["latent_scale"],
+    )
+    if vae_meta.get("fingerprint") and vae.fingerprint != vae_meta["fingerprint"]:
+        raise UserError(
+            f"the VAE in {path} is not the one this model was trained with "
+            f"(fingerprint {vae.fingerprint}, expected {vae_meta['fingerprint']})"
+        )
+    return vae
+
+
+def create_latent_model_and_diffusion(*, vae_description, image_size, **flags):
+    """``create_model_and_diffusion`` for latents: ``image_size`` in pixels, the
+    network built for ``image_size / factor`` with the VAE's latent channels.
+    ``attention_resolutions`` are read at the latent resolution."""
+    factor = int(vae_description["downsample_factor"])
+    if image_size % factor:
+        raise UserError(f"image size {image_size} is not divisible by the VAE's downsampling factor {factor}")
+    flags = {**flags, "image_size": image_size // factor, "in_channels": int(vae_description["latent_channels"])}
+    return script_util.create_model_and_diffusion(**flags)
+
+
+def _checked_in_channels(config, latent_channels):
+    default = script_util.model_and_diffusion_defaults()["in_channels"]
+    if config["in_channels"] not in (default, latent_channels):
+        raise UserError(
+            f"in_channels {config['in_channels']} does not match the VAE's {latent_channels} latent "
+            f"channels (it is taken from the VAE; leave it unset)"
+        )
+
+
+def _measure_scale(vae, stream, num_batches):
+    def images():
+        for _ in range(num_batches):
+            yield next(stream)[0]
+
+    scale = vae.measure_latent_scale(images())
+    stream.load_state_dict({"consumed": 0, "seed": stream.sampler.seed})  # measuring read no training batch
+    logger.log(f"measured latent scale 1/std = {scale:.6g} over {num_batches} batches")
+    return scale
+
+
+def latent_training_data(config):
+    """Scaled latents from ``latent_cache``, or images from ``data_dir``
+    encoded batch by batch on the device by the VAE in ``vae_path``."""
+    from . import dist_util
+
+    device = dist_util.dev()
+    if config["latent_cache"]:
+        return _cached_latents(config, device)
+    if not (config["data_dir"] and config["vae_path"]):
+        raise UserError("give --latent_cache CACHE_DIR, or --data_dir IMAGES with --vae_path VAE_DIR")
+    from .image_datasets import image_batch_stream
+
+    scale = config["latent_scale"]
+    vae = load_vae(
+        config["vae_path"], device=device, dtype=config["vae_dtype"], input_range=config["input_range"],
+        sample_posterior=config["sample_posterior"], max_batch=config["vae_batch_size"],
+        latent_scale=None if scale == "measured" else scale,
+    )
+    sample_shape = vae.latent_shape(config["image_size"])
+    _checked_in_channels(config, vae.latent_channels)
+    stream, dataset = image_batch_stream(
+        data_dir=config["data_dir"], batch_size=config["batch_size"], image_size=config["image_size"],
+        channels=vae.in_channels, class_cond=config["class_cond"], random_flip=config["random_flip"],
+        seed=config["seed"], num_workers=config["num_workers"],
+    )
+    if vae.latent_scale is None:
+        vae.set_latent_scale(_measure_scale(vae, stream, config["measure_scale_batches"]))
+    return TrainingData(
+        batches=stream,
+        label_map=json_label_map(dataset.label_map),
+        image_size=config["image_size"],
+        image_channels=vae.in_channels,
+        sample_shape=sample_shape,
+        batch_transform=vae.encode_batch,
+        decode_fn=vae.decode_batch,
+        data_meta={"data_dir": os.path.abspath(config["data_dir"]), "num_images": len(dataset), "source": "images"},
+        vae_meta=vae.describe(),
+    )
+
+
+def _cached_latents(config, device):
+    from .latent_datasets import check_cache_matches, load_latent_data
+
+    stream = load_latent_data(
+        cache_dir=config["latent_cache"], batch_size=config["batch_size"], seed=config["seed"],
+        class_cond=config["class_cond"],
+    )
+    cache = stream.cache
+    meta = cache.meta
+    scale = config["latent_scale"]
+    check_cache_matches(
+        meta, config={"image_size": config["image_size"], "input_range": config["input_range"],
+                      "latent_scale": None if scale in ("stored", "measured") else scale},
+        cache_dir=config["latent_cache"],
+    )
+    vae_meta = {**cache.vae_description, "latent_scale": cache.latent_scale}
+    decode_fn = None
+    vae_path = config["vae_path"] or vae_meta["path"]
+    if os.path.isdir(vae_path):
+        vae = vae_from_description(vae_meta, path=vae_path, device=device, dtype=config["vae_dtype"])
+        check_cache_matches(meta, vae.describe(), cache_dir=config["latent_cache"])
+        decode_fn = vae.decode_batch
+        vae_meta = vae.describe()
+    elif config["sample_interval"]:
+        raise UserError(
+            f"preview samples need the cache's VAE, expected at {vae_meta['path']}: pass --vae_path DIR "
+            f"or --sample_interval 0"
+        )
+    _checked_in_channels(config, cache.shape[0])
+    return TrainingData(
+        batches=stream,
+        label_map=json_label_map(cache.label_map),
+        image_size=int(meta["image_size"]),
+        image_channels=int(vae_meta.get("in_channels", 3)),
+        sample_shape=tuple(cache.shape),
+        decode_fn=decode_fn,
+        data_meta={"latent_cache": os.path.abspath(config["latent_cache"]), "num_latents": len(cache),
+                   "source": "latent_cache"},
+        vae_meta=vae_meta,
+    )

@@ -1,0 +1,20 @@
+"""Generate images per user from a latent diffusion checkpoint (EMA weights by default).
+
+    python scripts/image_sample_vae.py --model_path RUN_DIR_OR_CKPT --user_ids 1 5 10 15 \
+        --num_images_per_user 5 --output_dir out --use_ddim True --timestep_respacing ddim50 --seed 42
+
+Writes out/user_01/generated_000.png, ..., grid.png and samples_NxHxWxC.npz. The
+checkpoint names its VAE; --vae_path points elsewhere if it has moved.
+"""
+
+from guided_diffusion_vae.config import parse_with_config
+from guided_diffusion_vae.errors import run_main
+from guided_diffusion_vae.generate import run_sampling, sample_defaults
+
+
+def main():
+    run_sampling(parse_with_config(sample_defaults(), description=__doc__))
+
+
+if __name__ == "__main__":
+    run_main(main)
