@@ -401,14 +401,14 @@ class Person:
         """JSON-ready parameters plus derived values (leg length, speed, cycle, stride)."""
         out = asdict(self)
         out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in out.items()}
-        out["phase_offsets"] = {k: [round(float(x), 6) for x in v] for k, v in self.phase_offsets.items()}
+        out["phase_offsets"] = {k: [float(x) for x in v] for k, v in self.phase_offsets.items()}
         t = self.timing()
-        out["derived"] = {
+        out["derived"] = _round_floats({
             "leg_length_m": self.leg_length_m, "speed_mps": self.speed_mps,
             "cycle_s": t.cycle_s, "stride_m": t.stride_m, "support_fraction": t.support_fraction,
             "segment_lengths_m": self.segment_lengths_m,
-        }
-        return _round_floats(out)
+        })
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "Person":
@@ -1142,9 +1142,12 @@ def simulate_dataset(output_dir, num_users: int = 31, samples_per_user: int = 10
     _require(duration_s > 0 and math.isfinite(duration_s), f"duration: must be > 0 s, got {duration_s}")
     _require(isinstance(workers, int) and workers >= 1, f"workers: must be >= 1, got {workers}")
     radar.validate()
-    settings.validate(radar)
     _validate_walk_variation(walk_variation)
     _validate_person_variation(person_variation, walk_variation.speed_jitter)
+    people_seed = seed if people_seed is None else people_seed
+    people = make_people(num_users, people_seed, person_variation)
+    peak = check_prf(people, radar, walk_variation)
+    settings.validate(radar)
     _require(settings.window_s < duration_s, f"window: {settings.window_s} s must be shorter than duration {duration_s} s")
 
     out = Path(output_dir).expanduser().absolute()
@@ -1154,10 +1157,6 @@ def simulate_dataset(output_dir, num_users: int = 31, samples_per_user: int = 10
         _require(overwrite or not any(out.iterdir()), f"output_dir: {out} exists and is not empty (use --overwrite)")
     parent = out.parent
     _require(parent.is_dir(), f"output_dir: parent folder {parent} does not exist")
-
-    people_seed = seed if people_seed is None else people_seed
-    people = make_people(num_users, people_seed, person_variation)
-    peak = check_prf(people, radar, walk_variation)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
     try:
@@ -1224,11 +1223,12 @@ def simulate_dataset(output_dir, num_users: int = 31, samples_per_user: int = 10
                             "pixel_values": f"dB below the image peak: 0 -> -{settings.dynamic_range_db} dB or less, 255 -> peak",
                             "png_mode": "L" if settings.colormap == "gray" else "RGB"},
             "person_variation": asdict(person_variation),
-            "people": [p.to_dict() for p in people],
             "images": num_users * samples_per_user,
             "seconds": round(elapsed, 2),
         }
-        (tmp / "metadata.json").write_text(json.dumps(_round_floats(metadata), indent=1) + "\n")
+        metadata = _round_floats(metadata)
+        metadata["people"] = [p.to_dict() for p in people]     # full precision: Person.from_dict round-trips
+        (tmp / "metadata.json").write_text(json.dumps(metadata, indent=1) + "\n")
 
         old = None
         if out.exists():
@@ -1243,6 +1243,32 @@ def simulate_dataset(output_dir, num_users: int = 31, samples_per_user: int = 10
     return out
 
 
+def benchmark(n: int = 300, image_size: int = 64, seed: int = 0) -> dict:
+    """Throughput of the full per-image path (walk draw, returns, spectrogram, PNG encode).
+
+    Renders ``n`` images of the default 31 people with default settings
+    (nothing is written) and returns spectrograms per second of wall and of
+    process CPU time. Run it with OMP/OPENBLAS threads = 1 for a one-core figure.
+    """
+    people = make_people(31, seed)
+    radar, settings, variation = Radar(), SpectrogramSettings(image_size=image_size), WalkVariation()
+
+    def one(j: int) -> None:
+        user = j % len(people)
+        rng = sample_rng(seed, user, j)
+        walk = draw_walk(people[user], rng, variation)
+        encode_png(render_sample(people[user], walk, radar, settings, 3.0, rng))
+
+    for j in range(3):
+        one(j)
+    wall, cpu = time.perf_counter(), time.process_time()
+    for j in range(n):
+        one(j)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"images": n, "image_size": image_size, "per_s_wall": round(n / wall, 1), "per_s_cpu": round(n / cpu, 1),
+            "threads_env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
+
+
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
@@ -1255,8 +1281,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     d_radar, d_spec, d_walk, d_pv = Radar(), SpectrogramSettings(), WalkVariation(), PersonVariation()
     p = _Parser(description="Simulate radar micro-Doppler spectrograms of walking people (one folder per person).",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--output_dir", required=True, help="folder to create (user_XX/NNN.png, metadata.json, samples.csv)")
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p.add_argument("--output_dir", help="folder to create (user_XX/NNN.png, metadata.json, samples.csv); required")
     p.add_argument("--num_users", type=int, default=31, help="people (classes)")
     p.add_argument("--samples_per_user", type=int, default=100, help="spectrograms per person")
     p.add_argument("--image_size", type=int, default=64, choices=(32, 64, 128, 256), help="square image side (px)")
@@ -1289,12 +1315,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=1, help="processes")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output_dir")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--benchmark", type=int, default=0, metavar="N",
+                   help="only time N spectrograms at --image_size (one process) and print the rate")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.benchmark:
+        print(json.dumps(benchmark(args.benchmark, args.image_size, args.seed)))
+        return 0
+    if not args.output_dir:
+        parser.error("the following arguments are required: --output_dir")
     try:
         radar = Radar(carrier_hz=args.carrier_ghz * 1e9, prf_hz=args.prf, distance_m=args.radar_distance,
                       height_m=args.radar_height, range_loss=not args.no_range_loss)

@@ -27,6 +27,7 @@ def benchmark_defaults():
         "timed_steps": 40,
         "variants": "fp32,bf16,bf16+compile",
         "output_json": "",
+        "check_syncs": True,
     }
 
 
@@ -74,6 +75,21 @@ def _time_variant(config, variant, device):
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
+    syncs = None
+    if config["check_syncs"] and device.type == "cuda" and not compile_model:
+        # Count host-device synchronisations inside training steps (CUDA's
+        # sync debug mode warns on each one).
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                steps(5)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        sync_lines = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+        syncs = {"per_5_steps": len(sync_lines), "examples": sorted(set(sync_lines))[:5]}
     loop.metrics.pop()  # the accumulated metrics are read once, as a log would
     result = {
         "variant": variant,
@@ -82,6 +98,7 @@ def _time_variant(config, variant, device):
         "warmup_s": warm,
         "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
         "peak_mem_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "host_syncs": syncs,
     }
     return result
 

@@ -98,7 +98,10 @@ class DeviceMeans:
     def add(self, name, values, count=None):
         values = values.detach().float()
         total = values.sum()
-        n = torch.as_tensor(values.numel() if count is None else count, device=total.device, dtype=torch.float32)
+        if count is None:
+            n = torch.full((), float(values.numel()), device=total.device)
+        else:  # a device tensor: no host round trip
+            n = count.float() if torch.is_tensor(count) else torch.full((), float(count), device=total.device)
         if name in self._sums:
             self._sums[name] += total
             self._counts[name] += n

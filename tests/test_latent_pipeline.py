@@ -1,0 +1,130 @@
+"""The latent pipeline end to end: vae_train -> encode_latents -> mpiexec
+image_train_vae -> image_sample_vae from the checkpoint alone; plus the
+boundaries (on-the-fly vs cached batches, a moved VAE, unknown user ids)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from guided_diffusion_vae import checkpoint as ckpt
+from guided_diffusion_vae.errors import UserError
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
+from vae_helpers import make_image_folder  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO, "scripts")
+TINY_DIFFUSION = [
+    "--image_size", "16", "--num_channels", "32", "--channel_mult", "1,2", "--attention_resolutions", "2",
+    "--num_head_channels", "16", "--compile", "False", "--num_workers", "0", "--diffusion_steps", "100",
+]
+
+
+def _run(args, env, timeout=300):
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Images of three users, a VAE trained on them, and their latent cache."""
+    root = tmp_path_factory.mktemp("chain")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    make_image_folder(root / "images", classes=("user_01", "user_02", "user_03"), per_class=8, size=16, channels=1)
+    _run([sys.executable, f"{SCRIPTS}/vae_train.py", "--data_dir", str(root / "images"), "--image_size", "16",
+          "--output_dir", str(root / "vae"), "--vae_size", "tiny", "--lr_anneal_steps", "4", "--batch_size", "4",
+          "--num_workers", "0", "--progress", "False"], env)
+    _run([sys.executable, f"{SCRIPTS}/encode_latents.py", "--data_dir", str(root / "images"), "--vae_path",
+          str(root / "vae"), "--image_size", "16", "--output_dir", str(root / "cache"), "--latent_scale", "stored",
+          "--random_flip", "False", "--num_workers", "0", "--progress", "False"], env)
+    return root
+
+
+def test_whole_chain_with_mpiexec_and_sampling_from_the_checkpoint(chain, tmp_path, mpiexec, launch_env):
+    run = tmp_path / "run"
+    out = _run([*mpiexec, "-n", "2", sys.executable, f"{SCRIPTS}/image_train_vae.py",
+                "--config", os.path.join(REPO, "configs", "microdoppler_small.yaml"),
+                "--latent_cache", str(chain / "cache"), *TINY_DIFFUSION, "--batch_size", "4",
+                "--lr_anneal_steps", "3", "--log_interval", "1", "--sample_interval", "3",
+                "--num_preview_samples", "3", "--log_dir", str(run)], launch_env)
+    assert "weights identical on all 2 ranks" in out
+    meta = ckpt.read_metadata(str(run / "model000003.safetensors"))
+    assert meta["model"]["in_channels"] == 4 and meta["model"]["image_size"] == 4  # 16 px / 4
+    assert meta["model"]["num_classes"] == 3 and meta["data"]["image_size"] == 16
+    assert meta["data"]["label_map"] == {"0": "user_01", "1": "user_02", "2": "user_03"}
+    stats = json.loads((chain / "vae" / "latent_stats.json").read_text())
+    assert meta["vae"]["latent_scale"] == pytest.approx(stats["latent_scale"])
+    assert meta["vae"]["path"] == str(chain / "vae")
+    assert (run / "samples" / "preview_000003.png").exists()
+
+    out_dir = tmp_path / "out"
+    log = _run([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run), "--user_ids", "1", "3",
+                "--num_images_per_user", "2", "--output_dir", str(out_dir), "--use_ddim", "True",
+                "--timestep_respacing", "ddim10", "--seed", "42"], launch_env)
+    assert "ema_0.9999_000003.safetensors" in log
+    for user in ("user_01", "user_03"):
+        for k in range(2):
+            image = Image.open(out_dir / user / f"generated_{k:03d}.png")
+            assert image.size == (16, 16) and image.mode == "L"  # the data's size and channels
+    assert not (out_dir / "user_02").exists()
+    with np.load(out_dir / "samples_4x16x16x1.npz") as data:
+        assert list(data["arr_1"]) == [0, 0, 2, 2]
+
+    # The same seed gives the same images, whatever the batch size.
+    again = tmp_path / "again"
+    _run([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run), "--user_ids", "1", "3",
+          "--num_images_per_user", "2", "--output_dir", str(again), "--use_ddim", "True",
+          "--timestep_respacing", "ddim10", "--seed", "42", "--batch_size", "3"], launch_env)
+    a = np.asarray(Image.open(out_dir / "user_03" / "generated_001.png"), dtype=int)
+    b = np.asarray(Image.open(again / "user_03" / "generated_001.png"), dtype=int)
+    assert np.abs(a - b).max() <= 1
+
+    # Bad input: unknown user id lists valid ones; a moved VAE names the path and the flag.
+    result = subprocess.run([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run),
+                             "--user_ids", "7", "--output_dir", str(tmp_path / "x")],
+                            env=launch_env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and "unknown user id '7'; valid ids: 1, 2, 3" in result.stderr
+    result = subprocess.run([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run),
+                             "--vae_path", str(tmp_path / "moved"), "--output_dir", str(tmp_path / "x")],
+                            env=launch_env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2
+    assert f"expected at {chain / 'vae'}" in result.stderr and "--vae_path" in result.stderr
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_on_the_fly_and_cached_training_batches_agree(chain):
+    from guided_diffusion_vae.latent_model import latent_train_defaults, latent_training_data
+
+    base = {**latent_train_defaults(), "image_size": 16, "batch_size": 4, "seed": 3, "class_cond": True,
+            "random_flip": False, "num_workers": 0}
+    cached = latent_training_data({**base, "latent_cache": str(chain / "cache")})
+    fly = latent_training_data({**base, "data_dir": str(chain / "images"), "vae_path": str(chain / "vae")})
+    assert cached.sample_shape == fly.sample_shape == (4, 4, 4)
+    assert cached.label_map == fly.label_map
+    assert cached.vae_meta["latent_scale"] == pytest.approx(fly.vae_meta["latent_scale"])
+    for _ in range(3):
+        (z_cached, c1), (images, c2) = next(cached.batches), next(fly.batches)
+        z_fly = fly.batch_transform(images)
+        torch.testing.assert_close(z_fly, z_cached, rtol=1e-4, atol=1e-4)
+        assert torch.equal(c1["y"], c2["y"])
+    assert z_cached.std().item() == pytest.approx(1.0, abs=0.5)  # unit-variance latents
+
+
+def test_on_the_fly_needs_a_scale_and_refuses_mismatched_cache(chain):
+    from guided_diffusion_vae.latent_model import latent_train_defaults, latent_training_data
+
+    base = {**latent_train_defaults(), "image_size": 16, "batch_size": 4, "num_workers": 0}
+    with pytest.raises(UserError, match="image_size is 16 in the cache but 32"):
+        latent_training_data({**base, "image_size": 32, "latent_cache": str(chain / "cache")})
+    with pytest.raises(UserError, match="--latent_cache CACHE_DIR, or --data_dir IMAGES with --vae_path"):
+        latent_training_data(base)
+    with pytest.raises(UserError, match="not divisible by the VAE's downsampling factor 4"):
+        latent_training_data({**base, "image_size": 18, "data_dir": str(chain / "images"),
+                              "vae_path": str(chain / "vae")})
