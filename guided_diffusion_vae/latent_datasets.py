@@ -102,7 +102,8 @@ def _done_chunks(cache_dir):
     folder = os.path.join(cache_dir, PROGRESS_DIR)
     if not os.path.isdir(folder):
         return set()
-    return {int(name[len("chunk_"):]) for name in os.listdir(folder) if name.startswith("chunk_") and name[6:].isdigit()}
+    names = [name[len("chunk_"):] for name in os.listdir(folder) if name.startswith("chunk_")]
+    return {int(n) for n in names if n.isdigit()}
 
 
 def _files_digest(paths, data_dir, labels):
@@ -204,12 +205,15 @@ def build_latent_cache(
     num_workers=2,
     seed=0,
     progress=True,
+    device=None,
 ):
     """Encode the images of ``data_dir`` once into a latent cache in ``output_dir``.
 
     Safe to rerun: a complete cache with the same settings is left alone, an
     interrupted one is continued, one made with other settings is refused.
     Runs on every rank of an MPI/torchrun job (each encodes its share).
+
+    ``device`` (not a flag) overrides where the VAE runs (default: this rank's).
 
     :return: the cache's metadata dict (as in ``meta.json``).
     """
@@ -229,7 +233,9 @@ def build_latent_cache(
     scale_spec = _parse_scale_spec(latent_scale)
     dist_util.setup_dist()
     rank, world = dist_util.rank(), dist_util.world_size()
-    device = dist_util.dev()
+    device = dist_util.dev() if device is None else torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuning pays
 
     vae = VAEInterface(
         vae_path,
@@ -359,7 +365,8 @@ def _prepare_partial(cache_dir, plan, plan_keys, latent_shape, count, cache_dtyp
     for name in (LATENTS_FILE, LABELS_FILE):
         if os.path.exists(os.path.join(cache_dir, name)):
             os.remove(os.path.join(cache_dir, name))
-    store = np.lib.format.open_memmap(partial, mode="w+", dtype=np.dtype(cache_dtype), shape=(count,) + tuple(latent_shape))
+    shape = (count,) + tuple(latent_shape)
+    store = np.lib.format.open_memmap(partial, mode="w+", dtype=np.dtype(cache_dtype), shape=shape)
     store.flush()
     del store
     _write_json(plan_path, plan)

@@ -22,7 +22,10 @@ Objective, per image, in the LDM weighting divided by the pixel count D:
 so ``kl_weight`` means what it means in LDM's configs (1e-6 there), while the
 reconstruction term stays at per-pixel scale. No perceptual or adversarial
 terms (no pretrained networks are available, and none are needed for a
-latent that only has to be reconstructable).
+latent that only has to be reconstructable). The SSIM term is off by default:
+on synthetic 64px spectrograms (base, 2000 steps, batch 64) weight 0.2 raised
+held-out SSIM from 0.859 to 0.873 at equal PSNR (28.5 dB) and L1 -- a small
+gain, on the metric it optimises, from one seed; try it on real data.
 
 Architecture presets (``vae_size``), each with 3 down blocks = 4x downsampling:
     tiny   block_out_channels (16, 32, 64),   1 layer/block, 8 groups   (~0.7M params)
@@ -56,6 +59,7 @@ PRESETS = {
     "base": {"block_out_channels": (64, 128, 256), "layers_per_block": 2, "norm_num_groups": 32},
 }
 METRICS_FILE = "metrics.json"
+GPU_IMAGE_BYTES = 4 << 30  # training images up to this size live on the GPU
 GRID_FILE = "reconstructions.png"
 _STATE = re.compile(r"vae_state_(\d{6,})\.pt$")
 # Settings a resumed run must share with the run that wrote the state.
@@ -122,7 +126,9 @@ def resolve_architecture(config, in_channels):
     groups = arch["norm_num_groups"]
     bad = [c for c in arch["block_out_channels"] if c < 1 or c % groups]
     if bad:
-        raise UserError(f"block_out_channels {arch['block_out_channels']} must be multiples of norm_num_groups {groups}")
+        raise UserError(
+            f"block_out_channels {arch['block_out_channels']} must be multiples of norm_num_groups {groups}"
+        )
     if int(config["latent_channels"]) < 1:
         raise UserError(f"latent_channels must be >= 1, got {config['latent_channels']}")
     levels = len(arch["block_out_channels"])
@@ -523,8 +529,11 @@ def _train(config, checkpoint_dir, rank, world, device):
     local_paths = train_paths[rank::world]
     images = load_images(local_paths, config["image_size"], channels, config["num_workers"],
                          desc="loading images", progress=config["progress"] and rank == 0)
+    # Batches are gathered where the images are: on the GPU when they fit
+    # (no host work per step), else from pinned host memory.
+    batch_source = images
     if device.type == "cuda":
-        images = images.pin_memory()
+        batch_source = images.to(device) if images.numel() <= GPU_IMAGE_BYTES else images.pin_memory()
     try:
         sampler = ShardedBatchSampler(len(images), config["batch_size"], shuffle=True,
                                       seed=config["seed"] * 1000 + rank)
@@ -534,11 +543,18 @@ def _train(config, checkpoint_dir, rank, world, device):
             f"batch_size={config['batch_size']} (lower batch_size or holdout_fraction)"
         ) from None
     stream = BatchStream(sampler, lambda s: iter(s))
+    # Rank 0 evaluates (EMA weights) on the held-out images.
+    heldout = None
+    if rank == 0 and heldout_paths:
+        heldout = load_images(heldout_paths[: config["max_eval_images"]], config["image_size"], channels)
 
     torch.manual_seed(config["seed"])
     vae = build_autoencoder(arch).to(device)
     if device.type == "cuda":
-        vae = vae.to(memory_format=torch.channels_last)
+        # Measured on an H100 (base, 64px, batch 64): bf16 autocast + cuDNN
+        # autotuning in NCHW 36 ms/step; NHWC (channels_last) 49-53 ms (slow
+        # GroupNorm); fp32 44 ms. So: NCHW, autotuned.
+        torch.backends.cudnn.benchmark = True
     objective = AutoencoderObjective(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     ema = _EMA(vae, config["ema_rate"])
@@ -559,7 +575,8 @@ def _train(config, checkpoint_dir, rank, world, device):
         vae.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["data"])
+        # Only the position: each rank keeps its own shuffling seed.
+        stream.load_state_dict(dict(state["data"], seed=sampler.seed))
         torch.set_rng_state(state["torch_rng"])
         step = int(state["step"])
         logger.log(f"resumed from {path} at step {step}")
@@ -591,44 +608,48 @@ def _train(config, checkpoint_dir, rank, world, device):
     bar = tqdm(total=total, initial=min(step, total), desc="VAE training", unit="step",
                disable=not (config["progress"] and rank == 0))
     started, steps_done = time.time(), 0
-    skipped = 0
+    # Non-finite losses are counted on the device and checked at log and save
+    # times only: a check every step would stall the GPU queue on the host.
+    nonfinite = torch.zeros((), device=device)
+
+    def check_finite():
+        bad = nonfinite.clone()
+        if dist_util.is_distributed():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item() > 0:
+            last = _state_files(checkpoint_dir)
+            raise UserError(
+                f"VAE training diverged: non-finite loss by step {step} (rerun resumes from "
+                f"{last[-1][1] if last else 'the start'}); lower lr or use --precision fp32"
+            )
+
     while step < total:
-        indices = next(stream)
+        indices = torch.as_tensor(next(stream), device=batch_source.device)
         gen = _step_generator(config["seed"], rank, step, device)
-        x = to_model_range(images[indices], device)
+        x = to_model_range(batch_source[indices], device)
         if config["random_flip"]:
             flip = torch.rand(x.shape[0], generator=gen, device=device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         noise = torch.randn(noise_shape, generator=gen, device=device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
         for group in opt.param_groups:
             group["lr"] = config["lr"] * (1 - step / total)
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
             reconstruction, kl = model(x, noise)
         loss, parts = vae_loss(x, reconstruction, kl, config["kl_weight"], config["ssim_weight"])
+        nonfinite += (~torch.isfinite(loss.detach())).float()
         opt.zero_grad(set_to_none=True)
-        finite = torch.isfinite(loss.detach()).float()
-        if dist_util.is_distributed():
-            # All ranks must agree to step (or skip), or DDP's all-reduce would hang.
-            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if finite.item() > 0:
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), config["grad_clip"] or float("inf"))
-            opt.step()
-            ema.update(vae, step)
-            logger.logkv_mean("grad_norm", grad_norm)
-        else:
-            skipped += 1
-            logger.warn(f"step {step}: non-finite loss, update skipped")
-            if skipped > 5:
-                raise UserError(f"VAE training diverged (non-finite loss {skipped} times): lower lr")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), config["grad_clip"] or float("inf"))
+        opt.step()
+        ema.update(vae, step)
+        logger.logkv_mean("grad_norm", grad_norm)
         step += 1
         steps_done += 1
         for key, value in parts.items():
             logger.logkv_mean(key, value.detach())
         bar.update(1)
         if step % config["log_interval"] == 0 or step == total:
+            check_finite()
             logger.logkv("step", step)
             logger.logkv("lr", config["lr"] * (1 - (step - 1) / total))
             logger.logkv("images_per_sec", steps_done * config["batch_size"] * world / (time.time() - started))
@@ -636,35 +657,25 @@ def _train(config, checkpoint_dir, rank, world, device):
             if row and "loss" in row:
                 bar.set_postfix(loss=f"{row['loss']:.4f}")
         if step % config["save_interval"] == 0 or step == total:
+            check_finite()  # never save a poisoned state
             save_state()
-            if step < total and rank == 0 and heldout_paths:
-                quick, _ = evaluate(ema.copy_to(vae).eval(), _heldout(heldout_paths, config, channels), device)
+            if step < total and heldout is not None:
+                quick, _ = evaluate(ema.copy_to(vae).eval(), heldout, device)
                 logger.log(f"step {step}: held-out PSNR {quick['psnr']:.2f} dB, SSIM {quick['ssim']:.4f} (EMA)")
     bar.close()
-    return _finish(config, vae, ema, images, heldout_paths, channels, step, rank, device)
+    return _finish(config, vae, ema, images, heldout, step, rank, device)
 
 
-_HELDOUT_CACHE = {}
-
-
-def _heldout(paths, config, channels):
-    key = (tuple(paths), config["image_size"], channels)
-    if key not in _HELDOUT_CACHE:
-        _HELDOUT_CACHE.clear()
-        _HELDOUT_CACHE[key] = load_images(paths[: config["max_eval_images"]], config["image_size"], channels)
-    return _HELDOUT_CACHE[key]
-
-
-def _finish(config, vae, ema, train_images, heldout_paths, channels, step, rank, device):
+def _finish(config, vae, ema, train_images, heldout, step, rank, device):
     """Rank 0: EMA weights -> held-out metrics, latent scale, grid, export."""
     metrics = None
     if rank == 0:
         final = ema.copy_to(vae).eval().requires_grad_(False)
-        if heldout_paths:
-            eval_images, split = _heldout(heldout_paths, config, channels), "heldout"
+        if heldout is not None:
+            eval_images, split = heldout, "heldout"
         else:
             eval_images, split = train_images[: config["max_eval_images"]], "train"
-            logger.warn("holdout_fraction is 0: the reported PSNR/SSIM are on training images")
+            logger.warn("no held-out images (holdout_fraction 0): the reported PSNR/SSIM are on training images")
         quality, recon = evaluate(final, eval_images, device)
         stats = measure_latent_stats(final, train_images[: config["scale_images"]], device)
         stats["step"] = step
@@ -672,7 +683,7 @@ def _finish(config, vae, ema, train_images, heldout_paths, channels, step, rank,
         grid = comparison_grid(to_model_range(eval_images[:shown], torch.device("cpu")), recon[:shown])
         metrics = dict(quality, split=split, step=step, weights=f"ema_{config['ema_rate']}",
                        latent_scale=stats["latent_scale"])
-        final = final.to("cpu").to(memory_format=torch.contiguous_format)
+        final = final.to("cpu")
         stats, metrics = export_vae(final, config["output_dir"], stats=stats, metrics=metrics, grid=grid)
         logger.logkvs({f"eval_{k}": v for k, v in quality.items()})
         logger.logkv("latent_scale", stats["latent_scale"])

@@ -117,7 +117,11 @@ class VAEInterface:
     :param path: directory written by ``AutoencoderKL.save_pretrained``.
     :param device: where the VAE runs (default: ``dist_util.dev()``).
     :param dtype: ``"float32"`` or ``"bfloat16"`` (compute under autocast;
-        weights stay float32, results are returned as float32).
+        weights stay float32, results are returned as float32). On an H100
+        bf16 was ~12% faster than float32 for encode+decode, with latents
+        differing by up to ~0.04 (unit-std scale); float32 is the default.
+        For speed on CUDA also set ``torch.backends.cudnn.benchmark = True``
+        (the scripts do; a library class does not change global state).
     :param max_batch: images (or latents) per forward pass, to bound memory.
     :param input_range: the VAE's own pixel range, ``"-1,1"`` or ``"0,1"``.
     :param sample_posterior: encode to a posterior sample (True) or its mean.
@@ -173,6 +177,11 @@ class VAEInterface:
                     f"{LATENT_STATS_FILE} in {path!r} belongs to another VAE "
                     f"(fingerprint {stats.get('fingerprint')} vs {self.fingerprint}); re-measure the scale"
                 )
+            if stats.get("input_range", self.input_range) != self.input_range:
+                raise UserError(
+                    f"{LATENT_STATS_FILE} in {path!r} was measured with input_range {stats['input_range']}, "
+                    f"not {self.input_range}; re-measure the scale"
+                )
             self.set_latent_scale(stats["latent_scale"])
         elif latent_scale is not None:
             self.set_latent_scale(latent_scale)
@@ -185,11 +194,10 @@ class VAEInterface:
             model = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
         except (OSError, ValueError, EnvironmentError) as err:
             raise UserError(f"could not load the VAE in {path!r}: {err}") from err
-        model = model.to(self.device).eval().requires_grad_(False)
-        if self.device.type == "cuda":
-            # Convolutions are faster in NHWC on tensor cores.
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
+        # Kept in NCHW: measured on an H100 (base VAE, 64px, batch 256), NHWC
+        # (channels_last) made encode+decode 25-40% slower, because the many
+        # GroupNorms of these VAEs are slow in that layout.
+        self.model = model.to(self.device).eval().requires_grad_(False)
 
     # ---- shapes and checks ---------------------------------------------------
 
@@ -243,10 +251,7 @@ class VAEInterface:
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     def _to_model(self, x):
-        x = x.to(self.device, torch.float32, non_blocking=True)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return x.to(self.device, torch.float32, non_blocking=True).contiguous()
 
     # ---- encode / decode -----------------------------------------------------
 
@@ -265,7 +270,7 @@ class VAEInterface:
             # All noise is drawn up front on the CPU, so the result does not
             # depend on max_batch or on the device.
             shape = (images.shape[0],) + self.latent_shape(tuple(images.shape[2:]))
-            noise = torch.randn(shape, generator=generator or self.generator)
+            noise = torch.randn(shape, generator=generator if generator is not None else self.generator)
         out = []
         with torch.inference_mode(), self._autocast():
             for start in range(0, images.shape[0], self.max_batch):

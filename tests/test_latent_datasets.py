@@ -28,7 +28,7 @@ def setup(tmp_path_factory):
 
 def _build(setup, out, **kw):
     args = dict(data_dir=setup["images"], vae_path=setup["vae"], output_dir=str(out), image_size=16,
-                batch_size=3, chunk_size=4, num_workers=0, progress=False)
+                batch_size=3, chunk_size=4, num_workers=0, progress=False, device="cpu")
     args.update(kw)
     return ld.build_latent_cache(**args)
 

@@ -148,3 +148,19 @@ def test_ssim_psnr_and_helpers(tmp_path):
         tmp_path / "c.png")
     assert vt.detect_channels([str(tmp_path / "g.png")]) == 1
     assert vt.detect_channels([str(tmp_path / "g.png"), str(tmp_path / "c.png")]) == 3
+
+
+def test_divergence_stops_without_saving_a_poisoned_state(images, tmp_path, monkeypatch):
+    real = vt.vae_loss
+    calls = []
+
+    def nan_on_second_step(*args):
+        loss, parts = real(*args)
+        calls.append(1)
+        return (loss * float("nan"), parts) if len(calls) == 2 else (loss, parts)
+
+    monkeypatch.setattr(vt, "vae_loss", nan_on_second_step)
+    out = tmp_path / "vae"
+    with pytest.raises(UserError, match="diverged: non-finite loss by step 2 .*resumes from the start"):
+        vt.train_vae(_config(images, out, holdout_fraction=0.0))
+    assert not os.path.exists(str(out) + "_train/vae_state_000002.pt") and not out.exists()
