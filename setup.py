@@ -29,6 +29,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "tensorboard>=2.12",
+        "matplotlib>=3.6",
     ],
     extras_require={"test": ["pytest>=7"]},
 )

@@ -6,8 +6,8 @@ Generates (or reuses) a micro-Doppler image folder with
 ``--train_per_user`` (training) and the rest (held out; same people, other
 random walks), trains a small CNN on the 64x64 grayscale PNGs on the CPU and
 prints the held-out accuracy, the per-person accuracy and the run's settings.
-Also writes ``--montage`` (a PNG of a few people's signatures side by side) when
-asked.
+With ``--montage PATH`` it also renders a few people's signatures side by side
+(128x128, default settings) into a PNG.
 
     python datasets/separability.py --num_users 31 --train_per_user 96 --test_per_user 32
 
@@ -129,19 +129,32 @@ def evaluate(model, x, y):
     return float((pred == y).float().mean()), pred.numpy()
 
 
-def make_montage(root: Path, names, path: Path, users=6, per_user=3):
-    """Grid: one row per person (first ``users``), ``per_user`` samples each, 2 px gaps."""
-    from PIL import Image
+def make_montage(md, path: Path, *, users=6, per_user=4, image_size=128, colormap="gray", seed=0):
+    """Render the first ``users`` people's samples 0..per_user-1 (the data set's own walks,
+    default settings, at ``image_size``) as a labelled grid PNG; one row per person."""
+    from PIL import Image, ImageDraw
 
-    rows = []
-    for name in names[:users]:
-        files = sorted((root / name).glob("*.png"))[:per_user]
-        tiles = [np.pad(np.asarray(Image.open(f).convert("RGB")), ((2, 2), (2, 2), (0, 0)), constant_values=255)
-                 for f in files]
-        rows.append(np.concatenate(tiles, axis=1))
-    grid = np.concatenate(rows, axis=0)
+    people = md.make_people(users, seed)
+    radar = md.Radar()
+    settings = md.SpectrogramSettings(image_size=image_size, colormap=colormap)
+    gap, label_w = 4, 56
+    width = label_w + per_user * (image_size + gap)
+    mode = "L" if colormap == "gray" else "RGB"
+    canvas = Image.new(mode, (width, users * (image_size + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for u, person in enumerate(people):
+        y = gap + u * (image_size + gap)
+        draw.text((4, y + image_size // 2 - 12), person.name, fill="black")
+        draw.text((4, y + image_size // 2), f"{person.speed_mps:.2f} m/s", fill="black")
+        for j in range(per_user):
+            rng = md.sample_rng(seed, u, j)
+            walk = md.draw_walk(person, rng)
+            tile = Image.fromarray(md.render_sample(person, walk, radar, settings, 3.0, rng)).convert(mode)
+            canvas.paste(tile, (label_w + j * (image_size + gap), y))
+    if mode == "RGB":  # jet has 256 colours: a palette image holds it exactly and is 3x smaller
+        canvas = canvas.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path, optimize=True)
+    canvas.save(path, optimize=True)
     return path
 
 
@@ -155,7 +168,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=1, help="simulator processes")
-    p.add_argument("--montage", default=None, help="also write a montage PNG here (e.g. datasets/docs/people.png)")
+    p.add_argument("--montage", default=None, help="also write a montage PNG of 6 people x 4 samples at 128x128 here "
+                                                   "(e.g. datasets/docs/people.png)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
     p.add_argument("sim_args", nargs="*", help="extra microdoppler.py options after --, e.g. -- --snr_db 5 20")
     args = p.parse_args(argv)
@@ -180,7 +194,7 @@ def main(argv=None):
     x_tr, y_tr, x_te, y_te, names = load_folder(root, args.train_per_user)
     print(f"train {len(x_tr)}, held out {len(x_te)}, {len(names)} people, {x_tr.shape[-1]}x{x_tr.shape[-1]}", flush=True)
     if args.montage:
-        make_montage(root, names, Path(args.montage))
+        make_montage(md, Path(args.montage), seed=args.seed)
     t1 = time.perf_counter()
     acc, pred = train_and_test(x_tr, y_tr, x_te, y_te, len(names), epochs=args.epochs, seed=args.seed,
                                threads=args.threads, log=lambda m: print(m, flush=True))

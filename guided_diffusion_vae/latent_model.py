@@ -82,6 +82,19 @@ def create_latent_model_and_diffusion(*, vae_description, image_size, **flags):
     return script_util.create_model_and_diffusion(**flags)
 
 
+def create_latent_classifier(*, vae_description, image_size, num_classes, **classifier_flags):
+    """``create_classifier`` for noisy latents: built for ``image_size / factor``
+    with the VAE's latent channels; ``classifier_attention_resolutions`` are
+    read at the latent resolution."""
+    factor = int(vae_description["downsample_factor"])
+    if image_size % factor:
+        raise UserError(f"image size {image_size} is not divisible by the VAE's downsampling factor {factor}")
+    return script_util.create_classifier(
+        image_size=image_size // factor, in_channels=int(vae_description["latent_channels"]),
+        num_classes=num_classes, **classifier_flags,
+    )
+
+
 def _checked_in_channels(config, latent_channels):
     default = script_util.model_and_diffusion_defaults()["in_channels"]
     if config["in_channels"] not in (default, latent_channels):

@@ -334,14 +334,12 @@ def vae_loss(x, reconstruction, kl, kl_weight, ssim_weight):
 
 
 @torch.no_grad()
-def reconstruct(vae, images, device, batch_size=64, autocast=None):
-    """Posterior-mean reconstructions of float images in [-1, 1] (clamped), on CPU."""
+def reconstruct(vae, images, device, batch_size=64):
+    """Posterior-mean reconstructions (float32) of images in [-1, 1], clamped, on CPU."""
     out = []
     for start in range(0, images.shape[0], batch_size):
         x = images[start:start + batch_size].to(device)
-        with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            z = vae.encode(x).latent_dist.mean
-            out.append(vae.decode(z).sample.float().clamp(-1, 1).cpu())
+        out.append(vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1).cpu())
     return torch.cat(out)
 
 

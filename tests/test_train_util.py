@@ -178,3 +178,31 @@ def test_device_means_average_without_host_values():
     assert out["loss"] == pytest.approx(3.0)
     assert out["mse_q0"] == pytest.approx(1.5) and out["mse_q3"] == pytest.approx(4.0)
     assert "mse_q1" not in out and means.pop() == {}
+
+
+def test_original_fp16_scheme_trains_and_saves_float32_weights(tmp_path, tiny_model_flags):
+    logger.configure(dir=str(tmp_path), format_strs="log")
+    loop = _loop(tiny_model_flags, tmp_path, 3, use_fp16=True)
+    before = [p.detach().float().clone() for p in loop.model.parameters()]
+    assert loop.model.dtype == torch.float16 and loop.mp_trainer.lg_loss_scale == 20.0
+    path = loop.run_loop()
+    state, meta = ckpt.load_weights(path)
+    assert {v.dtype for v in state.values()} == {torch.float32} and meta["step"] == 3
+    moved = [not torch.equal(a, b.float()) for a, b in zip(before, loop.model.parameters())]
+    assert any(moved)
+
+
+def test_loss_aware_sampler_learns_from_the_loop_and_resumes(tmp_path, tiny_model_flags):
+    from guided_diffusion_vae.resample import create_named_schedule_sampler
+
+    logger.configure(dir=str(tmp_path), format_strs="log")
+    flags = dict(tiny_model_flags, diffusion_steps=25)
+    loop = _loop(flags, tmp_path, 4)
+    sampler = create_named_schedule_sampler("loss-second-moment", loop.diffusion)
+    loop.schedule_sampler, loop._loss_aware = sampler, True
+    path = loop.run_loop()
+    state = ckpt.load_training_state(ckpt.state_path(str(tmp_path), 4))
+    assert "schedule_sampler" in state  # its history survives a restart
+    assert path.endswith("model000004.safetensors")
+    # 4 steps x 4 images recorded losses for the timesteps drawn
+    assert 0 < int((sampler._loss_counts > 0).sum()) <= 16
