@@ -139,13 +139,14 @@ def _sample(run_dir, preset, seed):
     run_sampling(config)
 
 
-def run_quickstart(config):
-    """Run (or resume) every stage up to ``config["until"]``; returns the report path."""
-    if config["preset"] not in PRESETS:
+def run_quickstart(config, preset=None):
+    """Run (or resume) every stage up to ``config["until"]``; returns the report
+    path. ``preset`` (a dict shaped like ``PRESETS["tiny"]``) replaces the named one."""
+    if preset is None and config["preset"] not in PRESETS:
         raise UserError(f"preset {config['preset']!r} must be one of {', '.join(PRESETS)}")
     if config["until"] not in STAGES:
         raise UserError(f"until {config['until']!r} must be one of {', '.join(STAGES)}")
-    preset = PRESETS[config["preset"]]
+    preset = preset or PRESETS[config["preset"]]
     run_dir = os.path.abspath(config["run_dir"])
     os.makedirs(run_dir, exist_ok=True)
     logger.configure(dir=os.path.join(run_dir, "logs"), format_strs="stdout,log")

@@ -640,7 +640,7 @@ def _train(config, checkpoint_dir, rank, world, device):
         grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), config["grad_clip"] or float("inf"))
         opt.step()
         ema.update(vae, step)
-        logger.logkv_mean("grad_norm", grad_norm)
+        logger.logkv_mean("grad_norm", grad_norm.detach())
         step += 1
         steps_done += 1
         for key, value in parts.items():
