@@ -17,6 +17,7 @@ from . import logger, script_util
 from .errors import UserError
 from .sample_io import save_samples
 from .sampling import DenoisedClipper, generate_samples
+from .training import split_flags
 
 
 def sample_defaults():
@@ -114,14 +115,9 @@ def load_sampling_model(config, device):
     if meta is None:
         logger.log(f"{path} is a bare state dict: building the model from the flags")
         flags = {k: config[k] for k in script_util.model_and_diffusion_defaults()}
-        model = script_util.create_model(**{k: flags[k] for k in _create_model_keys()})
-        diffusion_config = {
-            "steps": flags["diffusion_steps"], "learn_sigma": flags["learn_sigma"],
-            "noise_schedule": flags["noise_schedule"], "use_kl": flags["use_kl"],
-            "predict_xstart": flags["predict_xstart"], "rescale_timesteps": flags["rescale_timesteps"],
-            "rescale_learned_sigmas": flags["rescale_learned_sigmas"], "timestep_respacing": "",
-        }
-        model_config = {k: flags[k] for k in _create_model_keys()}
+        model_config, diffusion_config = split_flags(flags)
+        diffusion_config["timestep_respacing"] = ""
+        model = script_util.create_model(**model_config)
         meta = {"model": model_config, "diffusion": diffusion_config, "data": {}, "vae": None}
         ckpt.load_state_strict(model, state, path)
     else:
@@ -132,12 +128,6 @@ def load_sampling_model(config, device):
     if config.get("use_fp16"):
         model.convert_to_fp16()
     return model.to(device).eval(), diffusion_config, meta
-
-
-def _create_model_keys():
-    import inspect
-
-    return list(inspect.signature(script_util.create_model).parameters)
 
 
 def load_decoder(meta, config, device):

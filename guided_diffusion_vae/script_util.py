@@ -91,24 +91,24 @@ def _pick(flags, fn):
     return {key: value for key, value in flags.items() if key in names}
 
 
+def diffusion_kwargs(flags):
+    """``create_gaussian_diffusion`` keyword arguments from a flag dict (the
+    flags call the step count ``diffusion_steps``)."""
+    kwargs = {"steps": flags["diffusion_steps"]}
+    for key in diffusion_defaults():
+        if key != "diffusion_steps":
+            kwargs[key] = flags[key]
+    if "sigma_small" in flags:
+        kwargs["sigma_small"] = flags["sigma_small"]
+    return kwargs
+
+
 def _split_model_and_diffusion(flags, model_fn):
     model_flags = _pick(flags, model_fn)
-    diffusion_flags = {
-        "steps": flags["diffusion_steps"],
-        "learn_sigma": flags["learn_sigma"],
-        "noise_schedule": flags["noise_schedule"],
-        "use_kl": flags["use_kl"],
-        "predict_xstart": flags["predict_xstart"],
-        "rescale_timesteps": flags["rescale_timesteps"],
-        "rescale_learned_sigmas": flags["rescale_learned_sigmas"],
-        "timestep_respacing": flags["timestep_respacing"],
-    }
     unknown = set(flags) - set(model_flags) - set(diffusion_defaults()) - {"sigma_small"}
     if unknown:
         raise TypeError(f"unexpected model/diffusion flags: {sorted(unknown)}")
-    if "sigma_small" in flags:
-        diffusion_flags["sigma_small"] = flags["sigma_small"]
-    return model_flags, diffusion_flags
+    return model_flags, diffusion_kwargs(flags)
 
 
 def create_model_and_diffusion(**flags):

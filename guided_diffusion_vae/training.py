@@ -102,17 +102,7 @@ def split_flags(flags):
     the two dicts every checkpoint stores."""
     model_keys = inspect.signature(script_util.create_model).parameters
     model = {k: v for k, v in flags.items() if k in model_keys}
-    diffusion = {
-        "steps": flags["diffusion_steps"],
-        "learn_sigma": flags["learn_sigma"],
-        "noise_schedule": flags["noise_schedule"],
-        "use_kl": flags["use_kl"],
-        "predict_xstart": flags["predict_xstart"],
-        "rescale_timesteps": flags["rescale_timesteps"],
-        "rescale_learned_sigmas": flags["rescale_learned_sigmas"],
-        "timestep_respacing": flags["timestep_respacing"],
-    }
-    return model, diffusion
+    return model, script_util.diffusion_kwargs(flags)
 
 
 def preview_sampler(*, diffusion_config, data, num_samples, precision):

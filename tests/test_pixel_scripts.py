@@ -104,3 +104,28 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, image_folder, launch
         err_lines = result.stderr.strip().splitlines()
         assert err_lines[-1].startswith("error: ") and expected in err_lines[-1], result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+
+
+def test_original_bare_pt_checkpoint_samples_given_the_flags(tmp_path, launch_env):
+    import torch
+
+    from guided_diffusion_vae import script_util
+
+    flags = script_util.model_and_diffusion_defaults()
+    flags.update(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",
+                 diffusion_steps=50)
+    model, _ = script_util.create_model_and_diffusion(**flags)
+    torch.save(model.state_dict(), tmp_path / "model000100.pt")
+    out_dir = tmp_path / "out"
+    model_flags = TINY[:-2]  # without --num_workers, a training flag
+    cmd = [sys.executable, SAMPLE, "--model_path", str(tmp_path / "model000100.pt"), "--use_ema", "False",
+           "--output_dir", str(out_dir), "--num_samples", "3", "--timestep_respacing", "5", *model_flags]
+    result = subprocess.run(cmd, env=launch_env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bare state dict" in result.stdout
+    assert sorted(os.listdir(out_dir / "samples")) == ["generated_000.png", "generated_001.png", "generated_002.png"]
+    # Wrong flags: strict loading names the mismatch instead of sampling noise.
+    cmd = [*cmd[:-len(model_flags)], *[f if f != "32" else "64" for f in model_flags]]
+    result = subprocess.run(cmd, env=launch_env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2 and "does not fit the model" in result.stderr
+    assert "num_channels differs" in result.stderr
