@@ -20,7 +20,7 @@ class ShardedBatchSampler:
         seed: seed of the permutations.
     """
 
-    def __init__(self, num_items, batch_size, *, shard=0, num_shards=1, shuffle=True, seed=0):
+    def __init__(self, num_items, batch_size, *, shard=0, num_shards=1, shuffle=True, seed=0, device=None):
         per_rank = num_items // num_shards
         if per_rank < batch_size:
             raise ValueError(
@@ -30,6 +30,10 @@ class ShardedBatchSampler:
         self.num_items, self.batch_size = num_items, batch_size
         self.shard, self.num_shards = shard, num_shards
         self.shuffle, self.seed = shuffle, seed
+        # With a device, indices come back as tensors on it: the epoch's order
+        # is copied once per epoch, not once per batch (a copy from pageable
+        # host memory would stall the GPU queue every step).
+        self.device = device
         self.batches_per_epoch = per_rank // batch_size
         self.start = 0
         self._cached_epoch, self._cached_order = None, None
@@ -41,14 +45,18 @@ class ShardedBatchSampler:
                 order = torch.randperm(self.num_items, generator=gen)
             else:
                 order = torch.arange(self.num_items)
-            self._cached_epoch, self._cached_order = epoch, order[self.shard :: self.num_shards]
+            order = order[self.shard :: self.num_shards]
+            if self.device is not None:
+                order = order.to(self.device)
+            self._cached_epoch, self._cached_order = epoch, order
         return self._cached_order
 
     def batch_indices(self, k):
-        """Indices (a list of ints) of batch number ``k`` on this rank."""
+        """Indices of batch number ``k`` on this rank: a list of ints, or a
+        tensor on ``device`` when one was given."""
         epoch, j = divmod(k, self.batches_per_epoch)
-        order = self._rank_order(epoch)
-        return order[j * self.batch_size : (j + 1) * self.batch_size].tolist()
+        batch = self._rank_order(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
+        return batch if self.device is not None else batch.tolist()
 
     def __iter__(self):
         k = self.start

@@ -535,8 +535,13 @@ class LatentCache:
         return latents, cond
 
 
+# Caches up to this size are copied whole to the GPU: batches are then
+# gathered there, with no host work and no host-to-device copy per step.
+DEVICE_CACHE_BYTES = 8 << 30
+
+
 def load_latent_data(*, cache_dir, batch_size, shard=None, num_shards=None, deterministic=False,
-                     seed=0, class_cond=True):
+                     seed=0, class_cond=True, device=None):
     """Endless ``(latents float32 (B, C, h, w) unit-std, {"y": int64 (B,)})`` batches.
 
     Each rank (``shard`` of ``num_shards``; default: this rank of the job)
@@ -548,15 +553,28 @@ def load_latent_data(*, cache_dir, batch_size, shard=None, num_shards=None, dete
     cache = LatentCache(cache_dir)
     shard = dist_util.rank() if shard is None else shard
     num_shards = dist_util.world_size() if num_shards is None else num_shards
+    device = torch.device(device) if device is not None else None
+    on_device = device is not None and device.type == "cuda" and cache.latents.nbytes <= DEVICE_CACHE_BYTES
     try:
         sampler = ShardedBatchSampler(len(cache), int(batch_size), shard=shard, num_shards=num_shards,
-                                      shuffle=not deterministic, seed=seed)
+                                      shuffle=not deterministic, seed=seed, device=device if on_device else None)
     except ValueError as err:
         raise UserError(f"latent cache {cache_dir!r}: {err}") from None
 
-    def batches(index_sampler):
-        for indices in index_sampler:
-            yield cache.get_batch(indices, class_cond=class_cond)
+    if on_device:
+        all_latents = torch.from_numpy(np.ascontiguousarray(cache.latents, dtype=np.float32)).to(device)
+        all_latents.mul_(cache.latent_scale)
+        all_labels = torch.from_numpy(np.asarray(cache.labels, dtype=np.int64)).to(device)
+
+        def batches(index_sampler):
+            for indices in index_sampler:
+                cond = {"y": all_labels[indices]} if class_cond else {}
+                yield all_latents[indices], cond
+    else:
+
+        def batches(index_sampler):
+            for indices in index_sampler:
+                yield cache.get_batch(indices, class_cond=class_cond)
 
     stream = BatchStream(sampler, batches, label_map=cache.label_map)
     stream.cache = cache

@@ -160,7 +160,7 @@ def _cached_latents(config, device):
 
     stream = load_latent_data(
         cache_dir=config["latent_cache"], batch_size=config["batch_size"], seed=config["seed"],
-        class_cond=config["class_cond"],
+        class_cond=config["class_cond"], device=device,
     )
     cache = stream.cache
     meta = cache.meta

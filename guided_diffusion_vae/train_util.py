@@ -42,6 +42,7 @@ def training_defaults():
         "batch_size": 1,
         "microbatch": -1,
         "ema_rate": "0.9999",
+        "ema_warmup": True,
         "log_interval": 10,
         "save_interval": 10000,
         "resume_checkpoint": "",
@@ -146,6 +147,7 @@ class TrainLoop:
         microbatch=-1,
         lr=1e-4,
         ema_rate="0.9999",
+        ema_warmup=True,
         log_interval=10,
         save_interval=10000,
         resume_checkpoint="",
@@ -170,6 +172,7 @@ class TrainLoop:
         self.microbatch = batch_size if microbatch <= 0 else microbatch
         self.lr, self.weight_decay, self.lr_anneal_steps = lr, weight_decay, lr_anneal_steps
         self.ema_rates = parse_ema_rates(ema_rate)
+        self.ema_warmup = ema_warmup
         self.log_interval, self.save_interval = max(1, log_interval), save_interval
         self.schedule_sampler = UniformSampler(diffusion) if schedule_sampler is None else schedule_sampler
         self._loss_aware = isinstance(self.schedule_sampler, LossAwareSampler)
@@ -446,15 +449,25 @@ class TrainLoop:
         self.metrics.add("skipped_step", bad.float())
         self._nonfinite_run = (self._nonfinite_run + 1) * bad.float()
 
+    def _ema_decay(self, rate):
+        """The decay used at this step. With warm-up it is ``min(rate, (1 +
+        n) / (10 + n))`` after ``n`` updates, so a 0.9999 average is not still
+        mostly the random initialisation after a few thousand steps (the
+        original applies ``rate`` from step 0: ``ema_warmup False``)."""
+        if not self.ema_warmup:
+            return rate
+        return min(rate, (1.0 + self.step) / (10.0 + self.step))
+
     def _update_ema(self, skipped=None):
         """Move every EMA towards the weights; ``skipped`` (a 0-dim bool on
         the device) freezes them for a skipped step without a host branch."""
         source = [p.detach().float() for p in self.params] if self.mp_trainer is not None else self.params
         for rate, ema in zip(self.ema_rates, self.ema_params):
+            decay = self._ema_decay(rate)
             if skipped is None:
-                update_ema(ema, source, rate=rate)
+                update_ema(ema, source, rate=decay)
                 continue
-            weight = (1.0 - rate) * (~skipped).float()
+            weight = (1.0 - decay) * (~skipped).float()
             with torch.no_grad():
                 step = torch._foreach_sub([p.detach() for p in source], ema)
                 torch._foreach_mul_(step, weight)

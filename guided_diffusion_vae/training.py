@@ -184,6 +184,7 @@ def run_training(config, build_data):
         microbatch=config["microbatch"],
         lr=config["lr"],
         ema_rate=config["ema_rate"],
+        ema_warmup=config["ema_warmup"],
         log_interval=config["log_interval"],
         save_interval=config["save_interval"],
         resume_checkpoint=config["resume_checkpoint"],

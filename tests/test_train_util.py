@@ -206,3 +206,19 @@ def test_loss_aware_sampler_learns_from_the_loop_and_resumes(tmp_path, tiny_mode
     assert path.endswith("model000004.safetensors")
     # 4 steps x 4 images recorded losses for the timesteps drawn
     assert 0 < int((sampler._loss_counts > 0).sum()) <= 16
+
+
+def test_ema_warmup_tracks_early_weights_and_can_be_turned_off(tmp_path, tiny_model_flags):
+    logger.configure(dir=str(tmp_path), format_strs="log")
+    loop = _loop(tiny_model_flags, tmp_path, 3)
+    assert loop._ema_decay(0.9999) == pytest.approx(0.1)  # step 0: (1 + 0) / (10 + 0)
+    loop.step = 1000
+    assert loop._ema_decay(0.9999) == pytest.approx(1001 / 1010) and loop._ema_decay(0.9) == 0.9
+    loop.step = 0
+    init = [p.detach().clone() for p in loop.model.parameters()]
+    batch, cond = next(loop.data)
+    loop.run_step(batch, cond)
+    for ema, p, p0 in zip(loop.ema_params[0], loop.model.parameters(), init):
+        torch.testing.assert_close(ema, 0.1 * p0 + 0.9 * p.detach())
+    original = _loop(tiny_model_flags, tmp_path / "o", 3, ema_warmup=False)
+    assert original._ema_decay(0.9) == 0.9
