@@ -8,6 +8,8 @@ the way out. ``image_size`` stays in pixels everywhere a user writes it.
 
 import os
 
+import torch
+
 from . import logger, script_util
 from .errors import UserError
 from .train_util import training_defaults
@@ -33,6 +35,7 @@ def latent_train_defaults():
 
 
 def _vae_dtype(name, device):
+    device = torch.device(device)
     if name == "auto":
         return "bfloat16" if device.type == "cuda" else "float32"
     return name
