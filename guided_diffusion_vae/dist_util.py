@@ -273,6 +273,8 @@ def setup_dist(backend: Optional[str] = None) -> torch.device:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(dev())
+    elif launcher != "single":
+        _share_cpu_threads()
 
     if launcher != "single":
         if dist.is_initialized():
@@ -289,6 +291,20 @@ def setup_dist(backend: Optional[str] = None) -> torch.device:
             _state.owns_group = True
     _state.ready = True
     return dev()
+
+
+def _share_cpu_threads() -> None:
+    """Give each CPU rank its share of the cores. Ranks that each start one
+    OpenMP thread per core oversubscribe the machine, and spinning threads
+    then make small ops many times slower. OMP_NUM_THREADS, if set, wins."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    per_host = _first_int(("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE")) or _state.world
+    torch.set_num_threads(max(1, cores // max(1, per_host)))
 
 
 def cleanup() -> None:

@@ -222,3 +222,15 @@ def test_ema_warmup_tracks_early_weights_and_can_be_turned_off(tmp_path, tiny_mo
         torch.testing.assert_close(ema, 0.1 * p0 + 0.9 * p.detach())
     original = _loop(tiny_model_flags, tmp_path / "o", 3, ema_warmup=False)
     assert original._ema_decay(0.9) == 0.9
+
+
+def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path, tiny_model_flags):
+    logger.configure(dir=str(tmp_path), format_strs="log")
+    fresh = _loop(tiny_model_flags, tmp_path / "empty", 2, resume="auto")
+    assert fresh.step == 0  # nothing to resume: starts at step 0, says so in the log
+    _loop(tiny_model_flags, tmp_path, 2).run_loop()
+    loop = _loop(tiny_model_flags, tmp_path, 4, resume="auto")
+    assert loop.step == 2
+    # A model file without its training state (a crash between the two writes) is not resumable.
+    (tmp_path / "model000009.safetensors").write_bytes((tmp_path / "model000002.safetensors").read_bytes())
+    assert _loop(tiny_model_flags, tmp_path, 4, resume="auto").step == 2
