@@ -37,6 +37,7 @@ import torch
 
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
+from .checkpoint import atomic_write
 from .errors import UserError
 from .vae_wrapper import VAEInterface, check_input_range, scale_from_moments
 
@@ -60,25 +61,13 @@ def _fsync_file(path):
         os.fsync(f.fileno())
 
 
-def _atomic_write(path, write_fn):
-    """``write_fn(tmp)`` then rename onto ``path`` (same folder, fsynced first)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write_fn(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _write_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _read_json(path):
@@ -91,7 +80,7 @@ def _save_npy(path, array):
         with open(tmp, "wb") as f:
             np.save(f, array)
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _chunk_marker(cache_dir, index):
