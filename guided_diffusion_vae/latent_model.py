@@ -112,9 +112,13 @@ def _measure_scale(vae, stream, num_batches):
         for _ in range(num_batches):
             yield next(stream)[0]
 
+    from . import dist_util
+
     scale = vae.measure_latent_scale(images())
+    # Every rank measured its own shard; all must scale by the same factor.
+    scale = dist_util.broadcast_object(scale)
     stream.load_state_dict({"consumed": 0, "seed": stream.sampler.seed})  # measuring read no training batch
-    logger.log(f"measured latent scale 1/std = {scale:.6g} over {num_batches} batches")
+    logger.log(f"measured latent scale 1/std = {scale:.6g} over {num_batches} batches of rank 0")
     return scale
 
 

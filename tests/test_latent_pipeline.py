@@ -128,3 +128,14 @@ def test_on_the_fly_needs_a_scale_and_refuses_mismatched_cache(chain):
     with pytest.raises(UserError, match="not divisible by the VAE's downsampling factor 4"):
         latent_training_data({**base, "image_size": 18, "data_dir": str(chain / "images"),
                               "vae_path": str(chain / "vae")})
+
+
+def test_on_the_fly_training_with_a_measured_scale_under_mpiexec(chain, tmp_path, mpiexec, launch_env):
+    run = tmp_path / "run"
+    out = _run([*mpiexec, "-n", "2", sys.executable, f"{SCRIPTS}/image_train_vae.py", "--data_dir",
+                str(chain / "images"), "--vae_path", str(chain / "vae"), "--latent_scale", "measured",
+                "--measure_scale_batches", "2", *TINY_DIFFUSION, "--class_cond", "True", "--batch_size", "4",
+                "--lr_anneal_steps", "2", "--log_interval", "1", "--log_dir", str(run)], launch_env)
+    assert "measured latent scale" in out and "weights identical on all 2 ranks" in out
+    meta = ckpt.read_metadata(str(run / "model000002.safetensors"))
+    assert meta["data"]["source"] == "images" and meta["vae"]["latent_scale"] > 0
