@@ -40,6 +40,8 @@ def sample_defaults():
         "device": "auto",
         "precision": "fp32",
         "vae_path": "",
+        "classifier_path": "",
+        "classifier_scale": 1.0,
     }
 
 
@@ -143,6 +145,41 @@ def load_decoder(meta, config, device):
     return vae.decode_batch
 
 
+def load_guidance(config, meta, device):
+    """``cond_fn`` of the noisy classifier in ``classifier_path`` (None
+    without one), after checking it was trained for this model's inputs."""
+    if not config["classifier_path"]:
+        return None, None
+    from .classifier_training import classifier_cond_fn, load_classifier
+
+    path = config["classifier_path"]
+    classifier, cmeta = load_classifier(path, device)
+    checks = [
+        ("input channels", cmeta["classifier"]["in_channels"], meta["model"].get("in_channels", 3)),
+        ("input size", cmeta["classifier"]["image_size"], meta["model"]["image_size"]),
+        ("noise_schedule", cmeta["diffusion"]["noise_schedule"], meta["diffusion"]["noise_schedule"]),
+        ("diffusion steps", cmeta["diffusion"]["steps"], meta["diffusion"]["steps"]),
+    ]
+    model_labels = (meta.get("data") or {}).get("label_map")
+    classifier_labels = (cmeta.get("data") or {}).get("label_map")
+    if model_labels and classifier_labels:
+        checks.append(("label map", classifier_labels, model_labels))
+    for what, theirs, ours in checks:
+        if theirs != ours:
+            raise UserError(f"classifier {path} does not fit the model: {what} {theirs!r} there, {ours!r} here")
+    logger.log(f"classifier guidance from {path}, scale {config['classifier_scale']}")
+    return classifier_cond_fn(classifier, config["classifier_scale"]), classifier_labels
+
+
+def _drop_labels(model):
+    """An unconditional model called with the classifier's labels ignores them."""
+
+    def call(x, t, y=None, **kwargs):
+        return model(x, t, **kwargs)
+
+    return call
+
+
 def run_sampling(config):
     """Draw samples as configured and write them; returns the paths written."""
     if not config["model_path"]:
@@ -156,6 +193,12 @@ def run_sampling(config):
     diffusion = script_util.create_gaussian_diffusion(**diffusion_config)
     label_map = (meta.get("data") or {}).get("label_map")
     class_cond = bool(meta["model"].get("class_cond"))
+    cond_fn, classifier_labels = load_guidance(config, meta, device)
+    if cond_fn is not None and not class_cond:
+        # Guidance alone makes an unconditional model class-specific.
+        label_map = classifier_labels
+        class_cond = True
+        model = _drop_labels(model)
     if class_cond:
         if not label_map:
             label_map = {str(i): f"class_{i:03d}" for i in range(int(meta["model"]["num_classes"]))}
@@ -176,7 +219,7 @@ def run_sampling(config):
     images, labels_out, clipped = generate_samples(
         model=model, diffusion=diffusion, sample_shape=(channels, size, size),
         num_samples=num_samples, batch_size=config["batch_size"], labels=labels,
-        use_ddim=config["use_ddim"], eta=config["eta"], clipper=clipper, decode_fn=decode_fn,
+        use_ddim=config["use_ddim"], eta=config["eta"], clipper=clipper, decode_fn=decode_fn, cond_fn=cond_fn,
         seed=config["seed"], device=device, precision=config["precision"],
     )
     if clip_mode != "none":

@@ -1,0 +1,221 @@
+"""A classifier of noisy latents, for classifier guidance per person.
+
+The classifier sees latents from a latent cache, noised by the same forward
+process as the diffusion model it will guide (so the noise schedule flags must
+match that model's), and learns to name the person at every timestep. At
+sampling time :func:`classifier_cond_fn` turns it into the gradient of
+``log p(y | x_t)`` that ``sampling.generate_samples(cond_fn=...)`` and the
+diffusion's sample loops add to the model's mean (or score).
+
+Checkpoints are self-describing safetensors files: ``load_classifier`` rebuilds
+the network from the stored ``create_classifier`` arguments alone.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from . import dist_util, logger, script_util
+from .errors import UserError
+from .resample import UniformSampler
+from .train_util import DeviceMeans, resolve_precision
+
+CHECKPOINT_KIND = "classifier"
+
+
+def classifier_train_defaults():
+    """Flags of ``scripts/classifier_train.py``. ``image_size`` is in pixels;
+    the network is built for the VAE's latent size."""
+    return {
+        **script_util.classifier_defaults(),
+        **script_util.diffusion_defaults(),
+        "latent_cache": "",
+        "lr": 3e-4,
+        "weight_decay": 0.05,
+        "batch_size": 64,
+        "iterations": 2000,
+        "noised": True,
+        "log_interval": 50,
+        "save_interval": 1000,
+        "log_dir": "",
+        "seed": 0,
+        "precision": "auto",
+    }
+
+
+def _classifier_flag_names():
+    return [key for key in script_util.classifier_defaults() if key != "image_size"]
+
+
+def classifier_path(folder, step):
+    return os.path.join(folder, f"classifier{step:06d}.safetensors")
+
+
+def _label_map(stream):
+    label_map = stream.label_map or stream.cache.label_map
+    if not label_map:
+        raise UserError(f"latent cache {stream.cache.cache_dir!r} has no label map: a classifier needs classes")
+    return {str(int(k)): str(v) for k, v in label_map.items()}
+
+
+def _save(folder, step, model, metadata):
+    path = classifier_path(folder, step)
+    ckpt.save_weights(path, model.state_dict(), {**metadata, "step": step})
+    logger.log(f"saved {path}")
+    return path
+
+
+def train_classifier(config):
+    """Train a noisy-latent classifier on ``config["latent_cache"]``; returns
+    the path of the last checkpoint (on every rank)."""
+    from .latent_datasets import load_latent_data
+
+    if not config.get("latent_cache"):
+        raise UserError("latent_cache is required: a folder written by scripts/encode_latents.py")
+    dist_util.setup_dist()
+    logger.configure(dir=config.get("log_dir") or None, format_strs="stdout,log,csv")
+    torch.manual_seed(int(config["seed"]))
+    device = dist_util.dev()
+
+    stream = load_latent_data(
+        cache_dir=config["latent_cache"], batch_size=config["batch_size"], seed=config["seed"],
+        class_cond=True, device=device,
+    )
+    cache = stream.cache
+    label_map = _label_map(stream)
+    pixel_size = int(config["image_size"])
+    cached_size = cache.meta.get("image_size")
+    if cached_size is not None and int(cached_size) != pixel_size:
+        raise UserError(
+            f"{config['latent_cache']}: image_size is {cached_size} in the cache but {pixel_size} in the configuration"
+        )
+    vae_meta = {**cache.vae_description, "latent_scale": cache.latent_scale}
+    flags = {key: config[key] for key in _classifier_flag_names()}
+    model = _build(vae_meta, pixel_size, len(label_map), flags)
+    factor = int(vae_meta["downsample_factor"])
+    classifier_kwargs = {
+        "image_size": pixel_size // factor, "in_channels": int(vae_meta["latent_channels"]),
+        "num_classes": len(label_map), **flags,
+    }
+    if tuple(cache.shape) != (classifier_kwargs["in_channels"], classifier_kwargs["image_size"],
+                              classifier_kwargs["image_size"]):
+        raise UserError(f"{config['latent_cache']}: latents of shape {cache.shape} do not fit {classifier_kwargs}")
+    if config["timestep_respacing"]:
+        raise UserError(
+            "timestep_respacing must be empty for classifier training: the classifier learns every "
+            "original timestep (respaced samplers pass original timesteps to it)"
+        )
+    diffusion_kwargs = script_util.diffusion_kwargs(config)
+    diffusion = script_util.create_gaussian_diffusion(**diffusion_kwargs)
+    sampler = UniformSampler(diffusion)
+    model.to(device)
+    if classifier_kwargs["classifier_use_fp16"]:
+        model.convert_to_fp16()
+
+    net = model
+    if dist_util.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # DDP copies rank 0's weights to the others when it wraps the model.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    precision = resolve_precision(config["precision"], device)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    metadata = {
+        "kind": CHECKPOINT_KIND,
+        "classifier": classifier_kwargs,
+        "diffusion": diffusion_kwargs,
+        "data": {"label_map": label_map, "image_size": pixel_size,
+                 "latent_cache": os.path.abspath(config["latent_cache"])},
+        "vae": vae_meta,
+        "train": {k: config[k] for k in ("lr", "weight_decay", "batch_size", "iterations", "noised", "seed")},
+    }
+    logger.log(
+        f"classifier: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, input "
+        f"{tuple(cache.shape)}, {len(label_map)} classes, {len(cache)} latents; "
+        f"{dist_util.world_size()} process(es), {precision}"
+    )
+
+    means = DeviceMeans()
+    folder = logger.get_dir()
+    iterations, last = int(config["iterations"]), None
+    model.train()
+    for step in range(1, iterations + 1):
+        x0, cond = next(stream)
+        x0 = x0.to(device, non_blocking=True)
+        y = cond["y"].to(device, non_blocking=True)
+        if config["noised"]:
+            t, _ = sampler.sample(x0.shape[0], device)
+            x = diffusion.q_sample(x0, t)
+        else:
+            t = torch.zeros(x0.shape[0], dtype=torch.long, device=device)
+            x = x0
+        with autocast:  # the timesteps a sampler's cond_fn will see (rescaled if so configured)
+            logits = net(x, diffusion._scale_timesteps(t))
+        losses = F.cross_entropy(logits.float(), y, reduction="none")
+        optimizer.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        optimizer.step()
+
+        correct = (logits.detach().argmax(dim=-1) == y).float()
+        means.add("loss", losses)
+        means.add("acc@1", correct)
+        means.add_by_quarter("acc@1", correct, t, diffusion.num_timesteps)
+        means.add_by_quarter("loss", losses, t, diffusion.num_timesteps)
+        if step % config["log_interval"] == 0 or step == iterations:
+            for key, value in means.pop().items():
+                logger.logkv_mean(key, value)
+            logger.logkv("step", step)
+            logger.logkv("samples", step * config["batch_size"] * dist_util.world_size())
+            logger.dumpkvs(step)
+        if (config["save_interval"] and step % config["save_interval"] == 0) or step == iterations:
+            last = classifier_path(folder, step)
+            if dist_util.is_main():
+                _save(folder, step, model, metadata)
+            dist_util.barrier()
+    return last
+
+
+def _build(vae_meta, pixel_size, num_classes, flags):
+    from .latent_model import create_latent_classifier
+
+    return create_latent_classifier(vae_description=vae_meta, image_size=pixel_size, num_classes=num_classes, **flags)
+
+
+def load_classifier(path, device="cpu"):
+    """``(classifier in eval mode on device, metadata)`` from a checkpoint of
+    :func:`train_classifier`."""
+    state, meta = ckpt.load_weights(str(path))
+    if not meta or meta.get("kind") != CHECKPOINT_KIND or "classifier" not in meta:
+        raise UserError(f"{path} is not a classifier checkpoint (written by scripts/classifier_train.py)")
+    kwargs = dict(meta["classifier"])
+    model = script_util.create_classifier(**kwargs)
+    if kwargs.get("classifier_use_fp16"):
+        model.convert_to_fp16()
+    ckpt.load_state_strict(model, state, str(path))
+    return model.to(device).eval(), meta
+
+
+def classifier_cond_fn(classifier, scale):
+    """Guidance for ``generate_samples(cond_fn=...)`` and the diffusion's loops:
+    ``cond_fn(x, t, y)`` -> ``scale * d/dx log p_classifier(y | x, t)``.
+
+    ``t`` must be the diffusion's original timesteps (what a respaced
+    diffusion passes to cond_fn), as the classifier was trained on them.
+    """
+    scale = float(scale)
+
+    def cond_fn(x, t, y=None, **_):
+        if y is None:
+            raise ValueError("classifier guidance needs the target labels y")
+        with torch.enable_grad():
+            x_in = x.detach().float().requires_grad_(True)
+            log_probs = F.log_softmax(classifier(x_in, t).float(), dim=-1)
+            picked = log_probs[torch.arange(len(y), device=log_probs.device), y.to(log_probs.device)]
+            gradient = torch.autograd.grad(picked.sum(), x_in)[0]
+        return gradient * scale
+
+    return cond_fn

@@ -1,0 +1,22 @@
+"""Train a classifier of noisy latents for classifier guidance per person.
+
+    mpiexec -n 2 python scripts/classifier_train.py --latent_cache CACHE_DIR --image_size 64 \
+        --log_dir CLS_RUN   # plus the diffusion model's noise schedule flags, if not the defaults
+
+image_size is in pixels (the cache's); the network is built for the VAE's
+latent size. Checkpoints: CLS_RUN/classifierNNNNNN.safetensors, loaded with
+guided_diffusion_vae.classifier_training.load_classifier.
+"""
+
+from guided_diffusion_vae.classifier_training import classifier_train_defaults, train_classifier
+from guided_diffusion_vae.config import parse_with_config
+from guided_diffusion_vae.errors import run_main
+
+
+def main():
+    config = parse_with_config(classifier_train_defaults(), description=__doc__)
+    train_classifier(config)
+
+
+if __name__ == "__main__":
+    run_main(main)
