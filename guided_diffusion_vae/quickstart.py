@@ -260,7 +260,7 @@ def write_report(run_dir):
         parts.append("<h2>2. VAE</h2><p>Held-out reconstruction: "
                      + ", ".join(f"{html.escape(k)} {v:.4g}" for k, v in shown.items())
                      + "</p><p>Real (top) and reconstructed (bottom):</p>"
-                     + "<img src='../vae/reconstructions.png' style='max-width:100%'>")
+                     + "<img src='vae/reconstructions.png' style='max-width:100%'>")
     progress = os.path.join(run_dir, "diffusion", "progress.csv")
     if os.path.exists(progress):
         _loss_plot(progress, os.path.join(figures, "loss.png"))
