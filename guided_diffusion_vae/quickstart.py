@@ -251,8 +251,14 @@ def write_report(run_dir):
     if os.path.exists(meta_path):
         meta = json.load(open(meta_path))
         people = meta.get("people", [])
-        parts.append(f"<h2>1. Data</h2><p>{len(people)} simulated people, "
-                     f"{html.escape(json.dumps(meta.get('radar', {}))[:300])}</p>")
+        radar = meta.get("radar", {})
+        facts = [f"{len(people)} simulated people"]
+        if "carrier_hz" in radar:
+            facts.append(f"radar {radar['carrier_hz'] / 1e9:g} GHz")
+        if "prf_hz" in radar:
+            facts.append(f"PRF {radar['prf_hz']:g} Hz")
+        parts.append(f"<h2>1. Data</h2><p>{html.escape(', '.join(facts))}; metadata in "
+                     f"<code>data/metadata.json</code>.</p>")
     vae_metrics = os.path.join(run_dir, "vae", "metrics.json")
     if os.path.exists(vae_metrics):
         m = json.load(open(vae_metrics))
@@ -271,7 +277,8 @@ def write_report(run_dir):
                      + ", ".join(html.escape(u) for u in users)
                      + "): four real spectrograms, then four generated ones.</p>"
                      "<img src='report_files/real_vs_generated.png' style='image-rendering:pixelated;width:100%'>"
-                     "<p>Every person, generated:</p><img src='samples/grid.png' style='max-width:100%'>")
+                     "<p>Every person, generated (one row each):</p>"
+                     "<img src='samples/grid.png' style='image-rendering:pixelated;width:60%'>")
     if stages:
         rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['seconds']:.0f} s</td></tr>" for k, v in stages.items())
         parts.append(f"<h2>Stage times</h2><table>{rows}</table>")
