@@ -5,7 +5,6 @@ import csv
 import json
 import os
 import runpy
-import subprocess
 import sys
 
 import numpy as np
@@ -24,10 +23,8 @@ from guided_diffusion_vae.errors import UserError
 from guided_diffusion_vae.latent_datasets import FORMAT_VERSION, LatentCache
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
-from vae_helpers import make_image_folder  # noqa: E402
+from vae_helpers import SCRIPTS, build_latent_chain  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(REPO, "scripts")
 # 32 px images -> 8x8 latents (channel_mult (1, 2)); attention at latent 4x4
 # where the width is 64, a multiple of the classifier's 64 head channels.
 TINY_CLASSIFIER = {
@@ -36,25 +33,10 @@ TINY_CLASSIFIER = {
 }
 
 
-def _run(args, env, timeout=300):
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result.stdout + result.stderr
-
-
 @pytest.fixture(scope="module")
 def real_cache(tmp_path_factory):
     """Three users' images -> a tiny VAE -> its latent cache (the real chain)."""
-    root = tmp_path_factory.mktemp("cls_chain")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    make_image_folder(root / "images", classes=("user_01", "user_02", "user_03"), per_class=6, size=32, channels=1)
-    _run([sys.executable, f"{SCRIPTS}/vae_train.py", "--data_dir", str(root / "images"), "--image_size", "32",
-          "--output_dir", str(root / "vae"), "--vae_size", "tiny", "--lr_anneal_steps", "4", "--batch_size", "4",
-          "--num_workers", "0", "--progress", "False"], env)
-    _run([sys.executable, f"{SCRIPTS}/encode_latents.py", "--data_dir", str(root / "images"), "--vae_path",
-          str(root / "vae"), "--image_size", "32", "--output_dir", str(root / "cache"), "--latent_scale", "stored",
-          "--random_flip", "False", "--num_workers", "0", "--progress", "False"], env)
-    return root
+    return build_latent_chain(tmp_path_factory.mktemp("cls_chain"), size=32, per_class=6)
 
 
 def _toy_cache(folder, per_class=24, seed=0):

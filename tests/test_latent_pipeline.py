@@ -16,40 +16,24 @@ from guided_diffusion_vae import checkpoint as ckpt
 from guided_diffusion_vae.errors import UserError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
-from vae_helpers import make_image_folder  # noqa: E402
+from vae_helpers import REPO, SCRIPTS, build_latent_chain, run_script  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = os.path.join(REPO, "scripts")
 TINY_DIFFUSION = [
     "--image_size", "16", "--num_channels", "32", "--channel_mult", "1,2", "--attention_resolutions", "2",
     "--num_head_channels", "16", "--compile", "False", "--num_workers", "0", "--diffusion_steps", "100",
 ]
 
 
-def _run(args, env, timeout=300):
-    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    return result.stdout + result.stderr
-
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """Images of three users, a VAE trained on them, and their latent cache."""
-    root = tmp_path_factory.mktemp("chain")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
-    make_image_folder(root / "images", classes=("user_01", "user_02", "user_03"), per_class=8, size=16, channels=1)
-    _run([sys.executable, f"{SCRIPTS}/vae_train.py", "--data_dir", str(root / "images"), "--image_size", "16",
-          "--output_dir", str(root / "vae"), "--vae_size", "tiny", "--lr_anneal_steps", "4", "--batch_size", "4",
-          "--num_workers", "0", "--progress", "False"], env)
-    _run([sys.executable, f"{SCRIPTS}/encode_latents.py", "--data_dir", str(root / "images"), "--vae_path",
-          str(root / "vae"), "--image_size", "16", "--output_dir", str(root / "cache"), "--latent_scale", "stored",
-          "--random_flip", "False", "--num_workers", "0", "--progress", "False"], env)
-    return root
+    return build_latent_chain(tmp_path_factory.mktemp("chain"), size=16, per_class=8)
 
 
 def test_whole_chain_with_mpiexec_and_sampling_from_the_checkpoint(chain, tmp_path, mpiexec, launch_env):
     run = tmp_path / "run"
-    out = _run([*mpiexec, "-n", "2", sys.executable, f"{SCRIPTS}/image_train_vae.py",
+    out = run_script([*mpiexec, "-n", "2", sys.executable, f"{SCRIPTS}/image_train_vae.py",
                 "--config", os.path.join(REPO, "configs", "microdoppler_small.yaml"),
                 "--latent_cache", str(chain / "cache"), *TINY_DIFFUSION, "--batch_size", "4",
                 "--lr_anneal_steps", "3", "--log_interval", "1", "--sample_interval", "3",
@@ -65,7 +49,7 @@ def test_whole_chain_with_mpiexec_and_sampling_from_the_checkpoint(chain, tmp_pa
     assert (run / "samples" / "preview_000003.png").exists()
 
     out_dir = tmp_path / "out"
-    log = _run([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run), "--user_ids", "1", "3",
+    log = run_script([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run), "--user_ids", "1", "3",
                 "--num_images_per_user", "2", "--output_dir", str(out_dir), "--use_ddim", "True",
                 "--timestep_respacing", "ddim10", "--seed", "42"], launch_env)
     assert "ema_0.9999_000003.safetensors" in log
@@ -79,7 +63,7 @@ def test_whole_chain_with_mpiexec_and_sampling_from_the_checkpoint(chain, tmp_pa
 
     # The same seed gives the same images, whatever the batch size.
     again = tmp_path / "again"
-    _run([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run), "--user_ids", "1", "3",
+    run_script([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run), "--user_ids", "1", "3",
           "--num_images_per_user", "2", "--output_dir", str(again), "--use_ddim", "True",
           "--timestep_respacing", "ddim10", "--seed", "42", "--batch_size", "3"], launch_env)
     a = np.asarray(Image.open(out_dir / "user_03" / "generated_001.png"), dtype=int)
@@ -132,7 +116,7 @@ def test_on_the_fly_needs_a_scale_and_refuses_mismatched_cache(chain):
 
 def test_on_the_fly_training_with_a_measured_scale_under_mpiexec(chain, tmp_path, mpiexec, launch_env):
     run = tmp_path / "run"
-    out = _run([*mpiexec, "-n", "2", sys.executable, f"{SCRIPTS}/image_train_vae.py", "--data_dir",
+    out = run_script([*mpiexec, "-n", "2", sys.executable, f"{SCRIPTS}/image_train_vae.py", "--data_dir",
                 str(chain / "images"), "--vae_path", str(chain / "vae"), "--latent_scale", "measured",
                 "--measure_scale_batches", "2", *TINY_DIFFUSION, "--class_cond", "True", "--batch_size", "4",
                 "--lr_anneal_steps", "2", "--log_interval", "1", "--log_dir", str(run)], launch_env)

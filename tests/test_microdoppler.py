@@ -8,7 +8,6 @@ when it is installed, and loading by path works whatever ``sys.path`` holds.
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -1,6 +1,7 @@
 """Small AutoencoderKL models and image folders for the VAE tests (CPU-fast)."""
 
 import os
+import pathlib
 
 import numpy as np
 import torch
@@ -76,3 +77,36 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = os.path.join(REPO, "scripts")
+
+
+def run_script(args, env=None, timeout=300):
+    """Run a command from the repository root; fail the test with its output
+    unless it exits 0. Returns stdout and stderr together."""
+    import subprocess
+
+    env = env or {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+def build_latent_chain(root, *, size, per_class, classes=("user_01", "user_02", "user_03")):
+    """The real chain through the scripts: gray images of ``classes`` ->
+    ``vae_train.py`` (tiny, 4 steps) -> ``encode_latents.py`` (stored scale, no
+    flips). Writes ``root/images``, ``root/vae`` and ``root/cache``."""
+    import sys
+
+    root = str(root)
+    images, vae, cache = (os.path.join(root, name) for name in ("images", "vae", "cache"))
+    make_image_folder(images, classes=classes, per_class=per_class, size=size, channels=1)
+    run_script([sys.executable, f"{SCRIPTS}/vae_train.py", "--data_dir", images, "--image_size", str(size),
+                "--output_dir", vae, "--vae_size", "tiny", "--lr_anneal_steps", "4", "--batch_size", "4",
+                "--num_workers", "0", "--progress", "False"])
+    run_script([sys.executable, f"{SCRIPTS}/encode_latents.py", "--data_dir", images, "--vae_path", vae,
+                "--image_size", str(size), "--output_dir", cache, "--latent_scale", "stored",
+                "--random_flip", "False", "--num_workers", "0", "--progress", "False"])
+    return pathlib.Path(root)
