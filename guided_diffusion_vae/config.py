@@ -101,12 +101,21 @@ def _parser_type(default):
     return type(default)
 
 
-def parse_with_config(defaults, argv=None, description=None):
+def _help(helps, key):
+    text = helps.get(key)
+    # argparse expands %(default)s; a literal % in a description must be doubled.
+    return None if text is None else text.replace("%", "%%") + " (default: %(default)r)"
+
+
+def parse_with_config(defaults, argv=None, description=None, helps=None):
     """Resolve the flags of a program whose defaults are ``defaults``.
 
-    Returns a plain dict with every key of ``defaults`` plus ``config`` (the
-    YAML path or ""). Unknown flags and keys raise :class:`UserError`.
+    ``helps`` maps flag names to one-line descriptions for ``--help`` (the
+    default is appended). Returns a plain dict with every key of ``defaults``
+    plus ``config`` (the YAML path or ""). Unknown flags and keys raise
+    :class:`UserError`.
     """
+    helps = helps or {}
     argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default="")
@@ -115,13 +124,14 @@ def parse_with_config(defaults, argv=None, description=None):
     if known.config:
         merged.update(load_yaml_config(known.config, defaults))
 
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="", help="YAML file whose keys are these flags")
     for key, default in merged.items():
         if isinstance(defaults[key], list):
-            parser.add_argument(f"--{key}", default=default, nargs="*", type=str)
+            parser.add_argument(f"--{key}", default=default, nargs="*", type=str, help=_help(helps, key))
         else:
-            parser.add_argument(f"--{key}", default=default, type=_parser_type(defaults[key]))
+            parser.add_argument(f"--{key}", default=default, type=_parser_type(defaults[key]), help=_help(helps, key))
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = next(u for u in unknown if u.startswith("-")) if any(u.startswith("-") for u in unknown) else unknown[0]

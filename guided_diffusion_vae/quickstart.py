@@ -1,12 +1,17 @@
 """The whole job on the built-in micro-Doppler simulator, in one command.
 
-simulate a data set -> train the VAE -> encode latents -> train the
-class-conditional latent diffusion model -> sample every person -> write an
-HTML report with pictures. Each stage writes into one run directory and marks
-itself done; a rerun skips finished stages and resumes an interrupted one.
+simulate a data set (a training and a held-out split of the same people) ->
+train the VAE -> encode latents -> train the class-conditional latent
+diffusion model -> sample every person -> evaluate (does each sample show its
+person?) -> write an HTML report with pictures. Each stage writes into one run
+directory and marks itself done; a rerun skips finished stages and resumes an
+interrupted one.
+
+Run directory: ``data/train``, ``data/test`` (PERSON/NNN.png), ``vae/``,
+``latents/``, ``diffusion/`` (the training run), ``samples/``, ``eval/``
+(metrics.json, nearest_pairs.png, the reference classifier), ``report.html``.
 """
 
-import html
 import json
 import os
 import time
@@ -14,7 +19,9 @@ import time
 from . import logger
 from .errors import UserError
 
-STAGES = ("data", "vae", "latents", "diffusion", "samples", "report")
+STAGES = ("data", "vae", "latents", "diffusion", "samples", "evaluate", "report")
+# stages.json of an older layout (one data folder, no held-out split) cannot be resumed.
+LAYOUT = 2
 
 # A preset fixes the size of every stage. "tiny" is meant for a 2-core CPU in
 # under 15 minutes; "gpu" is configs/microdoppler_small.yaml on one GPU.
@@ -22,7 +29,7 @@ PRESETS = {
     "tiny": {
         # 32x32 spectrograms (8x8x4 latents): a 64x64 VAE alone would take the
         # whole 15 minutes of a 2-core CPU.
-        "num_users": 31, "samples_per_user": 40, "image_size": 32,
+        "num_users": 31, "train_per_user": 40, "test_per_user": 16, "image_size": 32,
         "vae": {"vae_size": "tiny", "lr_anneal_steps": 1200, "batch_size": 16, "lr": 1e-3,
                 "log_interval": 100, "save_interval": 400},
         "diffusion": {"num_channels": 32, "num_res_blocks": 2, "channel_mult": "1,2",
@@ -34,14 +41,17 @@ PRESETS = {
                       "predict_xstart": True,
                       "log_interval": 100, "save_interval": 500, "sample_interval": 0, "compile": False,
                       "num_workers": 0, "grad_clip": 1.0},
-        "sampling": {"num_images_per_user": 4, "timestep_respacing": "ddim25", "batch_size": 64},
+        "sampling": {"num_images_per_user": 16, "timestep_respacing": "ddim25", "batch_size": 128},
+        "evaluate": {"classifier_steps": 600, "classifier_embed_dim": 64, "augment_k": "8,16",
+                     "augment_generated": 16},
     },
     "gpu": {
-        "num_users": 31, "samples_per_user": 300, "image_size": 64,
+        "num_users": 31, "train_per_user": 96, "test_per_user": 32, "image_size": 64,
         "vae": {"vae_size": "base", "lr_anneal_steps": 20000, "batch_size": 64, "lr": 1e-4,
                 "log_interval": 200, "save_interval": 2000},
         "diffusion": {"config": "configs/microdoppler_small.yaml"},
-        "sampling": {"num_images_per_user": 16, "timestep_respacing": "ddim50", "batch_size": 256},
+        "sampling": {"num_images_per_user": 100, "timestep_respacing": "ddim50", "batch_size": 256},
+        "evaluate": {"classifier_steps": 1500, "augment_k": "8,16,32", "augment_generated": 100},
     },
 }
 
@@ -55,7 +65,13 @@ class Stages:
 
     def __init__(self, run_dir):
         self.path = os.path.join(run_dir, "stages.json")
-        self.done = json.load(open(self.path)) if os.path.exists(self.path) else {}
+        self.done = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                self.done = json.load(f)
+            if self.done and self.done.pop("layout", None) != LAYOUT:
+                raise UserError(f"{run_dir} was made by an older quickstart (no held-out split); "
+                                "use a new --run_dir")
 
     def finished(self, name):
         return name in self.done
@@ -64,7 +80,7 @@ class Stages:
         from .checkpoint import atomic_write_bytes
 
         self.done[name] = {"seconds": round(seconds, 1), **info}
-        atomic_write_bytes(self.path, json.dumps(self.done, indent=2).encode())
+        atomic_write_bytes(self.path, json.dumps({"layout": LAYOUT, **self.done}, indent=2).encode())
 
 
 def _banner(text):
@@ -83,16 +99,17 @@ def _simulate(run_dir, preset, seed, workers):
         sys.path.insert(0, root)
     from datasets.microdoppler import simulate_dataset
 
-    out = os.path.join(run_dir, "data")
-    simulate_dataset(out, num_users=preset["num_users"], samples_per_user=preset["samples_per_user"],
-                     image_size=preset["image_size"], seed=seed, workers=workers, overwrite=True, progress=True)
-    return out
+    # The held-out split: the same people (people_seed), other walks (seed + 1).
+    for split, count, walk_seed in (("train", preset["train_per_user"], seed), ("test", preset["test_per_user"], seed + 1)):
+        simulate_dataset(os.path.join(run_dir, "data", split), num_users=preset["num_users"], samples_per_user=count,
+                         image_size=preset["image_size"], seed=walk_seed, people_seed=seed, workers=workers,
+                         overwrite=True, progress=True)
 
 
 def _train_vae(run_dir, preset, seed):
     from .vae_training import train_vae, vae_train_defaults
 
-    config = {**vae_train_defaults(), **preset["vae"], "data_dir": os.path.join(run_dir, "data"),
+    config = {**vae_train_defaults(), **preset["vae"], "data_dir": os.path.join(run_dir, "data", "train"),
               "output_dir": os.path.join(run_dir, "vae"), "checkpoint_dir": os.path.join(run_dir, "vae_train"),
               "image_size": preset["image_size"], "seed": seed, "num_workers": 0}
     train_vae(config)
@@ -101,7 +118,7 @@ def _train_vae(run_dir, preset, seed):
 def _encode(run_dir, preset):
     from .latent_datasets import build_latent_cache, encode_latents_defaults
 
-    config = {**encode_latents_defaults(), "data_dir": os.path.join(run_dir, "data"),
+    config = {**encode_latents_defaults(), "data_dir": os.path.join(run_dir, "data", "train"),
               "vae_path": os.path.join(run_dir, "vae"), "output_dir": os.path.join(run_dir, "latents"),
               "image_size": preset["image_size"], "latent_scale": "stored", "random_flip": False,
               "num_workers": 0}
@@ -143,6 +160,25 @@ def _sample(run_dir, preset, seed):
     run_sampling(config)
 
 
+def _evaluate(run_dir, preset, seed):
+    from .evaluation.evaluate import evaluate_defaults, run_evaluation
+
+    config = {**evaluate_defaults(), **preset.get("evaluate", {}), "seed": seed,
+              "real_train": os.path.join(run_dir, "data", "train"), "real_test": os.path.join(run_dir, "data", "test"),
+              "generated": os.path.join(run_dir, "samples"), "vae_path": os.path.join(run_dir, "vae"),
+              "output_json": os.path.join(run_dir, "eval", "metrics.json")}
+    run_evaluation(config)
+
+
+def _report(run_dir, stages):
+    from .evaluation.report import write_report
+
+    return write_report(os.path.join(run_dir, "report.html"), eval_json=os.path.join(run_dir, "eval", "metrics.json"),
+                        run_dir=os.path.join(run_dir, "diffusion"), vae_dir=os.path.join(run_dir, "vae"),
+                        stage_times={k: v["seconds"] for k, v in stages.done.items()},
+                        title="guided-diffusion-vae quickstart report")
+
+
 def run_quickstart(config, preset=None):
     """Run (or resume) every stage up to ``config["until"]``; returns the report
     path. ``preset`` (a dict shaped like ``PRESETS["tiny"]``) replaces the named one."""
@@ -162,7 +198,8 @@ def run_quickstart(config, preset=None):
         "latents": lambda: _encode(run_dir, preset),
         "diffusion": lambda: _train_diffusion(run_dir, preset, seed),
         "samples": lambda: _sample(run_dir, preset, seed),
-        "report": lambda: write_report(run_dir),
+        "evaluate": lambda: _evaluate(run_dir, preset, seed),
+        "report": lambda: _report(run_dir, stages),
     }
     for number, name in enumerate(STAGES, start=1):
         if stages.finished(name):
@@ -184,106 +221,3 @@ def run_quickstart(config, preset=None):
     if os.path.exists(report):
         logger.log(f"report: {report}")
     return report
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _loss_plot(progress_csv, out_png):
-    """Plot training loss by step from a progress.csv (matplotlib, no display)."""
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(progress_csv) as f:
-        rows = list(csv.DictReader(f))
-    keys = [k for k in ("loss", "mse", "vb", "loss_q0", "loss_q3") if rows and k in rows[0]]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    for key in keys:
-        pts = [(float(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-        if pts:
-            ax.plot(*zip(*pts), label=key)
-    ax.set_xlabel("step")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png)
-    plt.close(fig)
-
-
-def _side_by_side(run_dir, out_png, people=8, per_person=4):
-    """Rows of people: real spectrograms on the left, generated on the right."""
-    import numpy as np
-    from PIL import Image
-
-    from .sample_io import image_grid, save_png
-
-    data, samples = os.path.join(run_dir, "data"), os.path.join(run_dir, "samples")
-    users = sorted(d for d in os.listdir(samples) if os.path.isdir(os.path.join(samples, d)))[:people]
-    tiles = []
-    for user in users:
-        real = sorted(os.listdir(os.path.join(data, user)))[:per_person]
-        fake = sorted(os.listdir(os.path.join(samples, user)))[:per_person]
-        for name in real:
-            tiles.append(np.array(Image.open(os.path.join(data, user, name)).convert("RGB")))
-        tiles.extend([np.zeros_like(tiles[-1])] * (per_person - len(real)))
-        for name in fake:
-            tiles.append(np.array(Image.open(os.path.join(samples, user, name)).convert("RGB")))
-        tiles.extend([np.zeros_like(tiles[-1])] * (per_person - len(fake)))
-    save_png(out_png, image_grid(np.stack(tiles), columns=2 * per_person))
-    return users
-
-
-def write_report(run_dir):
-    """``run_dir/report.html``: data, VAE, training and samples, with pictures."""
-    from .checkpoint import atomic_write_bytes
-
-    figures = os.path.join(run_dir, "report_files")
-    os.makedirs(figures, exist_ok=True)
-    stages = Stages(run_dir).done
-    parts = ["<h1>guided-diffusion-vae quickstart report</h1>",
-             f"<p>Run directory: <code>{html.escape(run_dir)}</code></p>"]
-    meta_path = os.path.join(run_dir, "data", "metadata.json")
-    if os.path.exists(meta_path):
-        meta = json.load(open(meta_path))
-        people = meta.get("people", [])
-        radar = meta.get("radar", {})
-        facts = [f"{len(people)} simulated people"]
-        if "carrier_hz" in radar:
-            facts.append(f"radar {radar['carrier_hz'] / 1e9:g} GHz")
-        if "prf_hz" in radar:
-            facts.append(f"PRF {radar['prf_hz']:g} Hz")
-        parts.append(f"<h2>1. Data</h2><p>{html.escape(', '.join(facts))}; metadata in "
-                     f"<code>data/metadata.json</code>.</p>")
-    vae_metrics = os.path.join(run_dir, "vae", "metrics.json")
-    if os.path.exists(vae_metrics):
-        m = json.load(open(vae_metrics))
-        shown = {k: v for k, v in m.items() if isinstance(v, (int, float))}
-        parts.append("<h2>2. VAE</h2><p>Held-out reconstruction: "
-                     + ", ".join(f"{html.escape(k)} {v:.4g}" for k, v in shown.items())
-                     + "</p><p>Real (top) and reconstructed (bottom):</p>"
-                     + "<img src='vae/reconstructions.png' style='max-width:100%'>")
-    progress = os.path.join(run_dir, "diffusion", "progress.csv")
-    if os.path.exists(progress):
-        _loss_plot(progress, os.path.join(figures, "loss.png"))
-        parts.append("<h2>3. Diffusion training</h2><img src='report_files/loss.png'>")
-    if os.path.isdir(os.path.join(run_dir, "samples")):
-        users = _side_by_side(run_dir, os.path.join(figures, "real_vs_generated.png"))
-        parts.append("<h2>4. Samples</h2><p>Each row one person ("
-                     + ", ".join(html.escape(u) for u in users)
-                     + "): four real spectrograms, then four generated ones.</p>"
-                     "<img src='report_files/real_vs_generated.png' style='image-rendering:pixelated;width:100%'>"
-                     "<p>Every person, generated (one row each):</p>"
-                     "<img src='samples/grid.png' style='image-rendering:pixelated;width:60%'>")
-    if stages:
-        rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['seconds']:.0f} s</td></tr>" for k, v in stages.items())
-        parts.append(f"<h2>Stage times</h2><table>{rows}</table>")
-    page = "<!doctype html><meta charset='utf-8'><title>quickstart report</title>" \
-           "<body style='font-family:sans-serif;max-width:1100px;margin:auto'>" + "\n".join(parts) + "</body>"
-    path = os.path.join(run_dir, "report.html")
-    atomic_write_bytes(path, page.encode("utf-8"))
-    return path

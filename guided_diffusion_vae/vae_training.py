@@ -92,6 +92,7 @@ def vae_train_defaults():
         "holdout_fraction": 0.05,
         "max_eval_images": 256,
         "scale_images": 2048,  # training images used to measure the latent scale
+        "identity_steps": 1500,  # reference-classifier steps for rCAS (0: skip; needs class sub-folders)
         "log_interval": 100,
         "save_interval": 2000,
         "keep_states": 2,
@@ -163,6 +164,8 @@ def _check_config(config):
         raise UserError("output_dir is required: where the trained VAE is saved")
     positive = ("image_size", "batch_size", "lr_anneal_steps", "log_interval", "save_interval", "keep_states",
                 "max_eval_images", "scale_images")
+    if int(config["identity_steps"]) < 0:
+        raise UserError(f"identity_steps must be >= 0, got {config['identity_steps']}")
     for key in positive:
         if int(config[key]) < 1:
             raise UserError(f"{key} must be >= 1, got {config[key]}")
@@ -661,10 +664,54 @@ def _train(config, checkpoint_dir, rank, world, device):
                 quick, _ = evaluate(ema.copy_to(vae).eval(), heldout, device)
                 logger.log(f"step {step}: held-out PSNR {quick['psnr']:.2f} dB, SSIM {quick['ssim']:.4f} (EMA)")
     bar.close()
-    return _finish(config, vae, ema, images, heldout, step, rank, device)
+    labels = _class_labels(config, paths, local_paths, heldout_paths[: config["max_eval_images"]])
+    return _finish(config, vae, ema, images, heldout, step, rank, device, labels)
 
 
-def _finish(config, vae, ema, train_images, heldout, step, rank, device):
+def _class_labels(config, all_paths, train_paths, heldout_paths):
+    """``(train_labels, heldout_labels, num_classes)`` from class sub-folders
+    (or file-name prefixes), or None when the data have no classes or the
+    identity check is off."""
+    from .image_datasets import class_names_from_paths
+
+    if not config["identity_steps"] or not heldout_paths:
+        return None
+    if config["image_size"] % 8:
+        logger.log(f"identity check skipped: the reference classifier needs an image size divisible by 8")
+        return None
+    try:
+        names = sorted(set(class_names_from_paths(all_paths, config["data_dir"])))
+        index = {name: i for i, name in enumerate(names)}
+        train = [index[n] for n in class_names_from_paths(train_paths, config["data_dir"])]
+        heldout = [index[n] for n in class_names_from_paths(heldout_paths, config["data_dir"])]
+    except UserError as err:
+        logger.log(f"identity check skipped: no class labels ({err})")
+        return None
+    if len(names) < 2:
+        logger.log("identity check skipped: the data hold one class")
+        return None
+    return np.asarray(train), np.asarray(heldout), len(names)
+
+
+def _identity(config, train_images, heldout, recon, labels, device):
+    """TRTR / rCAS of the exported VAE on its held-out images (evaluation.classifier)."""
+    from .evaluation.classifier import reconstruction_identity
+
+    train_labels, heldout_labels, num_classes = labels
+    recon_uint8 = ((recon + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    result = reconstruction_identity(train_images, train_labels, heldout, heldout_labels, recon_uint8, num_classes,
+                                     device=device, steps=config["identity_steps"], seed=config["seed"])
+    ratio = result["rcas"] / result["trtr"] if result["trtr"] else float("nan")
+    logger.log(f"identity: a person classifier trained on the training images scores {result['trtr']:.3f} on the "
+               f"{result['num_heldout']} held-out images (TRTR) and {result['rcas']:.3f} on their reconstructions "
+               f"(rCAS, {ratio:.2f} x TRTR; chance {1 / num_classes:.3f})")
+    if ratio < 0.9:
+        logger.warn("the VAE loses identity: reconstructions are classified much worse than the originals; "
+                    "train it longer, or with more latent channels, before training diffusion on it")
+    return result
+
+
+def _finish(config, vae, ema, train_images, heldout, step, rank, device, labels=None):
     """Rank 0: EMA weights -> held-out metrics, latent scale, grid, export."""
     metrics = None
     if rank == 0:
@@ -681,6 +728,9 @@ def _finish(config, vae, ema, train_images, heldout, step, rank, device):
         grid = comparison_grid(to_model_range(eval_images[:shown], torch.device("cpu")), recon[:shown])
         metrics = dict(quality, split=split, step=step, weights=f"ema_{config['ema_rate']}",
                        latent_scale=stats["latent_scale"])
+        if labels is not None and split == "heldout":
+            identity = _identity(config, train_images, eval_images, recon, labels, device)
+            metrics.update(trtr=identity["trtr"], rcas=identity["rcas"])
         final = final.to("cpu")
         stats, metrics = export_vae(final, config["output_dir"], stats=stats, metrics=metrics, grid=grid)
         logger.logkvs({f"eval_{k}": v for k, v in quality.items()})

@@ -28,7 +28,7 @@ def images(tmp_path_factory):
 def _config(images, out, **kw):
     config = dict(data_dir=images, output_dir=str(out), image_size=16, vae_size="tiny", batch_size=4,
                   lr=1e-3, lr_anneal_steps=4, save_interval=2, log_interval=2, holdout_fraction=0.2,
-                  num_workers=0, progress=False, scale_images=64)
+                  num_workers=0, progress=False, scale_images=64, identity_steps=30)
     config.update(kw)
     return config
 
@@ -58,6 +58,8 @@ def test_train_exports_a_loadable_vae(trained, images):
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
+    # The identity check ran on the held-out images of the two class folders.
+    assert 0.0 <= saved["rcas"] <= 1.0 and 0.0 <= saved["trtr"] <= 1.0
     assert saved["split"] == "heldout" and saved["num_images"] == 2 and saved["step"] == 4
     assert 0 < saved["psnr"] < 60 and -1 <= saved["ssim"] <= 1
     train_dir = str(out) + "_train"

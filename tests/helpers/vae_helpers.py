@@ -105,7 +105,8 @@ def build_latent_chain(root, *, size, per_class, classes=("user_01", "user_02", 
     make_image_folder(images, classes=classes, per_class=per_class, size=size, channels=1)
     run_script([sys.executable, f"{SCRIPTS}/vae_train.py", "--data_dir", images, "--image_size", str(size),
                 "--output_dir", vae, "--vae_size", "tiny", "--lr_anneal_steps", "4", "--batch_size", "4",
-                "--num_workers", "0", "--progress", "False"])
+                "--num_workers", "0", "--progress", "False",
+                "--identity_steps", "20"])
     run_script([sys.executable, f"{SCRIPTS}/encode_latents.py", "--data_dir", images, "--vae_path", vae,
                 "--image_size", str(size), "--output_dir", cache, "--latent_scale", "stored",
                 "--random_flip", "False", "--num_workers", "0", "--progress", "False"])

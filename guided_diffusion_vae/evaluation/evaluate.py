@@ -1,0 +1,417 @@
+"""``scripts/evaluate.py``: do generated spectrograms show the right person?
+
+    real_train ──train──▶ reference classifier ──▶ TRTR (real held-out)  the ceiling
+                                   │            ├─▶ CAS  (generated, per person)
+                                   │            └─▶ rCAS (VAE reconstructions of real held-out)
+                                   └─ embedding ──▶ Frechet distance (+ real-vs-real floor),
+                                                    precision / recall
+    generated ──train──▶ fresh classifier ──▶ TSTR (real held-out)
+    k real (+ N generated) per person ──▶ augmentation gain
+    generated vs real_train pixels ──▶ memorised samples
+
+``run_evaluation(config)`` (flags: ``evaluate_defaults()``) returns the result
+dict and writes it as JSON (keys documented in README.md), plus a picture of
+the closest generated/training pairs beside it. A metric that the inputs are
+too small for is ``null`` in the JSON, with the reason under ``notes``.
+"""
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from .. import logger
+from ..checkpoint import atomic_write_bytes
+from ..errors import UserError
+from . import classifier as clf
+from . import metrics
+from .data import (LabelledImages, detect_channels, image_size_of, is_latent_cache, load_folder, load_generated,
+                   load_latent_cache, per_class_first)
+
+PAIRS_FILE = "nearest_pairs.png"
+
+
+def evaluate_defaults():
+    """Flags of ``scripts/evaluate.py``."""
+    return {
+        "real_train": "",
+        "real_test": "",
+        "generated": "",
+        "output_json": "",
+        "vae_path": "",
+        "classifier_path": "",
+        "save_classifier": "",
+        "image_size": 0,
+        "device": "auto",
+        "seed": 0,
+        **clf.classifier_defaults(),
+        "augment_k": "8,16,32",
+        "augment_generated": 100,
+        "pr_k": 3,
+        "memorisation_threshold": 0.5,
+        "num_pairs": 8,
+        "inception_weights": "",
+    }
+
+
+def pick_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here")
+    return device
+
+
+def _check_config(config):
+    for key in ("real_train", "real_test", "output_json"):
+        if not config[key]:
+            raise UserError(f"--{key} is required")
+    if not config["generated"] and not config["vae_path"]:
+        raise UserError("nothing to evaluate: give --generated (samples) and/or --vae_path (reconstructions)")
+    for key in ("classifier_steps", "classifier_batch_size", "classifier_width", "classifier_embed_dim", "pr_k"):
+        if int(config[key]) < 1:
+            raise UserError(f"--{key} must be >= 1, got {config[key]}")
+    if not config["classifier_lr"] > 0:
+        raise UserError(f"--classifier_lr must be positive, got {config['classifier_lr']}")
+    if int(config["augment_generated"]) < 0 or int(config["num_pairs"]) < 0:
+        raise UserError("--augment_generated and --num_pairs must be >= 0")
+    if not 0 < config["memorisation_threshold"] < 1:
+        raise UserError(f"--memorisation_threshold must lie in (0, 1), got {config['memorisation_threshold']}")
+    try:
+        ks = [int(k) for k in str(config["augment_k"]).split(",") if k.strip()]
+    except ValueError:
+        raise UserError(f"--augment_k must be comma-separated integers, got {config['augment_k']!r}") from None
+    if any(k < 1 for k in ks):
+        raise UserError(f"--augment_k values must be >= 1, got {config['augment_k']!r}")
+    out_dir = os.path.dirname(os.path.abspath(config["output_json"]))
+    if os.path.isdir(config["output_json"]):
+        raise UserError(f"--output_json {config['output_json']} is a folder; name a .json file")
+    os.makedirs(out_dir, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"cannot write to {out_dir} (--output_json)")
+    return ks
+
+
+class Evaluation:
+    """The sets, the device and the classifier recipe of one evaluation."""
+
+    def __init__(self, config, device):
+        self.config, self.device = config, device
+        self.notes = {}
+
+    def train(self, data: LabelledImages, seed_offset=0):
+        c = self.config
+        return clf.train_classifier(
+            data.images, data.labels, len(data.class_names), device=self.device, steps=c["classifier_steps"],
+            batch_size=c["classifier_batch_size"], lr=c["classifier_lr"], width=c["classifier_width"],
+            embed_dim=c["classifier_embed_dim"], seed=c["seed"] + seed_offset)
+
+    def accuracy(self, model, data: LabelledImages):
+        return clf.accuracy(clf.predict(model, data.images, self.device), data.labels)
+
+    def note(self, key, reason):
+        self.notes[key] = reason
+        logger.log(f"  {key}: not computed: {reason}")
+
+
+def per_class_accuracy(pred, labels, num_classes):
+    """Accuracy of each class ``(num_classes,)``, NaN where a class has no image."""
+    out = np.full(num_classes, np.nan)
+    for c in range(num_classes):
+        mask = labels == c
+        if mask.any():
+            out[c] = float((pred[mask] == c).mean())
+    return out
+
+
+def reconstruct_with_vae(vae_path, data: LabelledImages, device):
+    """VAE round trip (posterior mean) of ``data``'s images, as uint8."""
+    from ..vae_wrapper import VAEInterface
+
+    vae = VAEInterface(vae_path, device=device)
+    x = clf.to_input(data.images, device)
+    if vae.in_channels != x.shape[1]:
+        if x.shape[1] == 1 and vae.in_channels == 3:
+            x = x.expand(-1, 3, -1, -1)
+        else:
+            raise UserError(f"the VAE in {vae_path} takes {vae.in_channels} channel(s); the images have {x.shape[1]}")
+    if x.shape[-1] % vae.downsample_factor:
+        raise UserError(f"image size {x.shape[-1]} is not a multiple of the VAE's downsampling {vae.downsample_factor}")
+    out = []
+    for start in range(0, len(x), 256):
+        z = vae.encode_unscaled(x[start:start + 256])
+        out.append(vae.decode_unscaled(z).float().clamp(-1, 1))
+    rec = torch.cat(out)
+    if rec.shape[1] == 3 and data.images.shape[1] == 1:
+        rec = (0.299 * rec[:, :1] + 0.587 * rec[:, 1:2] + 0.114 * rec[:, 2:])
+    images = ((rec + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    return LabelledImages(images, data.labels, data.class_names, f"VAE({vae_path}) of {data.source}", data.files)
+
+
+def _fd_and_floor(ev, real_feats, gen_feats, rng):
+    """Frechet distance of generated vs real held-out, and the floor: two
+    disjoint halves of the real held-out set, at the same sizes."""
+    dim = real_feats.shape[1]
+    half = len(real_feats) // 2
+    n = min(half, len(gen_feats))
+    if n <= dim:
+        ev.note("fd", f"needs more than {dim} images per set (the embedding size), got {n} "
+                      f"(held-out {len(real_feats)} split in halves, generated {len(gen_feats)})")
+        return None, None
+    order = rng.permutation(len(real_feats))
+    a, b = real_feats[order[:half]][:n], real_feats[order[half:2 * half]]
+    g = gen_feats[rng.permutation(len(gen_feats))[:n]]
+    return metrics.frechet_distance(g, b), metrics.frechet_distance(a, b)
+
+
+def _augmentation_gain(ev, train, generated, test, ks):
+    """Held-out accuracy with k real per person, and with k real + N generated."""
+    per_class = int(ev.config["augment_generated"])
+    gen_counts = generated.counts()
+    n_gen = int(min(per_class, gen_counts.min())) if len(gen_counts) else 0
+    if n_gen < 1:
+        ev.note("augmentation_gain", "every person needs generated samples")
+        return {}
+    extra = generated.subset(per_class_first(generated, n_gen))
+    result = {}
+    for k in ks:
+        if train.counts().min() < k:
+            ev.note(f"augmentation_gain_{k}", f"a person has fewer than {k} real training images")
+            continue
+        few = train.subset(per_class_first(train, k))
+        mixed = LabelledImages(np.concatenate([few.images, extra.images]), np.concatenate([few.labels, extra.labels]),
+                               train.class_names, "mixed")
+        real_only = ev.accuracy(ev.train(few, seed_offset=100 + k), test)
+        augmented = ev.accuracy(ev.train(mixed, seed_offset=100 + k), test)
+        result[str(k)] = {"real_only": real_only, "augmented": augmented, "gain": augmented - real_only,
+                          "generated_per_class": n_gen}
+        logger.log(f"  k={k} real per person: {real_only:.3f}; plus {n_gen} generated: {augmented:.3f} "
+                   f"({augmented - real_only:+.3f})")
+    return result
+
+
+def _pairs_picture(path, generated, train, memo, count):
+    """The ``count`` closest generated/training pairs side by side (generated on top)."""
+    from ..sample_io import image_grid, save_png
+
+    order = np.argsort(memo["ratio"])[:count]
+    if not len(order):
+        return []
+    top = generated.images[order]
+    bottom = train.images[memo["train_index"][order]]
+    tiles = np.concatenate([top, bottom]).transpose(0, 2, 3, 1)
+    save_png(path, image_grid(tiles, columns=len(order)))
+    return [{"generated": os.path.abspath(generated.files[i]) if generated.files[i] else f"{generated.source}[{i}]",
+             "train": os.path.abspath(train.files[memo["train_index"][i]]), "ratio": float(memo["ratio"][i]),
+             "flagged": bool(memo["ratio"][i] < memo["threshold"])} for i in order]
+
+
+def _inception_metrics(weights, real: LabelledImages, generated: LabelledImages):
+    """Inception FID/KID with torch-fidelity, from weights on disk only."""
+    if not os.path.isfile(weights):
+        raise UserError(f"--inception_weights {weights}: file not found (it is never downloaded)")
+    try:
+        import torch_fidelity
+    except ImportError:
+        raise UserError("--inception_weights needs torch-fidelity: pip install torch-fidelity") from None
+
+    class _Set(torch.utils.data.Dataset):
+        def __init__(self, images):
+            self.images = images
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            x = torch.from_numpy(self.images[i])
+            return x.expand(3, -1, -1) if x.shape[0] == 1 else x
+
+    out = torch_fidelity.calculate_metrics(
+        input1=_Set(generated.images), input2=_Set(real.images), fid=True, kid=True, cuda=torch.cuda.is_available(),
+        feature_extractor_weights_path=weights, kid_subset_size=min(1000, len(generated), len(real)), verbose=False)
+    return {"fid": float(out["frechet_inception_distance"]), "kid": float(out["kernel_inception_distance_mean"])}
+
+
+def _load_real(path, config, device, image_size, channels, class_names=None):
+    if is_latent_cache(path):
+        return load_latent_cache(path, vae_path=config["vae_path"], device=device, image_size=image_size,
+                                 channels=channels, class_names=class_names)
+    return load_folder(path, image_size=image_size, channels=channels, class_names=class_names)
+
+
+def _geometry(config):
+    """(image size, channels) of the evaluation: from the first real folder, or a latent cache's meta."""
+    for key in ("real_train", "real_test"):
+        path = config[key]
+        if not is_latent_cache(path):
+            return int(config["image_size"]) or image_size_of(path), detect_channels(path)
+    from ..latent_datasets import LatentCache
+
+    meta = LatentCache(config["real_train"]).meta
+    channels = int(meta.get("channels") or meta["vae"].get("in_channels", 1))
+    return int(config["image_size"]) or int(meta["image_size"]), channels
+
+
+def _load_sets(config, device):
+    image_size, channels = _geometry(config)
+    train = _load_real(config["real_train"], config, device, image_size, channels)
+    test = _load_real(config["real_test"], config, device, image_size, channels, class_names=train.class_names)
+    generated = None
+    if config["generated"]:
+        generated = load_generated(config["generated"], image_size=image_size, channels=channels,
+                                   class_names=train.class_names)
+    return train, test, generated, image_size, channels
+
+
+def _reference_classifier(ev, train, test, image_size, channels):
+    config = ev.config
+    if config["classifier_path"]:
+        model, info = clf.load_classifier(config["classifier_path"], ev.device)
+        if info.get("class_names") != train.class_names or info["image_size"] != image_size \
+                or info["in_channels"] != channels:
+            raise UserError(f"{config['classifier_path']} was trained on other classes or image geometry "
+                            f"({info['in_channels']}x{info['image_size']}px, {len(info.get('class_names', []))} "
+                            f"classes; the data are {channels}x{image_size}px, {len(train.class_names)} classes)")
+        logger.log(f"reference classifier: loaded {config['classifier_path']}")
+        return model, config["classifier_path"]
+    logger.log(f"reference classifier: training on {len(train)} real images, {config['classifier_steps']} steps")
+    model = ev.train(train)
+    path = config["save_classifier"] or os.path.join(os.path.dirname(os.path.abspath(config["output_json"])),
+                                                     "reference_classifier.safetensors")
+    clf.save_classifier(path, model, {"class_names": train.class_names, "image_size": image_size,
+                                      "trained_on": os.path.abspath(config["real_train"]),
+                                      "steps": config["classifier_steps"], "seed": config["seed"]})
+    return model, path
+
+
+def run_evaluation(config):
+    """Compute every metric the inputs allow; write and return the result dict."""
+    config = dict(evaluate_defaults(), **config)
+    ks = _check_config(config)
+    started = time.time()
+    device = pick_device(config["device"])
+    ev = Evaluation(config, device)
+    rng = np.random.default_rng(config["seed"])
+    train, test, generated, image_size, channels = _load_sets(config, device)
+    num_classes = len(train.class_names)
+    logger.log(f"real train {len(train)}, real held-out {len(test)}, generated "
+               f"{len(generated) if generated is not None else 0}; {num_classes} classes, "
+               f"{channels}x{image_size}px; device {device}")
+    model, classifier_file = _reference_classifier(ev, train, test, image_size, channels)
+    result = {"trtr": None, "cas": None, "rcas": None, "tstr": None, "augmentation_gain": {}, "fd": None,
+              "fd_floor": None, "precision": None, "recall": None, "memorised": None}
+    test_pred = clf.predict(model, test.images, device)
+    result["trtr"] = clf.accuracy(test_pred, test.labels)
+    per_class = {"trtr": per_class_accuracy(test_pred, test.labels, num_classes)}
+    logger.log(f"TRTR (reference classifier on real held-out): {result['trtr']:.3f}")
+
+    if config["vae_path"]:
+        recon = reconstruct_with_vae(config["vae_path"], test, device)
+        rec_pred = clf.predict(model, recon.images, device)
+        result["rcas"] = clf.accuracy(rec_pred, recon.labels)
+        per_class["rcas"] = per_class_accuracy(rec_pred, recon.labels, num_classes)
+        logger.log(f"rCAS (VAE reconstructions of real held-out): {result['rcas']:.3f}")
+
+    if generated is not None and len(generated):
+        _generated_metrics(ev, result, per_class, model, train, test, generated, ks, rng, config)
+    elif generated is not None:
+        ev.note("cas", "no generated images found")
+
+    counts = {"real_train": int(len(train)), "real_test": int(len(test)),
+              "generated": int(len(generated)) if generated is not None else 0}
+    result["per_class"] = {
+        name: {key: (None if math.isnan(v[c]) else float(v[c])) for key, v in per_class.items()}
+        | {"n_generated": int(generated.counts()[c]) if generated is not None else 0}
+        for c, name in enumerate(train.class_names)}
+    result.update(notes=ev.notes, counts=counts, chance=1.0 / num_classes, classifier=classifier_file,
+                  inputs={k: os.path.abspath(config[k]) if config[k] else "" for k in
+                          ("real_train", "real_test", "generated", "vae_path")},
+                  settings={k: config[k] for k in evaluate_defaults() if k not in ("real_train", "real_test",
+                                                                                    "generated", "vae_path")},
+                  device=str(device), torch=torch.__version__, seconds=round(time.time() - started, 1))
+    atomic_write_bytes(config["output_json"], (json.dumps(result, indent=2) + "\n").encode())
+    logger.log(format_table(result))
+    logger.log(f"wrote {config['output_json']}")
+    return result
+
+
+def _generated_metrics(ev, result, per_class, model, train, test, generated, ks, rng, config):
+    num_classes = len(train.class_names)
+    gen_pred = clf.predict(model, generated.images, ev.device)
+    result["cas"] = clf.accuracy(gen_pred, generated.labels)
+    per_class["cas"] = per_class_accuracy(gen_pred, generated.labels, num_classes)
+    logger.log(f"CAS (reference classifier on generated): {result['cas']:.3f}")
+
+    counts = generated.counts()
+    if counts.min() < 2:
+        ev.note("tstr", f"every person needs at least 2 generated samples (the fewest: {int(counts.min())})")
+    else:
+        result["tstr"] = ev.accuracy(ev.train(generated, seed_offset=1), test)
+        logger.log(f"TSTR (trained on generated, tested on real held-out): {result['tstr']:.3f}")
+    result["augmentation_gain"] = _augmentation_gain(ev, train, generated, test, ks)
+
+    real_feats = clf.embed(model, test.images, ev.device)
+    gen_feats = clf.embed(model, generated.images, ev.device)
+    result["fd"], result["fd_floor"] = _fd_and_floor(ev, real_feats, gen_feats, rng)
+    k = int(config["pr_k"])
+    n = min(len(real_feats), len(gen_feats))
+    if n < max(4 * k, 20):
+        ev.note("precision", f"needs at least {max(4 * k, 20)} images per set, got {n}")
+    else:
+        real_sub = real_feats[rng.permutation(len(real_feats))[:n]]
+        gen_sub = gen_feats[rng.permutation(len(gen_feats))[:n]]
+        result["precision"], result["recall"] = metrics.precision_recall(real_sub, gen_sub, k)
+
+    memo = metrics.memorisation(generated.images, train.images, test.images, config["memorisation_threshold"])
+    memo["threshold"] = config["memorisation_threshold"]
+    result["memorised"] = int(len(memo["flagged"]))
+    pairs_path = os.path.join(os.path.dirname(os.path.abspath(config["output_json"])), PAIRS_FILE)
+    result["memorisation"] = {
+        "threshold": memo["threshold"], "real_median_rms": memo["real_median"],
+        "real_min_ratio": memo["real_min_ratio"], "min_ratio": float(memo["ratio"].min()),
+        "closest": _pairs_picture(pairs_path, generated, train, memo, int(config["num_pairs"])),
+        "picture": PAIRS_FILE if config["num_pairs"] else None}
+    if config["inception_weights"]:
+        result["inception"] = _inception_metrics(config["inception_weights"], test, generated)
+
+
+def _fmt(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(result):
+    """The metrics as aligned text lines, ceilings and floors beside them."""
+    trtr = result["trtr"]
+
+    def rel(v):
+        return f"  ({v / trtr:.2f} x TRTR)" if v is not None and trtr else ""
+
+    lines = ["", f"{'metric':<28}{'value':>10}   reference", "-" * 60,
+             f"{'TRTR (real held-out)':<28}{_fmt(trtr):>10}   the ceiling; chance {result['chance']:.3f}"]
+    for key, label in (("rcas", "rCAS (VAE reconstructions)"), ("cas", "CAS (generated)"),
+                       ("tstr", "TSTR (train on generated)")):
+        lines.append(f"{label:<28}{_fmt(result[key]):>10}{rel(result[key])}")
+    for k, g in result["augmentation_gain"].items():
+        lines.append(f"{'aug. gain, ' + k + ' real/person':<28}{g['gain']:>+10.3f}   "
+                     f"{g['real_only']:.3f} -> {g['augmented']:.3f} with {g['generated_per_class']} generated")
+    fd, floor = result["fd"], result["fd_floor"]
+    lines.append(f"{'Frechet distance':<28}{_fmt(fd, 2):>10}   floor (real vs real) {_fmt(floor, 2)}"
+                 + (f", {fd / floor:.2f} x floor" if fd is not None and floor else ""))
+    lines.append(f"{'precision / recall':<28}{_fmt(result['precision']):>10}   recall {_fmt(result['recall'])}")
+    if result["memorised"] is not None:
+        memo = result["memorisation"]
+        lines.append(f"{'memorised samples':<28}{result['memorised']:>10}   closest ratio {memo['min_ratio']:.2f} "
+                     f"(real held-out: {memo['real_min_ratio']:.2f}; flagged below {memo['threshold']})")
+    if "inception" in result:
+        lines.append(f"{'Inception FID / KID':<28}{result['inception']['fid']:>10.2f}   KID "
+                     f"{result['inception']['kid']:.4f}")
+    for key, reason in result["notes"].items():
+        lines.append(f"  note: {key}: {reason}")
+    return "\n".join(lines)
