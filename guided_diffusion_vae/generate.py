@@ -6,6 +6,7 @@ A checkpoint of ours describes its model, diffusion, classes and VAE, so
 from the model flags instead.
 """
 
+import math
 import os
 import re
 
@@ -16,7 +17,7 @@ from . import checkpoint as ckpt
 from . import logger, script_util
 from .errors import UserError
 from .sample_io import save_samples
-from .sampling import DenoisedClipper, generate_samples
+from .sampling import DenoisedClipper, NonFiniteSamples, generate_samples
 from .training import split_flags
 
 
@@ -42,6 +43,7 @@ def sample_defaults():
         "vae_path": "",
         "classifier_path": "",
         "classifier_scale": 1.0,
+        "keep_going": False,
     }
 
 
@@ -180,12 +182,24 @@ def _drop_labels(model):
     return call
 
 
+def _nonfinite_causes(config):
+    causes = [f"the weights of {config['model_path']} (NaN or diverged)"]
+    if config["classifier_path"]:
+        causes.append(f"classifier_scale={config['classifier_scale']} (too large?)")
+    return "look at " + " or ".join(causes)
+
+
 def run_sampling(config):
     """Draw samples as configured and write them; returns the paths written."""
     if not config["model_path"]:
         raise UserError("model_path is required: a checkpoint file or a run folder")
     if not config["output_dir"]:
         raise UserError("output_dir is required")
+    if not math.isfinite(config["classifier_scale"]):
+        raise UserError(f"classifier_scale must be a finite number, got {config['classifier_scale']}")
+    for key in ("batch_size", "num_images_per_user", "num_samples"):
+        if int(config[key]) < 1:
+            raise UserError(f"{key} must be >= 1, got {config[key]}")
     device = pick_device(config["device"])
     model, diffusion_config, meta = load_sampling_model(config, device)
     if config["timestep_respacing"]:
@@ -216,12 +230,23 @@ def run_sampling(config):
     decode_fn = load_decoder(meta, config, device)
     channels = meta["model"].get("in_channels", 3)
     size = meta["model"]["image_size"]
-    images, labels_out, clipped = generate_samples(
-        model=model, diffusion=diffusion, sample_shape=(channels, size, size),
-        num_samples=num_samples, batch_size=config["batch_size"], labels=labels,
-        use_ddim=config["use_ddim"], eta=config["eta"], clipper=clipper, decode_fn=decode_fn, cond_fn=cond_fn,
-        seed=config["seed"], device=device, precision=config["precision"],
-    )
+    dropped = []
+    try:
+        images, labels_out, clipped = generate_samples(
+            model=model, diffusion=diffusion, sample_shape=(channels, size, size),
+            num_samples=num_samples, batch_size=config["batch_size"], labels=labels,
+            use_ddim=config["use_ddim"], eta=config["eta"], clipper=clipper, decode_fn=decode_fn, cond_fn=cond_fn,
+            seed=config["seed"], device=device, precision=config["precision"],
+            on_nonfinite=dropped.extend if config["keep_going"] else None,
+        )
+    except NonFiniteSamples as err:
+        raise UserError(f"{err}: {_nonfinite_causes(config)}; nothing was written "
+                        "(--keep_going True writes the finite samples and counts the others)") from None
+    if dropped:
+        logger.warn(f"{len(dropped)} of {num_samples} samples held NaN or Inf and were not written "
+                    f"(indices {dropped[:10]}{' ...' if len(dropped) > 10 else ''}); {_nonfinite_causes(config)}")
+    if not len(images):
+        raise UserError(f"every sample held NaN or Inf: {_nonfinite_causes(config)}")
     if clip_mode != "none":
         logger.log(f"clip_denoised={clip_mode}: {100 * clipped:.3f}% of predicted x0 values were clipped")
     paths = save_samples(config["output_dir"], images, labels_out, label_map if class_cond else None)

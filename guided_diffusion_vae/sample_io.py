@@ -2,7 +2,9 @@
 per class, a grid, and the original's ``.npz`` of uint8 NHWC images."""
 
 import io
+import json
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -34,11 +36,30 @@ def save_png(path, image):
     atomic_write_bytes(path, buf.getvalue())
 
 
-def class_folder_name(label, label_map):
-    """The folder of class ``label``: its name from the label map."""
+_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def safe_folder_name(name):
+    """``name`` made into one harmless path component: characters other than
+    letters, digits and ``._+-`` become ``_``, and a name that is empty or
+    starts with a dot (``..``, hidden files) gets a ``class_`` prefix. Names
+    come from checkpoints other people send; none may leave the output folder."""
+    safe = _SAFE.sub("_", str(name)).strip("_")[:100]
+    if not safe or safe.startswith("."):
+        safe = "class_" + safe
+    return safe
+
+
+def class_name(label, label_map):
+    """The readable name of class ``label`` (from the label map)."""
     if label_map is None:
         return f"class_{int(label):03d}"
     return str(label_map[str(int(label))] if str(int(label)) in label_map else label_map[int(label)])
+
+
+def class_folder_name(label, label_map):
+    """The folder of class ``label``: its name from the label map, made safe."""
+    return safe_folder_name(class_name(label, label_map))
 
 
 def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=None):
@@ -50,8 +71,16 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
     """
     os.makedirs(output_dir, exist_ok=True)
     counters, paths = {}, {"images": []}
+    folders = {}  # safe folder name -> readable class name; two names never share a folder
+    if labels is not None:
+        for label in sorted(set(int(v) for v in labels)):
+            name, folder = class_name(label, label_map), class_folder_name(label, label_map)
+            while folder in folders and folders[folder] != name:
+                folder += "_"
+            folders[folder] = name
+        folder_of = {name: folder for folder, name in folders.items()}
     for i, image in enumerate(images):
-        folder = class_folder_name(labels[i], label_map) if labels is not None else "samples"
+        folder = folder_of[class_name(labels[i], label_map)] if labels is not None else "samples"
         k = counters.get(folder, 0)
         counters[folder] = k + 1
         path = os.path.join(output_dir, folder, f"generated_{k:03d}.png")
@@ -74,4 +103,7 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
             np.savez(f, **arrays)
 
     atomic_write(paths["npz"], write_npz)
+    if folders:  # the readable names, where a folder name had to differ
+        paths["classes"] = os.path.join(output_dir, "classes.json")
+        atomic_write_bytes(paths["classes"], json.dumps(folders, indent=1, sort_keys=True).encode())
     return paths

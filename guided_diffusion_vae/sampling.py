@@ -95,6 +95,15 @@ def _run_chain(*, diffusion, model, x, generators, use_ddim, eta, denoised_fn, c
     return x
 
 
+class NonFiniteSamples(UserError):
+    """Samples became NaN or Inf; nothing was written for them."""
+
+    def __init__(self, indices, where):
+        self.indices = list(indices)
+        shown = ", ".join(str(i) for i in self.indices[:5]) + (", ..." if len(self.indices) > 5 else "")
+        super().__init__(f"{len(self.indices)} sample(s) ({shown}) hold NaN or Inf in {where}")
+
+
 def to_uint8_images(images):
     """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -117,9 +126,15 @@ def generate_samples(
     device="cpu",
     precision="fp32",
     progress=True,
+    on_nonfinite=None,
 ):
     """Draw ``num_samples`` samples and return ``(uint8 NHWC images, labels,
     clip fraction)``.
+
+    A sample whose latents or decoded pixels hold NaN or Inf is never turned
+    into an image: by default :class:`NonFiniteSamples` is raised at the first
+    such batch; with ``on_nonfinite`` (a callable) the bad samples are left
+    out and their indices passed to it.
 
     Args:
         sample_shape: (C, H, W) of what the diffusion produces (latents or pixels).
@@ -156,11 +171,23 @@ def generate_samples(
                 model_kwargs=kwargs, progress=progress,
             )
         x = x.float()
+        finite = torch.isfinite(x).flatten(1).all(dim=1)
+        where = "the diffusion output"
         if decode_fn is not None:
             with torch.no_grad():
-                x = decode_fn(x)
-        images.append(to_uint8_images(x))
+                x = decode_fn(torch.where(finite.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros_like(x)))
+            decoded_ok = torch.isfinite(x).flatten(1).all(dim=1)
+            if bool(finite.all()) and not bool(decoded_ok.all()):
+                where = "the decoded images"
+            finite = finite & decoded_ok
+        keep = finite.cpu().numpy()
+        if not keep.all():
+            bad = [start + int(i) for i in np.flatnonzero(~keep)]
+            if on_nonfinite is None:
+                raise NonFiniteSamples(bad, where)
+            on_nonfinite(bad)
+        images.append(to_uint8_images(x[torch.from_numpy(keep).to(x.device)]))
         if labels is not None:
-            kept_labels.append(labels[start:stop].numpy())
+            kept_labels.append(labels[start:stop].numpy()[keep])
     all_labels = np.concatenate(kept_labels) if kept_labels else None
     return np.concatenate(images), all_labels, clipper.fraction()

@@ -71,3 +71,81 @@ def test_save_samples_writes_per_class_pngs_grid_and_npz(tmp_path):
     with np.load(paths["npz"]) as data:
         np.testing.assert_array_equal(data["arr_0"], images)
         np.testing.assert_array_equal(data["arr_1"], [1, 1, 0, 1])
+
+
+def _pixel_checkpoint(path, label_map, nan=False):
+    """A 2-class 8x8 pixel checkpoint of ours whose label map is ``label_map``."""
+    from guided_diffusion_vae.checkpoint import save_weights
+    from guided_diffusion_vae.training import split_flags
+
+    flags = script_util.model_and_diffusion_defaults()
+    flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+                 diffusion_steps=40, in_channels=3, class_cond=True, num_classes=2, predict_xstart=True)
+    torch.manual_seed(0)
+    model = script_util.create_model(**split_flags(flags)[0])
+    state = model.state_dict()
+    if nan:
+        state["out.2.weight"] = torch.full_like(state["out.2.weight"], float("nan"))
+    model_config, diffusion_config = split_flags(flags)
+    save_weights(str(path), state, {"step": 0, "weights": "model", "model": model_config,
+                                    "diffusion": diffusion_config, "vae": None,
+                                    "data": {"image_size": 8, "label_map": label_map}, "train": {}})
+    return str(path)
+
+
+def _sample_config(model_path, output_dir, **kw):
+    from guided_diffusion_vae.generate import sample_defaults
+
+    return {**sample_defaults(), "model_path": model_path, "output_dir": str(output_dir), "use_ema": False,
+            "num_images_per_user": 2, "batch_size": 4, "timestep_respacing": "5", "use_ddim": True,
+            "device": "cpu", **kw}
+
+
+def test_label_map_names_never_leave_the_output_folder(tmp_path):
+    """A checkpoint sent by someone else names its classes '../../..' and '/abs':
+    samples still land inside --output_dir, the readable names in classes.json."""
+    import json
+
+    from guided_diffusion_vae.generate import run_sampling
+
+    evil = {"0": "../../../escaped", "1": str(tmp_path / "abs_target")}
+    ckpt = _pixel_checkpoint(tmp_path / "model000000.safetensors", evil)
+    out = tmp_path / "deep" / "out"
+    run_sampling(_sample_config(ckpt, out))
+    written = sorted(p for p in tmp_path.rglob("*") if p.is_file() and p.suffix == ".png")
+    assert written and all(out in p.parents for p in written)
+    assert not (tmp_path / "abs_target").exists() and not list(tmp_path.parent.glob("escaped"))
+    classes = json.loads((out / "classes.json").read_text())
+    assert sorted(classes.values()) == sorted(evil.values())
+    assert all("/" not in folder and not folder.startswith(".") for folder in classes)
+    # Two names that sanitise alike keep two folders.
+    save_samples(str(tmp_path / "twin"), np.zeros((2, 4, 4, 1), np.uint8), np.array([0, 1]), {"0": "a/b", "1": "a_b"})
+    assert sorted(p.name for p in (tmp_path / "twin").iterdir() if p.is_dir()) == ["a_b", "a_b_"]
+
+
+def test_nonfinite_samples_fail_and_write_nothing(tmp_path):
+    from guided_diffusion_vae.generate import run_sampling
+
+    ckpt = _pixel_checkpoint(tmp_path / "model000000.safetensors", {"0": "user_01", "1": "user_02"}, nan=True)
+    with pytest.raises(UserError, match=r"4 sample\(s\) \(0, 1, 2, 3\) hold NaN or Inf.*model000000"):
+        run_sampling(_sample_config(ckpt, tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+    with pytest.raises(UserError, match="every sample held NaN"):
+        run_sampling(_sample_config(ckpt, tmp_path / "out", keep_going=True))
+    with pytest.raises(UserError, match="classifier_scale must be a finite number"):
+        run_sampling(_sample_config(ckpt, tmp_path / "out", classifier_scale=float("nan")))
+
+
+def test_keep_going_drops_only_the_bad_samples(model_and_diffusion):
+    model, diffusion = model_and_diffusion
+    dropped = []
+
+    def poison(x):  # a decoder that fails on the second sample only
+        x = x.clone()
+        x[1] = float("inf")
+        return x
+
+    images, labels, _ = generate_samples(model=model, diffusion=diffusion, sample_shape=(3, 8, 8), num_samples=3,
+                                         batch_size=3, labels=[0, 1, 0], use_ddim=True, decode_fn=poison,
+                                         progress=False, on_nonfinite=dropped.extend)
+    assert dropped == [1] and images.shape[0] == 2 and labels.tolist() == [0, 0]

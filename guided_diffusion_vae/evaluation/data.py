@@ -14,6 +14,7 @@ uint8 and ``arr_1`` the class indices, in the sorted class order above.
 """
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -100,6 +101,11 @@ def load_folder(folder, *, image_size, channels, class_names=None, max_per_class
     :param max_per_class: keep the first (sorted) files of each class.
     """
     found = _class_files(folder)
+    renamed = os.path.join(folder, "classes.json")  # the sampling scripts' safe folder -> class name
+    if os.path.isfile(renamed):
+        with open(renamed) as f:
+            names = json.load(f)
+        found = {str(names.get(k, k)): v for k, v in found.items()}
     if class_names is None:
         class_names = sorted(found)
     unknown = sorted(set(found) - set(class_names))
