@@ -19,6 +19,29 @@ META_KEY = "guided_diffusion_vae"
 FORMAT_VERSION = 1
 
 
+def _current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temporaries(folder, prefix, min_age_s=60.0):
+    """Temporaries of this file left by a writer that was killed (SIGKILL,
+    power loss). Only older ones: a live writer of the same file is unlikely,
+    but never disturbed within its first minute."""
+    import time
+
+    now = time.time()
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            full = os.path.join(folder, name)
+            try:
+                if now - os.path.getmtime(full) > min_age_s:
+                    os.remove(full)
+            except OSError:
+                pass
+
+
 def atomic_write(path, write_fn):
     """Call ``write_fn(tmp_path)`` then move the finished file onto ``path``.
 
@@ -28,8 +51,13 @@ def atomic_write(path, write_fn):
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    prefix = f".{os.path.basename(path)}."
+    _remove_stale_temporaries(folder, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     os.close(fd)
+    # mkstemp makes 0600 files; what we publish should respect the umask, as
+    # open() would, so collaborators on a shared cluster can read it.
+    os.chmod(tmp, 0o666 & ~_current_umask())
     try:
         write_fn(tmp)
         with open(tmp, "rb+") as f:

@@ -72,15 +72,25 @@ class Stages:
             if self.done and self.done.pop("layout", None) != LAYOUT:
                 raise UserError(f"{run_dir} was made by an older quickstart (no held-out split); "
                                 "use a new --run_dir")
+        # Seconds spent in runs of a stage that were stopped early (added when it finishes).
+        self.partial = self.done.pop("partial", {})
 
     def finished(self, name):
         return name in self.done
 
     def mark(self, name, seconds, **info):
+        self.done[name] = {"seconds": round(seconds + self.partial.pop(name, 0.0), 1), **info}
+        self._write()
+
+    def mark_partial(self, name, seconds):
+        self.partial[name] = round(self.partial.get(name, 0.0) + seconds, 1)
+        self._write()
+
+    def _write(self):
         from .checkpoint import atomic_write_bytes
 
-        self.done[name] = {"seconds": round(seconds, 1), **info}
-        atomic_write_bytes(self.path, json.dumps({"layout": LAYOUT, **self.done}, indent=2).encode())
+        state = {"layout": LAYOUT, **self.done, **({"partial": self.partial} if self.partial else {})}
+        atomic_write_bytes(self.path, json.dumps(state, indent=2).encode())
 
 
 def _banner(text):
@@ -145,10 +155,14 @@ def _diffusion_config(run_dir, preset, seed):
 
 
 def _train_diffusion(run_dir, preset, seed):
+    """Train; False when a stop signal ended training early (saved, not finished)."""
+    from .checkpoint import parse_step
     from .latent_model import latent_training_data
     from .training import run_training
 
-    run_training(_diffusion_config(run_dir, preset, seed), latent_training_data)
+    config = _diffusion_config(run_dir, preset, seed)
+    path = run_training(config, latent_training_data)
+    return parse_step(path) >= int(config["lr_anneal_steps"])
 
 
 def _sample(run_dir, preset, seed):
@@ -207,7 +221,11 @@ def run_quickstart(config, preset=None):
         else:
             _banner(f"[{number}/{len(STAGES)}] {name}")
             start = time.time()
-            steps[name]()
+            if steps[name]() is False:
+                stages.mark_partial(name, time.time() - start)
+                logger.log(f"[{number}/{len(STAGES)}] {name}: stopped early and saved; rerun the same command "
+                           "to continue")
+                return None
             stages.mark(name, time.time() - start, preset=config["preset"])
             # Each stage configures its own log; come back to the run's.
             logger.configure(dir=os.path.join(run_dir, "logs"), format_strs="stdout,log")

@@ -1,10 +1,13 @@
 """The whole job end to end on the built-in micro-Doppler simulator.
 
-    python scripts/quickstart.py --preset tiny --run_dir runs/quickstart   # 2-core CPU, < 15 min
-    python scripts/quickstart.py --preset gpu  --run_dir runs/gpu          # one GPU, full config
+    python scripts/quickstart.py --preset tiny --run_dir runs/quickstart   # 2-core CPU
+    python scripts/quickstart.py --preset gpu  --run_dir runs/gpu          # one GPU
 
-Stages: data -> vae -> latents -> diffusion -> samples -> report (run_dir/report.html).
-A rerun skips finished stages and resumes the interrupted one.
+Stages: data -> vae -> latents -> diffusion -> samples -> evaluate -> report
+(run_dir/report.html). A rerun skips finished stages and resumes the
+interrupted one; SIGTERM or Ctrl-C during diffusion training saves, and the
+same command continues from there (a notebook or a job with a time limit can
+run the preset in several pieces).
 """
 
 from guided_diffusion_vae.config import parse_with_config
@@ -12,8 +15,17 @@ from guided_diffusion_vae.errors import run_main
 from guided_diffusion_vae.quickstart import quickstart_defaults, run_quickstart
 
 
+HELPS = {
+    "preset": "tiny (a 2-core CPU, 32x32) or gpu (one GPU, 64x64, the configs/microdoppler_small.yaml network)",
+    "run_dir": "the run folder: every stage writes here, and a rerun resumes here",
+    "seed": "seed of the simulated people, their walks and every training stage",
+    "workers": "simulator processes",
+    "until": "stop after this stage: data, vae, latents, diffusion, samples, evaluate or report",
+}
+
+
 def main():
-    run_quickstart(parse_with_config(quickstart_defaults(), description=__doc__))
+    run_quickstart(parse_with_config(quickstart_defaults(), description=__doc__, helps=HELPS))
 
 
 if __name__ == "__main__":

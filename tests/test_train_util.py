@@ -234,3 +234,23 @@ def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path, tiny_model_f
     # A model file without its training state (a crash between the two writes) is not resumable.
     (tmp_path / "model000009.safetensors").write_bytes((tmp_path / "model000002.safetensors").read_bytes())
     assert _loop(tiny_model_flags, tmp_path, 4, resume="auto").step == 2
+
+
+def test_atomic_writes_respect_the_umask_and_clear_stale_temporaries(tmp_path):
+    import time
+
+    from guided_diffusion_vae.checkpoint import atomic_write_bytes
+
+    stale = tmp_path / ".data.bin.abc123.tmp"  # left by a writer killed mid-save
+    stale.write_bytes(b"")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    fresh = tmp_path / ".data.bin.def456.tmp"  # a writer that may still be alive
+    fresh.write_bytes(b"")
+    previous = os.umask(0o027)
+    try:
+        atomic_write_bytes(str(tmp_path / "data.bin"), b"x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "data.bin").stat().st_mode & 0o777 == 0o640
+    assert not stale.exists() and fresh.exists()
