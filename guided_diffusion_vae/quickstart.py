@@ -110,6 +110,7 @@ def _simulate(run_dir, preset, seed, workers):
     from datasets.microdoppler import simulate_dataset
 
     # The held-out split: the same people (people_seed), other walks (seed + 1).
+    os.makedirs(os.path.join(run_dir, "data"), exist_ok=True)
     for split, count, walk_seed in (("train", preset["train_per_user"], seed), ("test", preset["test_per_user"], seed + 1)):
         simulate_dataset(os.path.join(run_dir, "data", split), num_users=preset["num_users"], samples_per_user=count,
                          image_size=preset["image_size"], seed=walk_seed, people_seed=seed, workers=workers,

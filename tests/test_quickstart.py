@@ -39,7 +39,7 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
         assert 0.0 <= metrics[key] <= 1.0, key
     page = open(report).read()
     # Self-contained: every picture is embedded, and the metric table is there.
-    pictures = re.findall(r"<img[^>]*src=[\'"]([^\'"]+)", page)
+    pictures = re.findall(r"<img[^>]*src=[\"']([^\"']+)", page)
     assert len(pictures) >= 4 and all(p.startswith("data:image/png;base64,") for p in pictures)
     assert "TRTR" in page and "CAS" in page and "user_03" in page
 

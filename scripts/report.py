@@ -1,0 +1,64 @@
+"""One self-contained HTML page per run: metrics, loss curves, samples, configuration.
+
+    python scripts/report.py --run_dir RUN [--eval_json eval/metrics.json] [--vae_dir VAE_DIR] \\
+        [--output RUN/report.html]
+
+Writes one HTML file with every picture embedded (open it anywhere, nothing else
+needed) and the same figures as PNG files in <html stem>_files/ beside it. It
+shows the metrics of an evaluation JSON (scripts/evaluate.py) beside their
+ceilings and floors, one row per person with the worst CAS marked, the training
+loss by quartile of the diffusion timestep (progress.csv), real and generated
+spectrograms of every person side by side, the generated samples closest to a
+training image, and the run's configuration and VAE metrics. Inputs that are
+missing leave a one-line note in their section. See README.md, "Evaluation".
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion_vae import errors  # noqa: E402
+from guided_diffusion_vae.evaluation.report import report_defaults  # noqa: E402
+
+HELPS = {
+    "run_dir": "training folder (progress.csv, config.yaml) or quickstart run folder (diffusion/, vae/, data/, "
+               "samples/); '' = none",
+    "eval_json": "metrics JSON written by scripts/evaluate.py; its inputs name the real and generated images shown",
+    "vae_dir": "VAE folder with metrics.json and reconstructions.png ('' = RUN_DIR/vae, else the evaluation's "
+               "vae_path)",
+    "output": "the HTML file ('' = RUN_DIR/report.html, else report.html beside --eval_json); figures go to "
+              "<stem>_files/ beside it",
+    "per_person": "real and generated spectrograms shown per person",
+    "people": "comma-separated person names shown side by side ('' = everyone)",
+    "title": "page title",
+}
+
+
+def default_output(config):
+    if config["output"]:
+        return config["output"]
+    if config["run_dir"]:
+        return os.path.join(config["run_dir"], "report.html")
+    if config["eval_json"]:
+        return os.path.join(os.path.dirname(os.path.abspath(config["eval_json"])), "report.html")
+    return ""
+
+
+def main(argv=None):
+    from guided_diffusion_vae.config import parse_with_config
+    from guided_diffusion_vae.evaluation.report import write_report
+
+    defaults = report_defaults()
+    config = parse_with_config(defaults, argv, description=__doc__, helps=HELPS)
+    if not config["run_dir"] and not config["eval_json"]:
+        raise errors.UserError("nothing to report: give --run_dir, --eval_json or both")
+    path = write_report(default_output(config), eval_json=config["eval_json"] or None,
+                        run_dir=config["run_dir"] or None, vae_dir=config["vae_dir"] or None,
+                        title=config["title"], people=config["people"] or None, per_person=config["per_person"])
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    errors.run_main(main)
