@@ -31,5 +31,6 @@ setup(
         "tensorboard>=2.12",
         "matplotlib>=3.6",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    # torch-fidelity only for the optional Inception FID/KID of scripts/evaluate.py.
+    extras_require={"test": ["pytest>=7"], "fid": ["torch-fidelity>=0.3"]},
 )
