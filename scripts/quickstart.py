@@ -10,16 +10,23 @@ same command continues from there (a notebook or a job with a time limit can
 run the preset in several pieces).
 """
 
-from guided_diffusion_vae.config import parse_with_config
-from guided_diffusion_vae.errors import run_main
-from guided_diffusion_vae.quickstart import quickstart_defaults, run_quickstart
+import os
+
+# The simulator runs one process per core: BLAS threads in each would only
+# compete with them (measured: 49 s instead of 3 s for 3,968 spectrograms on 16 cores).
+for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+from guided_diffusion_vae.config import parse_with_config  # noqa: E402
+from guided_diffusion_vae.errors import run_main  # noqa: E402
+from guided_diffusion_vae.quickstart import quickstart_defaults, run_quickstart  # noqa: E402
 
 
 HELPS = {
     "preset": "tiny (a 2-core CPU, 32x32) or gpu (one GPU, 64x64, the configs/microdoppler_small.yaml network)",
     "run_dir": "the run folder: every stage writes here, and a rerun resumes here",
     "seed": "seed of the simulated people, their walks and every training stage",
-    "workers": "simulator processes",
+    "workers": "simulator processes (0 = one per CPU core)",
     "until": "stop after this stage: data, vae, latents, diffusion, samples, evaluate or report",
 }
 
