@@ -55,11 +55,12 @@ def atomic_write(path, write_fn):
     _remove_stale_temporaries(folder, prefix)
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
     os.close(fd)
-    # mkstemp makes 0600 files; what we publish should respect the umask, as
-    # open() would, so collaborators on a shared cluster can read it.
-    os.chmod(tmp, 0o666 & ~_current_umask())
     try:
         write_fn(tmp)
+        # mkstemp makes 0600 files (and a writer may replace the file); what we
+        # publish respects the umask, as open() would, so collaborators on a
+        # shared cluster can read it.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -182,12 +182,22 @@ class JSONOutput(KVWriter):
 
 
 class CSVOutput(KVWriter):
-    """A CSV table; a key seen for the first time adds a column (file rewritten)."""
+    """A CSV table; a key seen for the first time adds a column (file rewritten).
+
+    An existing table in the same place is continued, not replaced: a resumed
+    run keeps the history of the run it resumes (rows written after its last
+    checkpoint, before an interruption, stay too and may repeat a step).
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self.columns: list[str] = []
-        self.file = open(path, "w+", encoding="utf-8", newline="")
+        exists = os.path.isfile(path) and os.path.getsize(path) > 0
+        self.file = open(path, "r+" if exists else "w+", encoding="utf-8", newline="")
+        if exists:
+            header = next(csv.reader(self.file), [])
+            self.columns = [c for c in header]
+            self.file.seek(0, os.SEEK_END)
 
     def _rewrite_with(self, columns: list[str]) -> None:
         self.file.seek(0)

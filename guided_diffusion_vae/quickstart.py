@@ -55,7 +55,7 @@ PRESETS = {
         # The network of configs/microdoppler_small.yaml, trained for the
         # preset's time budget; eager (a compile per resumed piece costs more
         # than it saves in a run this short).
-        "diffusion": {"config": "configs/microdoppler_small.yaml", "lr_anneal_steps": 10000, "compile": False},
+        "diffusion": {"config": "configs/microdoppler_small.yaml", "lr_anneal_steps": 5000, "compile": False},
         "sampling": {"num_images_per_user": 100, "timestep_respacing": "ddim50", "batch_size": 256},
         "evaluate": {"classifier_steps": 1500, "augment_k": "8,16,32", "augment_generated": 100},
     },

@@ -167,3 +167,22 @@ def test_scoped_configure_restores_the_outer_logger(tmp_path):
     assert "inside" in (tmp_path / "inner" / "log.txt").read_text()
     outer_text = (tmp_path / "outer" / "log.txt").read_text()
     assert "outside again" in outer_text and "inside" not in outer_text
+
+
+def test_csv_of_a_resumed_run_keeps_the_earlier_rows(tmp_path):
+    import csv
+
+    from guided_diffusion_vae.logger import CSVOutput
+
+    path = str(tmp_path / "progress.csv")
+    first = CSVOutput(path)
+    first.writekvs({"step": 1, "loss": 0.5})
+    first.writekvs({"step": 2, "loss": 0.4})
+    first.close()
+    again = CSVOutput(path)  # the resumed run opens the same table
+    again.writekvs({"step": 3, "loss": 0.3, "loss_q0": 0.9})  # and adds a column
+    again.close()
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert [r["loss_q0"] for r in rows] == ["", "", "0.9"]
