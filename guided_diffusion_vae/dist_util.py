@@ -513,3 +513,17 @@ def load_state_dict(path: str | os.PathLike, **kwargs) -> Any:
     """``torch.load`` of a file read once by rank 0 (see :func:`read_file_once`)."""
     data = read_file_once(path)
     return torch.load(io.BytesIO(data), **kwargs)
+
+
+def pick_device(name):
+    """A ``--device`` flag as a torch device: ``auto`` is the GPU when there is
+    one; a CUDA device asked for where there is none is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but CUDA is not available here")
+    return device

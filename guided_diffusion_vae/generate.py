@@ -15,6 +15,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import logger, script_util
+from .dist_util import pick_device  # noqa: F401  (also this module's public name)
 from .errors import UserError
 from .sample_io import save_samples
 from .sampling import DenoisedClipper, NonFiniteSamples, generate_samples
@@ -45,18 +46,6 @@ def sample_defaults():
         "classifier_scale": 1.0,
         "keep_going": False,
     }
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
 
 
 def resolve_weights_file(model_path, use_ema):

@@ -167,6 +167,18 @@ def class_names_from_paths(paths: Sequence[str], data_dir: str, label_source: st
     return names
 
 
+def detect_channels(paths, max_files=16):
+    """1 if the first ``max_files`` images are all gray (R == G == B), else 3."""
+    for path in paths[:max_files]:
+        with Image.open(path) as img:
+            if img.mode in ("L", "I", "I;16", "F", "1"):
+                continue
+            rgb = np.asarray(img.convert("RGB"))
+            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+                return 3
+    return 1
+
+
 # --------------------------------------------------------------------------- #
 # decoding and geometry
 # --------------------------------------------------------------------------- #

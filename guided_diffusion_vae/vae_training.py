@@ -50,6 +50,7 @@ from . import checkpoint as ckpt
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
 from .errors import UserError
+from .image_datasets import detect_channels
 from .train_util import resolve_precision
 from .vae_wrapper import LATENT_STATS_FILE, scale_from_moments, vae_fingerprint
 
@@ -185,20 +186,6 @@ def _check_config(config):
 # --------------------------------------------------------------------------- #
 # data
 # --------------------------------------------------------------------------- #
-
-
-def detect_channels(paths, max_files=16):
-    """1 if the first ``max_files`` images are all gray (R == G == B), else 3."""
-    from PIL import Image
-
-    for path in paths[:max_files]:
-        with Image.open(path) as img:
-            if img.mode in ("L", "I", "I;16", "F", "1"):
-                continue
-            rgb = np.asarray(img.convert("RGB"))
-            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
-                return 3
-    return 1
 
 
 def split_holdout(paths, data_dir, fraction):

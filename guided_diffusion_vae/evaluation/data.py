@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
+from ..image_datasets import detect_channels as detect_image_channels
 from ..image_datasets import list_image_files
 
 
@@ -73,15 +74,7 @@ def _class_files(folder):
 
 def detect_channels(folder, max_files=16):
     """1 when the first images of ``folder`` are grayscale (R == G == B), else 3."""
-    files = [f for group in _class_files(folder).values() for f in group][:max_files]
-    for path in files:
-        with Image.open(path) as img:
-            if img.mode in ("L", "I", "I;16", "F", "1"):
-                continue
-            rgb = np.asarray(img.convert("RGB"))
-            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
-                return 3
-    return 1
+    return detect_image_channels([f for group in _class_files(folder).values() for f in group], max_files)
 
 
 def image_size_of(folder):

@@ -25,6 +25,7 @@ import torch
 
 from .. import logger
 from ..checkpoint import atomic_write_bytes
+from ..dist_util import pick_device
 from ..errors import UserError
 from . import classifier as clf
 from . import metrics
@@ -55,18 +56,6 @@ def evaluate_defaults():
         "num_pairs": 8,
         "inception_weights": "",
     }
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but CUDA is not available here")
-    return device
 
 
 def _check_config(config):
