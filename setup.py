@@ -13,6 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["guided_diffusion_vae", "guided_diffusion_vae.*"]),
+    # The YAML configs ship inside the package (configs/ of a checkout links to them).
+    package_data={"guided_diffusion_vae": ["configs/*.yaml"]},
     python_requires=">=3.9",
     install_requires=[
         # A range, not a pin: an installed torch (CPU or CUDA) satisfies it and
@@ -32,5 +34,6 @@ setup(
         "matplotlib>=3.6",
     ],
     # torch-fidelity only for the optional Inception FID/KID of scripts/evaluate.py.
-    extras_require={"test": ["pytest>=7"], "fid": ["torch-fidelity>=0.3"]},
+    # wheel: the install test builds the package as pip install . would.
+    extras_require={"test": ["pytest>=7", "wheel"], "fid": ["torch-fidelity>=0.3"]},
 )

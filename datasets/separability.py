@@ -17,7 +17,6 @@ The figure in ``datasets/README.md`` comes from exactly that command.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -35,15 +34,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def _load_simulator():
-    """Import datasets/microdoppler.py by path (no clash with HuggingFace ``datasets``)."""
-    name = "microdoppler"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / "microdoppler.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The simulator package (runnable from a checkout without installing)."""
+    sys.path.insert(0, str(HERE.parent))
+    from guided_diffusion_vae import simulate
+
+    return simulate
 
 
 def load_folder(root: Path, train_per_user: int):

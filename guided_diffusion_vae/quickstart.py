@@ -103,18 +103,14 @@ def _banner(text):
     logger.log(f"\n=== {text} ===")
 
 
-def _repo_root():
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def packaged_config(name):
+    """A config shipped with the package (``configs/NAME`` of a checkout links there)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", os.path.basename(name))
 
 
 def _simulate(run_dir, preset, seed, workers):
     workers = workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    import sys
-
-    root = _repo_root()
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from datasets.microdoppler import simulate_dataset
+    from .simulate import simulate_dataset
 
     # The held-out split: the same people (people_seed), other walks (seed + 1).
     os.makedirs(os.path.join(run_dir, "data"), exist_ok=True)
@@ -152,7 +148,7 @@ def _diffusion_config(run_dir, preset, seed):
     config = dict(defaults)
     yaml_path = settings.pop("config", None)
     if yaml_path:
-        config.update(load_yaml_config(os.path.join(_repo_root(), yaml_path), defaults))
+        config.update(load_yaml_config(packaged_config(yaml_path), defaults))
     config.update(settings)
     config.update(
         latent_cache=os.path.join(run_dir, "latents"), log_dir=os.path.join(run_dir, "diffusion"),

@@ -28,8 +28,7 @@ FAST = dict(classifier_steps=250, classifier_embed_dim=24, augment_k="4", augmen
 
 
 def _simulator():
-    sys.path.insert(0, ROOT)
-    from datasets.microdoppler import simulate_dataset
+    from guided_diffusion_vae.simulate import simulate_dataset
 
     return simulate_dataset
 
@@ -216,3 +215,14 @@ def test_latent_cache_as_real_data(real, tmp_path):
 
     recon = reconstruct_with_vae(vae, folder, torch.device("cpu"))
     assert np.abs(recon.images.astype(int) - test.images.astype(int)).max() <= 1
+
+
+def test_inception_metrics_never_download(real, baseline, tmp_path):
+    """FID/KID only from weights on disk: a missing file is refused by name, before any work."""
+    out, _ = baseline
+    with pytest.raises(UserError, match="inception.pth: file not found"):
+        run_evaluation(dict(real_train=str(real / "train"), real_test=str(real / "test"),
+                            generated=str(real / "extra"), output_json=str(tmp_path / "m.json"),
+                            classifier_path=str(out / "reference_classifier.safetensors"),
+                            inception_weights=str(tmp_path / "inception.pth"), **{**FAST, "augment_k": ""}))
+    assert not (tmp_path / "m.json").exists()

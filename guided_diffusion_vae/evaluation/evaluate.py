@@ -79,6 +79,12 @@ def _check_config(config):
         raise UserError(f"--augment_k must be comma-separated integers, got {config['augment_k']!r}") from None
     if any(k < 1 for k in ks):
         raise UserError(f"--augment_k values must be >= 1, got {config['augment_k']!r}")
+    if config["vae_path"]:
+        from ..vae_wrapper import check_vae_dir
+
+        check_vae_dir(config["vae_path"])  # before any classifier is trained
+    if config["inception_weights"] and not os.path.isfile(config["inception_weights"]):
+        raise UserError(f"--inception_weights {config['inception_weights']}: file not found (it is never downloaded)")
     out_dir = os.path.dirname(os.path.abspath(config["output_json"]))
     if os.path.isdir(config["output_json"]):
         raise UserError(f"--output_json {config['output_json']} is a folder; name a .json file")
