@@ -6,6 +6,7 @@ The original guided-diffusion's bare ``.pt`` state dicts still load (with
 ``weights_only=True``; nothing loaded here can execute code).
 """
 
+import inspect
 import json
 import os
 import re
@@ -178,6 +179,51 @@ def load_state_strict(model, state_dict, source, checkpoint_config=None, model_c
     """Load strictly; on any mismatch raise a UserError naming the missing,
     unexpected and wrongly shaped parameters and the config values that explain
     them. Never leaves a partly loaded model to be used silently."""
+    check_state_fits(model, state_dict, source, checkpoint_config, model_config)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def check_build_kwargs(factory, kwargs, source, key):
+    """Refuse the stored arguments ``kwargs`` (metadata ``key`` of ``source``)
+    unless ``factory`` accepts them all and lacks none it requires."""
+    if not isinstance(kwargs, dict):
+        raise UserError(f"{source}: metadata '{key}' must be an object of arguments, got {type(kwargs).__name__}")
+    params = inspect.signature(factory).parameters
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise UserError(f"{source}: metadata '{key}' has unknown argument(s) {', '.join(map(str, unknown[:4]))}")
+    required = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in kwargs]
+    if required:
+        raise UserError(f"{source}: metadata '{key}' lacks the argument(s) {', '.join(required)}")
+
+
+def _build(factory, kwargs, source, key):
+    try:
+        return factory(**kwargs)
+    except UserError as err:
+        raise UserError(f"{source}: metadata '{key}': {err}") from None
+    except (TypeError, ValueError, KeyError, ZeroDivisionError, AssertionError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{source}: metadata '{key}' does not build a model: {first}") from None
+
+
+def build_from_metadata(factory, kwargs, state_dict, source, key="model"):
+    """``factory(**kwargs)`` holding ``state_dict``, built only once the
+    stored tensors are known to fit: a skeleton on the meta device (no memory)
+    is compared first, so metadata claiming e.g. ``num_channels: 4096`` beside
+    small tensors is refused before a huge model is allocated."""
+    check_build_kwargs(factory, kwargs, source, key)
+    with torch.device("meta"):
+        skeleton = _build(factory, kwargs, source, key)
+    check_state_fits(skeleton, state_dict, source)
+    del skeleton
+    return load_state_strict(_build(factory, kwargs, source, key), state_dict, source)
+
+
+def check_state_fits(model, state_dict, source, checkpoint_config=None, model_config=None):
+    """Raise a UserError unless ``state_dict`` has exactly ``model``'s tensor
+    names and shapes (``model`` may live on the meta device)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -187,8 +233,7 @@ def load_state_strict(model, state_dict, source, checkpoint_config=None, model_c
         if tuple(state_dict[name].shape) != tuple(own[name].shape)
     ]
     if not (missing or unexpected or wrong):
-        model.load_state_dict(state_dict, strict=True)
-        return model
+        return
 
     def few(items):
         shown = ", ".join(items[:4])

@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from . import dist_util, logger, script_util
 from .errors import UserError
 from .resample import UniformSampler
-from .train_util import DeviceMeans, resolve_precision
+from .train_util import TRAINING_LIMITS, DeviceMeans, check_output_dir, check_training_numbers, resolve_precision
 
 CHECKPOINT_KIND = "classifier"
 
@@ -43,6 +43,13 @@ def classifier_train_defaults():
         "seed": 0,
         "precision": "auto",
     }
+
+
+# The numeric flags checked before any work (train_util.check_number's terms).
+CLASSIFIER_LIMITS = {
+    **{k: TRAINING_LIMITS[k] for k in ("batch_size", "lr", "weight_decay", "log_interval", "save_interval", "seed")},
+    "iterations": (1, True, False, ""),
+}
 
 
 def _classifier_flag_names():
@@ -74,6 +81,8 @@ def train_classifier(config):
 
     if not config.get("latent_cache"):
         raise UserError("latent_cache is required: a folder written by scripts/encode_latents.py")
+    check_training_numbers(config, CLASSIFIER_LIMITS)
+    check_output_dir(config.get("log_dir"), "log_dir")
     dist_util.setup_dist()
     logger.configure(dir=config.get("log_dir") or None, format_strs="stdout,log,csv")
     torch.manual_seed(int(config["seed"]))
@@ -191,11 +200,10 @@ def load_classifier(path, device="cpu"):
     state, meta = ckpt.load_weights(str(path))
     if not meta or meta.get("kind") != CHECKPOINT_KIND or "classifier" not in meta:
         raise UserError(f"{path} is not a classifier checkpoint (written by scripts/classifier_train.py)")
-    kwargs = dict(meta["classifier"])
-    model = script_util.create_classifier(**kwargs)
+    kwargs = meta["classifier"]
+    model = ckpt.build_from_metadata(script_util.create_classifier, kwargs, state, str(path), "classifier")
     if kwargs.get("classifier_use_fp16"):
         model.convert_to_fp16()
-    ckpt.load_state_strict(model, state, str(path))
     return model.to(device).eval(), meta
 
 

@@ -11,7 +11,6 @@ import os
 import re
 
 import numpy as np
-import torch
 
 from . import checkpoint as ckpt
 from . import logger, script_util
@@ -101,6 +100,31 @@ def resolve_user_ids(user_ids, label_map):
     return chosen
 
 
+def check_label_map(label_map, source):
+    """Refuse a label map that is not ``{"0": name, ...}`` (or None)."""
+    if label_map is None:
+        return
+    if not isinstance(label_map, dict):
+        raise UserError(f"{source}: label_map must be an object {{\"0\": name, ...}}, got {type(label_map).__name__}")
+    for key, name in label_map.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(name, str)):
+            raise UserError(f"{source}: label_map entry {key!r}: {name!r} is not an index string and a name")
+
+
+def check_sampling_metadata(meta, source):
+    """The parts of a checkpoint's metadata that sampling reads, checked
+    before anything is built: one line naming the file and the key."""
+    for key in ("model", "diffusion"):
+        if key not in meta:
+            raise UserError(f"{source}: metadata lacks the key '{key}'")
+    ckpt.check_build_kwargs(script_util.create_model, meta["model"], source, "model")
+    ckpt.check_build_kwargs(script_util.create_gaussian_diffusion, meta["diffusion"], source, "diffusion")
+    data = meta.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{source}: metadata 'data' must be an object, got {type(data).__name__}")
+    check_label_map((data or {}).get("label_map"), source)
+
+
 def load_sampling_model(config, device):
     """``(model, diffusion_config, meta)`` for the checkpoint in ``config``."""
     path = resolve_weights_file(config["model_path"], config["use_ema"])
@@ -114,8 +138,8 @@ def load_sampling_model(config, device):
         meta = {"model": model_config, "diffusion": diffusion_config, "data": {}, "vae": None}
         ckpt.load_state_strict(model, state, path)
     else:
-        model = script_util.create_model(**meta["model"])
-        ckpt.load_state_strict(model, state, path)
+        check_sampling_metadata(meta, path)
+        model = ckpt.build_from_metadata(script_util.create_model, meta["model"], state, path, "model")
         diffusion_config = dict(meta["diffusion"])
     logger.log(f"sampling from {path} (step {meta.get('step', ckpt.parse_step(path))})")
     if config.get("use_fp16"):

@@ -124,11 +124,44 @@ def list_image_files(data_dir: str | os.PathLike) -> list[str]:
             found.extend(blobfile.join(root, f) for f in files
                          if not f.startswith(".") and _has_image_extension(f))
     else:
-        for root, dirs, files in os.walk(data_dir, followlinks=True):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            found.extend(os.path.join(root, f) for f in files
-                         if not f.startswith(".") and _has_image_extension(f))
+        found = _walk_local_images(data_dir)
     return sorted(found)
+
+
+def _walk_local_images(data_dir: str) -> list[str]:
+    """Image files under a local ``data_dir``, following symlinked folders
+    but entering each real folder once: a link back to an ancestor (a loop)
+    would otherwise list files twice or, with two loops, never end."""
+    found: list[str] = []
+    visited = {_dir_identity(data_dir)}
+    skipped = []
+    for root, dirs, files in os.walk(data_dir, followlinks=True):
+        kept = []
+        for d in sorted(dirs):  # sorted: which of two paths to a folder wins is stable
+            if d.startswith("."):
+                continue
+            identity = _dir_identity(os.path.join(root, d))
+            if identity in visited:
+                skipped.append(os.path.join(root, d))
+                continue
+            visited.add(identity)
+            kept.append(d)
+        dirs[:] = kept
+        found.extend(os.path.join(root, f) for f in files
+                     if not f.startswith(".") and _has_image_extension(f))
+    if skipped:
+        logger.warn(f"{data_dir}: skipped {len(skipped)} folder(s) already listed through another path "
+                    f"(symlink loops or duplicate links), e.g. {skipped[0]}")
+    return found
+
+
+def _dir_identity(path: str) -> tuple:
+    """(device, inode) of the folder ``path`` resolves to."""
+    try:
+        st = os.stat(path)
+    except OSError:  # a dangling link: os.walk will not enter it either
+        return ("unreadable", os.path.realpath(path))
+    return (st.st_dev, st.st_ino)
 
 
 def _relative_parts(path: str, data_dir: str) -> list[str]:

@@ -406,6 +406,17 @@ def _store_latents(store, start, stop, latents):
     store[start:stop] = values
 
 
+def check_finite_rows(array, path, rows_per_read=4096):
+    """Refuse a (memory-mapped) array holding NaN or Inf, naming ``path`` and
+    the first bad row; read in pieces, one vectorised test per piece."""
+    for start in range(0, array.shape[0], rows_per_read):
+        block = np.asarray(array[start:start + rows_per_read])
+        finite = np.isfinite(block).reshape(block.shape[0], -1).all(axis=1)
+        if not finite.all():
+            index = start + int(np.argmin(finite))
+            raise UserError(f"latent cache file {path!r} holds NaN or Inf at index {index}; rebuild the cache")
+
+
 def measure_array_scale(array, rows_per_read=4096):
     """``1/std`` over all values of a (memory-mapped) array, read in pieces."""
     total = total_sq = 0.0
@@ -480,7 +491,12 @@ class LatentCache:
                 os.path.join(cache_dir, PLAN_FILE)) else ""
             raise UserError(f"no complete latent cache in {cache_dir!r}: {META_FILE} is missing{hint}")
         self.cache_dir = cache_dir
-        self.meta = _read_json(meta_path)
+        try:
+            self.meta = _read_json(meta_path)
+        except (OSError, ValueError) as err:
+            raise UserError(f"latent cache file {meta_path!r} is not readable JSON: {err}") from None
+        if not isinstance(self.meta, dict):
+            raise UserError(f"latent cache file {meta_path!r} holds a {type(self.meta).__name__}, not an object")
         if self.meta.get("format") != FORMAT_VERSION:
             raise UserError(
                 f"latent cache {cache_dir!r} has format {self.meta.get('format')!r}; "
@@ -491,15 +507,41 @@ class LatentCache:
             self.labels = np.load(os.path.join(cache_dir, LABELS_FILE))
         except (OSError, ValueError) as err:
             raise UserError(f"latent cache {cache_dir!r} is damaged: {err}") from err
-        expected = (self.meta["count"],) + tuple(self.meta["shape"])
-        if self.latents.shape != expected or self.labels.shape != (self.meta["count"],):
+        try:
+            expected = (int(self.meta["count"]),) + tuple(int(n) for n in self.meta["shape"])
+            self.latent_scale = float(self.meta["latent_scale"])
+            self.vae_description = dict(self.meta["vae"])
+        except KeyError as err:
+            raise UserError(f"latent cache file {meta_path!r} lacks the key {err}") from None
+        except (TypeError, ValueError) as err:
+            raise UserError(f"latent cache file {meta_path!r} has a malformed count, shape, latent_scale "
+                            f"or vae: {err}") from None
+        if self.latents.shape != expected or self.labels.shape != (expected[0],):
             raise UserError(
                 f"latent cache {cache_dir!r} is damaged: latents {self.latents.shape}, "
                 f"labels {self.labels.shape}, meta.json says {expected}"
             )
-        self.latent_scale = float(self.meta["latent_scale"])
         self.label_map = self.meta.get("label_map")
-        self.vae_description = dict(self.meta["vae"])
+        self._check_labels(meta_path)
+        check_finite_rows(self.latents, os.path.join(cache_dir, LATENTS_FILE))
+
+    def _check_labels(self, meta_path):
+        """Labels must be integers naming entries of the label map (0 without one)."""
+        labels_path = os.path.join(self.cache_dir, LABELS_FILE)
+        if not np.issubdtype(self.labels.dtype, np.integer):
+            raise UserError(f"latent cache file {labels_path!r} holds {self.labels.dtype} labels, not integers")
+        if self.label_map in (None, {}):
+            count = 1
+        elif isinstance(self.label_map, dict) and sorted(self.label_map) == sorted(map(str, range(len(self.label_map)))):
+            count = len(self.label_map)
+        else:
+            raise UserError(f"latent cache file {meta_path!r}: label_map must map \"0\"..\"N-1\" to names, "
+                            f"got {str(self.label_map)[:80]}")
+        bad = np.flatnonzero((self.labels < 0) | (self.labels >= count))
+        if bad.size:
+            index = int(bad[0])
+            raise UserError(f"latent cache file {labels_path!r}: label {int(self.labels[index])} at index {index} "
+                            f"is outside the label map (0..{count - 1})")
 
     def __len__(self):
         return self.latents.shape[0]

@@ -13,6 +13,8 @@ non-finite loss skips the optimizer update on the device (the fused AdamW
 """
 
 import contextlib
+import math
+import numbers
 import os
 import random
 import signal
@@ -62,6 +64,68 @@ def training_defaults():
         "tensorboard": True,
     }
 
+
+# flag: (minimum, integer, exclusive minimum, what the bound means).
+TRAINING_LIMITS = {
+    "batch_size": (1, True, False, ""),
+    "microbatch": (-1, True, False, " (-1 or 0: whole batches)"),
+    "lr": (0.0, False, True, ""),
+    "weight_decay": (0.0, False, False, ""),
+    "lr_anneal_steps": (0, True, False, " (0: train until stopped)"),
+    "log_interval": (1, True, False, ""),
+    "save_interval": (0, True, False, " (0: save only at the end)"),
+    "fp16_scale_growth": (0.0, False, False, ""),
+    "grad_clip": (0.0, False, False, " (0: no clipping)"),
+    "max_nonfinite_steps": (0, True, False, " (0: never stop)"),
+    "sample_interval": (0, True, False, " (0: no previews)"),
+    "num_preview_samples": (1, True, False, ""),
+    "num_workers": (0, True, False, ""),
+    "seed": (0, True, False, ""),
+}
+
+
+def check_number(name, value, minimum, *, integer=False, exclusive=False, note=""):
+    """Return ``value`` if it is a finite number (an integer with ``integer``)
+    at least ``minimum`` (above it with ``exclusive``), else raise a one-line
+    UserError naming the flag ``name`` and the value."""
+    kind = "an integer" if integer else "a finite number"
+    bound = f"{'>' if exclusive else '>='} {minimum}"
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if integer and is_number and not isinstance(value, numbers.Integral):
+        is_number = math.isfinite(value) and float(value).is_integer()
+    if not is_number or not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
+        raise UserError(f"{name} must be {kind} {bound}{note}, got {value!r}")
+    return value
+
+
+def check_training_numbers(config, limits=None):
+    """Check every numeric flag of ``config`` that ``limits`` (default:
+    ``TRAINING_LIMITS``) knows, before any work is done; keys it lacks are
+    skipped. Also parses ``ema_rate`` if present."""
+    for name, (minimum, integer, exclusive, note) in (limits or TRAINING_LIMITS).items():
+        if name in config:
+            check_number(name, config[name], minimum, integer=integer, exclusive=exclusive, note=note)
+    if "ema_rate" in config:
+        parse_ema_rates(config["ema_rate"])
+
+
+def check_output_dir(path, flag="log_dir"):
+    """Create the folder ``path`` if needed and prove it writable (a probe
+    file), so a file in the way or a read-only folder is a one-line error
+    now rather than a traceback from the logger or the first checkpoint."""
+    import tempfile
+
+    if not path:
+        return path
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path!r} is not a writable folder: {err.strerror or err}") from None
+    return path
 
 def parse_ema_rates(ema_rate):
     """``"0.9999,0.999"`` -> ``[0.9999, 0.999]`` (rates must lie in (0, 1))."""
@@ -167,6 +231,12 @@ class TrainLoop:
         compile=False,
         seed=0,
     ):
+        check_training_numbers(dict(
+            batch_size=batch_size, microbatch=microbatch, lr=lr, weight_decay=weight_decay,
+            lr_anneal_steps=lr_anneal_steps, log_interval=log_interval, save_interval=save_interval,
+            fp16_scale_growth=fp16_scale_growth, grad_clip=grad_clip, max_nonfinite_steps=max_nonfinite_steps,
+            sample_interval=sample_interval, seed=seed,
+        ))
         self.model, self.diffusion, self.data = model, diffusion, data
         self.batch_size = batch_size
         self.microbatch = batch_size if microbatch <= 0 else microbatch

@@ -16,7 +16,13 @@ from . import dist_util, logger, script_util
 from .config import write_resolved_config
 from .errors import UserError
 from .resample import create_named_schedule_sampler
-from .train_util import TrainLoop, resolve_precision, training_defaults
+from .train_util import (
+    TrainLoop,
+    check_output_dir,
+    check_training_numbers,
+    resolve_precision,
+    training_defaults,
+)
 
 
 @dataclasses.dataclass
@@ -139,6 +145,9 @@ def preview_sampler(*, diffusion_config, data, num_samples, precision):
 def run_training(config, build_data):
     """Train with ``config`` (resolved flags) on the data ``build_data(config)``
     returns; returns the path of the last model checkpoint."""
+    # Bad numbers and an unusable log folder are refused before any work.
+    check_training_numbers(config)
+    check_output_dir(config.get("log_dir"), "log_dir")
     dist_util.setup_dist()
     formats = "stdout,log,csv" + (",tensorboard" if config.get("tensorboard", True) else "")
     logger.configure(dir=config.get("log_dir") or None, format_strs=formats)

@@ -664,7 +664,7 @@ def _class_labels(config, all_paths, train_paths, heldout_paths):
     if not config["identity_steps"] or not heldout_paths:
         return None
     if config["image_size"] % 8:
-        logger.log(f"identity check skipped: the reference classifier needs an image size divisible by 8")
+        logger.log("identity check skipped: the reference classifier needs an image size divisible by 8")
         return None
     try:
         names = sorted(set(class_names_from_paths(all_paths, config["data_dir"])))

@@ -100,6 +100,66 @@ def read_latent_stats(path):
         return json.load(f)
 
 
+def _read_vae_weights(path):
+    """Every tensor of the VAE's weight files (safetensors, or a ``.bin`` read
+    with ``weights_only``: nothing loaded here can execute code)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in _weight_paths(path):
+        if not os.path.isfile(file):
+            raise UserError(f"VAE weight file {file!r} is missing (named by the index in {path!r})")
+        try:
+            if file.endswith(".safetensors"):
+                part = load_file(file)
+            else:
+                part = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # safetensors and torch raise their own types
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UserError(f"VAE weight file {file!r} is unreadable: {first}") from None
+        state.update(part)
+    return state
+
+
+def _few(items, limit=3):
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def load_vae_strict(path, config):
+    """The AutoencoderKL of ``config`` (config.json) with exactly the tensors
+    stored in ``path``: a missing, extra or mis-shaped tensor is a UserError.
+
+    diffusers' ``from_pretrained`` leaves a missing tensor as uninitialised
+    memory and reports a config/weights disagreement as a traceback, so the
+    model is built from the config and the names and shapes compared here.
+    """
+    from diffusers import AutoencoderKL
+
+    try:
+        model = AutoencoderKL.from_config(config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"VAE config in {path!r} does not describe an AutoencoderKL: {first}") from None
+    state = _read_vae_weights(path)
+    if hasattr(model, "_fix_state_dict_keys_on_load"):
+        # Older diffusers saved attention as query/key/value/proj_attn
+        # (e.g. downloaded Stable Diffusion VAEs); renamed in place as
+        # from_pretrained would.
+        model._fix_state_dict_keys_on_load(state)
+    own = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{n} stored {list(state[n].shape)} vs config {list(own[n])}"
+             for n in sorted(set(own) & set(state)) if tuple(state[n].shape) != own[n]]
+    problems = [f"{len(items)} {what}: {_few(items)}"
+                for what, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", wrong)) if items]
+    if problems:
+        raise UserError(f"the VAE weights in {path!r} do not fit its config.json: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
 def scale_from_moments(total, total_sq, count):
     """``1/std`` of values given their sum, sum of squares and count (float64 maths)."""
     if count < 2:
@@ -186,14 +246,7 @@ class VAEInterface:
         elif latent_scale is not None:
             self.set_latent_scale(latent_scale)
 
-        from diffusers import AutoencoderKL
-
-        try:
-            # low_cpu_mem_usage=False: the default asks for `accelerate` and
-            # warns without it; our VAEs are small enough either way.
-            model = AutoencoderKL.from_pretrained(path, local_files_only=True, low_cpu_mem_usage=False)
-        except (OSError, ValueError, EnvironmentError) as err:
-            raise UserError(f"could not load the VAE in {path!r}: {err}") from err
+        model = load_vae_strict(path, self.config)
         # Kept in NCHW: measured on an H100 (base VAE, 64px, batch 256), NHWC
         # (channels_last) made encode+decode 25-40% slower, because the many
         # GroupNorms of these VAEs are slow in that layout.

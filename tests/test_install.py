@@ -19,24 +19,24 @@ def test_non_editable_install_runs_the_quickstart(tmp_path):
                             "--no-index", ROOT], capture_output=True, text=True,
                            env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))
     assert build.returncode == 0, build.stderr[-2000:]
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import os, json
         import guided_diffusion_vae
         assert os.path.join("site-packages", "guided_diffusion_vae") in guided_diffusion_vae.__file__, guided_diffusion_vae.__file__
         from guided_diffusion_vae.quickstart import quickstart_defaults, run_quickstart
-        preset = {{
+        preset = {
             "num_users": 2, "train_per_user": 4, "test_per_user": 2, "image_size": 32,
-            "vae": {{"vae_size": "tiny", "lr_anneal_steps": 2, "batch_size": 2, "lr": 1e-3, "log_interval": 1,
-                    "save_interval": 2, "progress": False, "identity_steps": 5}},
+            "vae": {"vae_size": "tiny", "lr_anneal_steps": 2, "batch_size": 2, "lr": 1e-3, "log_interval": 1,
+                    "save_interval": 2, "progress": False, "identity_steps": 5},
             # The packaged YAML config, as the gpu preset names it, with a tiny network.
-            "diffusion": {{"config": "configs/microdoppler_small.yaml", "num_channels": 32, "channel_mult": "1,2",
+            "diffusion": {"config": "configs/microdoppler_small.yaml", "num_channels": 32, "channel_mult": "1,2",
                           "attention_resolutions": "4", "num_res_blocks": 1, "batch_size": 2,
                           "lr_anneal_steps": 2, "compile": False, "sample_interval": 0, "num_workers": 0,
-                          "diffusion_steps": 100, "log_interval": 1, "save_interval": 2}},
-            "sampling": {{"num_images_per_user": 1, "timestep_respacing": "ddim3", "batch_size": 4}},
-            "evaluate": {{"classifier_steps": 5, "classifier_embed_dim": 4, "augment_k": "", "augment_generated": 1}},
-        }}
-        report = run_quickstart({{**quickstart_defaults(), "run_dir": "run", "workers": 1}}, preset=preset)
+                          "diffusion_steps": 100, "log_interval": 1, "save_interval": 2},
+            "sampling": {"num_images_per_user": 1, "timestep_respacing": "ddim3", "batch_size": 4},
+            "evaluate": {"classifier_steps": 5, "classifier_embed_dim": 4, "augment_k": "", "augment_generated": 1},
+        }
+        report = run_quickstart({**quickstart_defaults(), "run_dir": "run", "workers": 1}, preset=preset)
         assert os.path.isfile(report)
         print(json.load(open("run/stages.json"))["diffusion"]["seconds"] >= 0)
     """)

@@ -1,0 +1,311 @@
+"""Reliability: every bad input is refused with one line naming the culprit
+(a UserError; the scripts print it and exit 2), never a traceback, a hang or
+a silent exit 0. See docs/RELIABILITY.md for what each test guarantees."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion_vae import script_util
+from guided_diffusion_vae.errors import UserError
+from helpers.vae_helpers import REPO, SCRIPTS, make_tiny_vae, one_torch_thread
+
+_threads = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
+
+
+def _one_line(err):
+    message = str(err.value)
+    assert "\n" not in message, message
+    return message
+
+
+# --------------------------------------------------------------------------- #
+# 1. VAE loading is strict
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    return make_tiny_vae(tmp_path_factory.mktemp("vae") / "vae", in_channels=1)
+
+
+def _copy_vae(src, dst):
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+def test_vae_missing_tensor_is_refused(tiny_vae, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from guided_diffusion_vae.vae_wrapper import VAEInterface
+
+    vae = _copy_vae(tiny_vae, tmp_path / "vae")
+    weights = os.path.join(vae, "diffusion_pytorch_model.safetensors")
+    state = load_file(weights)
+    dropped = "decoder.conv_out.weight"
+    del state[dropped]
+    save_file(state, weights)
+    with pytest.raises(UserError) as err:
+        VAEInterface(vae, device="cpu")
+    message = _one_line(err)
+    assert "1 missing" in message and dropped in message and vae in message
+
+
+def test_vae_config_disagreeing_with_weights_is_refused(tiny_vae, tmp_path):
+    from guided_diffusion_vae.vae_wrapper import VAEInterface
+
+    vae = _copy_vae(tiny_vae, tmp_path / "vae")
+    config_path = os.path.join(vae, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["block_out_channels"] = [8, 16, 32]
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(UserError) as err:
+        VAEInterface(vae, device="cpu")
+    message = _one_line(err)
+    assert "mis-shaped" in message and "vs config" in message and vae in message
+
+
+def test_intact_vae_loads_the_stored_weights(tiny_vae):
+    from safetensors.torch import load_file
+
+    from guided_diffusion_vae.vae_wrapper import VAEInterface
+
+    vae = VAEInterface(tiny_vae, device="cpu")
+    stored = load_file(os.path.join(tiny_vae, "diffusion_pytorch_model.safetensors"))
+    own = vae.model.state_dict()
+    assert set(own) == set(stored)
+    assert all(torch.equal(own[k], stored[k]) for k in stored)
+
+
+# --------------------------------------------------------------------------- #
+# 2. bad numbers are refused before any work
+# --------------------------------------------------------------------------- #
+
+
+def _never_build(config):
+    raise AssertionError("the data was built although a flag was bad")
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("batch_size", 0), ("lr", float("nan")), ("lr", 0.0), ("lr", float("inf")), ("lr_anneal_steps", -5),
+    ("microbatch", -2), ("weight_decay", -0.1), ("log_interval", 0), ("save_interval", -1),
+    ("grad_clip", float("nan")), ("ema_rate", "1.5"), ("batch_size", 2.5),
+])
+def test_training_numbers_are_checked_before_any_work(flag, value, tmp_path):
+    from guided_diffusion_vae.training import pixel_train_defaults, run_training
+
+    run = tmp_path / "run"
+    config = {**pixel_train_defaults(), "data_dir": str(tmp_path), "log_dir": str(run), flag: value}
+    with pytest.raises(UserError) as err:
+        run_training(config, _never_build)
+    message = _one_line(err)
+    assert flag in message and (str(value) in message or repr(value) in message)
+    assert not run.exists()
+
+
+def test_train_loop_checks_its_numbers():
+    from guided_diffusion_vae.train_util import TrainLoop
+
+    with pytest.raises(UserError, match=r"^batch_size must be an integer >= 1, got 0$"):
+        TrainLoop(model=None, diffusion=None, data=None, batch_size=0)
+    with pytest.raises(UserError, match=r"^microbatch must be .*>= -1.*got -3$"):
+        TrainLoop(model=None, diffusion=None, data=None, batch_size=4, microbatch=-3)
+
+
+@pytest.mark.parametrize("flag, value", [("iterations", 0), ("lr", float("nan")), ("batch_size", 0),
+                                         ("log_interval", 0)])
+def test_classifier_numbers_are_checked_before_any_work(flag, value, tmp_path):
+    from guided_diffusion_vae.classifier_training import classifier_train_defaults, train_classifier
+
+    config = {**classifier_train_defaults(), "latent_cache": str(tmp_path / "no_cache"),
+              "log_dir": str(tmp_path / "run"), flag: value}
+    with pytest.raises(UserError) as err:
+        train_classifier(config)
+    assert flag in _one_line(err) and not (tmp_path / "run").exists()
+
+
+def _run_failing(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    result = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_scripts_exit_2_with_one_line(tmp_path):
+    line = _run_failing([f"{SCRIPTS}/image_train.py", "--data_dir", str(tmp_path), "--batch_size", "0",
+                         "--log_dir", str(tmp_path / "run")])
+    assert "batch_size" in line and "got 0" in line
+    line = _run_failing([f"{SCRIPTS}/classifier_train.py", "--latent_cache", str(tmp_path), "--iterations", "0",
+                         "--log_dir", str(tmp_path / "run")])
+    assert "iterations" in line and "got 0" in line
+    assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- #
+# 3. one-line errors instead of tracebacks
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("where", ["a_file", "under_a_file"])
+def test_unusable_log_dir(where, tmp_path):
+    from guided_diffusion_vae.training import pixel_train_defaults, run_training
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    # (A read-only folder is refused by the same write probe; not tested: CI
+    # runs as root, who may write into it.)
+    log_dir = {"a_file": blocker, "under_a_file": blocker / "run"}[where]
+    config = {**pixel_train_defaults(), "data_dir": str(tmp_path), "log_dir": str(log_dir)}
+    with pytest.raises(UserError) as err:
+        run_training(config, _never_build)
+    message = _one_line(err)
+    assert message.startswith(f"log_dir {str(log_dir)!r}")
+
+
+def _hand_cache(folder, latents, labels, label_map=None, meta_text=None):
+    """A latent cache written directly (no VAE): meta.json, latents.npy, labels.npy."""
+    from guided_diffusion_vae import latent_datasets as ld
+
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, ld.LATENTS_FILE), np.asarray(latents, np.float32))
+    np.save(os.path.join(folder, ld.LABELS_FILE), np.asarray(labels, np.int64))
+    meta = {"format": ld.FORMAT_VERSION, "count": len(labels), "shape": list(np.shape(latents)[1:]),
+            "latent_scale": 1.0, "vae": {"latent_channels": np.shape(latents)[1]}, "label_map": label_map}
+    with open(os.path.join(folder, ld.META_FILE), "w") as f:
+        f.write(meta_text if meta_text is not None else json.dumps(meta))
+    return str(folder)
+
+
+def test_latent_cache_meta_not_json(tmp_path):
+    from guided_diffusion_vae.latent_datasets import LatentCache
+
+    cache = _hand_cache(tmp_path / "c", np.zeros((2, 4, 2, 2)), [0, 0], meta_text="{not json")
+    with pytest.raises(UserError) as err:
+        LatentCache(cache)
+    assert "meta.json" in _one_line(err) and "not readable JSON" in str(err.value)
+    with open(os.path.join(cache, "meta.json"), "w") as f:
+        json.dump({"format": 1}, f)
+    with pytest.raises(UserError, match="meta.json.*lacks the key 'count'"):
+        LatentCache(cache)
+
+
+def test_latent_cache_label_outside_label_map(tmp_path):
+    from guided_diffusion_vae.latent_datasets import LatentCache
+
+    labels = [0, 1, 0, 2]
+    cache = _hand_cache(tmp_path / "c", np.zeros((4, 4, 2, 2)), labels, {"0": "user_01", "1": "user_02"})
+    with pytest.raises(UserError) as err:
+        LatentCache(cache)
+    message = _one_line(err)
+    assert "labels.npy" in message and "label 2 at index 3" in message
+    good = _hand_cache(tmp_path / "ok", np.zeros((4, 4, 2, 2)), [0, 1, 1, 0], {"0": "user_01", "1": "user_02"})
+    assert len(LatentCache(good)) == 4
+
+
+def _checkpoint(path, *, num_channels=32, model_meta=None, data_meta=None):
+    """A small 2-class 8x8 pixel checkpoint of ours (tests/test_sampling.py's
+    helper) whose metadata may claim something else than its tensors."""
+    from guided_diffusion_vae.checkpoint import save_weights
+    from guided_diffusion_vae.training import split_flags
+
+    flags = script_util.model_and_diffusion_defaults()
+    flags.update(image_size=8, num_channels=num_channels, num_res_blocks=1, channel_mult="1,2",
+                 attention_resolutions="4", diffusion_steps=40, in_channels=3, class_cond=True, num_classes=2)
+    model_config, diffusion_config = split_flags(flags)
+    torch.manual_seed(0)
+    state = script_util.create_model(**model_config).state_dict()
+    meta = {"step": 0, "weights": "model", "model": model_meta if model_meta is not None else model_config,
+            "diffusion": diffusion_config, "vae": None,
+            "data": data_meta if data_meta is not None else {"image_size": 8, "label_map": {"0": "a", "1": "b"}},
+            "train": {}}
+    save_weights(str(path), state, meta)
+    return str(path), model_config
+
+
+def _load(path):
+    from guided_diffusion_vae.generate import load_sampling_model, sample_defaults
+
+    return load_sampling_model({**sample_defaults(), "model_path": path, "use_ema": False}, "cpu")
+
+
+def test_checkpoint_metadata_errors_name_file_and_key(tmp_path):
+    path, good = _checkpoint(tmp_path / "model000000.safetensors")
+    model, _, _ = _load(path)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    cases = [
+        ({"model_meta": {**good, "num_chanels": 32}}, "unknown argument(s) num_chanels"),
+        ({"model_meta": {k: v for k, v in good.items() if k != "image_size"}}, "lacks the argument(s) image_size"),
+        ({"data_meta": {"image_size": 8, "label_map": ["a", "b"]}}, "label_map must be an object"),
+        ({"model_meta": [1, 2]}, "metadata 'model' must be an object"),
+    ]
+    for i, (kw, expected) in enumerate(cases):
+        bad, _ = _checkpoint(tmp_path / f"bad{i}" / "model000000.safetensors", **kw)
+        with pytest.raises(UserError) as err:
+            _load(bad)
+        message = _one_line(err)
+        assert bad in message and expected in message, message
+
+
+# --------------------------------------------------------------------------- #
+# 4. non-finite latents are refused
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_latent_cache_with_nonfinite_values_is_refused(bad, tmp_path):
+    from guided_diffusion_vae.latent_datasets import LatentCache, check_finite_rows
+
+    latents = np.zeros((6, 4, 2, 2), np.float32)
+    latents[3, 2, 1, 0] = bad
+    cache = _hand_cache(tmp_path / "c", latents, [0] * 6)
+    with pytest.raises(UserError) as err:
+        LatentCache(cache)
+    message = _one_line(err)
+    assert "latents.npy" in message and "index 3" in message
+    # Chunked: a bad row in a later piece is named by its global index.
+    with pytest.raises(UserError, match="index 3"):
+        check_finite_rows(latents, "x", rows_per_read=2)
+
+
+# --------------------------------------------------------------------------- #
+# 5. denial of service: symlink loops, huge models claimed by metadata
+# --------------------------------------------------------------------------- #
+
+
+def test_symlink_loops_are_listed_once(tmp_path):
+    from guided_diffusion_vae.image_datasets import list_image_files
+
+    data = tmp_path / "data"
+    (data / "user_01" / "deep").mkdir(parents=True)
+    (data / "user_02").mkdir()
+    for name in ("user_01/a.png", "user_01/deep/b.png", "user_02/c.png"):
+        (data / name).write_bytes(b"")
+    os.symlink("..", data / "user_01" / "up")  # a loop back to data/
+    os.symlink("../..", data / "user_01" / "deep" / "top")  # a second loop: together they never ended
+    start = time.time()
+    found = list_image_files(str(data))
+    assert time.time() - start < 5
+    assert len(found) == len(set(found)) == 3
+    assert sorted(os.path.relpath(p, data) for p in found) == ["user_01/a.png", "user_01/deep/b.png", "user_02/c.png"]
+
+
+def test_metadata_claiming_a_huge_model_is_refused_before_allocation(tmp_path):
+    _, good = _checkpoint(tmp_path / "model000000.safetensors")
+    huge, _ = _checkpoint(tmp_path / "huge" / "model000000.safetensors", model_meta={**good, "num_channels": 4096})
+    start = time.time()
+    with pytest.raises(UserError) as err:
+        _load(huge)
+    message = _one_line(err)
+    assert time.time() - start < 10
+    assert huge in message and "wrongly shaped" in message and "model [4096" in message
