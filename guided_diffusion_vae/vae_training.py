@@ -682,10 +682,10 @@ def _class_labels(config, all_paths, train_paths, heldout_paths):
 
 def _identity(config, train_images, heldout, recon, labels, device):
     """TRTR / rCAS of the exported VAE on its held-out images (evaluation.classifier)."""
-    from .evaluation.classifier import reconstruction_identity
+    from .evaluation.classifier import reconstruction_identity, to_uint8
 
     train_labels, heldout_labels, num_classes = labels
-    recon_uint8 = ((recon + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    recon_uint8 = to_uint8(recon)
     result = reconstruction_identity(train_images, train_labels, heldout, heldout_labels, recon_uint8, num_classes,
                                      device=device, steps=config["identity_steps"], seed=config["seed"])
     ratio = result["rcas"] / result["trtr"] if result["trtr"] else float("nan")

@@ -65,6 +65,21 @@ def to_input(images_uint8, device):
     return x.to(device).float().div_(127.5).sub_(1.0)
 
 
+def match_channels(x, channels):
+    """Float images ``(N, C, H, W)`` with ``channels`` channels: colour to gray by
+    ITU-R 601 luma (as PIL's "L"), gray to colour by repetition."""
+    if x.shape[1] == 3 and channels == 1:
+        return 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
+    if x.shape[1] == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1)
+    return x
+
+
+def to_uint8(x):
+    """Float images in [-1, 1] -> uint8 numpy (the inverse of :func:`to_input`)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
 def _time_shift(x, generator, max_fraction=0.125):
     """Shift each image along time (columns) by up to ``max_fraction`` of its
     width, padding with the edge column: a record may start at any moment of

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
+from .classifier import match_channels, to_uint8
 from ..image_datasets import detect_channels as detect_image_channels
 from ..image_datasets import list_image_files
 
@@ -196,13 +197,9 @@ def load_latent_cache(path, *, vae_path, device, image_size, channels, class_nam
     images = []
     for start in range(0, count, 256):
         z = torch.from_numpy(np.array(cache.latents[start:min(count, start + 256)], dtype=np.float32)).to(device)
-        x = vae.decode_unscaled(z).float().clamp(-1, 1)
-        if x.shape[1] == 3 and channels == 1:
-            x = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
-        elif x.shape[1] == 1 and channels == 3:
-            x = x.expand(-1, 3, -1, -1)
+        x = match_channels(vae.decode_unscaled(z).float().clamp(-1, 1), channels)
         if x.shape[-1] != image_size:
-            x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bicubic").clamp(-1, 1)
-        images.append(((x + 1) * 127.5).round().to(torch.uint8).cpu().numpy())
+            x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bicubic")
+        images.append(to_uint8(x))
     return LabelledImages(np.concatenate(images), remap[np.asarray(cache.labels[:count])], list(class_names),
                           f"latent cache {path}", [""] * count)

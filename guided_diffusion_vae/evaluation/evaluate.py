@@ -132,21 +132,16 @@ def reconstruct_with_vae(vae_path, data: LabelledImages, device):
 
     vae = VAEInterface(vae_path, device=device)
     x = clf.to_input(data.images, device)
-    if vae.in_channels != x.shape[1]:
-        if x.shape[1] == 1 and vae.in_channels == 3:
-            x = x.expand(-1, 3, -1, -1)
-        else:
-            raise UserError(f"the VAE in {vae_path} takes {vae.in_channels} channel(s); the images have {x.shape[1]}")
+    if vae.in_channels != x.shape[1] and not (x.shape[1] == 1 and vae.in_channels == 3):
+        raise UserError(f"the VAE in {vae_path} takes {vae.in_channels} channel(s); the images have {x.shape[1]}")
+    x = clf.match_channels(x, vae.in_channels)
     if x.shape[-1] % vae.downsample_factor:
         raise UserError(f"image size {x.shape[-1]} is not a multiple of the VAE's downsampling {vae.downsample_factor}")
     out = []
     for start in range(0, len(x), 256):
         z = vae.encode_unscaled(x[start:start + 256])
-        out.append(vae.decode_unscaled(z).float().clamp(-1, 1))
-    rec = torch.cat(out)
-    if rec.shape[1] == 3 and data.images.shape[1] == 1:
-        rec = (0.299 * rec[:, :1] + 0.587 * rec[:, 1:2] + 0.114 * rec[:, 2:])
-    images = ((rec + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        out.append(vae.decode_unscaled(z).float())
+    images = clf.to_uint8(clf.match_channels(torch.cat(out), data.images.shape[1]))
     return LabelledImages(images, data.labels, data.class_names, f"VAE({vae_path}) of {data.source}", data.files)
 
 
@@ -265,7 +260,7 @@ def _load_sets(config, device):
     return train, test, generated, image_size, channels
 
 
-def _reference_classifier(ev, train, test, image_size, channels):
+def _reference_classifier(ev, train, image_size, channels):
     config = ev.config
     if config["classifier_path"]:
         model, info = clf.load_classifier(config["classifier_path"], ev.device)
@@ -299,7 +294,7 @@ def run_evaluation(config):
     logger.log(f"real train {len(train)}, real held-out {len(test)}, generated "
                f"{len(generated) if generated is not None else 0}; {num_classes} classes, "
                f"{channels}x{image_size}px; device {device}")
-    model, classifier_file = _reference_classifier(ev, train, test, image_size, channels)
+    model, classifier_file = _reference_classifier(ev, train, image_size, channels)
     result = {"trtr": None, "cas": None, "rcas": None, "tstr": None, "augmentation_gain": {}, "fd": None,
               "fd_floor": None, "precision": None, "recall": None, "memorised": None}
     test_pred = clf.predict(model, test.images, device)
