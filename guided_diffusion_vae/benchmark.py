@@ -12,9 +12,9 @@ import time
 import torch
 
 from . import dist_util, logger, script_util
-from .latent_model import latent_train_defaults
+from .latent_training import latent_train_defaults
 from .train_util import TrainLoop
-from .training import TrainingData, model_flags
+from .diffusion_training import TrainingData, model_flags
 
 
 def benchmark_defaults():

@@ -3,12 +3,12 @@
 The classifier sees latents from a latent cache, noised by the same forward
 process as the diffusion model it will guide (so the noise schedule flags must
 match that model's), and learns to name the person at every timestep. At
-sampling time :func:`classifier_cond_fn` turns it into the gradient of
-``log p(y | x_t)`` that ``sampling.generate_samples(cond_fn=...)`` and the
-diffusion's sample loops add to the model's mean (or score).
+sampling time ``guidance.classifier_cond_fn`` turns it into the gradient of
+``log p(y | x_t)`` that the samplers add to the model's mean (or score).
 
-Checkpoints are self-describing safetensors files: ``load_classifier`` rebuilds
-the network from the stored ``create_classifier`` arguments alone.
+Checkpoints are self-describing safetensors files (``kind: classifier``):
+``guidance.load_classifier`` rebuilds the network from the stored
+``create_classifier`` arguments alone.
 """
 
 import os
@@ -19,10 +19,13 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import dist_util, logger, script_util
 from .errors import UserError
+from .guidance import CLASSIFIER_KIND
+from .labels import normalize_label_map
+from .latent_training import latent_classifier_kwargs
 from .resample import UniformSampler
 from .train_util import TRAINING_LIMITS, DeviceMeans, check_output_dir, check_training_numbers, resolve_precision
+from .latent_datasets import load_latent_data
 
-CHECKPOINT_KIND = "classifier"
 
 
 def classifier_train_defaults():
@@ -64,7 +67,7 @@ def _label_map(stream):
     label_map = stream.label_map or stream.cache.label_map
     if not label_map:
         raise UserError(f"latent cache {stream.cache.cache_dir!r} has no label map: a classifier needs classes")
-    return {str(int(k)): str(v) for k, v in label_map.items()}
+    return normalize_label_map(label_map, stream.cache.cache_dir)
 
 
 def _save(folder, step, model, metadata):
@@ -77,7 +80,6 @@ def _save(folder, step, model, metadata):
 def train_classifier(config):
     """Train a noisy-latent classifier on ``config["latent_cache"]``; returns
     the path of the last checkpoint (on every rank)."""
-    from .latent_datasets import load_latent_data
 
     if not config.get("latent_cache"):
         raise UserError("latent_cache is required: a folder written by scripts/encode_latents.py")
@@ -102,12 +104,8 @@ def train_classifier(config):
         )
     vae_meta = {**cache.vae_description, "latent_scale": cache.latent_scale}
     flags = {key: config[key] for key in _classifier_flag_names()}
-    model = _build(vae_meta, pixel_size, len(label_map), flags)
-    factor = int(vae_meta["downsample_factor"])
-    classifier_kwargs = {
-        "image_size": pixel_size // factor, "in_channels": int(vae_meta["latent_channels"]),
-        "num_classes": len(label_map), **flags,
-    }
+    classifier_kwargs = latent_classifier_kwargs(vae_meta, pixel_size, len(label_map), flags)
+    model = script_util.create_classifier(**classifier_kwargs)
     if tuple(cache.shape) != (classifier_kwargs["in_channels"], classifier_kwargs["image_size"],
                               classifier_kwargs["image_size"]):
         raise UserError(f"{config['latent_cache']}: latents of shape {cache.shape} do not fit {classifier_kwargs}")
@@ -134,7 +132,7 @@ def train_classifier(config):
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     metadata = {
-        "kind": CHECKPOINT_KIND,
+        "kind": CLASSIFIER_KIND,
         "classifier": classifier_kwargs,
         "diffusion": diffusion_kwargs,
         "data": {"label_map": label_map, "image_size": pixel_size,
@@ -186,44 +184,3 @@ def train_classifier(config):
                 _save(folder, step, model, metadata)
             dist_util.barrier()
     return last
-
-
-def _build(vae_meta, pixel_size, num_classes, flags):
-    from .latent_model import create_latent_classifier
-
-    return create_latent_classifier(vae_description=vae_meta, image_size=pixel_size, num_classes=num_classes, **flags)
-
-
-def load_classifier(path, device="cpu"):
-    """``(classifier in eval mode on device, metadata)`` from a checkpoint of
-    :func:`train_classifier`."""
-    state, meta = ckpt.load_weights(str(path))
-    if not meta or meta.get("kind") != CHECKPOINT_KIND or "classifier" not in meta:
-        raise UserError(f"{path} is not a classifier checkpoint (written by scripts/classifier_train.py)")
-    kwargs = meta["classifier"]
-    model = ckpt.build_from_metadata(script_util.create_classifier, kwargs, state, str(path), "classifier")
-    if kwargs.get("classifier_use_fp16"):
-        model.convert_to_fp16()
-    return model.to(device).eval(), meta
-
-
-def classifier_cond_fn(classifier, scale):
-    """Guidance for ``generate_samples(cond_fn=...)`` and the diffusion's loops:
-    ``cond_fn(x, t, y)`` -> ``scale * d/dx log p_classifier(y | x, t)``.
-
-    ``t`` must be the diffusion's original timesteps (what a respaced
-    diffusion passes to cond_fn), as the classifier was trained on them.
-    """
-    scale = float(scale)
-
-    def cond_fn(x, t, y=None, **_):
-        if y is None:
-            raise ValueError("classifier guidance needs the target labels y")
-        with torch.enable_grad():
-            x_in = x.detach().float().requires_grad_(True)
-            log_probs = F.log_softmax(classifier(x_in, t).float(), dim=-1)
-            picked = log_probs[torch.arange(len(y), device=log_probs.device), y.to(log_probs.device)]
-            gradient = torch.autograd.grad(picked.sum(), x_in)[0]
-        return gradient * scale
-
-    return cond_fn

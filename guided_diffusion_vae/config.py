@@ -14,6 +14,8 @@ import sys
 import yaml
 
 from .errors import UserError
+from .script_util import str2bool
+from .files import atomic_write_bytes
 
 
 def _suggest(key, valid, prefix=""):
@@ -92,7 +94,6 @@ def load_yaml_config(path, defaults):
 
 
 def _parser_type(default):
-    from .script_util import str2bool
 
     if default is None:
         return str
@@ -142,7 +143,6 @@ def parse_with_config(defaults, argv=None, description=None, helps=None):
 
 def write_resolved_config(config, directory, name="config.yaml"):
     """Write the resolved configuration beside the run's logs (atomically)."""
-    from .checkpoint import atomic_write_bytes
 
     text = yaml.safe_dump(dict(config), sort_keys=True)
     path = os.path.join(directory, name)

@@ -403,6 +403,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_objects(obj: Any) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` alone)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 @torch.no_grad()
 def sync_params(params: Iterable[torch.Tensor], src: int = 0) -> None:
     """Overwrite every tensor in ``params`` with rank ``src``'s values, in place.

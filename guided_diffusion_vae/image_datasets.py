@@ -65,6 +65,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from . import dist_util, logger
 from .errors import UserError
+from .batching import BatchStream, ShardedBatchSampler
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -648,8 +649,6 @@ def image_batch_stream(
 
     The label map comes back as ``dataset.label_map`` (``{index: name}``).
     """
-    from . import dist_util
-    from .batching import BatchStream, ShardedBatchSampler
 
     dataset = ImageFolderDataset(
         data_dir, image_size, class_cond=class_cond, label_source=label_source, channels=channels,

@@ -37,9 +37,11 @@ import torch
 
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .errors import UserError
-from .vae_wrapper import VAEInterface, check_input_range, scale_from_moments
+from .labels import normalize_label_map
+from .vae_wrapper import VAEInterface, check_input_range, parse_latent_scale, scale_from_moments
+from .image_datasets import ImageFolderDataset
 
 FORMAT_VERSION = 1
 LATENTS_FILE = "latents.npy"
@@ -153,18 +155,6 @@ class _Pixels(torch.utils.data.Dataset):
         return torch.from_numpy(self.dataset[index][0])
 
 
-def _parse_scale_spec(value):
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    text = str(value).strip()
-    if text in ("measured", "stored"):
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise UserError(f"latent_scale must be a number, 'measured' or 'stored', got {value!r}") from None
-
-
 def _gather_errors(message):
     """Every rank's error message (None for success), so all ranks stop together."""
     if not dist_util.is_distributed():
@@ -208,7 +198,6 @@ def build_latent_cache(
     """
     from tqdm.auto import tqdm
 
-    from .image_datasets import ImageFolderDataset
 
     for name, value in (("data_dir", data_dir), ("vae_path", vae_path), ("output_dir", output_dir)):
         if not value:
@@ -219,7 +208,7 @@ def build_latent_cache(
     if cache_dtype not in CACHE_DTYPES:
         raise UserError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
     check_input_range(input_range)
-    scale_spec = _parse_scale_spec(latent_scale)
+    scale_spec = parse_latent_scale(latent_scale)
     dist_util.setup_dist()
     rank, world = dist_util.rank(), dist_util.world_size()
     device = dist_util.dev() if device is None else torch.device(device)
@@ -246,7 +235,7 @@ def build_latent_cache(
     paths = dataset.all_paths
     num_images = len(paths)
     labels = np.asarray(dataset.labels if class_cond else [0] * num_images, dtype=np.int64)
-    label_map = None if dataset.label_map is None else {str(k): v for k, v in dataset.label_map.items()}
+    label_map = normalize_label_map(dataset.label_map, data_dir)
     count = num_images * (2 if random_flip else 1)
     chunk_size = int(chunk_size)
     num_chunks = math.ceil(num_images / chunk_size)
@@ -435,7 +424,7 @@ def _finish_cache(cache_dir, plan, vae, scale_spec, labels, num_chunks):
     store = np.load(partial, mmap_mode="r")
     if scale_spec == "measured":
         vae.set_latent_scale(measure_array_scale(store))
-    elif scale_spec != "stored":
+    elif isinstance(scale_spec, float):
         vae.set_latent_scale(scale_spec)
     raw_std = 1.0 / measure_array_scale(store)
     del store
@@ -530,13 +519,8 @@ class LatentCache:
         labels_path = os.path.join(self.cache_dir, LABELS_FILE)
         if not np.issubdtype(self.labels.dtype, np.integer):
             raise UserError(f"latent cache file {labels_path!r} holds {self.labels.dtype} labels, not integers")
-        if self.label_map in (None, {}):
-            count = 1
-        elif isinstance(self.label_map, dict) and sorted(self.label_map) == sorted(map(str, range(len(self.label_map)))):
-            count = len(self.label_map)
-        else:
-            raise UserError(f"latent cache file {meta_path!r}: label_map must map \"0\"..\"N-1\" to names, "
-                            f"got {str(self.label_map)[:80]}")
+        self.label_map = normalize_label_map(self.label_map, f"latent cache file {meta_path!r}")
+        count = len(self.label_map) if self.label_map else 1
         bad = np.flatnonzero((self.labels < 0) | (self.labels >= count))
         if bad.size:
             index = int(bad[0])

@@ -44,7 +44,6 @@ import csv
 import datetime
 import functools
 import json
-import math
 import os
 import sys
 import tempfile
@@ -57,6 +56,7 @@ import numpy as np
 import torch
 
 from . import dist_util
+from .images import image_grid
 
 DEBUG = 10
 INFO = 20
@@ -250,22 +250,8 @@ def _image_to_hwc_uint8(image: Any) -> np.ndarray:
             arr = np.transpose(arr, (0, 3, 1, 2))  # NHWC -> NCHW
         if arr.shape[1] not in channel_counts:
             raise ValueError(f"expected NCHW images with 1, 3 or 4 channels, got shape {arr.shape}")
-        return _tile(arr)
+        return image_grid(np.ascontiguousarray(np.transpose(arr, (0, 2, 3, 1))), background=0)
     raise ValueError(f"expected an image array with 2 to 4 dimensions, got shape {arr.shape}")
-
-
-def _tile(batch: np.ndarray, gap: int = 2) -> np.ndarray:
-    """Lay N CHW images out on a near-square grid (HWC), ``gap`` black pixels apart."""
-    n, c, h, w = batch.shape
-    cols = max(1, math.ceil(math.sqrt(n)))
-    rows = max(1, math.ceil(n / cols))
-    canvas = np.zeros((rows * h + (rows + 1) * gap, cols * w + (cols + 1) * gap, c), dtype=np.uint8)
-    for index in range(n):
-        r, col = divmod(index, cols)
-        top = gap + r * (h + gap)
-        left = gap + col * (w + gap)
-        canvas[top : top + h, left : left + w] = np.transpose(batch[index], (1, 2, 0))
-    return canvas
 
 
 class TensorBoardOutput(KVWriter):

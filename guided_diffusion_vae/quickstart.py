@@ -18,6 +18,17 @@ import time
 
 from . import logger
 from .errors import UserError
+from .files import atomic_write_bytes
+from .simulate import simulate_dataset
+from .vae_training import train_vae, vae_train_defaults
+from .latent_datasets import build_latent_cache, encode_latents_defaults
+from .config import load_yaml_config
+from .latent_training import latent_train_defaults, latent_training_data
+from .checkpoint import parse_step
+from .diffusion_training import run_training
+from .sample_from_checkpoint import run_sampling, sample_defaults
+from .evaluation.evaluate import evaluate_defaults, run_evaluation
+from .evaluation.report import write_report
 
 STAGES = ("data", "vae", "latents", "diffusion", "samples", "evaluate", "report")
 # stages.json of an older layout (one data folder, no held-out split) cannot be resumed.
@@ -93,7 +104,6 @@ class Stages:
         self._write()
 
     def _write(self):
-        from .checkpoint import atomic_write_bytes
 
         state = {"layout": LAYOUT, **self.done, **({"partial": self.partial} if self.partial else {})}
         atomic_write_bytes(self.path, json.dumps(state, indent=2).encode())
@@ -110,7 +120,6 @@ def packaged_config(name):
 
 def _simulate(run_dir, preset, seed, workers):
     workers = workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
-    from .simulate import simulate_dataset
 
     # The held-out split: the same people (people_seed), other walks (seed + 1).
     os.makedirs(os.path.join(run_dir, "data"), exist_ok=True)
@@ -121,7 +130,6 @@ def _simulate(run_dir, preset, seed, workers):
 
 
 def _train_vae(run_dir, preset, seed):
-    from .vae_training import train_vae, vae_train_defaults
 
     config = {**vae_train_defaults(), **preset["vae"], "data_dir": os.path.join(run_dir, "data", "train"),
               "output_dir": os.path.join(run_dir, "vae"), "checkpoint_dir": os.path.join(run_dir, "vae_train"),
@@ -130,7 +138,6 @@ def _train_vae(run_dir, preset, seed):
 
 
 def _encode(run_dir, preset):
-    from .latent_datasets import build_latent_cache, encode_latents_defaults
 
     config = {**encode_latents_defaults(), "data_dir": os.path.join(run_dir, "data", "train"),
               "vae_path": os.path.join(run_dir, "vae"), "output_dir": os.path.join(run_dir, "latents"),
@@ -140,8 +147,6 @@ def _encode(run_dir, preset):
 
 
 def _diffusion_config(run_dir, preset, seed):
-    from .config import load_yaml_config
-    from .latent_model import latent_train_defaults
 
     defaults = latent_train_defaults()
     settings = dict(preset["diffusion"])
@@ -160,9 +165,6 @@ def _diffusion_config(run_dir, preset, seed):
 
 def _train_diffusion(run_dir, preset, seed):
     """Train; False when a stop signal ended training early (saved, not finished)."""
-    from .checkpoint import parse_step
-    from .latent_model import latent_training_data
-    from .training import run_training
 
     config = _diffusion_config(run_dir, preset, seed)
     path = run_training(config, latent_training_data)
@@ -170,7 +172,6 @@ def _train_diffusion(run_dir, preset, seed):
 
 
 def _sample(run_dir, preset, seed):
-    from .generate import run_sampling, sample_defaults
 
     config = {**sample_defaults(), **preset["sampling"], "model_path": os.path.join(run_dir, "diffusion"),
               "output_dir": os.path.join(run_dir, "samples"), "use_ddim": True, "seed": seed,
@@ -179,7 +180,6 @@ def _sample(run_dir, preset, seed):
 
 
 def _evaluate(run_dir, preset, seed):
-    from .evaluation.evaluate import evaluate_defaults, run_evaluation
 
     config = {**evaluate_defaults(), **preset.get("evaluate", {}), "seed": seed,
               "real_train": os.path.join(run_dir, "data", "train"), "real_test": os.path.join(run_dir, "data", "test"),
@@ -189,7 +189,6 @@ def _evaluate(run_dir, preset, seed):
 
 
 def _report(run_dir, stages):
-    from .evaluation.report import write_report
 
     return write_report(os.path.join(run_dir, "report.html"), eval_json=os.path.join(run_dir, "eval", "metrics.json"),
                         run_dir=os.path.join(run_dir, "diffusion"), vae_dir=os.path.join(run_dir, "vae"),

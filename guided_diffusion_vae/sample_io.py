@@ -1,65 +1,14 @@
 """Writing samples where people look at them: one PNG per sample in a folder
 per class, a grid, and the original's ``.npz`` of uint8 NHWC images."""
 
-import io
 import json
 import os
-import re
 
 import numpy as np
-from PIL import Image
 
-from .checkpoint import atomic_write, atomic_write_bytes
-
-
-def image_grid(images, columns=None, pad=2, background=255):
-    """(N, H, W, C) uint8 -> one (rows*H', cols*W', C) uint8 picture."""
-    n, h, w, c = images.shape
-    columns = columns or int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / columns))
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), background, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, col = divmod(i, columns)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top : top + h, left : left + w] = img
-    return grid
-
-
-def to_pil(image):
-    """(H, W, C) uint8 with C in 1, 3, 4 -> PIL image."""
-    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-
-
-def save_png(path, image):
-    buf = io.BytesIO()
-    to_pil(image).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
-
-
-def safe_folder_name(name):
-    """``name`` made into one harmless path component: characters other than
-    letters, digits and ``._+-`` become ``_``, and a name that is empty or
-    starts with a dot (``..``, hidden files) gets a ``class_`` prefix. Names
-    come from checkpoints other people send; none may leave the output folder."""
-    safe = _SAFE.sub("_", str(name)).strip("_")[:100]
-    if not safe or safe.startswith("."):
-        safe = "class_" + safe
-    return safe
-
-
-def class_name(label, label_map):
-    """The readable name of class ``label`` (from the label map)."""
-    if label_map is None:
-        return f"class_{int(label):03d}"
-    return str(label_map[str(int(label))] if str(int(label)) in label_map else label_map[int(label)])
-
-
-def class_folder_name(label, label_map):
-    """The folder of class ``label``: its name from the label map, made safe."""
-    return safe_folder_name(class_name(label, label_map))
+from .files import atomic_write, atomic_write_bytes
+from .images import image_grid, save_png
+from .labels import class_name, folder_names
 
 
 def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=None):
@@ -71,16 +20,9 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
     """
     os.makedirs(output_dir, exist_ok=True)
     counters, paths = {}, {"images": []}
-    folders = {}  # safe folder name -> readable class name; two names never share a folder
-    if labels is not None:
-        for label in sorted(set(int(v) for v in labels)):
-            name, folder = class_name(label, label_map), class_folder_name(label, label_map)
-            while folder in folders and folders[folder] != name:
-                folder += "_"
-            folders[folder] = name
-        folder_of = {name: folder for folder, name in folders.items()}
+    folder_of = folder_names(labels, label_map) if labels is not None else {}
     for i, image in enumerate(images):
-        folder = folder_of[class_name(labels[i], label_map)] if labels is not None else "samples"
+        folder = folder_of[int(labels[i])] if labels is not None else "samples"
         k = counters.get(folder, 0)
         counters[folder] = k + 1
         path = os.path.join(output_dir, folder, f"generated_{k:03d}.png")
@@ -103,7 +45,8 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
             np.savez(f, **arrays)
 
     atomic_write(paths["npz"], write_npz)
-    if folders:  # the readable names, where a folder name had to differ
+    if folder_of:  # folder -> readable name (a folder name may differ from its class name)
+        folders = {folder: class_name(label, label_map) for label, folder in folder_of.items()}
         paths["classes"] = os.path.join(output_dir, "classes.json")
         atomic_write_bytes(paths["classes"], json.dumps(folders, indent=1, sort_keys=True).encode())
     return paths

@@ -400,3 +400,11 @@ def add_dict_to_argparser(parser, default_dict):
 def args_to_dict(args, keys):
     """``{key: args.key}`` for the given keys."""
     return {key: getattr(args, key) for key in keys}
+
+
+def split_flags(flags):
+    """(create_model kwargs, create_gaussian_diffusion kwargs) of resolved flags:
+    the two dicts every checkpoint stores."""
+    model_keys = inspect.signature(create_model).parameters
+    model = {k: v for k, v in flags.items() if k in model_keys}
+    return model, diffusion_kwargs(flags)

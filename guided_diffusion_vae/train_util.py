@@ -13,6 +13,7 @@ non-finite loss skips the optimizer update on the device (the fused AdamW
 """
 
 import contextlib
+import copy
 import math
 import numbers
 import os
@@ -27,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from . import dist_util, logger
+from .ema import ema_decay
 from .errors import UserError
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
@@ -62,6 +64,8 @@ def training_defaults():
         "num_workers": 2,
         "random_flip": True,
         "tensorboard": True,
+        # classifier-free guidance: share of labels replaced by the null class
+        "class_dropout_prob": 0.0,
     }
 
 
@@ -81,6 +85,7 @@ TRAINING_LIMITS = {
     "num_preview_samples": (1, True, False, ""),
     "num_workers": (0, True, False, ""),
     "seed": (0, True, False, ""),
+    "class_dropout_prob": (0.0, False, False, " (and below 1)"),
 }
 
 
@@ -107,6 +112,9 @@ def check_training_numbers(config, limits=None):
             check_number(name, config[name], minimum, integer=integer, exclusive=exclusive, note=note)
     if "ema_rate" in config:
         parse_ema_rates(config["ema_rate"])
+    if float(config.get("class_dropout_prob", 0.0)) >= 1.0:
+        raise UserError(f"class_dropout_prob must be below 1 (1 would never train a class), "
+                        f"got {config['class_dropout_prob']}")
 
 
 def check_output_dir(path, flag="log_dir"):
@@ -199,6 +207,8 @@ class TrainLoop:
     VAE encoding whole image batches on the GPU. ``metadata`` is stored in every
     checkpoint (model, diffusion, data, vae, train configuration: see
     docs/ARCHITECTURE.md). ``sample_fn(model, step)`` draws preview samples.
+    With ``class_dropout_prob`` > 0 that share of labels becomes
+    ``null_label`` (classifier-free guidance training).
     """
 
     def __init__(
@@ -223,6 +233,8 @@ class TrainLoop:
         checkpoint_dir=None,
         metadata=None,
         batch_transform=None,
+        class_dropout_prob=0.0,
+        null_label=None,
         precision="auto",
         grad_clip=0.0,
         max_nonfinite_steps=5,
@@ -249,6 +261,10 @@ class TrainLoop:
         self.checkpoint_dir = checkpoint_dir or logger.get_dir() or "."
         self.metadata = dict(metadata or {})
         self.batch_transform = batch_transform
+        self.class_dropout_prob = float(class_dropout_prob)
+        self.null_label = null_label
+        if self.class_dropout_prob > 0 and null_label is None:
+            raise ValueError("class_dropout_prob needs the index of the null class (null_label)")
         self.grad_clip, self.max_nonfinite_steps = grad_clip, max_nonfinite_steps
         self.sample_interval, self.sample_fn = sample_interval, sample_fn
         self.seed = seed
@@ -449,6 +465,10 @@ class TrainLoop:
         if self.batch_transform is not None:
             with torch.no_grad():
                 batch = self.batch_transform(batch)
+        if self.class_dropout_prob > 0 and "y" in cond:
+            # Classifier-free guidance learns the unconditional model as one more class.
+            dropped = torch.rand(cond["y"].shape, device=cond["y"].device) < self.class_dropout_prob
+            cond = {**cond, "y": torch.where(dropped, torch.full_like(cond["y"], self.null_label), cond["y"])}
         if self.device.type == "cuda" and batch.dim() == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch, cond
@@ -519,21 +539,12 @@ class TrainLoop:
         self.metrics.add("skipped_step", bad.float())
         self._nonfinite_run = (self._nonfinite_run + 1) * bad.float()
 
-    def _ema_decay(self, rate):
-        """The decay used at this step. With warm-up it is ``min(rate, (1 +
-        n) / (10 + n))`` after ``n`` updates, so a 0.9999 average is not still
-        mostly the random initialisation after a few thousand steps (the
-        original applies ``rate`` from step 0: ``ema_warmup False``)."""
-        if not self.ema_warmup:
-            return rate
-        return min(rate, (1.0 + self.step) / (10.0 + self.step))
-
     def _update_ema(self, skipped=None):
         """Move every EMA towards the weights; ``skipped`` (a 0-dim bool on
         the device) freezes them for a skipped step without a host branch."""
         source = [p.detach().float() for p in self.params] if self.mp_trainer is not None else self.params
         for rate, ema in zip(self.ema_rates, self.ema_params):
-            decay = self._ema_decay(rate)
+            decay = ema_decay(rate, self.step, self.ema_warmup)
             if skipped is None:
                 update_ema(ema, source, rate=decay)
                 continue
@@ -615,13 +626,12 @@ class TrainLoop:
         return self.model.state_dict()
 
     def ema_model_for_sampling(self):
-        """A copy of the model holding the first EMA's weights (or the raw
-        weights when no EMA rate is set), in eval mode."""
-        import copy
-
+        """A copy of the model holding the slowest EMA's weights (largest
+        rate: the file the sampling scripts pick from a run folder), or the
+        raw weights when no EMA rate is set; in eval mode."""
         model = copy.deepcopy(self.model)
         if self.ema_rates:
-            state = self.ema_state_dict(0)
+            state = self.ema_state_dict(max(range(len(self.ema_rates)), key=lambda i: self.ema_rates[i]))
             model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
         return model.eval()
 

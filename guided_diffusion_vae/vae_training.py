@@ -33,7 +33,6 @@ Architecture presets (``vae_size``), each with 3 down blocks = 4x downsampling:
     base   (64, 128, 256), 2 layers/block, 32 groups (~14M)
 """
 
-import copy
 import hashlib
 import json
 import math
@@ -49,10 +48,13 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
+from .ema import EMA
 from .errors import UserError
-from .image_datasets import detect_channels
+from .image_datasets import ImageDataset, class_names_from_paths, detect_channels, list_image_files
+from .images import image_grid, to_uint8_images
 from .train_util import resolve_precision
 from .vae_wrapper import LATENT_STATS_FILE, scale_from_moments, vae_fingerprint
+from .evaluation.classifier import reconstruction_identity, to_uint8
 
 PRESETS = {
     "tiny": {"block_out_channels": (16, 32, 64), "layers_per_block": 1, "norm_num_groups": 8},
@@ -220,7 +222,6 @@ def load_images(paths, image_size, channels, num_workers=0, desc="loading images
     """All of ``paths`` as one uint8 tensor ``(N, channels, S, S)`` (decoded once)."""
     from tqdm.auto import tqdm
 
-    from .image_datasets import ImageDataset
 
     if not paths:
         return torch.zeros((0, channels, image_size, image_size), dtype=torch.uint8)
@@ -370,15 +371,8 @@ def comparison_grid(real, recon, min_tile=64):
     scale = max(1, math.ceil(min_tile / real.shape[-1]))
     if scale > 1:
         pair = F.interpolate(pair, scale_factor=scale, mode="nearest")
-    pair = ((pair + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    c, s = pair.shape[1], pair.shape[-1]
-    gap = 2
-    grid = torch.full((c, 2 * s + gap, n * s + (n - 1) * gap), 255, dtype=torch.uint8)
-    for i in range(2 * n):
-        row, col = divmod(i, n)
-        grid[:, row * (s + gap):row * (s + gap) + s, col * (s + gap):col * (s + gap) + s] = pair[i]
-    grid = grid.permute(1, 2, 0).numpy()
-    return grid[:, :, 0] if c == 1 else grid
+    grid = image_grid(to_uint8_images(pair), columns=n)
+    return grid[:, :, 0] if grid.shape[-1] == 1 else grid
 
 
 def _save_png(path, array):
@@ -441,37 +435,6 @@ def _resume_settings(config, arch):
     return json.dumps(settings, sort_keys=True)
 
 
-class _EMA:
-    """Exponential moving average of parameters, float32, with warm-up
-    (``decay = min(rate, (1 + step) / (10 + step))``) so short runs are usable."""
-
-    def __init__(self, model, rate):
-        self.rate = rate
-        self.names = [name for name, _ in model.named_parameters()]
-        self.params = [p.detach().clone().float() for p in model.parameters()]
-
-    @torch.no_grad()
-    def update(self, model, step):
-        decay = min(self.rate, (1 + step) / (10 + step))
-        current = [p.detach().float() for p in model.parameters()]
-        torch._foreach_lerp_(self.params, current, 1 - decay)
-
-    def state_dict(self):
-        return {name: p.cpu() for name, p in zip(self.names, self.params)}
-
-    def load_state_dict(self, state):
-        for name, p in zip(self.names, self.params):
-            p.copy_(state[name])
-
-    def copy_to(self, model):
-        """A copy of ``model`` holding the EMA weights."""
-        clone = copy.deepcopy(model)
-        with torch.no_grad():
-            for p, e in zip(clone.parameters(), self.params):
-                p.copy_(e.to(p.dtype))
-        return clone
-
-
 # --------------------------------------------------------------------------- #
 # the run
 # --------------------------------------------------------------------------- #
@@ -499,7 +462,6 @@ def train_vae(config):
 def _train(config, checkpoint_dir, rank, world, device):
     from tqdm.auto import tqdm
 
-    from .image_datasets import list_image_files
 
     paths = list_image_files(config["data_dir"])
     if not paths:
@@ -545,7 +507,7 @@ def _train(config, checkpoint_dir, rank, world, device):
         torch.backends.cudnn.benchmark = True
     objective = AutoencoderObjective(vae)
     opt = torch.optim.AdamW(vae.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    ema = _EMA(vae, config["ema_rate"])
+    ema = EMA(vae, config["ema_rate"])
     settings = _resume_settings(config, arch)
     step = 0
 
@@ -659,7 +621,6 @@ def _class_labels(config, all_paths, train_paths, heldout_paths):
     """``(train_labels, heldout_labels, num_classes)`` from class sub-folders
     (or file-name prefixes), or None when the data have no classes or the
     identity check is off."""
-    from .image_datasets import class_names_from_paths
 
     if not config["identity_steps"] or not heldout_paths:
         return None
@@ -682,7 +643,6 @@ def _class_labels(config, all_paths, train_paths, heldout_paths):
 
 def _identity(config, train_images, heldout, recon, labels, device):
     """TRTR / rCAS of the exported VAE on its held-out images (evaluation.classifier)."""
-    from .evaluation.classifier import reconstruction_identity, to_uint8
 
     train_labels, heldout_labels, num_classes = labels
     recon_uint8 = to_uint8(recon)

@@ -25,6 +25,7 @@ from contextlib import nullcontext
 import torch
 
 from .errors import UserError
+from . import dist_util
 
 INPUT_RANGES = ("-1,1", "0,1")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -160,6 +161,35 @@ def load_vae_strict(path, config):
     return model
 
 
+def parse_latent_scale(value):
+    """A latent-scale setting: a positive number, ``"stored"`` (the value
+    ``vae_training`` wrote to ``VAE_DIR/latent_stats.json``) or
+    ``"measured"`` (1/std over the data, measured before training or caching).
+    The one place these three spellings are understood."""
+    if isinstance(value, str) and value.strip() in ("measured", "stored"):
+        return value.strip()
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"latent_scale must be a number, 'measured' or 'stored', got {value!r}") from None
+    if isinstance(value, bool) or not (math.isfinite(number) and number > 0):
+        raise UserError(f"latent_scale must be a positive finite number, 'measured' or 'stored', got {value!r}")
+    return number
+
+
+def latent_shape_of(vae_description, image_size):
+    """``(latent_channels, h, w)`` the VAE described by ``vae_description``
+    (``latent_channels``, ``downsample_factor``; see ``VAEInterface.describe``)
+    makes of square ``image_size`` or an ``(H, W)`` pair. The one place pixel
+    sizes become latent sizes."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    factor = int(vae_description["downsample_factor"])
+    for side in (height, width):
+        if int(side) % factor:
+            raise UserError(f"image size {side} is not divisible by the VAE's downsampling factor {factor}")
+    return (int(vae_description["latent_channels"]), int(height) // factor, int(width) // factor)
+
+
 def scale_from_moments(total, total_sq, count):
     """``1/std`` of values given their sum, sum of squares and count (float64 maths)."""
     if count < 2:
@@ -213,7 +243,6 @@ class VAEInterface:
         self.max_batch = int(max_batch)
         self.sample_posterior = bool(sample_posterior)
         if device is None:
-            from . import dist_util
 
             device = dist_util.dev()
         self.device = torch.device(device)
@@ -225,6 +254,10 @@ class VAEInterface:
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.latent_scale = None
+        if latent_scale is not None:
+            latent_scale = parse_latent_scale(latent_scale)
+        if latent_scale == "measured":
+            latent_scale = None
         if latent_scale == "stored":
             stats = read_latent_stats(path)
             if stats is None:
@@ -266,14 +299,9 @@ class VAEInterface:
 
     def latent_shape(self, image_size):
         """``(latent_channels, h, w)`` for square ``image_size`` or an ``(H, W)`` pair."""
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-        f = self.downsample_factor
-        for side in (height, width):
-            if side % f:
-                raise UserError(
-                    f"image size {side} is not divisible by the VAE's downsampling factor {f}"
-                )
-        return (self.latent_channels, height // f, width // f)
+        return latent_shape_of(
+            {"latent_channels": self.latent_channels, "downsample_factor": self.downsample_factor}, image_size
+        )
 
     def check_channels(self, data_channels):
         """Raise UserError if the data's channel count differs from the VAE's input."""
@@ -422,3 +450,41 @@ class VAEInterface:
             "in_channels": self.in_channels,
             "fingerprint": self.fingerprint,
         }
+
+
+def _vae_dtype(name, device):
+    device = torch.device(device)
+    if name == "auto":
+        return "bfloat16" if device.type == "cuda" else "float32"
+    return name
+
+
+def load_vae(path, *, device, dtype="auto", input_range="-1,1", sample_posterior=False,
+             latent_scale=None, max_batch=64):
+    """A :class:`VAEInterface` on ``device`` (errors name the path)."""
+    if not path:
+        raise UserError("vae_path is required: a folder written by AutoencoderKL.save_pretrained")
+    return VAEInterface(
+        path, device=device, dtype=_vae_dtype(dtype, device), max_batch=max_batch,
+        input_range=input_range, sample_posterior=sample_posterior, latent_scale=latent_scale,
+    )
+
+
+def vae_from_description(vae_meta, *, path=None, device, dtype="auto"):
+    """The VAE a checkpoint or cache was made with, with its stored scale and
+    input range; ``path`` overrides where it is looked for."""
+    path = path or vae_meta["path"]
+    if not os.path.isdir(path):
+        raise UserError(
+            f"the VAE was expected at {vae_meta['path']} and is not there; pass --vae_path DIR to point to it"
+        )
+    vae = load_vae(
+        path, device=device, dtype=dtype, input_range=vae_meta["input_range"],
+        sample_posterior=vae_meta.get("sample_posterior", False), latent_scale=vae_meta["latent_scale"],
+    )
+    if vae_meta.get("fingerprint") and vae.fingerprint != vae_meta["fingerprint"]:
+        raise UserError(
+            f"the VAE in {path} is not the one this model was trained with "
+            f"(fingerprint {vae.fingerprint}, expected {vae_meta['fingerprint']})"
+        )
+    return vae

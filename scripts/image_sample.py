@@ -5,7 +5,7 @@
 
 from guided_diffusion_vae.config import parse_with_config
 from guided_diffusion_vae.errors import run_main
-from guided_diffusion_vae.generate import run_sampling, sample_defaults
+from guided_diffusion_vae.sample_from_checkpoint import run_sampling, sample_defaults
 
 
 def main():

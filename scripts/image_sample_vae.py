@@ -9,11 +9,11 @@ checkpoint names its VAE; --vae_path points elsewhere if it has moved.
 
 from guided_diffusion_vae.config import parse_with_config
 from guided_diffusion_vae.errors import run_main
-from guided_diffusion_vae.generate import run_sampling, sample_defaults
+from guided_diffusion_vae.sample_from_checkpoint import latent_sample_defaults, run_sampling
 
 
 def main():
-    run_sampling(parse_with_config(sample_defaults(), description=__doc__))
+    run_sampling(parse_with_config(latent_sample_defaults(), description=__doc__))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 
 from guided_diffusion_vae.config import parse_with_config
 from guided_diffusion_vae.errors import run_main
-from guided_diffusion_vae.training import pixel_train_defaults, pixel_training_data, run_training
+from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
 
 
 def main():

@@ -9,8 +9,8 @@ is in pixels and the network is built for the VAE's latent size.
 
 from guided_diffusion_vae.config import parse_with_config
 from guided_diffusion_vae.errors import run_main
-from guided_diffusion_vae.latent_model import latent_train_defaults, latent_training_data
-from guided_diffusion_vae.training import run_training
+from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
+from guided_diffusion_vae.diffusion_training import run_training
 
 
 def main():

@@ -13,13 +13,9 @@ import torch
 
 from guided_diffusion_vae import checkpoint as ckpt
 from guided_diffusion_vae import logger, script_util
-from guided_diffusion_vae.classifier_training import (
-    classifier_cond_fn,
-    classifier_train_defaults,
-    load_classifier,
-    train_classifier,
-)
+from guided_diffusion_vae.classifier_training import classifier_train_defaults, train_classifier
 from guided_diffusion_vae.errors import UserError
+from guided_diffusion_vae.guidance import classifier_cond_fn, load_classifier
 from guided_diffusion_vae.latent_datasets import FORMAT_VERSION, LatentCache
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
@@ -198,10 +194,9 @@ def test_guidance_steers_ddim_samples_toward_the_target(noised_classifier):
 
 
 def test_image_sample_vae_guides_with_a_trained_classifier(real_cache, tmp_path):
-    from guided_diffusion_vae.errors import UserError
-    from guided_diffusion_vae.generate import run_sampling, sample_defaults
-    from guided_diffusion_vae.latent_model import latent_train_defaults, latent_training_data
-    from guided_diffusion_vae.training import run_training
+    from guided_diffusion_vae.sample_from_checkpoint import run_sampling, sample_defaults
+    from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
+    from guided_diffusion_vae.diffusion_training import run_training
 
     clf_path = _train(str(real_cache / "cache"), str(tmp_path / "clf"), iterations=4)
     config = {**latent_train_defaults(), "latent_cache": str(real_cache / "cache"), "image_size": 32,

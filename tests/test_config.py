@@ -4,7 +4,7 @@ import pytest
 
 from guided_diffusion_vae.config import parse_with_config
 from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.training import pixel_train_defaults
+from guided_diffusion_vae.diffusion_training import pixel_train_defaults
 
 
 def _write(tmp_path, text):
@@ -52,7 +52,7 @@ def test_unknown_flag_and_missing_file(tmp_path):
 
 
 def test_list_flags(tmp_path):
-    from guided_diffusion_vae.generate import sample_defaults
+    from guided_diffusion_vae.sample_from_checkpoint import sample_defaults
 
     cfg = parse_with_config(sample_defaults(), ["--user_ids", "1", "5", "10"])
     assert cfg["user_ids"] == ["1", "5", "10"]

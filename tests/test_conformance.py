@@ -14,7 +14,9 @@ import torch
 
 from guided_diffusion_vae import script_util
 from guided_diffusion_vae.gaussian_diffusion import get_named_beta_schedule
+from guided_diffusion_vae.guidance import classifier_cond_fn
 from guided_diffusion_vae.respace import space_timesteps
+from guided_diffusion_vae.samplers import SAMPLERS, Denoiser, SamplingPlan
 from guided_diffusion_vae.unet import EncoderUNetModel, UNetModel
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -175,6 +177,15 @@ def check_sampling(name):
         model_kwargs={"y": y}, cond_fn=cond_fn, eta=0.0,
     )
     _close(guided, arrays["ddim_sample_loop_guided"], MODEL_TOL, f"{name}: guided")
+
+    # The same case through the sampling scripts' own path: the sampler table
+    # and the guidance module's classifier cond_fn.
+    generators = [torch.Generator().manual_seed(i) for i in range(len(noise))]  # unused by DDIM eta 0
+    for guidance, expected in ((None, "ddim_sample_loop"), (classifier_cond_fn(classifier, scale), "ddim_sample_loop_guided")):
+        denoiser = Denoiser(model=unet, model_kwargs={"y": y}, cond_fn=guidance)
+        plan = SamplingPlan(diffusion=diffusion, steps=diffusion.num_timesteps, generators=generators, eta=0.0)
+        ours = SAMPLERS["ddim"](denoiser, noise.clone(), plan)
+        _close(ours, arrays[expected], MODEL_TOL, f"{name}: {expected} through samplers.ddim")
 
 
 CHECKS = {

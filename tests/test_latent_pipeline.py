@@ -74,7 +74,7 @@ def test_whole_chain_with_mpiexec_and_sampling_from_the_checkpoint(chain, tmp_pa
     result = subprocess.run([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run),
                              "--user_ids", "7", "--output_dir", str(tmp_path / "x")],
                             env=launch_env, capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert result.returncode == 2 and "unknown user id '7'; valid ids: 1, 2, 3" in result.stderr
+    assert result.returncode == 2 and "no class name ends in the number 7; the classes are user_01, user_02, user_03" in result.stderr
     result = subprocess.run([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run),
                              "--vae_path", str(tmp_path / "moved"), "--output_dir", str(tmp_path / "x")],
                             env=launch_env, capture_output=True, text=True, timeout=120, cwd=REPO)
@@ -84,7 +84,7 @@ def test_whole_chain_with_mpiexec_and_sampling_from_the_checkpoint(chain, tmp_pa
 
 
 def test_on_the_fly_and_cached_training_batches_agree(chain):
-    from guided_diffusion_vae.latent_model import latent_train_defaults, latent_training_data
+    from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
 
     base = {**latent_train_defaults(), "image_size": 16, "batch_size": 4, "seed": 3, "class_cond": True,
             "random_flip": False, "num_workers": 0}
@@ -102,7 +102,7 @@ def test_on_the_fly_and_cached_training_batches_agree(chain):
 
 
 def test_on_the_fly_needs_a_scale_and_refuses_mismatched_cache(chain):
-    from guided_diffusion_vae.latent_model import latent_train_defaults, latent_training_data
+    from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
 
     base = {**latent_train_defaults(), "image_size": 16, "batch_size": 4, "num_workers": 0}
     with pytest.raises(UserError, match="image_size is 16 in the cache but 32"):

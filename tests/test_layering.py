@@ -89,6 +89,6 @@ def test_no_import_cycles():
 def test_the_checker_sees_upward_imports(tmp_path):
     """The checker itself: a function-level relative import is found."""
     path = tmp_path / "mod.py"
-    path.write_text("def f():\n    from ..training import run_training\n    from . import logger\n")
-    known = {"training": "", "logger": "", "evaluation.mod": str(path)}
-    assert imports_of("evaluation.mod", str(path), known) == {"training"}
+    path.write_text("def f():\n    from ..diffusion_training import run_training\n    from . import logger\n")
+    known = {"diffusion_training": "", "logger": "", "evaluation.mod": str(path)}
+    assert imports_of("evaluation.mod", str(path), known) == {"diffusion_training"}

@@ -101,7 +101,7 @@ def _never_build(config):
     ("grad_clip", float("nan")), ("ema_rate", "1.5"), ("batch_size", 2.5),
 ])
 def test_training_numbers_are_checked_before_any_work(flag, value, tmp_path):
-    from guided_diffusion_vae.training import pixel_train_defaults, run_training
+    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, run_training
 
     run = tmp_path / "run"
     config = {**pixel_train_defaults(), "data_dir": str(tmp_path), "log_dir": str(run), flag: value}
@@ -159,7 +159,7 @@ def test_scripts_exit_2_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("where", ["a_file", "under_a_file"])
 def test_unusable_log_dir(where, tmp_path):
-    from guided_diffusion_vae.training import pixel_train_defaults, run_training
+    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, run_training
 
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder")
@@ -217,7 +217,7 @@ def _checkpoint(path, *, num_channels=32, model_meta=None, data_meta=None):
     """A small 2-class 8x8 pixel checkpoint of ours (tests/test_sampling.py's
     helper) whose metadata may claim something else than its tensors."""
     from guided_diffusion_vae.checkpoint import save_weights
-    from guided_diffusion_vae.training import split_flags
+    from guided_diffusion_vae.script_util import split_flags
 
     flags = script_util.model_and_diffusion_defaults()
     flags.update(image_size=8, num_channels=num_channels, num_res_blocks=1, channel_mult="1,2",
@@ -234,9 +234,9 @@ def _checkpoint(path, *, num_channels=32, model_meta=None, data_meta=None):
 
 
 def _load(path):
-    from guided_diffusion_vae.generate import load_sampling_model, sample_defaults
+    from guided_diffusion_vae.sample_from_checkpoint import load_sampling_model, sample_defaults
 
-    return load_sampling_model({**sample_defaults(), "model_path": path, "use_ema": False}, "cpu")
+    return load_sampling_model({**sample_defaults(), "model_path": path, "use_ema": False}, "cpu")[:3]
 
 
 def test_checkpoint_metadata_errors_name_file_and_key(tmp_path):

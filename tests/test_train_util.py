@@ -14,7 +14,8 @@ from guided_diffusion_vae import logger, script_util
 from guided_diffusion_vae.batching import BatchStream, ShardedBatchSampler
 from guided_diffusion_vae.errors import UserError
 from guided_diffusion_vae.train_util import DeviceMeans, TrainLoop
-from guided_diffusion_vae.training import split_flags
+from guided_diffusion_vae.ema import ema_decay
+from guided_diffusion_vae.script_util import split_flags
 
 
 def _stream(seed=0, n=24, batch=4, interrupt_at=None):
@@ -135,7 +136,7 @@ def test_killed_write_leaves_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "model000001.safetensors"
     script = textwrap.dedent(f"""
         import sys, time, torch
-        from guided_diffusion_vae import checkpoint as ckpt
+        from guided_diffusion_vae import checkpoint as ckpt, files
         ckpt.save_weights({str(path)!r}, {{"w": torch.ones(1000)}}, {{"step": 1}})
         def slow(tmp):
             with open(tmp, "wb") as f:
@@ -143,7 +144,7 @@ def test_killed_write_leaves_previous_checkpoint_loadable(tmp_path):
                 f.flush()
                 print("writing", flush=True)
                 time.sleep(60)
-        ckpt.atomic_write({str(path)!r}, slow)
+        files.atomic_write({str(path)!r}, slow)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
@@ -211,17 +212,20 @@ def test_loss_aware_sampler_learns_from_the_loop_and_resumes(tmp_path, tiny_mode
 def test_ema_warmup_tracks_early_weights_and_can_be_turned_off(tmp_path, tiny_model_flags):
     logger.configure(dir=str(tmp_path), format_strs="log")
     loop = _loop(tiny_model_flags, tmp_path, 3)
-    assert loop._ema_decay(0.9999) == pytest.approx(0.1)  # step 0: (1 + 0) / (10 + 0)
-    loop.step = 1000
-    assert loop._ema_decay(0.9999) == pytest.approx(1001 / 1010) and loop._ema_decay(0.9) == 0.9
-    loop.step = 0
+    assert ema_decay(0.9999, 0) == pytest.approx(0.1)  # step 0: (1 + 0) / (10 + 0)
+    assert ema_decay(0.9999, 1000) == pytest.approx(1001 / 1010) and ema_decay(0.9, 1000) == 0.9
+    assert ema_decay(0.9999, 0, warmup=False) == 0.9999
     init = [p.detach().clone() for p in loop.model.parameters()]
     batch, cond = next(loop.data)
     loop.run_step(batch, cond)
     for ema, p, p0 in zip(loop.ema_params[0], loop.model.parameters(), init):
         torch.testing.assert_close(ema, 0.1 * p0 + 0.9 * p.detach())
     original = _loop(tiny_model_flags, tmp_path / "o", 3, ema_warmup=False)
-    assert original._ema_decay(0.9) == 0.9
+    init = [p.detach().clone() for p in original.model.parameters()]
+    batch, cond = next(original.data)
+    original.run_step(batch, cond)
+    for ema, p, p0 in zip(original.ema_params[0], original.model.parameters(), init):  # rate 0.9 from step 0
+        torch.testing.assert_close(ema, 0.9 * p0 + 0.1 * p.detach())
 
 
 def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path, tiny_model_flags):
@@ -239,7 +243,7 @@ def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path, tiny_model_f
 def test_atomic_writes_respect_the_umask_and_clear_stale_temporaries(tmp_path):
     import time
 
-    from guided_diffusion_vae.checkpoint import atomic_write_bytes
+    from guided_diffusion_vae.files import atomic_write_bytes
 
     stale = tmp_path / ".data.bin.abc123.tmp"  # left by a writer killed mid-save
     stale.write_bytes(b"")

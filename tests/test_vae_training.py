@@ -68,7 +68,7 @@ def test_train_exports_a_loadable_vae(trained, images):
 
     # Grid: 2 rows (real, reconstruction) of the 2 held-out images, 16px shown at 64px.
     grid = np.asarray(Image.open(out / "reconstructions.png"))
-    assert grid.shape == (2 * 64 + 2, 2 * 64 + 2)
+    assert grid.shape == (2 * 64 + 3 * 2, 2 * 64 + 3 * 2)  # 2x2 tiles of 64 px, 2 px padding around each
 
     # The stored scale makes the training latents unit-std, through VAEInterface.
     stats = json.loads((out / "latent_stats.json").read_text())

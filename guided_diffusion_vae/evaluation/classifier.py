@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..files import atomic_write
 
 META_KEY = "guided_diffusion_vae_classifier"
 
@@ -160,7 +161,6 @@ def save_classifier(path, model, info):
     was trained) as one safetensors file, atomically."""
     from safetensors.torch import save_file
 
-    from ..checkpoint import atomic_write
 
     arch = {"num_classes": model.head[2].out_features, "image_size": int(info["image_size"]),
             "in_channels": model.blocks[0][0].in_channels, "width": model.blocks[0][0].out_channels,

@@ -24,6 +24,8 @@ from ..errors import UserError
 from .classifier import match_channels, to_uint8
 from ..image_datasets import detect_channels as detect_image_channels
 from ..image_datasets import list_image_files
+from ..latent_datasets import LatentCache
+from ..vae_wrapper import VAEInterface
 
 
 @dataclasses.dataclass
@@ -174,8 +176,6 @@ def load_latent_cache(path, *, vae_path, device, image_size, channels, class_nam
     """
     import torch
 
-    from ..latent_datasets import LatentCache
-    from ..vae_wrapper import VAEInterface
 
     cache = LatentCache(path)
     vae_path = vae_path or cache.vae_description.get("path", "")

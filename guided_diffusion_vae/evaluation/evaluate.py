@@ -24,11 +24,14 @@ import numpy as np
 import torch
 
 from .. import logger
-from ..checkpoint import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..dist_util import pick_device
 from ..errors import UserError
 from . import classifier as clf
 from . import metrics
+from ..images import image_grid, save_png
+from ..latent_datasets import LatentCache
+from ..vae_wrapper import VAEInterface, check_vae_dir
 from .data import (LabelledImages, detect_channels, image_size_of, is_latent_cache, load_folder, load_generated,
                    load_latent_cache, per_class_first)
 
@@ -80,7 +83,6 @@ def _check_config(config):
     if any(k < 1 for k in ks):
         raise UserError(f"--augment_k values must be >= 1, got {config['augment_k']!r}")
     if config["vae_path"]:
-        from ..vae_wrapper import check_vae_dir
 
         check_vae_dir(config["vae_path"])  # before any classifier is trained
     if config["inception_weights"] and not os.path.isfile(config["inception_weights"]):
@@ -128,7 +130,6 @@ def per_class_accuracy(pred, labels, num_classes):
 
 def reconstruct_with_vae(vae_path, data: LabelledImages, device):
     """VAE round trip (posterior mean) of ``data``'s images, as uint8."""
-    from ..vae_wrapper import VAEInterface
 
     vae = VAEInterface(vae_path, device=device)
     x = clf.to_input(data.images, device)
@@ -189,7 +190,6 @@ def _augmentation_gain(ev, train, generated, test, ks):
 
 def _pairs_picture(path, generated, train, memo, count):
     """The ``count`` closest generated/training pairs side by side (generated on top)."""
-    from ..sample_io import image_grid, save_png
 
     order = np.argsort(memo["ratio"])[:count]
     if not len(order):
@@ -242,7 +242,6 @@ def _geometry(config):
         path = config[key]
         if not is_latent_cache(path):
             return int(config["image_size"]) or image_size_of(path), detect_channels(path)
-    from ..latent_datasets import LatentCache
 
     meta = LatentCache(config["real_train"]).meta
     channels = int(meta.get("channels") or meta["vae"].get("in_channels", 1))

@@ -34,6 +34,8 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
+from ..files import atomic_write_bytes
+from ..images import image_grid
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TILE_TARGET = 96  # small spectrograms are scaled up (by a whole factor) to about this height
@@ -118,7 +120,6 @@ class _Figures:
 
     def add(self, name, png, alt, *, pixel=False, max_width=1120, display_width=None):
         """Write ``png`` (bytes) as ``folder/name`` and return its ``<img>`` tag."""
-        from ..checkpoint import atomic_write_bytes
 
         path = os.path.join(self.folder, name)
         atomic_write_bytes(path, png)
@@ -473,7 +474,6 @@ def _side_by_side_figure(rows, per_person, captions, highlight=()):
     """
     from PIL import ImageDraw
 
-    from ..sample_io import image_grid
 
     h, w = next(t.shape[:2] for _, real, fake in rows for t in real + fake)
     scale = max(1, min(MAX_TILE_SCALE, TILE_TARGET // max(h, 1)))
@@ -835,7 +835,6 @@ def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, sta
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
             f"<style>{CSS}</style></head>\n<body>{''.join(head)}{nav}\n{body}\n</body></html>\n")
-    from ..checkpoint import atomic_write_bytes
 
     atomic_write_bytes(output_html, page.encode("utf-8"))
     return output_html

@@ -14,6 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .images import to_uint8_images
+from .samplers import SAMPLERS, Denoiser, SamplingPlan, per_sample_normal, resolve_sampler
 
 CLIP_MODES = ("none", "pixel", "fixed", "dynamic")
 
@@ -23,10 +25,6 @@ def sample_generator(seed, index, device):
     gen = torch.Generator(device=device)
     gen.manual_seed((int(seed) * 1_000_003 + int(index)) % (2**63 - 1))
     return gen
-
-
-def _per_sample_normal(generators, shape, device):
-    return torch.stack([torch.randn(shape, generator=g, device=device) for g in generators])
 
 
 class DenoisedClipper:
@@ -73,28 +71,6 @@ class DenoisedClipper:
         return float(self.clipped.item()) / self.seen
 
 
-def _run_chain(*, diffusion, model, x, generators, use_ddim, eta, denoised_fn, cond_fn, model_kwargs, progress):
-    """Denoise one batch ``x`` (N, C, H, W) from pure noise to ``x_0``."""
-    steps = list(range(diffusion.num_timesteps))[::-1]
-    needs_noise = not use_ddim or eta > 0
-    for i in tqdm(steps, desc="denoising", leave=False, disable=not progress):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        noise = _per_sample_normal(generators, x.shape[1:], x.device) if needs_noise else None
-        with torch.no_grad():
-            if use_ddim:
-                out = diffusion.ddim_sample(
-                    model, x, t, clip_denoised=False, denoised_fn=denoised_fn,
-                    cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, noise=noise,
-                )
-            else:
-                out = diffusion.p_sample(
-                    model, x, t, clip_denoised=False, denoised_fn=denoised_fn,
-                    cond_fn=cond_fn, model_kwargs=model_kwargs, noise=noise,
-                )
-        x = out["sample"]
-    return x
-
-
 class NonFiniteSamples(UserError):
     """Samples became NaN or Inf; nothing was written for them."""
 
@@ -104,11 +80,6 @@ class NonFiniteSamples(UserError):
         super().__init__(f"{len(self.indices)} sample(s) ({shown}) hold NaN or Inf in {where}")
 
 
-def to_uint8_images(images):
-    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def generate_samples(
     *,
     model,
@@ -116,7 +87,10 @@ def generate_samples(
     sample_shape,
     num_samples,
     batch_size,
+    first_index=0,
     labels=None,
+    sampler=None,
+    steps=None,
     use_ddim=False,
     eta=0.0,
     clipper=None,
@@ -138,14 +112,23 @@ def generate_samples(
 
     Args:
         sample_shape: (C, H, W) of what the diffusion produces (latents or pixels).
+        first_index: the index of the first sample (its noise stream), for
+            drawing a share of a larger set.
         labels: class index per sample (length ``num_samples``) for
             class-conditional models, else None.
+        sampler: a name of ``samplers.SAMPLERS``; None: ``ddim`` with ``use_ddim``, else ``ddpm``.
+            ``ddpm``/``ddim`` walk ``diffusion`` as respaced; the diffusers
+            samplers take ``steps`` steps over the full ``diffusion``.
         clipper: a :class:`DenoisedClipper` (default: no clipping).
         cond_fn: classifier guidance, ``cond_fn(x, t, y=...)`` -> grad of log p(y|x).
         decode_fn: latents -> images in [-1, 1] (the VAE's decoder), or None
             for pixel models.
     """
     device = torch.device(device)
+    sampler = resolve_sampler(sampler, use_ddim)
+    if steps is None:
+        steps = diffusion.num_timesteps
+    sample_fn = SAMPLERS[sampler]
     clipper = clipper or DenoisedClipper("none")
     if labels is not None:
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
@@ -159,17 +142,15 @@ def generate_samples(
     starts = range(0, num_samples, batch_size)
     for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) == 1):
         stop = min(start + batch_size, num_samples)
-        generators = [sample_generator(seed, i, device) for i in range(start, stop)]
-        x = _per_sample_normal(generators, tuple(sample_shape), device)
+        generators = [sample_generator(seed, first_index + i, device) for i in range(start, stop)]
+        x = per_sample_normal(generators, tuple(sample_shape), device)
         kwargs = {}
         if labels is not None:
             kwargs["y"] = labels[start:stop].to(device)
+        denoiser = Denoiser(model=model, model_kwargs=kwargs, denoised_fn=clipper, cond_fn=cond_fn)
+        plan = SamplingPlan(diffusion=diffusion, steps=steps, generators=generators, eta=eta, progress=progress)
         with autocast:
-            x = _run_chain(
-                diffusion=diffusion, model=model, x=x, generators=generators,
-                use_ddim=use_ddim, eta=eta, denoised_fn=clipper, cond_fn=cond_fn,
-                model_kwargs=kwargs, progress=progress,
-            )
+            x = sample_fn(denoiser, x, plan)
         x = x.float()
         finite = torch.isfinite(x).flatten(1).all(dim=1)
         where = "the diffusion output"
@@ -182,7 +163,7 @@ def generate_samples(
             finite = finite & decoded_ok
         keep = finite.cpu().numpy()
         if not keep.all():
-            bad = [start + int(i) for i in np.flatnonzero(~keep)]
+            bad = [first_index + start + int(i) for i in np.flatnonzero(~keep)]
             if on_nonfinite is None:
                 raise NonFiniteSamples(bad, where)
             on_nonfinite(bad)

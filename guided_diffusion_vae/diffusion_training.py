@@ -6,7 +6,6 @@ diffusion sees, and how samples become images again).
 """
 
 import dataclasses
-import inspect
 import os
 from typing import Callable, Optional
 
@@ -15,7 +14,11 @@ import torch
 from . import dist_util, logger, script_util
 from .config import write_resolved_config
 from .errors import UserError
+from .labels import normalize_label_map, null_class_index, people, with_null_class
 from .resample import create_named_schedule_sampler
+from .image_datasets import image_batch_stream
+from .images import image_grid, save_png
+from .sample_loop import DenoisedClipper, generate_samples
 from .train_util import (
     TrainLoop,
     check_output_dir,
@@ -49,16 +52,8 @@ class TrainingData:
     vae_meta: Optional[dict] = None
 
 
-def json_label_map(label_map):
-    """``{0: "user_01"}`` -> ``{"0": "user_01"}`` (JSON object keys are strings)."""
-    if not label_map:
-        return None
-    return {str(int(k)): str(v) for k, v in label_map.items()}
-
-
 def pixel_training_data(config):
     """Batches of images from ``data_dir`` (pixel-space diffusion)."""
-    from .image_datasets import image_batch_stream
 
     if not config["data_dir"]:
         raise UserError("data_dir is required: a folder of images (class sub-folders for class_cond)")
@@ -75,7 +70,7 @@ def pixel_training_data(config):
     )
     return TrainingData(
         batches=stream,
-        label_map=json_label_map(dataset.label_map),
+        label_map=normalize_label_map(dataset.label_map, config["data_dir"]),
         image_size=config["image_size"],
         image_channels=channels,
         sample_shape=(channels, config["image_size"], config["image_size"]),
@@ -100,44 +95,49 @@ def model_flags(config, data):
                 "its own sub-folder of data_dir (e.g. user_01/), or set class_cond false"
             )
         flags["num_classes"] = len(data.label_map)
+    elif float(config.get("class_dropout_prob", 0.0)) > 0:
+        raise UserError("class_dropout_prob needs a class-conditional model: set class_cond true")
     return flags
 
 
-def split_flags(flags):
-    """(create_model kwargs, create_gaussian_diffusion kwargs) of resolved flags:
-    the two dicts every checkpoint stores."""
-    model_keys = inspect.signature(script_util.create_model).parameters
-    model = {k: v for k, v in flags.items() if k in model_keys}
-    return model, script_util.diffusion_kwargs(flags)
+PREVIEW_STEPS = 25
 
 
 def preview_sampler(*, diffusion_config, data, num_samples, precision):
     """A ``sample_fn(model, step)`` that draws a grid with the same function
-    the sampling scripts use, and writes it to the log directory."""
-    from .sample_io import image_grid, save_png
-    from .sampling import generate_samples
-
-    preview_diffusion = script_util.create_gaussian_diffusion(
-        **{**diffusion_config, "timestep_respacing": "ddim25" if diffusion_config["steps"] % 25 == 0 else "25"}
-    )
-    labels = None
-    if data.label_map:
-        labels = [i % len(data.label_map) for i in range(num_samples)]
+    and the same defaults as the sampling scripts (EMA of the largest rate,
+    seed 0, clipping ``auto``), with DDIM over 25 steps, and writes it to the
+    log directory. It logs the ``image_sample_vae.py`` flags that redraw it
+    from the checkpoint of that step."""
+    respacing = f"ddim{PREVIEW_STEPS}" if diffusion_config["steps"] % PREVIEW_STEPS == 0 else str(PREVIEW_STEPS)
+    preview_diffusion = script_util.create_gaussian_diffusion(**{**diffusion_config, "timestep_respacing": respacing})
+    labels, selection = None, f"--num_samples {num_samples}"
+    persons = people(data.label_map)
+    if persons:
+        labels = [i % len(persons) for i in range(num_samples)]
+        selection = (f"--user_ids {','.join(persons[str(i)] for i in labels)} --num_images_per_user 1"
+                     if num_samples <= len(persons) else "")
+    clip_mode = "none" if data.vae_meta else "pixel"  # the scripts' "auto"
+    again = (f"--sampler ddim --timestep_respacing {respacing} --precision {precision} --seed 0 "
+             f"--clip_denoised {clip_mode} {selection}") if selection else None
 
     def sample_fn(model, step):
         if not dist_util.is_main():
             return
-        images, _, clipped = generate_samples(
+        images, _, _ = generate_samples(
             model=model, diffusion=preview_diffusion, sample_shape=data.sample_shape,
-            num_samples=num_samples, batch_size=num_samples, labels=labels, use_ddim=True,
-            decode_fn=data.decode_fn, seed=0, device=dist_util.dev(), precision=precision, progress=False,
+            num_samples=num_samples, batch_size=num_samples, labels=labels, sampler="ddim",
+            clipper=DenoisedClipper(clip_mode), decode_fn=data.decode_fn, seed=0, device=dist_util.dev(),
+            precision=precision, progress=False,
         )
         grid = image_grid(images)
         path = os.path.join(logger.get_dir() or ".", "samples", f"preview_{step:06d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_png(path, grid)
         logger.log_image("samples", grid, step=step)
-        logger.log(f"preview samples at step {step}: {path}")
+        logger.log(f"preview samples at step {step}: {path}"
+                   + (f" (the same images: image_sample_vae.py --model_path {logger.get_dir()} {again})"
+                      if again else ""))
 
     return sample_fn
 
@@ -156,9 +156,13 @@ def run_training(config, build_data):
     torch.manual_seed(config["seed"])
 
     data = build_data(config)
+    null_label = None
+    if float(config.get("class_dropout_prob", 0.0)) > 0 and data.label_map:
+        data.label_map = with_null_class(data.label_map)
+        null_label = null_class_index(data.label_map)
     flags = model_flags(config, data)
     model, diffusion = script_util.create_model_and_diffusion(**flags)
-    model_config, diffusion_config = split_flags(flags)
+    model_config, diffusion_config = script_util.split_flags(flags)
     train_keys = set(training_defaults())
     metadata = {
         "model": model_config,
@@ -205,6 +209,8 @@ def run_training(config, build_data):
         checkpoint_dir=logger.get_dir(),
         metadata=metadata,
         batch_transform=data.batch_transform,
+        class_dropout_prob=config.get("class_dropout_prob", 0.0),
+        null_label=null_label,
         precision=config["precision"],
         grad_clip=config["grad_clip"],
         max_nonfinite_steps=config["max_nonfinite_steps"],

@@ -8,12 +8,15 @@ the way out. ``image_size`` stays in pixels everywhere a user writes it.
 
 import os
 
-import torch
 
-from . import logger, script_util
+from . import dist_util, logger, script_util
 from .errors import UserError
 from .train_util import training_defaults
-from .training import TrainingData, json_label_map
+from .diffusion_training import TrainingData
+from .labels import normalize_label_map
+from .vae_wrapper import latent_shape_of, load_vae, parse_latent_scale, vae_from_description
+from .image_datasets import image_batch_stream
+from .latent_datasets import check_cache_matches, load_latent_data
 
 
 def latent_train_defaults():
@@ -34,54 +37,12 @@ def latent_train_defaults():
     }
 
 
-def _vae_dtype(name, device):
-    device = torch.device(device)
-    if name == "auto":
-        return "bfloat16" if device.type == "cuda" else "float32"
-    return name
-
-
-def load_vae(path, *, device, dtype="auto", input_range="-1,1", sample_posterior=False,
-             latent_scale=None, max_batch=64):
-    """A :class:`VAEInterface` on ``device`` (errors name the path)."""
-    from .vae_wrapper import VAEInterface
-
-    if not path:
-        raise UserError("vae_path is required: a folder written by AutoencoderKL.save_pretrained")
-    return VAEInterface(
-        path, device=device, dtype=_vae_dtype(dtype, device), max_batch=max_batch,
-        input_range=input_range, sample_posterior=sample_posterior, latent_scale=latent_scale,
-    )
-
-
-def vae_from_description(vae_meta, *, path=None, device, dtype="auto"):
-    """The VAE a checkpoint or cache was made with, with its stored scale and
-    input range; ``path`` overrides where it is looked for."""
-    path = path or vae_meta["path"]
-    if not os.path.isdir(path):
-        raise UserError(
-            f"the VAE was expected at {vae_meta['path']} and is not there; pass --vae_path DIR to point to it"
-        )
-    vae = load_vae(
-        path, device=device, dtype=dtype, input_range=vae_meta["input_range"],
-        sample_posterior=vae_meta.get("sample_posterior", False), latent_scale=vae_meta["latent_scale"],
-    )
-    if vae_meta.get("fingerprint") and vae.fingerprint != vae_meta["fingerprint"]:
-        raise UserError(
-            f"the VAE in {path} is not the one this model was trained with "
-            f"(fingerprint {vae.fingerprint}, expected {vae_meta['fingerprint']})"
-        )
-    return vae
-
-
 def create_latent_model_and_diffusion(*, vae_description, image_size, **flags):
     """``create_model_and_diffusion`` for latents: ``image_size`` in pixels, the
     network built for ``image_size / factor`` with the VAE's latent channels.
     ``attention_resolutions`` are read at the latent resolution."""
-    factor = int(vae_description["downsample_factor"])
-    if image_size % factor:
-        raise UserError(f"image size {image_size} is not divisible by the VAE's downsampling factor {factor}")
-    flags = {**flags, "image_size": image_size // factor, "in_channels": int(vae_description["latent_channels"])}
+    channels, size, _ = latent_shape_of(vae_description, image_size)
+    flags = {**flags, "image_size": size, "in_channels": channels}
     return script_util.create_model_and_diffusion(**flags)
 
 
@@ -89,13 +50,14 @@ def create_latent_classifier(*, vae_description, image_size, num_classes, **clas
     """``create_classifier`` for noisy latents: built for ``image_size / factor``
     with the VAE's latent channels; ``classifier_attention_resolutions`` are
     read at the latent resolution."""
-    factor = int(vae_description["downsample_factor"])
-    if image_size % factor:
-        raise UserError(f"image size {image_size} is not divisible by the VAE's downsampling factor {factor}")
-    return script_util.create_classifier(
-        image_size=image_size // factor, in_channels=int(vae_description["latent_channels"]),
-        num_classes=num_classes, **classifier_flags,
-    )
+    return script_util.create_classifier(**latent_classifier_kwargs(vae_description, image_size, num_classes,
+                                                                     classifier_flags))
+
+
+def latent_classifier_kwargs(vae_description, image_size, num_classes, classifier_flags):
+    """The ``create_classifier`` arguments of a latent classifier (what its checkpoint stores)."""
+    channels, size, _ = latent_shape_of(vae_description, image_size)
+    return {"image_size": size, "in_channels": channels, "num_classes": num_classes, **classifier_flags}
 
 
 def _checked_in_channels(config, latent_channels):
@@ -112,7 +74,6 @@ def _measure_scale(vae, stream, num_batches):
         for _ in range(num_batches):
             yield next(stream)[0]
 
-    from . import dist_util
 
     scale = vae.measure_latent_scale(images())
     # Every rank measured its own shard; all must scale by the same factor.
@@ -125,20 +86,18 @@ def _measure_scale(vae, stream, num_batches):
 def latent_training_data(config):
     """Scaled latents from ``latent_cache``, or images from ``data_dir``
     encoded batch by batch on the device by the VAE in ``vae_path``."""
-    from . import dist_util
 
     device = dist_util.dev()
     if config["latent_cache"]:
         return _cached_latents(config, device)
     if not (config["data_dir"] and config["vae_path"]):
         raise UserError("give --latent_cache CACHE_DIR, or --data_dir IMAGES with --vae_path VAE_DIR")
-    from .image_datasets import image_batch_stream
 
-    scale = config["latent_scale"]
+    scale = parse_latent_scale(config["latent_scale"])
     vae = load_vae(
         config["vae_path"], device=device, dtype=config["vae_dtype"], input_range=config["input_range"],
         sample_posterior=config["sample_posterior"], max_batch=config["vae_batch_size"],
-        latent_scale=None if scale == "measured" else scale,
+        latent_scale=scale,
     )
     sample_shape = vae.latent_shape(config["image_size"])
     _checked_in_channels(config, vae.latent_channels)
@@ -151,7 +110,7 @@ def latent_training_data(config):
         vae.set_latent_scale(_measure_scale(vae, stream, config["measure_scale_batches"]))
     return TrainingData(
         batches=stream,
-        label_map=json_label_map(dataset.label_map),
+        label_map=normalize_label_map(dataset.label_map, config["data_dir"]),
         image_size=config["image_size"],
         image_channels=vae.in_channels,
         sample_shape=sample_shape,
@@ -163,7 +122,6 @@ def latent_training_data(config):
 
 
 def _cached_latents(config, device):
-    from .latent_datasets import check_cache_matches, load_latent_data
 
     stream = load_latent_data(
         cache_dir=config["latent_cache"], batch_size=config["batch_size"], seed=config["seed"],
@@ -171,10 +129,10 @@ def _cached_latents(config, device):
     )
     cache = stream.cache
     meta = cache.meta
-    scale = config["latent_scale"]
+    scale = parse_latent_scale(config["latent_scale"])
     check_cache_matches(
         meta, config={"image_size": config["image_size"], "input_range": config["input_range"],
-                      "latent_scale": None if scale in ("stored", "measured") else scale},
+                      "latent_scale": scale if isinstance(scale, float) else None},
         cache_dir=config["latent_cache"],
     )
     vae_meta = {**cache.vae_description, "latent_scale": cache.latent_scale}
@@ -193,7 +151,7 @@ def _cached_latents(config, device):
     _checked_in_channels(config, cache.shape[0])
     return TrainingData(
         batches=stream,
-        label_map=json_label_map(cache.label_map),
+        label_map=normalize_label_map(cache.label_map, config["latent_cache"]),
         image_size=int(meta["image_size"]),
         image_channels=int(vae_meta.get("in_channels", 3)),
         sample_shape=tuple(cache.shape),

@@ -5,7 +5,7 @@ import torch
 
 from guided_diffusion_vae import script_util
 from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.latent_model import create_latent_classifier, create_latent_model_and_diffusion
+from guided_diffusion_vae.latent_training import create_latent_classifier, create_latent_model_and_diffusion
 
 VAE = {"downsample_factor": 4, "latent_channels": 4}
 

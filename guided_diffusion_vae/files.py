@@ -1,0 +1,76 @@
+"""Files that are either complete or absent: the one way this project writes.
+
+Every file a run publishes (checkpoints, caches, samples, reports, configs)
+goes through :func:`atomic_write`: written to a temporary beside it, fsynced,
+given the permissions the umask allows, and renamed into place.
+"""
+
+import os
+import tempfile
+import time
+
+
+def _current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove_stale_temporaries(folder, prefix, min_age_s=60.0):
+    """Temporaries of this file left by a writer that was killed (SIGKILL,
+    power loss). Only older ones: a live writer of the same file is unlikely,
+    but never disturbed within its first minute."""
+    now = time.time()
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            full = os.path.join(folder, name)
+            try:
+                if now - os.path.getmtime(full) > min_age_s:
+                    os.remove(full)
+            except OSError:
+                pass
+
+
+def atomic_write(path, write_fn):
+    """Call ``write_fn(tmp_path)`` then move the finished file onto ``path``.
+
+    The temporary file lives in the same folder (so the rename is atomic) and
+    is fsynced first: a crash at any moment leaves either the old file or the
+    complete new one, never a torn file.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    prefix = f".{os.path.basename(path)}."
+    _remove_stale_temporaries(folder, prefix)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        # mkstemp makes 0600 files (and a writer may replace the file); what we
+        # publish respects the umask, as open() would, so collaborators on a
+        # shared cluster can read it.
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def atomic_write_bytes(path, data):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    return atomic_write(path, write)

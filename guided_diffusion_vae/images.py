@@ -1,0 +1,42 @@
+"""Pictures: uint8 ``(N, H, W, C)`` arrays laid out on grids and saved as PNG.
+
+Sample grids, training previews, TensorBoard images, VAE comparisons and the
+report's figures all use :func:`image_grid`.
+"""
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .files import atomic_write_bytes
+
+
+def image_grid(images, columns=None, pad=2, background=255):
+    """(N, H, W, C) uint8 -> one (rows*H', cols*W', C) uint8 picture."""
+    n, h, w, c = images.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), background, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, col = divmod(i, columns)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top : top + h, left : left + w] = img
+    return grid
+
+
+def to_pil(image):
+    """(H, W, C) uint8 with C in 1, 3, 4 -> PIL image."""
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+
+
+def save_png(path, image):
+    buf = io.BytesIO()
+    to_pil(image).save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def to_uint8_images(images):
+    """(N, C, H, W) float tensor in [-1, 1] -> (N, H, W, C) uint8 numpy array."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

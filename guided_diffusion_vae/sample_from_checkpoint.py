@@ -1,0 +1,317 @@
+"""Sampling from a checkpoint: what ``image_sample.py`` and
+``image_sample_vae.py`` run.
+
+A checkpoint of ours describes its model, diffusion, classes and VAE, so
+``--model_path`` is all it needs; the original's bare ``.pt`` files are built
+from the model flags instead, as the original's script does.
+
+Which weights: a file given as ``--model_path`` is sampled exactly as named;
+a run folder means its newest step, from the EMA with the largest rate
+(``--use_ema False``: the raw weights), and the log says which file it took.
+
+Which classes: ``--num_images_per_user N`` draws N samples for each selected
+person (``--user_ids``, default all); ``--num_images_per_user 0`` draws
+``--num_samples`` samples with classes drawn at random from them (the
+original's ``image_sample.py``). Under ``mpiexec -n N`` every rank draws a
+contiguous share of the samples and rank 0 writes them all; the images are
+the same as from one process.
+"""
+
+import math
+import os
+import re
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import dist_util, logger, script_util
+from .dist_util import pick_device
+from .errors import UserError
+from .guidance import (
+    check_classifier_fits,
+    check_guidance_scale,
+    classifier_cond_fn,
+    classifier_free_model,
+    load_classifier,
+)
+from .labels import default_label_map, normalize_label_map, null_class_index, people, resolve_user_ids
+from .sample_io import save_samples
+from .sample_loop import DenoisedClipper, NonFiniteSamples, generate_samples
+from .samplers import resolve_sampler, sampler_steps
+from .vae_wrapper import vae_from_description
+
+# The original's boolean --clip_denoised, as our clipping modes.
+CLIP_ALIASES = {"true": "pixel", "false": "none"}
+
+
+def sample_defaults():
+    """Sampling flags; the model flags only matter for bare ``.pt`` files."""
+    return {
+        **script_util.model_and_diffusion_defaults(),
+        "model_path": "",
+        "output_dir": "",
+        "use_ema": True,
+        "num_samples": 16,
+        "user_ids": [],
+        "num_images_per_user": 0,
+        "batch_size": 16,
+        "sampler": "",
+        "use_ddim": False,
+        "eta": 0.0,
+        "clip_denoised": "auto",
+        "clip_range": 3.0,
+        "dynamic_threshold_percentile": 0.995,
+        "seed": 0,
+        "device": "auto",
+        "precision": "fp32",
+        "vae_path": "",
+        "classifier_path": "",
+        "classifier_scale": 1.0,
+        "guidance_scale": 1.0,
+        "keep_going": False,
+    }
+
+
+def latent_sample_defaults():
+    """``image_sample_vae.py``: images per person by default."""
+    return {**sample_defaults(), "num_images_per_user": 5}
+
+
+def newest_checkpoint(folder, use_ema):
+    """The weights file a run folder stands for: its newest step, the EMA
+    with the largest rate (the slowest average) unless ``use_ema`` is False."""
+    found = [n for n in os.listdir(folder) if re.fullmatch(r"model\d+\.(safetensors|pt)", n)]
+    if not found:
+        raise UserError(f"{folder} holds no modelNNNNNN.safetensors checkpoint")
+    newest = max(found, key=ckpt.parse_step)
+    if not use_ema:
+        return os.path.join(folder, newest)
+    step, suffix = ckpt.parse_step(newest), os.path.splitext(newest)[1]
+    pattern = re.compile(rf"ema_([0-9.]+)_{step:06d}{re.escape(suffix)}")
+    emas = [n for n in os.listdir(folder) if pattern.fullmatch(n)]
+    if not emas:
+        raise UserError(f"{folder}: no EMA weights for step {step} (ema_<rate>_{step:06d}{suffix}); "
+                        f"pass --use_ema False to sample from {newest}")
+    return os.path.join(folder, max(emas, key=lambda n: float(pattern.fullmatch(n).group(1))))
+
+
+def resolve_weights_file(model_path, use_ema=True):
+    """A file is taken as named; a folder means :func:`newest_checkpoint`."""
+    if os.path.isdir(model_path):
+        return newest_checkpoint(model_path, use_ema)
+    if not os.path.isfile(model_path):
+        raise UserError(f"checkpoint not found: {model_path}")
+    return model_path
+
+
+def check_sampling_metadata(meta, source):
+    """The parts of a checkpoint's metadata that sampling reads, checked
+    before anything is built: one line naming the file and the key."""
+    for key in ("model", "diffusion"):
+        if key not in meta:
+            raise UserError(f"{source}: metadata lacks the key '{key}'")
+    ckpt.check_build_kwargs(script_util.create_model, meta["model"], source, "model")
+    ckpt.check_build_kwargs(script_util.create_gaussian_diffusion, meta["diffusion"], source, "diffusion")
+    data = meta.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{source}: metadata 'data' must be an object, got {type(data).__name__}")
+    normalize_label_map((data or {}).get("label_map"), source)
+
+
+def load_sampling_model(config, device):
+    """``(model, diffusion_config, meta, path)`` for ``config["model_path"]``.
+
+    A checkpoint trained with ``use_fp16`` is converted to fp16 as it was
+    trained, whatever ``--use_fp16`` says."""
+    path = resolve_weights_file(config["model_path"], config["use_ema"])
+    state, meta = ckpt.load_weights(path)
+    if meta is None:
+        logger.log(f"{path} is a bare state dict: building the model from the flags")
+        flags = {k: config[k] for k in script_util.model_and_diffusion_defaults()}
+        model_config, diffusion_config = script_util.split_flags(flags)
+        diffusion_config["timestep_respacing"] = ""
+        model = script_util.create_model(**model_config)
+        meta = {"model": model_config, "diffusion": diffusion_config, "data": {}, "vae": None}
+        ckpt.load_state_strict(model, state, path)
+    else:
+        check_sampling_metadata(meta, path)
+        model = ckpt.build_from_metadata(script_util.create_model, meta["model"], state, path, "model")
+        diffusion_config = dict(meta["diffusion"])
+    logger.log(f"sampling from {path} (step {meta.get('step', ckpt.parse_step(path))})")
+    if meta["model"].get("use_fp16"):
+        model.convert_to_fp16()
+    return model.to(device).eval(), diffusion_config, meta, path
+
+
+def load_decoder(meta, config, device):
+    """The VAE decoder for a latent checkpoint (None for pixel models)."""
+    vae_meta = meta.get("vae")
+    if not vae_meta:
+        if config["vae_path"]:
+            raise UserError("vae_path given, but this checkpoint is a pixel-space model (it has no VAE)")
+        return None
+    vae = vae_from_description(vae_meta, path=config["vae_path"] or None, device=device)
+    return vae.decode_batch
+
+
+def load_classifier_guidance(config, meta, device):
+    """``(cond_fn, classifier label map)`` of ``--classifier_path`` (None,
+    None without one), after checking it fits the model."""
+    if not config["classifier_path"]:
+        return None, None
+    path = config["classifier_path"]
+    classifier, cmeta = load_classifier(path, device)
+    check_classifier_fits(cmeta, meta, path)
+    logger.log(f"classifier guidance from {path}, scale {config['classifier_scale']}")
+    return classifier_cond_fn(classifier, config["classifier_scale"]), (cmeta.get("data") or {}).get("label_map")
+
+
+def _drop_labels(model):
+    """An unconditional model called with the classifier's labels ignores them."""
+
+    def call(x, t, y=None, **kwargs):
+        return model(x, t, **kwargs)
+
+    return call
+
+
+def choose_labels(config, label_map):
+    """Class index per sample: ``num_images_per_user`` for each selected
+    person, or ``num_samples`` drawn at random (seeded) from them."""
+    selectable = people(label_map)
+    if config["user_ids"]:
+        classes = resolve_user_ids(config["user_ids"], label_map)
+    else:
+        classes = sorted(int(k) for k in selectable)
+    if int(config["num_images_per_user"]) > 0:
+        return np.repeat(np.array(classes, dtype=np.int64), int(config["num_images_per_user"]))
+    rng = np.random.default_rng(int(config["seed"]))
+    return rng.choice(np.array(classes, dtype=np.int64), size=int(config["num_samples"]))
+
+
+def clip_mode_of(config, meta):
+    """``--clip_denoised`` as a clipping mode: ``auto`` is the original's
+    [-1, 1] clip for pixel models and none for latents; ``True``/``False``
+    are the original's spellings of ``pixel``/``none``."""
+    mode = str(config["clip_denoised"]).strip()
+    mode = CLIP_ALIASES.get(mode.lower(), mode)
+    if mode == "auto":
+        mode = "none" if meta.get("vae") else "pixel"
+    return mode
+
+
+def _nonfinite_causes(config, path):
+    causes = [f"the weights of {path} (NaN or diverged)"]
+    if config["classifier_path"]:
+        causes.append(f"classifier_scale={config['classifier_scale']} (too large?)")
+    if float(config["guidance_scale"]) != 1.0:
+        causes.append(f"guidance_scale={config['guidance_scale']} (too large?)")
+    return "look at " + " or ".join(causes)
+
+
+def check_sampling_config(config):
+    """Settings refused before anything is loaded."""
+    if not config["model_path"]:
+        raise UserError("model_path is required: a checkpoint file or a run folder")
+    for key in ("classifier_scale", "guidance_scale", "eta"):
+        if not math.isfinite(float(config[key])):
+            raise UserError(f"{key} must be a finite number, got {config[key]}")
+    for key in ("batch_size", "num_samples"):
+        if int(config[key]) < 1:
+            raise UserError(f"{key} must be >= 1, got {config[key]}")
+    if int(config["num_images_per_user"]) < 0:
+        raise UserError(f"num_images_per_user must be >= 0 (0: --num_samples with random classes), "
+                        f"got {config['num_images_per_user']}")
+    resolve_sampler(config["sampler"], config["use_ddim"])
+    if config["output_dir"] and os.path.exists(config["output_dir"]) and not os.path.isdir(config["output_dir"]):
+        raise UserError(f"output_dir {config['output_dir']} exists and is not a folder")
+
+
+def run_sampling(config):
+    """Draw samples as configured and write them (rank 0); returns the paths
+    written (None on other ranks)."""
+    check_sampling_config(config)
+    sampler = resolve_sampler(config["sampler"], config["use_ddim"])
+    dist_util.setup_dist()
+    if not config["output_dir"]:  # the original writes to the logger's folder
+        logger.configure()
+        config = {**config, "output_dir": logger.get_dir()}
+    device = pick_device(config["device"]) if not dist_util.is_distributed() else dist_util.dev()
+    model, diffusion_config, meta, path = load_sampling_model(config, device)
+    if sampler in ("ddpm", "ddim"):
+        if config["timestep_respacing"]:
+            diffusion_config["timestep_respacing"] = config["timestep_respacing"]
+        steps = None
+    else:
+        steps = sampler_steps(sampler, config["timestep_respacing"], diffusion_config["steps"])
+        diffusion_config["timestep_respacing"] = ""
+    diffusion = script_util.create_gaussian_diffusion(**diffusion_config)
+    label_map = (meta.get("data") or {}).get("label_map")
+    class_cond = bool(meta["model"].get("class_cond"))
+    if class_cond and not label_map:
+        label_map = default_label_map(meta["model"]["num_classes"])
+    check_guidance_scale(config["guidance_scale"], label_map if class_cond else None, path)
+    cond_fn, classifier_labels = load_classifier_guidance(config, meta, device)
+    if cond_fn is not None and not class_cond:
+        # Guidance alone makes an unconditional model class-specific.
+        label_map, class_cond, model = classifier_labels, True, _drop_labels(model)
+    if float(config["guidance_scale"]) != 1.0:
+        logger.log(f"classifier-free guidance, scale {config['guidance_scale']}")
+        model = classifier_free_model(model, null_label=null_class_index(label_map),
+                                      scale=config["guidance_scale"], out_channels=meta["model"].get("in_channels", 3))
+    if class_cond:
+        labels = choose_labels(config, label_map)
+    elif config["user_ids"]:
+        raise UserError("user_ids given, but this model is unconditional: use --num_samples")
+    else:
+        labels = None
+    num_samples = len(labels) if labels is not None else int(config["num_samples"])
+    clip_mode = clip_mode_of(config, meta)
+    clipper = DenoisedClipper(clip_mode, config["clip_range"], config["dynamic_threshold_percentile"])
+    decode_fn = load_decoder(meta, config, device)
+    channels = meta["model"].get("in_channels", 3)
+    size = meta["model"]["image_size"]
+    # Every rank draws a contiguous share; sample i keeps its own noise stream.
+    share = math.ceil(num_samples / dist_util.world_size())
+    first = min(dist_util.rank() * share, num_samples)
+    last = min(first + share, num_samples)
+    logger.log(f"sampler {sampler}, {steps or diffusion.num_timesteps} steps, {num_samples} samples"
+               + (f" ({first}..{last - 1} on rank {dist_util.rank()})" if dist_util.world_size() > 1 else ""))
+    dropped = []
+    images, labels_out, clipped = np.zeros((0, size, size, 1), np.uint8), None, 0.0
+    error = None
+    try:
+        if last > first:
+            images, labels_out, clipped = generate_samples(
+                model=model, diffusion=diffusion, sample_shape=(channels, size, size),
+                num_samples=last - first, first_index=first, batch_size=int(config["batch_size"]),
+                labels=None if labels is None else labels[first:last], sampler=sampler, steps=steps,
+                eta=config["eta"], clipper=clipper, decode_fn=decode_fn, cond_fn=cond_fn,
+                seed=config["seed"], device=device, precision=config["precision"],
+                on_nonfinite=dropped.extend if config["keep_going"] else None,
+                progress=dist_util.is_main(),
+            )
+    except NonFiniteSamples as err:
+        error = f"{err}: {_nonfinite_causes(config, path)}; nothing was written " \
+                "(--keep_going True writes the finite samples and counts the others)"
+    parts = dist_util.all_gather_objects((images, labels_out, clipped, dropped, error))
+    errors = [p[4] for p in parts if p[4]]
+    if errors:
+        raise UserError(errors[0])
+    if not dist_util.is_main():
+        return None
+    kept = [p for p in parts if len(p[0])]
+    dropped = [i for p in parts for i in p[3]]
+    if dropped:
+        logger.warn(f"{len(dropped)} of {num_samples} samples held NaN or Inf and were not written "
+                    f"(indices {dropped[:10]}{' ...' if len(dropped) > 10 else ''}); {_nonfinite_causes(config, path)}")
+    if not kept:
+        raise UserError(f"every sample held NaN or Inf: {_nonfinite_causes(config, path)}")
+    images = np.concatenate([p[0] for p in kept])
+    labels_out = np.concatenate([p[1] for p in kept]) if labels is not None else None
+    if clip_mode != "none":
+        fraction = sum(p[2] * len(p[0]) for p in kept) / len(images)
+        logger.log(f"clip_denoised={clip_mode}: {100 * fraction:.3f}% of predicted x0 values were clipped")
+    paths = save_samples(config["output_dir"], images, labels_out, label_map if class_cond else None)
+    logger.log(f"wrote {len(images)} samples to {config['output_dir']} (grid: {paths['grid']})")
+    return paths
