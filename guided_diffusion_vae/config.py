@@ -94,7 +94,6 @@ def load_yaml_config(path, defaults):
 
 
 def _parser_type(default):
-
     if default is None:
         return str
     if isinstance(default, bool):

@@ -122,7 +122,6 @@ def latent_training_data(config):
 
 
 def _cached_latents(config, device):
-
     stream = load_latent_data(
         cache_dir=config["latent_cache"], batch_size=config["batch_size"], seed=config["seed"],
         class_cond=config["class_cond"], device=device,

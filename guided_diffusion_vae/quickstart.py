@@ -104,7 +104,6 @@ class Stages:
         self._write()
 
     def _write(self):
-
         state = {"layout": LAYOUT, **self.done, **({"partial": self.partial} if self.partial else {})}
         atomic_write_bytes(self.path, json.dumps(state, indent=2).encode())
 
@@ -130,7 +129,6 @@ def _simulate(run_dir, preset, seed, workers):
 
 
 def _train_vae(run_dir, preset, seed):
-
     config = {**vae_train_defaults(), **preset["vae"], "data_dir": os.path.join(run_dir, "data", "train"),
               "output_dir": os.path.join(run_dir, "vae"), "checkpoint_dir": os.path.join(run_dir, "vae_train"),
               "image_size": preset["image_size"], "seed": seed, "num_workers": 0}
@@ -138,7 +136,6 @@ def _train_vae(run_dir, preset, seed):
 
 
 def _encode(run_dir, preset):
-
     config = {**encode_latents_defaults(), "data_dir": os.path.join(run_dir, "data", "train"),
               "vae_path": os.path.join(run_dir, "vae"), "output_dir": os.path.join(run_dir, "latents"),
               "image_size": preset["image_size"], "latent_scale": "stored", "random_flip": False,
@@ -147,7 +144,6 @@ def _encode(run_dir, preset):
 
 
 def _diffusion_config(run_dir, preset, seed):
-
     defaults = latent_train_defaults()
     settings = dict(preset["diffusion"])
     config = dict(defaults)
@@ -172,7 +168,6 @@ def _train_diffusion(run_dir, preset, seed):
 
 
 def _sample(run_dir, preset, seed):
-
     config = {**sample_defaults(), **preset["sampling"], "model_path": os.path.join(run_dir, "diffusion"),
               "output_dir": os.path.join(run_dir, "samples"), "use_ddim": True, "seed": seed,
               "clip_denoised": "none"}
@@ -180,7 +175,6 @@ def _sample(run_dir, preset, seed):
 
 
 def _evaluate(run_dir, preset, seed):
-
     config = {**evaluate_defaults(), **preset.get("evaluate", {}), "seed": seed,
               "real_train": os.path.join(run_dir, "data", "train"), "real_test": os.path.join(run_dir, "data", "test"),
               "generated": os.path.join(run_dir, "samples"), "vae_path": os.path.join(run_dir, "vae"),
@@ -189,7 +183,6 @@ def _evaluate(run_dir, preset, seed):
 
 
 def _report(run_dir, stages):
-
     return write_report(os.path.join(run_dir, "report.html"), eval_json=os.path.join(run_dir, "eval", "metrics.json"),
                         run_dir=os.path.join(run_dir, "diffusion"), vae_dir=os.path.join(run_dir, "vae"),
                         stage_times={k: v["seconds"] for k, v in stages.done.items()},
