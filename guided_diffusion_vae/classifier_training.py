@@ -23,6 +23,7 @@ from .guidance import CLASSIFIER_KIND
 from .labels import normalize_label_map
 from .latent_training import latent_classifier_kwargs
 from .resample import UniformSampler
+from .training_parts import autocast, load_latest_state, save_state, settings_text, wrap_for_processes
 from .train_util import TRAINING_LIMITS, DeviceMeans, check_output_dir, check_training_numbers, resolve_precision
 from .latent_datasets import load_latent_data
 
@@ -45,6 +46,8 @@ def classifier_train_defaults():
         "log_dir": "",
         "seed": 0,
         "precision": "auto",
+        # continue from the newest classifier_state_NNNNNN.pt in log_dir
+        "resume": True,
     }
 
 
@@ -121,15 +124,8 @@ def train_classifier(config):
     if classifier_kwargs["classifier_use_fp16"]:
         model.convert_to_fp16()
 
-    net = model
-    if dist_util.world_size() > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        # DDP copies rank 0's weights to the others when it wraps the model.
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     precision = resolve_precision(config["precision"], device)
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     metadata = {
         "kind": CLASSIFIER_KIND,
@@ -149,8 +145,25 @@ def train_classifier(config):
     means = DeviceMeans()
     folder = logger.get_dir()
     iterations, last = int(config["iterations"]), None
+    settings = {"classifier": classifier_kwargs, "diffusion": diffusion_kwargs, "batch_size": config["batch_size"],
+                "seed": config["seed"], "noised": config["noised"],
+                "latent_cache": os.path.abspath(config["latent_cache"])}
+    first = 1
+    found = load_latest_state(folder, "classifier", settings) if config["resume"] else None
+    if found:
+        state, path = found
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["data"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        first = int(state["step"]) + 1
+        logger.log(f"resumed from {path} at step {first - 1}")
+    # DDP copies rank 0's weights to the others when it wraps the model.
+    net = wrap_for_processes(model, device)
     model.train()
-    for step in range(1, iterations + 1):
+    for step in range(first, iterations + 1):
         x0, cond = next(stream)
         x0 = x0.to(device, non_blocking=True)
         y = cond["y"].to(device, non_blocking=True)
@@ -160,7 +173,7 @@ def train_classifier(config):
         else:
             t = torch.zeros(x0.shape[0], dtype=torch.long, device=device)
             x = x0
-        with autocast:  # the timesteps a sampler's cond_fn will see (rescaled if so configured)
+        with autocast(precision, device):  # the timesteps a sampler's cond_fn will see (rescaled if so configured)
             logits = net(x, diffusion._scale_timesteps(t))
         losses = F.cross_entropy(logits.float(), y, reduction="none")
         optimizer.zero_grad(set_to_none=True)
@@ -182,5 +195,11 @@ def train_classifier(config):
             last = classifier_path(folder, step)
             if dist_util.is_main():
                 _save(folder, step, model, metadata)
+                state = {"settings": settings_text(settings), "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
+                         "torch_rng": torch.get_rng_state()}
+                if device.type == "cuda":
+                    state["cuda_rng"] = torch.cuda.get_rng_state(device)
+                save_state(folder, "classifier", step, state, keep=2)
             dist_util.barrier()
     return last

@@ -34,6 +34,7 @@ import shutil
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
@@ -196,9 +197,43 @@ def build_latent_cache(
 
     :return: the cache's metadata dict (as in ``meta.json``).
     """
-    from tqdm.auto import tqdm
+    _check_cache_settings(data_dir, vae_path, output_dir, batch_size, chunk_size, image_size, cache_dtype,
+                          input_range)
+    scale_spec = parse_latent_scale(latent_scale)
+    dist_util.setup_dist()
+    device = dist_util.dev() if device is None else torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuning pays
+    vae = VAEInterface(
+        vae_path, device=device, dtype=vae_dtype, max_batch=batch_size, input_range=input_range,
+        sample_posterior=sample_posterior, latent_scale="stored" if scale_spec == "stored" else None, seed=seed,
+    )
+    channels = int(channels) or vae.in_channels
+    vae.check_channels(channels)
+    dataset = ImageFolderDataset(
+        data_dir, int(image_size), class_cond=class_cond, label_source=label_source,
+        channels=channels, random_flip=False, random_crop=False,
+    )
+    labels = np.asarray(dataset.labels if class_cond else [0] * len(dataset.all_paths), dtype=np.int64)
+    plan = _cache_plan(vae, dataset, labels, image_size=image_size, random_flip=random_flip, input_range=input_range,
+                       sample_posterior=sample_posterior, scale_spec=scale_spec, channels=channels,
+                       cache_dtype=cache_dtype, vae_dtype=vae_dtype, seed=seed, chunk_size=chunk_size)
+    finished = _finished_cache(output_dir, plan)
+    if finished is not None:
+        return finished
+    mine = _claim_chunks(output_dir, plan, cache_dtype)
+    _encode_my_chunks(vae, dataset, output_dir, plan, mine, batch_size=batch_size, random_flip=random_flip,
+                      seed=seed, num_workers=num_workers, progress=progress)
+    meta = None
+    if dist_util.rank() == 0:
+        num_chunks = math.ceil(plan["num_images"] / plan["chunk_size"])
+        meta = _finish_cache(output_dir, plan, vae, scale_spec, labels, num_chunks)
+    return dist_util.broadcast_object(meta)
 
 
+def _check_cache_settings(data_dir, vae_path, output_dir, batch_size, chunk_size, image_size, cache_dtype,
+                          input_range):
+    """Refuse missing paths and impossible numbers before anything is loaded."""
     for name, value in (("data_dir", data_dir), ("vae_path", vae_path), ("output_dir", output_dir)):
         if not value:
             raise UserError(f"{name} is required")
@@ -208,40 +243,14 @@ def build_latent_cache(
     if cache_dtype not in CACHE_DTYPES:
         raise UserError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
     check_input_range(input_range)
-    scale_spec = parse_latent_scale(latent_scale)
-    dist_util.setup_dist()
-    rank, world = dist_util.rank(), dist_util.world_size()
-    device = dist_util.dev() if device is None else torch.device(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuning pays
 
-    vae = VAEInterface(
-        vae_path,
-        device=device,
-        dtype=vae_dtype,
-        max_batch=batch_size,
-        input_range=input_range,
-        sample_posterior=sample_posterior,
-        latent_scale="stored" if scale_spec == "stored" else None,
-        seed=seed,
-    )
-    channels = int(channels) or vae.in_channels
-    vae.check_channels(channels)
-    latent_shape = vae.latent_shape(int(image_size))
-    dataset = ImageFolderDataset(
-        data_dir, int(image_size), class_cond=class_cond, label_source=label_source,
-        channels=channels, random_flip=False, random_crop=False,
-    )
+
+def _cache_plan(vae, dataset, labels, *, image_size, random_flip, input_range, sample_posterior, scale_spec,
+                channels, cache_dtype, vae_dtype, seed, chunk_size):
+    """Everything that decides what the cache holds. Settings first, derived
+    values last, so that a refusal names the cause."""
     paths = dataset.all_paths
-    num_images = len(paths)
-    labels = np.asarray(dataset.labels if class_cond else [0] * num_images, dtype=np.int64)
-    label_map = normalize_label_map(dataset.label_map, data_dir)
-    count = num_images * (2 if random_flip else 1)
-    chunk_size = int(chunk_size)
-    num_chunks = math.ceil(num_images / chunk_size)
-
-    # Settings first, derived values last: a refusal names the cause.
-    plan = {
+    return {
         "vae_fingerprint": vae.fingerprint,
         "image_size": int(image_size),
         "random_flip": bool(random_flip),
@@ -252,37 +261,43 @@ def build_latent_cache(
         "dtype": cache_dtype,
         "vae_dtype": vae_dtype,
         "seed": int(seed),
-        "label_map": label_map,
+        "label_map": normalize_label_map(dataset.label_map, dataset.data_dir),
         "files_digest": _files_digest(paths, dataset.data_dir, labels.tolist()),
-        "num_images": num_images,
-        "count": count,
-        "shape": list(latent_shape),
+        "num_images": len(paths),
+        "count": len(paths) * (2 if random_flip else 1),
+        "shape": list(vae.latent_shape(int(image_size))),
         "format": FORMAT_VERSION,
-        "chunk_size": chunk_size,
+        "chunk_size": int(chunk_size),
     }
-    plan_keys = list(plan)
-    # How the work was split does not change what a finished cache holds.
-    identity_keys = [k for k in plan_keys if k != "chunk_size"]
+
+
+def _finished_cache(output_dir, plan):
+    """The metadata of a complete cache made with ``plan`` (None when there is
+    none yet); a complete cache made otherwise is refused."""
     meta_path = os.path.join(output_dir, META_FILE)
+    if not os.path.isfile(meta_path):
+        return None
+    meta = _read_json(meta_path)
+    # How the work was split does not change what a finished cache holds.
+    diff = _first_difference(plan, meta.get("plan", {}), [k for k in plan if k != "chunk_size"])
+    if diff is None:
+        logger.log(f"latent cache {output_dir} is complete already ({meta['count']} latents)")
+        return meta
+    key, old, new = diff
+    raise UserError(f"{output_dir} already holds a latent cache made with {key}={old!r} (now {new!r}); "
+                    "choose another output_dir or delete it")
 
-    # A complete cache: same plan -> nothing to do; another plan -> refuse.
-    if os.path.isfile(meta_path):
-        meta = _read_json(meta_path)
-        diff = _first_difference(plan, meta.get("plan", {}), identity_keys)
-        if diff is None:
-            logger.log(f"latent cache {output_dir} is complete already ({meta['count']} latents)")
-            return meta
-        key, old, new = diff
-        raise UserError(
-            f"{output_dir} already holds a latent cache made with {key}={old!r} (now {new!r}); "
-            "choose another output_dir or delete it"
-        )
 
-    # Rank 0 prepares the partial files; everybody learns the outcome.
+def _claim_chunks(output_dir, plan, cache_dtype):
+    """Rank 0 prepares (or checks) the partial files; every rank gets its
+    share of the chunks still to encode."""
+    rank, world = dist_util.rank(), dist_util.world_size()
+    num_chunks = math.ceil(plan["num_images"] / plan["chunk_size"])
     answer = None
     if rank == 0:
         try:
-            answer = ("ok", sorted(_prepare_partial(output_dir, plan, plan_keys, latent_shape, count, cache_dtype)))
+            done = _prepare_partial(output_dir, plan, list(plan), plan["shape"], plan["count"], cache_dtype)
+            answer = ("ok", sorted(done))
         except UserError as err:
             answer = ("error", str(err))
     status, payload = dist_util.broadcast_object(answer)
@@ -290,10 +305,15 @@ def build_latent_cache(
         raise UserError(payload)
     done = set(payload)
     pending = [c for c in range(num_chunks) if c not in done]
-    mine = pending[rank * len(pending) // world:(rank + 1) * len(pending) // world]
     if rank == 0 and done:
         logger.log(f"resuming latent cache {output_dir}: {len(done)} of {num_chunks} chunks were done")
+    return pending[rank * len(pending) // world:(rank + 1) * len(pending) // world]
 
+
+def _encode_my_chunks(vae, dataset, output_dir, plan, mine, *, batch_size, random_flip, seed, num_workers, progress):
+    """Encode this rank's chunks into the partial array; all ranks stop with
+    the first rank's error."""
+    num_images, chunk_size = plan["num_images"], plan["chunk_size"]
     message = None
     try:
         store = np.load(os.path.join(output_dir, PARTIAL_FILE), mmap_mode="r+")
@@ -302,7 +322,8 @@ def build_latent_cache(
             batch_size=int(batch_size), random_flip=random_flip, seed=int(seed),
             num_workers=int(num_workers), cache_dir=output_dir,
             bar=tqdm(total=sum(min(chunk_size, num_images - c * chunk_size) for c in mine),
-                     desc=f"encoding (rank {rank})", unit="img", disable=not (progress and rank == 0)),
+                     desc=f"encoding (rank {dist_util.rank()})", unit="img",
+                     disable=not (progress and dist_util.rank() == 0)),
         )
         del store
     except UserError as err:
@@ -310,12 +331,6 @@ def build_latent_cache(
     problems = [m for m in _gather_errors(message) if m]
     if problems:
         raise UserError(problems[0])
-
-    meta = None
-    if rank == 0:
-        meta = _finish_cache(output_dir, plan, vae, scale_spec, labels, num_chunks)
-    meta = dist_util.broadcast_object(meta)
-    return meta
 
 
 def _prepare_partial(cache_dir, plan, plan_keys, latent_shape, count, cache_dtype):

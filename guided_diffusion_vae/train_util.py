@@ -24,7 +24,6 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint as ckpt
 from . import dist_util, logger
@@ -33,6 +32,7 @@ from .errors import UserError
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
+from .training_parts import autocast, wrap_for_processes
 
 
 def training_defaults():
@@ -303,13 +303,7 @@ class TrainLoop:
         if training_state is not None:
             self._load_training_state(training_state)
 
-        self.ddp_model = self.model
-        if dist_util.world_size() > 1:
-            self.ddp_model = DistributedDataParallel(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                gradient_as_bucket_view=True,
-            )
+        self.ddp_model = wrap_for_processes(self.model, self.device, gradient_as_bucket_view=True)
         self.compiled_model = torch.compile(self.ddp_model) if compile else self.ddp_model
 
     def _fused_kwargs(self):
@@ -474,9 +468,7 @@ class TrainLoop:
         return batch, cond
 
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.precision, self.device)
 
     def _accumulate_gradients(self, batch, cond):
         batch, cond = self._move(batch, cond)

@@ -33,19 +33,19 @@ Architecture presets (``vae_size``), each with 3 down blocks = 4x downsampling:
     base   (64, 128, 256), 2 layers/block, 32 groups (~14M)
 """
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
 from .ema import EMA
@@ -53,6 +53,7 @@ from .errors import UserError
 from .image_datasets import ImageDataset, class_names_from_paths, detect_channels, list_image_files
 from .images import image_grid, to_uint8_images
 from .train_util import resolve_precision
+from .training_parts import autocast, load_latest_state, save_state, settings_text, state_files, wrap_for_processes
 from .vae_wrapper import LATENT_STATS_FILE, scale_from_moments, vae_fingerprint
 from .evaluation.classifier import reconstruction_identity, to_uint8
 
@@ -64,7 +65,6 @@ PRESETS = {
 METRICS_FILE = "metrics.json"
 GPU_IMAGE_BYTES = 4 << 30  # training images up to this size live on the GPU
 GRID_FILE = "reconstructions.png"
-_STATE = re.compile(r"vae_state_(\d{6,})\.pt$")
 # Settings a resumed run must share with the run that wrote the state.
 _RESUME_KEYS = ("image_size", "vae_size", "latent_channels", "block_out_channels", "layers_per_block",
                 "norm_num_groups", "in_channels", "batch_size", "holdout_fraction", "seed")
@@ -220,9 +220,6 @@ class _Uint8(torch.utils.data.Dataset):
 
 def load_images(paths, image_size, channels, num_workers=0, desc="loading images", progress=False):
     """All of ``paths`` as one uint8 tensor ``(N, channels, S, S)`` (decoded once)."""
-    from tqdm.auto import tqdm
-
-
     if not paths:
         return torch.zeros((0, channels, image_size, image_size), dtype=torch.uint8)
     dataset = ImageDataset(image_size, paths, channels=channels, random_flip=False, random_crop=False)
@@ -420,19 +417,11 @@ def export_vae(vae, output_dir, *, stats, metrics, grid):
 # --------------------------------------------------------------------------- #
 
 
-def _state_files(folder):
-    if not os.path.isdir(folder):
-        return []
-    found = [(int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
-             if (m := _STATE.fullmatch(name))]
-    return sorted(found)
-
-
 def _resume_settings(config, arch):
     settings = {key: config.get(key) for key in _RESUME_KEYS}
     settings.update(block_out_channels=list(arch["block_out_channels"]), layers_per_block=arch["layers_per_block"],
                     norm_num_groups=arch["norm_num_groups"], in_channels=arch["in_channels"])
-    return json.dumps(settings, sort_keys=True)
+    return settings
 
 
 # --------------------------------------------------------------------------- #
@@ -460,9 +449,37 @@ def train_vae(config):
 
 
 def _train(config, checkpoint_dir, rank, world, device):
-    from tqdm.auto import tqdm
+    """The VAE training run, step by step: data, model, resume, loop, finish."""
+    data = _training_data(config, rank, world, device)
+    torch.manual_seed(config["seed"])
+    vae = build_autoencoder(data.arch).to(device)
+    if device.type == "cuda":
+        # Measured on an H100 (base, 64px, batch 64): bf16 autocast + cuDNN
+        # autotuning in NCHW 36 ms/step; NHWC (channels_last) 49-53 ms (slow
+        # GroupNorm); fp32 44 ms. So: NCHW, autotuned.
+        torch.backends.cudnn.benchmark = True
+    run = _VAERun(config, data, vae, checkpoint_dir, rank, world, device)
+    run.resume()
+    run.train()
+    labels = _class_labels(config, data.paths, data.local_paths, data.heldout_paths[: config["max_eval_images"]])
+    return _finish(config, vae, run.ema, data.images, data.heldout, run.step, rank, device, labels)
 
 
+@dataclasses.dataclass
+class _VAEData:
+    """This rank's training images (uint8, in memory) and rank 0's held-out ones."""
+
+    paths: list
+    local_paths: list
+    heldout_paths: list
+    arch: dict
+    images: torch.Tensor
+    batch_source: torch.Tensor
+    stream: BatchStream
+    heldout: object
+
+
+def _training_data(config, rank, world, device):
     paths = list_image_files(config["data_dir"])
     if not paths:
         raise UserError(f"no image files found in {config['data_dir']}")
@@ -473,9 +490,6 @@ def _train(config, checkpoint_dir, rank, world, device):
         f"VAE training: {len(train_paths)} training / {len(heldout_paths)} held-out images from "
         f"{config['data_dir']}, {channels} channel(s), {config['image_size']}px; architecture {arch}"
     )
-    precision = resolve_precision(config["precision"], device)
-
-    # Each rank keeps its share of the training images in memory as uint8.
     local_paths = train_paths[rank::world]
     images = load_images(local_paths, config["image_size"], channels, config["num_workers"],
                          desc="loading images", progress=config["progress"] and rank == 0)
@@ -492,129 +506,116 @@ def _train(config, checkpoint_dir, rank, world, device):
             f"{config['data_dir']}: {len(images)} training image(s) per rank, fewer than "
             f"batch_size={config['batch_size']} (lower batch_size or holdout_fraction)"
         ) from None
-    stream = BatchStream(sampler, lambda s: iter(s))
-    # Rank 0 evaluates (EMA weights) on the held-out images.
-    heldout = None
+    heldout = None  # rank 0 evaluates (EMA weights) on the held-out images
     if rank == 0 and heldout_paths:
         heldout = load_images(heldout_paths[: config["max_eval_images"]], config["image_size"], channels)
+    return _VAEData(paths, local_paths, heldout_paths, arch, images, batch_source,
+                    BatchStream(sampler, lambda s: iter(s)), heldout)
 
-    torch.manual_seed(config["seed"])
-    vae = build_autoencoder(arch).to(device)
-    if device.type == "cuda":
-        # Measured on an H100 (base, 64px, batch 64): bf16 autocast + cuDNN
-        # autotuning in NCHW 36 ms/step; NHWC (channels_last) 49-53 ms (slow
-        # GroupNorm); fp32 44 ms. So: NCHW, autotuned.
-        torch.backends.cudnn.benchmark = True
-    objective = AutoencoderObjective(vae)
-    opt = torch.optim.AdamW(vae.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    ema = EMA(vae, config["ema_rate"])
-    settings = _resume_settings(config, arch)
-    step = 0
 
-    states = _state_files(checkpoint_dir) if config["resume"] else []
-    if states:
-        step, path = states[-1]
-        state = dist_util.load_state_dict(path, map_location="cpu", weights_only=True)
-        if state["settings"] != settings:
-            old, new = json.loads(state["settings"]), json.loads(settings)
-            key = next(k for k in sorted(new) if old.get(k) != new.get(k))
-            raise UserError(
-                f"{path} was written with {key}={old.get(key)!r}, now {new.get(key)!r}; "
-                "use the same settings, another checkpoint_dir, or --resume False"
-            )
-        vae.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        # Only the position: each rank keeps its own shuffling seed.
-        stream.load_state_dict(dict(state["data"], seed=sampler.seed))
-        torch.set_rng_state(state["torch_rng"])
-        step = int(state["step"])
-        logger.log(f"resumed from {path} at step {step}")
-    dist_util.sync_params(vae.parameters())
-    for group in opt.param_groups:  # resume works with a changed lr or total
-        group["lr"] = config["lr"]
+class _VAERun:
+    """The optimisation state of one VAE training run and its steps."""
 
-    model = objective
-    if dist_util.is_distributed():
-        from torch.nn.parallel import DistributedDataParallel
+    def __init__(self, config, data, vae, checkpoint_dir, rank, world, device):
+        self.config, self.data, self.vae = config, data, vae
+        self.checkpoint_dir, self.rank, self.world, self.device = checkpoint_dir, rank, world, device
+        self.precision = resolve_precision(config["precision"], device)
+        self.objective = AutoencoderObjective(vae)
+        self.opt = torch.optim.AdamW(vae.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+        self.ema = EMA(vae, config["ema_rate"])
+        self.settings = _resume_settings(config, data.arch)
+        self.step = 0
+        latent_hw = config["image_size"] // 2 ** (len(data.arch["block_out_channels"]) - 1)
+        self.noise_shape = (config["batch_size"], data.arch["latent_channels"], latent_hw, latent_hw)
+        # Non-finite losses are counted on the device and checked at log and
+        # save times only: a check every step would stall the GPU queue.
+        self.nonfinite = torch.zeros((), device=device)
 
-        model = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else None
-    total = config["lr_anneal_steps"]
-    latent_hw = config["image_size"] // 2 ** (len(arch["block_out_channels"]) - 1)
-    noise_shape = (config["batch_size"], arch["latent_channels"], latent_hw, latent_hw)
+    def resume(self):
+        found = load_latest_state(self.checkpoint_dir, "vae", self.settings) if self.config["resume"] else None
+        if found:
+            state, path = found
+            self.vae.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["optimizer"])
+            # Only the position: each rank keeps its own shuffling seed.
+            self.data.stream.load_state_dict(dict(state["data"], seed=self.data.stream.sampler.seed))
+            torch.set_rng_state(state["torch_rng"])
+            self.step = int(state["step"])
+            logger.log(f"resumed from {path} at step {self.step}")
+        dist_util.sync_params(self.vae.parameters())
+        self.model = wrap_for_processes(self.objective, self.device)
 
-    def save_state():
-        if rank == 0:
-            state = {
-                "step": step, "settings": settings, "model": vae.state_dict(), "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(), "data": stream.state_dict(), "torch_rng": torch.get_rng_state(),
-            }
-            ckpt.save_training_state(os.path.join(checkpoint_dir, f"vae_state_{step:06d}.pt"), state)
-            for _, old in _state_files(checkpoint_dir)[:-config["keep_states"]]:
-                os.remove(old)
+    def save(self):
+        if self.rank == 0:
+            save_state(self.checkpoint_dir, "vae", self.step, {
+                "settings": settings_text(self.settings), "model": self.vae.state_dict(),
+                "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "data": self.data.stream.state_dict(), "torch_rng": torch.get_rng_state(),
+            }, keep=self.config["keep_states"])
         dist_util.barrier()
 
-    bar = tqdm(total=total, initial=min(step, total), desc="VAE training", unit="step",
-               disable=not (config["progress"] and rank == 0))
-    started, steps_done = time.time(), 0
-    # Non-finite losses are counted on the device and checked at log and save
-    # times only: a check every step would stall the GPU queue on the host.
-    nonfinite = torch.zeros((), device=device)
-
-    def check_finite():
-        bad = nonfinite.clone()
+    def check_finite(self):
+        bad = self.nonfinite.clone()
         if dist_util.is_distributed():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if bad.item() > 0:
-            last = _state_files(checkpoint_dir)
+            last = state_files(self.checkpoint_dir, "vae")
             raise UserError(
-                f"VAE training diverged: non-finite loss by step {step} (rerun resumes from "
+                f"VAE training diverged: non-finite loss by step {self.step} (rerun resumes from "
                 f"{last[-1][1] if last else 'the start'}); lower lr or use --precision fp32"
             )
 
-    while step < total:
-        indices = torch.as_tensor(next(stream), device=batch_source.device)
-        gen = _step_generator(config["seed"], rank, step, device)
-        x = to_model_range(batch_source[indices], device)
+    def train_step(self):
+        config, device, total = self.config, self.device, self.config["lr_anneal_steps"]
+        indices = torch.as_tensor(next(self.data.stream), device=self.data.batch_source.device)
+        gen = _step_generator(config["seed"], self.rank, self.step, device)
+        x = to_model_range(self.data.batch_source[indices], device)
         if config["random_flip"]:
             flip = torch.rand(x.shape[0], generator=gen, device=device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
-        noise = torch.randn(noise_shape, generator=gen, device=device)
-        for group in opt.param_groups:
-            group["lr"] = config["lr"] * (1 - step / total)
-        with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            reconstruction, kl = model(x, noise)
+        noise = torch.randn(self.noise_shape, generator=gen, device=device)
+        for group in self.opt.param_groups:
+            group["lr"] = config["lr"] * (1 - self.step / total)
+        with autocast(self.precision, device):
+            reconstruction, kl = self.model(x, noise)
         loss, parts = vae_loss(x, reconstruction, kl, config["kl_weight"], config["ssim_weight"])
-        nonfinite += (~torch.isfinite(loss.detach())).float()
-        opt.zero_grad(set_to_none=True)
+        self.nonfinite += (~torch.isfinite(loss.detach())).float()
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), config["grad_clip"] or float("inf"))
-        opt.step()
-        ema.update(vae, step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), config["grad_clip"] or float("inf"))
+        self.opt.step()
+        self.ema.update(self.vae, self.step)
         logger.logkv_mean("grad_norm", grad_norm.detach())
-        step += 1
-        steps_done += 1
         for key, value in parts.items():
             logger.logkv_mean(key, value.detach())
-        bar.update(1)
-        if step % config["log_interval"] == 0 or step == total:
-            check_finite()
-            logger.logkv("step", step)
-            logger.logkv("lr", config["lr"] * (1 - (step - 1) / total))
-            logger.logkv("images_per_sec", steps_done * config["batch_size"] * world / (time.time() - started))
-            row = logger.dumpkvs()
-            if row and "loss" in row:
-                bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if step % config["save_interval"] == 0 or step == total:
-            check_finite()  # never save a poisoned state
-            save_state()
-            if step < total and heldout is not None:
-                quick, _ = evaluate(ema.copy_to(vae).eval(), heldout, device)
-                logger.log(f"step {step}: held-out PSNR {quick['psnr']:.2f} dB, SSIM {quick['ssim']:.4f} (EMA)")
-    bar.close()
-    labels = _class_labels(config, paths, local_paths, heldout_paths[: config["max_eval_images"]])
-    return _finish(config, vae, ema, images, heldout, step, rank, device, labels)
+        self.step += 1
+
+    def train(self):
+        config, total = self.config, self.config["lr_anneal_steps"]
+        bar = tqdm(total=total, initial=min(self.step, total), desc="VAE training", unit="step",
+                   disable=not (config["progress"] and self.rank == 0))
+        started, first = time.time(), self.step
+        while self.step < total:
+            self.train_step()
+            bar.update(1)
+            if self.step % config["log_interval"] == 0 or self.step == total:
+                self.check_finite()
+                logger.logkv("step", self.step)
+                logger.logkv("lr", config["lr"] * (1 - (self.step - 1) / total))
+                logger.logkv("images_per_sec", (self.step - first) * config["batch_size"] * self.world
+                             / (time.time() - started))
+                row = logger.dumpkvs()
+                if row and "loss" in row:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if self.step % config["save_interval"] == 0 or self.step == total:
+                self.check_finite()  # never save a poisoned state
+                self.save()
+                if self.step < total and self.data.heldout is not None:
+                    quick, _ = evaluate(self.ema.copy_to(self.vae).eval(), self.data.heldout, self.device)
+                    logger.log(f"step {self.step}: held-out PSNR {quick['psnr']:.2f} dB, "
+                               f"SSIM {quick['ssim']:.4f} (EMA)")
+        bar.close()
 
 
 def _class_labels(config, all_paths, train_paths, heldout_paths):

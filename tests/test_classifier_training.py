@@ -217,3 +217,19 @@ def test_image_sample_vae_guides_with_a_trained_classifier(real_cache, tmp_path)
             run_sampling({**sample, "model_path": str(tmp_path / "diff100")})
     finally:
         logger.reset()
+
+
+def test_an_interrupted_classifier_run_resumes_exactly(real_cache, tmp_path):
+    cache = real_cache / "cache"
+    whole = _train(cache, tmp_path / "whole", iterations=4, save_interval=2)
+    _train(cache, tmp_path / "parts", iterations=2, save_interval=2)  # "cut off" after step 2
+    assert [os.path.basename(p) for p in sorted((tmp_path / "parts").glob("classifier_state_*.pt"))] == [
+        "classifier_state_000002.pt"]
+    resumed = _train(cache, tmp_path / "parts", iterations=4, save_interval=2)
+    assert "resumed from" in (tmp_path / "parts" / "log.txt").read_text()
+    a, _ = ckpt.load_weights(whole)
+    b, _ = ckpt.load_weights(resumed)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    with pytest.raises(UserError, match="classifier_state_000004.pt was written with batch_size=12, now 4"):
+        _train(cache, tmp_path / "parts", iterations=6, batch_size=4)

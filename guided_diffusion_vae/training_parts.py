@@ -1,0 +1,77 @@
+"""Pieces every trainer shares: the diffusion model's ``TrainLoop``, the VAE
+trainer and the noisy-classifier trainer wrap for several processes, run in
+bf16, average weights (``ema``) and resume the same way.
+
+Resume states are ``<prefix>_state_<step:06d>.pt`` files read with
+``weights_only=True``; each records the settings it was written with, and a
+run with other settings refuses to resume from it, naming the first setting
+that changed.
+"""
+
+import contextlib
+import json
+import os
+import re
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from . import checkpoint as ckpt
+from . import dist_util
+from .errors import UserError
+
+
+def wrap_for_processes(module, device, **ddp_options):
+    """``module`` wrapped in DistributedDataParallel when there are several
+    processes (DDP copies rank 0's weights to the others), else itself."""
+    if dist_util.world_size() <= 1:
+        return module
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **ddp_options)
+
+
+def autocast(precision, device):
+    """The context a forward pass runs in: bf16 autocast, or nothing for fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def state_files(folder, prefix):
+    """``[(step, path), ...]`` of ``prefix_state_NNNNNN.pt`` in ``folder``, oldest first."""
+    pattern = re.compile(rf"{re.escape(prefix)}_state_(\d+)\.pt")
+    if not os.path.isdir(folder):
+        return []
+    return sorted((int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
+                  if (m := pattern.fullmatch(name)))
+
+
+def save_state(folder, prefix, step, state, keep):
+    """Write ``state`` (tensors, numbers, strings) for ``step`` atomically and
+    keep only the newest ``keep`` states. Call on rank 0."""
+    path = os.path.join(folder, f"{prefix}_state_{step:06d}.pt")
+    ckpt.save_training_state(path, {**state, "step": int(step)})
+    for _, old in state_files(folder, prefix)[:-max(1, int(keep))]:
+        os.remove(old)
+    return path
+
+
+def load_latest_state(folder, prefix, settings):
+    """The newest state in ``folder`` (None without one), after checking it
+    was written with ``settings`` (a JSON-able dict)."""
+    found = state_files(folder, prefix)
+    if not found:
+        return None
+    _, path = found[-1]
+    state = dist_util.load_state_dict(path, map_location="cpu", weights_only=True)
+    saved = json.loads(state["settings"])
+    for key in sorted(settings):
+        if saved.get(key) != settings[key]:
+            raise UserError(f"{path} was written with {key}={saved.get(key)!r}, now {settings[key]!r}; "
+                            "use the same settings, another output folder, or --resume False")
+    return state, path
+
+
+def settings_text(settings):
+    """The form resume states store their settings in."""
+    return json.dumps(settings, sort_keys=True)

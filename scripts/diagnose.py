@@ -1,0 +1,65 @@
+"""Why are my samples noise? Checks a checkpoint, its VAE and a few real images.
+
+    python scripts/diagnose.py --model_path RUN_DIR_OR_CKPT [--vae_path VAE_DIR] [--data_dir IMAGES] \\
+        [--output_json diagnosis.json]
+
+Runs a short DDIM (a few samples) and prints per step the min/max/std of x_t and
+of the predicted x0, then one line per check (OK / WARN / FAIL / SKIP):
+
+  sampling       blow-up of the latents (x_t std > 3, |x0| > 10 at low noise)
+  clipping       share of predicted x0 values each --clip_denoised mode would clip
+  nan_inf        NaN/Inf in the weights, or the first sampling step where it appears
+  ema            the EMA's age (share still its starting weights) and distance to the raw weights
+  vae_match      the VAE found has the checkpoint's fingerprint and shape
+  vae_roundtrip  RMS of the VAE's reconstruction of --data_dir images (needs --data_dir)
+  latent_scale   whether the stored scale gives unit-std latents on --data_dir (needs --data_dir)
+
+and a diagnosis in words: the most likely cause and what to do. The rules are in
+guided_diffusion_vae/diagnosis.py. Exit codes: 0 no check failed (warnings
+allowed), 3 a check failed, 2 the diagnosis could not run (a bad path or flag).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion_vae import errors  # noqa: E402
+
+HELPS = {
+    "model_path": "checkpoint file, or a run folder (its newest step; the EMA of the largest rate unless "
+                  "--use_ema False)",
+    "vae_path": "the VAE folder to check ('' = the path stored in the checkpoint)",
+    "data_dir": "folder of real training images (a few are read) for the VAE round-trip and latent-scale checks; "
+                "'' skips them",
+    "output_json": "write every result and the per-step statistics to this JSON file ('' = none)",
+    "use_ema": "for a run folder: diagnose its EMA weights (True) or its raw weights (False)",
+    "num_samples": "samples drawn for the sampling checks",
+    "sampling_steps": "DDIM steps of the sampling checks",
+    "num_images": "real images read from --data_dir",
+    "clip_denoised": "clipping applied while sampling as image_sample_vae.py would: auto (none for latents, "
+                     "pixel for pixels), none, pixel, fixed, dynamic; every mode is counted anyway",
+    "clip_range": "the fixed/dynamic clipping bound (unit-std latents)",
+    "dynamic_threshold_percentile": "percentile of |x0| of dynamic clipping",
+    "seed": "seed of the starting noise",
+    "device": "auto (GPU if there is one), cpu, cuda, cuda:N",
+}
+
+
+def main(argv=None):
+    """Returns the exit code: 0, or diagnosis.EXIT_FAILED when a check failed."""
+    from guided_diffusion_vae.config import parse_with_config
+    from guided_diffusion_vae.diagnosis import diagnose_defaults, format_report, run_diagnosis, write_json
+
+    defaults = diagnose_defaults()
+    config = parse_with_config(defaults, argv, description=__doc__, helps=HELPS)
+    report = run_diagnosis({key: config[key] for key in defaults})
+    print(format_report(report), flush=True)
+    if config["output_json"]:
+        write_json(report, config["output_json"])
+        print(f"wrote {config['output_json']}")
+    return report["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(errors.run_main(main))
