@@ -12,9 +12,10 @@ import time
 import torch
 
 from . import dist_util, logger, script_util
+from .diffusion_training import TrainingData, model_flags
 from .latent_training import latent_train_defaults
 from .train_util import TrainLoop
-from .diffusion_training import TrainingData, model_flags
+from .vae_wrapper import latent_shape_of
 
 
 def benchmark_defaults():
@@ -42,8 +43,7 @@ def _synthetic_stream(batch_size, shape, num_classes, device):
 def _time_variant(config, variant, device):
     precision = "bf16" if "bf16" in variant else "fp32"
     compile_model = "compile" in variant
-    size = config["image_size"] // config["downsample_factor"]
-    shape = (config["latent_channels"], size, size)
+    shape = latent_shape_of(config, config["image_size"])
     label_map = {str(i): f"user_{i + 1:02d}" for i in range(config["num_classes_data"])}
     data = TrainingData(batches=None, label_map=label_map, image_size=config["image_size"],
                         image_channels=3, sample_shape=shape)

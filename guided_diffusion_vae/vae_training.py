@@ -54,7 +54,7 @@ from .image_datasets import ImageDataset, class_names_from_paths, detect_channel
 from .images import image_grid, to_uint8_images
 from .train_util import resolve_precision
 from .training_parts import autocast, load_latest_state, save_state, settings_text, state_files, wrap_for_processes
-from .vae_wrapper import LATENT_STATS_FILE, scale_from_moments, vae_fingerprint
+from .vae_wrapper import LATENT_STATS_FILE, latent_shape_of, scale_from_moments, vae_fingerprint
 from .evaluation.classifier import reconstruction_identity, to_uint8
 
 PRESETS = {
@@ -525,8 +525,9 @@ class _VAERun:
         self.ema = EMA(vae, config["ema_rate"])
         self.settings = _resume_settings(config, data.arch)
         self.step = 0
-        latent_hw = config["image_size"] // 2 ** (len(data.arch["block_out_channels"]) - 1)
-        self.noise_shape = (config["batch_size"], data.arch["latent_channels"], latent_hw, latent_hw)
+        factor = 2 ** (len(data.arch["block_out_channels"]) - 1)
+        self.noise_shape = (config["batch_size"], *latent_shape_of(
+            {"latent_channels": data.arch["latent_channels"], "downsample_factor": factor}, config["image_size"]))
         # Non-finite losses are counted on the device and checked at log and
         # save times only: a check every step would stall the GPU queue.
         self.nonfinite = torch.zeros((), device=device)

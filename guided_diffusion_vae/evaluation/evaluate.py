@@ -136,8 +136,7 @@ def reconstruct_with_vae(vae_path, data: LabelledImages, device):
     if vae.in_channels != x.shape[1] and not (x.shape[1] == 1 and vae.in_channels == 3):
         raise UserError(f"the VAE in {vae_path} takes {vae.in_channels} channel(s); the images have {x.shape[1]}")
     x = clf.match_channels(x, vae.in_channels)
-    if x.shape[-1] % vae.downsample_factor:
-        raise UserError(f"image size {x.shape[-1]} is not a multiple of the VAE's downsampling {vae.downsample_factor}")
+    vae.latent_shape(tuple(x.shape[-2:]))  # refuses sizes the VAE cannot halve down
     out = []
     for start in range(0, len(x), 256):
         z = vae.encode_unscaled(x[start:start + 256])
