@@ -23,7 +23,7 @@ from .guidance import CLASSIFIER_KIND
 from .labels import normalize_label_map
 from .latent_training import latent_classifier_kwargs
 from .resample import UniformSampler
-from .training_parts import autocast, load_latest_state, save_state, settings_text, wrap_for_processes
+from .training_parts import StopRequests, autocast, load_latest_state, save_state, settings_text, wrap_for_processes
 from .train_util import TRAINING_LIMITS, DeviceMeans, check_output_dir, check_training_numbers, resolve_precision
 from .latent_datasets import load_latent_data
 
@@ -82,7 +82,8 @@ def _save(folder, step, model, metadata):
 
 def train_classifier(config):
     """Train a noisy-latent classifier on ``config["latent_cache"]``; returns
-    the path of the last checkpoint (on every rank)."""
+    the path of the last checkpoint (on every rank), or None when a stop
+    signal ended it early (saved; a rerun resumes)."""
 
     if not config.get("latent_cache"):
         raise UserError("latent_cache is required: a folder written by scripts/encode_latents.py")
@@ -162,8 +163,20 @@ def train_classifier(config):
         logger.log(f"resumed from {path} at step {first - 1}")
     # DDP copies rank 0's weights to the others when it wraps the model.
     net = wrap_for_processes(model, device)
-    model.train()
-    for step in range(first, iterations + 1):
+    def save_all(step):
+        """The classifier checkpoint and the resume state of ``step`` (rank 0 writes)."""
+        if dist_util.is_main():
+            _save(folder, step, model, metadata)
+            state = {"settings": settings_text(settings), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
+                     "torch_rng": torch.get_rng_state()}
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            save_state(folder, "classifier", step, state, keep=2)
+        dist_util.barrier()
+        return classifier_path(folder, step)
+
+    def train_step(step):
         x0, cond = next(stream)
         x0 = x0.to(device, non_blocking=True)
         y = cond["y"].to(device, non_blocking=True)
@@ -179,7 +192,6 @@ def train_classifier(config):
         optimizer.zero_grad(set_to_none=True)
         losses.mean().backward()
         optimizer.step()
-
         correct = (logits.detach().argmax(dim=-1) == y).float()
         means.add("loss", losses)
         means.add("acc@1", correct)
@@ -191,15 +203,16 @@ def train_classifier(config):
             logger.logkv("step", step)
             logger.logkv("samples", step * config["batch_size"] * dist_util.world_size())
             logger.dumpkvs(step)
-        if (config["save_interval"] and step % config["save_interval"] == 0) or step == iterations:
-            last = classifier_path(folder, step)
-            if dist_util.is_main():
-                _save(folder, step, model, metadata)
-                state = {"settings": settings_text(settings), "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
-                         "torch_rng": torch.get_rng_state()}
-                if device.type == "cuda":
-                    state["cuda_rng"] = torch.cuda.get_rng_state(device)
-                save_state(folder, "classifier", step, state, keep=2)
-            dist_util.barrier()
+
+    model.train()
+    with StopRequests() as stop:
+        for step in range(first, iterations + 1):
+            train_step(step)
+            if (config["save_interval"] and step % config["save_interval"] == 0) or step == iterations:
+                last = save_all(step)
+            elif stop.requested(device, step % config["log_interval"] == 0):
+                save_all(step)
+                logger.log(f"{stop.signal_name or 'stop signal'} received: saved at step {step}; rerun the same "
+                           "command to continue")
+                return None
     return last

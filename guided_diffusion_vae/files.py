@@ -9,6 +9,8 @@ import os
 import tempfile
 import time
 
+from .errors import UserError
+
 
 def _current_umask():
     mask = os.umask(0o022)
@@ -74,3 +76,19 @@ def atomic_write_bytes(path, data):
             f.write(data)
 
     return atomic_write(path, write)
+
+
+def check_writable_target(path, flag):
+    """Refuse, before long work, an output folder that could not be written
+    later: a file in the way, a path below a file, or a folder this user may
+    not write to. Creates nothing (a failed run leaves no empty folder)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} exists and is not a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UserError(f"{flag} {path!r} lies below {parent!r}, which is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path!r}: {parent!r} is not writable")
+    return path

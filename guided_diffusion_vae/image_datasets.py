@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import random
 from typing import Any, Optional, Sequence
 
@@ -613,6 +614,7 @@ def load_data(
         drop_last=True,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
     )
     return ImageBatches(dataset, loader)
 
@@ -620,6 +622,13 @@ def load_data(
 # ---------------------------------------------------------------------------
 # Resumable batches for the training loop
 # ---------------------------------------------------------------------------
+
+
+def ignore_stop_signals(_worker_id=None):
+    """In data-loader workers: SLURM, docker and Kubernetes signal the whole
+    process group; the workers must live on while the trainer saves."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def flip_batch(images: torch.Tensor, seed: int, batch_number: int) -> torch.Tensor:
@@ -667,6 +676,10 @@ def image_batch_stream(
         loader = DataLoader(
             _Reporting(dataset), batch_sampler=batch_sampler, collate_fn=_collate, num_workers=workers,
             pin_memory=torch.cuda.is_available(), persistent_workers=False,
+            # Its own generator: starting an epoch then draws nothing from the
+            # global RNG, which a resumed run restores (resume stays exact).
+            generator=torch.Generator().manual_seed(seed * 1_000_003 + batch_sampler.start),
+            worker_init_fn=ignore_stop_signals if workers > 0 else None,
         )
         k = batch_sampler.start
         for pixels, cond, skipped, problem in loader:

@@ -132,7 +132,7 @@ def _train_vae(run_dir, preset, seed):
     config = {**vae_train_defaults(), **preset["vae"], "data_dir": os.path.join(run_dir, "data", "train"),
               "output_dir": os.path.join(run_dir, "vae"), "checkpoint_dir": os.path.join(run_dir, "vae_train"),
               "image_size": preset["image_size"], "seed": seed, "num_workers": 0}
-    train_vae(config)
+    return train_vae(config) is not None  # None: a stop signal ended it early (saved)
 
 
 def _encode(run_dir, preset):

@@ -27,6 +27,7 @@ from . import checkpoint as ckpt
 from . import dist_util, logger, script_util
 from .dist_util import pick_device
 from .errors import UserError
+from .files import check_writable_target
 from .guidance import (
     check_classifier_fits,
     check_guidance_scale,
@@ -223,8 +224,8 @@ def check_sampling_config(config):
         raise UserError(f"num_images_per_user must be >= 0 (0: --num_samples with random classes), "
                         f"got {config['num_images_per_user']}")
     resolve_sampler(config["sampler"], config["use_ddim"])
-    if config["output_dir"] and os.path.exists(config["output_dir"]) and not os.path.isdir(config["output_dir"]):
-        raise UserError(f"output_dir {config['output_dir']} exists and is not a folder")
+    if config["output_dir"]:
+        check_writable_target(config["output_dir"], "output_dir")
 
 
 def run_sampling(config):

@@ -18,7 +18,6 @@ import math
 import numbers
 import os
 import random
-import signal
 import time
 
 import numpy as np
@@ -32,7 +31,7 @@ from .errors import UserError
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
-from .training_parts import autocast, wrap_for_processes
+from .training_parts import StopRequests, autocast, wrap_for_processes
 
 
 def training_defaults():
@@ -273,7 +272,6 @@ class TrainLoop:
         self.precision = "fp16-master" if use_fp16 else resolve_precision(precision, self.device)
         self.step = 0
         self.metrics = DeviceMeans()
-        self._stop_signal = None
         self._images_seen_at_log = (0, time.time())
 
         self.model.to(self.device)
@@ -394,43 +392,15 @@ class TrainLoop:
     def _finished(self):
         return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
 
-    @contextlib.contextmanager
-    def _graceful_signals(self):
-        """SIGTERM (preemption) and SIGINT (Ctrl-C, a notebook's stop) ask the
-        loop to save and return; a second SIGINT interrupts at once."""
-
-        def request_stop(signum, frame):
-            self._stop_signal = signal.Signals(signum).name
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-
-        previous = {}
-        try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, request_stop)
-        except ValueError:  # not the main thread: leave signals alone
-            previous = {}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
     def _should_stop(self):
-        if dist_util.world_size() == 1:
-            return self._stop_signal is not None
-        if self.step % self.log_interval:
-            return False
-        # Every rank must leave at the same step, or the next all-reduce hangs.
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return self._stop.requested(self.device, check=self.step % self.log_interval == 0)
 
     def run_loop(self):
         """Train until ``lr_anneal_steps`` (if set) or a stop signal; returns
         the path of the last model checkpoint written."""
         last_saved = None
         total = self.lr_anneal_steps or None
-        with self._graceful_signals():
+        with StopRequests() as self._stop:
             while not self._finished():
                 batch, cond = next(self.data)
                 self.run_step(batch, cond)
@@ -442,7 +412,7 @@ class TrainLoop:
                 if self.sample_interval and self.sample_fn and self.step % self.sample_interval == 0:
                     self.sample_fn(self.ema_model_for_sampling(), self.step)
                 if self._should_stop():
-                    logger.log(f"{self._stop_signal or 'stop signal'} received: saving at step {self.step} and exiting")
+                    logger.log(f"{self._stop.signal_name or 'stop signal'} received: saving at step {self.step} and exiting")
                     break
         if last_saved is None or ckpt.parse_step(last_saved) != self.step:
             last_saved = self.save()

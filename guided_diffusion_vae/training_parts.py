@@ -2,6 +2,10 @@
 trainer and the noisy-classifier trainer wrap for several processes, run in
 bf16, average weights (``ema``) and resume the same way.
 
+SIGTERM (preemption: SLURM, docker and Kubernetes signal the whole process
+group) and SIGINT (Ctrl-C, a notebook's stop button) ask a trainer to save
+and return (:class:`StopRequests`); data-loader workers ignore both.
+
 Resume states are ``<prefix>_state_<step:06d>.pt`` files read with
 ``weights_only=True``; each records the settings it was written with, and a
 run with other settings refuses to resume from it, naming the first setting
@@ -12,9 +16,12 @@ import contextlib
 import json
 import os
 import re
+import signal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+
+import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import dist_util
@@ -75,3 +82,41 @@ def load_latest_state(folder, prefix, settings):
 def settings_text(settings):
     """The form resume states store their settings in."""
     return json.dumps(settings, sort_keys=True)
+
+
+class StopRequests:
+    """Records SIGTERM and SIGINT while a trainer runs (``with StopRequests() as stop``);
+    a second SIGINT interrupts at once. ``stop.requested(device, check)`` is
+    the same on every rank: with several processes it is agreed on only
+    when ``check`` is true (e.g. at log steps), as an all-reduce."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def _record(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._record)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def requested(self, device, check=True):
+        if dist_util.world_size() == 1:
+            return self.signal_name is not None
+        if not check:
+            return False
+        # Every rank must leave at the same step, or the next all-reduce hangs.
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())

@@ -53,7 +53,7 @@ from .errors import UserError
 from .image_datasets import ImageDataset, class_names_from_paths, detect_channels, list_image_files
 from .images import image_grid, to_uint8_images
 from .train_util import resolve_precision
-from .training_parts import autocast, load_latest_state, save_state, settings_text, state_files, wrap_for_processes
+from .training_parts import StopRequests, autocast, load_latest_state, save_state, settings_text, state_files, wrap_for_processes
 from .vae_wrapper import LATENT_STATS_FILE, latent_shape_of, scale_from_moments, vae_fingerprint
 from .evaluation.classifier import reconstruction_identity, to_uint8
 
@@ -460,7 +460,8 @@ def _train(config, checkpoint_dir, rank, world, device):
         torch.backends.cudnn.benchmark = True
     run = _VAERun(config, data, vae, checkpoint_dir, rank, world, device)
     run.resume()
-    run.train()
+    if not run.train():
+        return None  # stopped by a signal: saved, nothing exported; a rerun resumes
     labels = _class_labels(config, data.paths, data.local_paths, data.heldout_paths[: config["max_eval_images"]])
     return _finish(config, vae, run.ema, data.images, data.heldout, run.step, rank, device, labels)
 
@@ -597,26 +598,40 @@ class _VAERun:
         bar = tqdm(total=total, initial=min(self.step, total), desc="VAE training", unit="step",
                    disable=not (config["progress"] and self.rank == 0))
         started, first = time.time(), self.step
-        while self.step < total:
-            self.train_step()
-            bar.update(1)
-            if self.step % config["log_interval"] == 0 or self.step == total:
-                self.check_finite()
-                logger.logkv("step", self.step)
-                logger.logkv("lr", config["lr"] * (1 - (self.step - 1) / total))
-                logger.logkv("images_per_sec", (self.step - first) * config["batch_size"] * self.world
-                             / (time.time() - started))
-                row = logger.dumpkvs()
-                if row and "loss" in row:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if self.step % config["save_interval"] == 0 or self.step == total:
-                self.check_finite()  # never save a poisoned state
-                self.save()
-                if self.step < total and self.data.heldout is not None:
-                    quick, _ = evaluate(self.ema.copy_to(self.vae).eval(), self.data.heldout, self.device)
-                    logger.log(f"step {self.step}: held-out PSNR {quick['psnr']:.2f} dB, "
-                               f"SSIM {quick['ssim']:.4f} (EMA)")
+        with StopRequests() as stop:
+            while self.step < total:
+                self.train_step()
+                bar.update(1)
+                self._log_and_save(bar, started, first)
+                if self.step < total and stop.requested(self.device, self.step % config["log_interval"] == 0):
+                    self.check_finite()
+                    self.save()
+                    bar.close()
+                    logger.log(f"{stop.signal_name or 'stop signal'} received: saved the VAE training state at "
+                               f"step {self.step}; rerun the same command to continue")
+                    return False
         bar.close()
+        return True
+
+    def _log_and_save(self, bar, started, first):
+        """Log at log steps; save (and check the held-out images) at save steps."""
+        config, total = self.config, self.config["lr_anneal_steps"]
+        if self.step % config["log_interval"] == 0 or self.step == total:
+            self.check_finite()
+            logger.logkv("step", self.step)
+            logger.logkv("lr", config["lr"] * (1 - (self.step - 1) / total))
+            logger.logkv("images_per_sec", (self.step - first) * config["batch_size"] * self.world
+                         / (time.time() - started))
+            row = logger.dumpkvs()
+            if row and "loss" in row:
+                bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if self.step % config["save_interval"] == 0 or self.step == total:
+            self.check_finite()  # never save a poisoned state
+            self.save()
+            if self.step < total and self.data.heldout is not None:
+                quick, _ = evaluate(self.ema.copy_to(self.vae).eval(), self.data.heldout, self.device)
+                logger.log(f"step {self.step}: held-out PSNR {quick['psnr']:.2f} dB, "
+                           f"SSIM {quick['ssim']:.4f} (EMA)")
 
 
 def _class_labels(config, all_paths, train_paths, heldout_paths):

@@ -233,3 +233,33 @@ def test_an_interrupted_classifier_run_resumes_exactly(real_cache, tmp_path):
         assert torch.equal(a[name], b[name]), name
     with pytest.raises(UserError, match="classifier_state_000004.pt was written with batch_size=12, now 4"):
         _train(cache, tmp_path / "parts", iterations=6, batch_size=4)
+
+
+def test_sigterm_saves_the_classifier_and_a_rerun_resumes(real_cache, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    log_dir = tmp_path / "clf"
+    flags = [f"--{k}={v}" for k, v in TINY_CLASSIFIER.items()]
+    cmd = [sys.executable, os.path.join(SCRIPTS, "classifier_train.py"), "--latent_cache", str(real_cache / "cache"),
+           "--log_dir", str(log_dir), "--log_interval", "1", "--save_interval", "0", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(SCRIPTS)}
+    proc = subprocess.Popen([*cmd, "--iterations", "100000"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, deadline = [], time.time() + 120
+    for line in proc.stdout:
+        lines.append(line)
+        if "acc@1" in line or time.time() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM received: saved at step" in out
+    states = sorted(p.name for p in log_dir.glob("classifier_state_*.pt"))
+    step = int(states[-1][17:23])
+    rerun = subprocess.run([*cmd, "--iterations", str(step + 2)], env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {log_dir / states[-1]} at step {step}" in rerun.stdout + rerun.stderr
+    assert (log_dir / f"classifier{step + 2:06d}.safetensors").exists()

@@ -5,6 +5,7 @@ a silent exit 0. See docs/RELIABILITY.md for what each test guarantees."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -12,8 +13,10 @@ import time
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from guided_diffusion_vae import script_util
+from guided_diffusion_vae import checkpoint as ckpt
+from guided_diffusion_vae import logger, script_util
 from guided_diffusion_vae.errors import UserError
 from helpers.vae_helpers import REPO, SCRIPTS, make_tiny_vae, one_torch_thread
 
@@ -309,3 +312,130 @@ def test_metadata_claiming_a_huge_model_is_refused_before_allocation(tmp_path):
     message = _one_line(err)
     assert time.time() - start < 10
     assert huge in message and "wrongly shaped" in message and "model [4096" in message
+
+
+# --------------------------------------------------------------------------- #
+# lost work: exact resume from image folders, SIGTERM to the process group
+# --------------------------------------------------------------------------- #
+
+
+def _pixel_folder(root):
+    rng = np.random.default_rng(0)
+    for name, base in (("user_01", 40), ("user_02", 200)):
+        (root / name).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.clip(base + rng.normal(0, 30, (8, 8, 3)), 0, 255).astype(np.uint8)).save(
+                root / name / f"{i}.png")
+    return root
+
+
+class _SigtermAt:
+    """A batch stream that signals SIGTERM to this process at its n-th batch."""
+
+    def __init__(self, stream, n):
+        self.stream, self.n, self.count = stream, n, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.count += 1
+        if self.count == self.n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return next(self.stream)
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state)
+
+
+def test_a_resumed_image_folder_run_equals_the_uninterrupted_one(tmp_path):
+    """Pixel data through DataLoader workers (random flips on): 6 steps in
+    one go, and 3 steps then a resume to 6, give the same weights bit for bit."""
+    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
+
+    data = _pixel_folder(tmp_path / "images")
+    flags = {**script_util.model_and_diffusion_defaults(), "image_size": 8, "num_channels": 32,
+             "num_res_blocks": 1, "channel_mult": "1,2", "attention_resolutions": "4", "diffusion_steps": 40,
+             "class_cond": True}
+    base = {**pixel_train_defaults(), **flags, "data_dir": str(data), "batch_size": 4, "num_workers": 1,
+            "tensorboard": False, "save_interval": 3, "precision": "fp32", "log_interval": 1}
+    whole = run_training({**base, "lr_anneal_steps": 6, "log_dir": str(tmp_path / "whole")}, pixel_training_data)
+
+    def cut_off_after_3_steps(config):  # a SIGTERM while the 3rd batch is fetched
+        data = pixel_training_data(config)
+        data.batches = _SigtermAt(data.batches, 3)
+        return data
+
+    run_training({**base, "lr_anneal_steps": 6, "log_dir": str(tmp_path / "parts")}, cut_off_after_3_steps)
+    assert ckpt.parse_step(ckpt.latest_model_checkpoint(str(tmp_path / "parts"))) == 3
+    resumed = run_training({**base, "lr_anneal_steps": 6, "log_dir": str(tmp_path / "parts"),
+                            "resume_checkpoint": "auto"}, pixel_training_data)
+    logger.reset()
+    a, _ = ckpt.load_weights(whole)
+    b, _ = ckpt.load_weights(resumed)
+    assert os.path.basename(resumed) == "model000006.safetensors"
+    assert all(torch.equal(a[k], b[k]) for k in a), max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def _stop_group_after(cmd, marker, env, timeout=240):
+    """Start ``cmd`` in its own process group, SIGTERM the whole group when a
+    line contains ``marker``, and return ``(returncode, output)``."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            start_new_session=True)
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line or time.time() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    rest, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, "".join(lines) + rest
+
+
+def test_sigterm_to_the_process_group_saves_the_diffusion_run(tmp_path):
+    data = _pixel_folder(tmp_path / "images")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    run = tmp_path / "run"
+    cmd = [sys.executable, f"{SCRIPTS}/image_train.py", "--data_dir", str(data), "--image_size", "8",
+           "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2", "--attention_resolutions", "4",
+           "--diffusion_steps", "40", "--batch_size", "2", "--num_workers", "2", "--log_interval", "1",
+           "--save_interval", "0", "--log_dir", str(run), "--tensorboard", "False"]
+    code, out = _stop_group_after(cmd, "step 2", env)
+    assert code == 0, out[-3000:]
+    assert "SIGTERM received: saving at step" in out
+    saved = ckpt.latest_model_checkpoint(str(run))
+    assert saved is not None and ckpt.parse_step(saved) >= 2
+
+
+def test_sigterm_to_the_process_group_saves_vae_training_and_a_rerun_finishes(tmp_path):
+    data = _pixel_folder(tmp_path / "images")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    out_dir = tmp_path / "vae"
+    cmd = [sys.executable, f"{SCRIPTS}/vae_train.py", "--data_dir", str(data), "--image_size", "8",
+           "--output_dir", str(out_dir), "--vae_size", "tiny", "--lr_anneal_steps", "100000", "--batch_size", "4",
+           "--num_workers", "2", "--log_interval", "2", "--save_interval", "100000", "--progress", "False",
+           "--identity_steps", "0"]
+    code, out = _stop_group_after(cmd, "step", env)
+    assert code == 0, out[-3000:]
+    assert "SIGTERM received: saved the VAE training state at step" in out
+    states = sorted(os.listdir(str(out_dir) + "_train"))
+    assert [s for s in states if s.startswith("vae_state_")], states
+    assert not out_dir.exists() or not (out_dir / "config.json").exists()  # nothing exported half-trained
+    step = int([s for s in states if s.startswith("vae_state_")][-1][10:16])
+    rerun = subprocess.run(cmd[:cmd.index("100000")] + [str(step + 2)] + cmd[cmd.index("100000") + 1:], env=env,
+                           capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stdout + rerun.stderr and (out_dir / "config.json").exists()
+
+
+@pytest.mark.parametrize("scale", ["nan", "-1", "inf", "0", "sometimes"])
+def test_encode_latents_refuses_a_bad_latent_scale_up_front(scale, tmp_path):
+    from guided_diffusion_vae.latent_datasets import build_latent_cache
+
+    with pytest.raises(UserError, match="latent_scale must be a"):
+        build_latent_cache(data_dir=str(tmp_path), vae_path=str(tmp_path / "no_vae"), output_dir=str(tmp_path / "c"),
+                           latent_scale=scale)
+    assert not (tmp_path / "c").exists()

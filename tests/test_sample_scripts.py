@@ -259,4 +259,8 @@ def test_sampling_flags_are_checked_before_loading(tmp_path):
         with pytest.raises(UserError, match=message):
             run_sampling(_config(path, tmp_path / "o", **kw))
     assert not (tmp_path / "o").exists()
+    (tmp_path / "a_file").write_text("x")
+    for target in (tmp_path / "a_file", tmp_path / "a_file" / "below"):
+        with pytest.raises(UserError, match="output_dir"):  # refused before the model is loaded
+            run_sampling(_config(str(tmp_path / "missing.safetensors"), target))
     json.dumps(sample_defaults())  # every default is plain data (YAML/JSON configs)
