@@ -17,7 +17,7 @@ from guided_diffusion_vae import checkpoint as ckpt
 from helpers.vae_helpers import REPO, SCRIPTS, build_latent_chain
 
 KILLS = 20
-STEPS = 60
+STEPS = 100
 NET = ["--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2", "--attention_resolutions", "4",
        "--diffusion_steps", "40", "--batch_size", "4", "--lr_anneal_steps", str(STEPS), "--save_interval", "1",
        "--log_interval", "1", "--tensorboard", "False", "--precision", "fp32", "--class_cond", "True",
@@ -45,7 +45,7 @@ def _crash_repeatedly(cmd, log_dir, seed):
         if not started:  # finished (or failed) before training output: nothing left to kill
             proc.wait(timeout=60)
             break
-        time.sleep(rng.uniform(0.0, 0.4))  # anywhere in a step or a checkpoint write
+        time.sleep(rng.uniform(0.0, 0.2))  # anywhere in a step or a checkpoint write
         proc.kill()
         proc.wait(timeout=60)
         kills += 1
