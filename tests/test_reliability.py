@@ -439,3 +439,50 @@ def test_encode_latents_refuses_a_bad_latent_scale_up_front(scale, tmp_path):
         build_latent_cache(data_dir=str(tmp_path), vae_path=str(tmp_path / "no_vae"), output_dir=str(tmp_path / "c"),
                            latent_scale=scale)
     assert not (tmp_path / "c").exists()
+
+
+def _rank_pids(root_pid, rank):
+    """PIDs below ``root_pid`` whose environment says MPI rank ``rank``."""
+    found, frontier = [], [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            children = []
+        frontier.extend(children)
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"OMPI_COMM_WORLD_RANK={rank}".encode() in env and pid != root_pid:
+            found.append(pid)
+    return found
+
+
+def test_a_dead_mpi_rank_ends_the_job_instead_of_hanging(tmp_path, mpiexec, launch_env):
+    data = _pixel_folder(tmp_path / "images")
+    cmd = [*mpiexec, "-n", "2", sys.executable, f"{SCRIPTS}/image_train.py", "--data_dir", str(data),
+           "--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
+           "--attention_resolutions", "4", "--diffusion_steps", "40", "--batch_size", "2", "--num_workers", "0",
+           "--log_interval", "1", "--save_interval", "0", "--log_dir", str(tmp_path / "run"),
+           "--tensorboard", "False"]
+    proc = subprocess.Popen(cmd, env=launch_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=REPO, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "step 2" in line:
+                break
+        victims = _rank_pids(proc.pid, 1)
+        assert victims, "rank 1 not found"
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        killed_at = time.time()
+        proc.communicate(timeout=60)  # a hang would time out here
+        assert time.time() - killed_at < 60
+        assert proc.returncode != 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
