@@ -4,6 +4,7 @@ a silent exit 0. See docs/RELIABILITY.md for what each test guarantees."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -480,9 +481,10 @@ def test_a_dead_mpi_rank_ends_the_job_instead_of_hanging(tmp_path, mpiexec, laun
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         killed_at = time.time()
-        proc.communicate(timeout=60)  # a hang would time out here
+        out, _ = proc.communicate(timeout=60)  # a hang would time out here
         assert time.time() - killed_at < 60
         assert proc.returncode != 0
+        assert re.search(r"rank 1\b.*(killed|signal 9|exited)", out.replace("\n", " "), re.I), out[-2000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
