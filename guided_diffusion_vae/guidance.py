@@ -99,10 +99,9 @@ def classifier_free_model(model, *, null_label, scale, out_channels):
 
 def check_guidance_scale(scale, label_map, source):
     """Refuse a guidance scale the checkpoint cannot honour: anything but 1
-    needs a model trained with a null class (``--class_dropout_prob``)."""
+    needs a model trained with a null class (``--class_dropout_prob``).
+    Finiteness is checked with the other sampling flags, before loading."""
     scale = float(scale)
-    if not (scale == scale and abs(scale) != float("inf")):
-        raise UserError(f"guidance_scale must be a finite number, got {scale}")
     if scale != 1.0 and null_class_index(label_map) is None:
         raise UserError(
             f"guidance_scale {scale} needs a model trained with --class_dropout_prob > 0 (it learns the null "

@@ -279,8 +279,7 @@ def run_sampling(config):
     logger.log(f"sampler {sampler}, {steps or diffusion.num_timesteps} steps, {num_samples} samples"
                + (f" ({first}..{last - 1} on rank {dist_util.rank()})" if dist_util.world_size() > 1 else ""))
     dropped = []
-    images, labels_out, clipped = np.zeros((0, size, size, 1), np.uint8), None, 0.0
-    error = None
+    images, labels_out, clipped, error = None, None, 0.0, None
     try:
         if last > first:
             images, labels_out, clipped = generate_samples(
@@ -301,7 +300,7 @@ def run_sampling(config):
         raise UserError(errors[0])
     if not dist_util.is_main():
         return None
-    kept = [p for p in parts if len(p[0])]
+    kept = [p for p in parts if p[0] is not None and len(p[0])]
     dropped = [i for p in parts for i in p[3]]
     if dropped:
         logger.warn(f"{len(dropped)} of {num_samples} samples held NaN or Inf and were not written "

@@ -8,13 +8,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from guided_diffusion_vae import checkpoint as ckpt
-from helpers.vae_helpers import REPO, SCRIPTS, build_latent_chain
+from helpers.vae_helpers import REPO, SCRIPTS, build_latent_chain, make_image_folder
 
 KILLS = 20
 STEPS = 100
@@ -63,12 +61,7 @@ def _same_weights(a, b):
 @pytest.fixture(scope="module")
 def pixel_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("pixels")
-    rng = np.random.default_rng(0)
-    for name, base in (("user_01", 40), ("user_02", 200)):
-        (root / name).mkdir()
-        for i in range(6):
-            Image.fromarray(np.clip(base + rng.normal(0, 30, (8, 8, 3)), 0, 255).astype(np.uint8)).save(
-                root / name / f"{i}.png")
+    make_image_folder(root, classes=("user_01", "user_02"), per_class=6, size=8, channels=3)
     return root
 
 

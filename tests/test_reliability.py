@@ -14,12 +14,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from guided_diffusion_vae import checkpoint as ckpt
 from guided_diffusion_vae import logger, script_util
 from guided_diffusion_vae.errors import UserError
-from helpers.vae_helpers import REPO, SCRIPTS, make_tiny_vae, one_torch_thread
+from helpers.vae_helpers import REPO, SCRIPTS, make_image_folder, make_tiny_vae, one_torch_thread
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
@@ -321,12 +320,8 @@ def test_metadata_claiming_a_huge_model_is_refused_before_allocation(tmp_path):
 
 
 def _pixel_folder(root):
-    rng = np.random.default_rng(0)
-    for name, base in (("user_01", 40), ("user_02", 200)):
-        (root / name).mkdir(parents=True)
-        for i in range(5):
-            Image.fromarray(np.clip(base + rng.normal(0, 30, (8, 8, 3)), 0, 255).astype(np.uint8)).save(
-                root / name / f"{i}.png")
+    """Two people, five 8x8 RGB spectrogram-like images each."""
+    make_image_folder(root, classes=("user_01", "user_02"), per_class=5, size=8, channels=3)
     return root
 
 

@@ -18,6 +18,7 @@ from guided_diffusion_vae.labels import folder_names, resolve_user_ids, with_nul
 from guided_diffusion_vae.sample_from_checkpoint import run_sampling, sample_defaults
 from guided_diffusion_vae.samplers import SAMPLER_NAMES
 from guided_diffusion_vae.script_util import split_flags
+from helpers.vae_helpers import make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, "scripts", "image_sample.py")
@@ -175,12 +176,7 @@ def test_preview_at_step_n_equals_the_script_at_step_n(tmp_path):
     from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
 
     data = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    for name, base in (("user_01", 40), ("user_02", 200)):
-        (data / name).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(np.clip(base + rng.normal(0, 20, (8, 8, 3)), 0, 255).astype(np.uint8)).save(
-                data / name / f"{i}.png")
+    make_image_folder(data, classes=("user_01", "user_02"), per_class=4, size=8, channels=3)
     config = {**pixel_train_defaults(), **_flags(class_cond=True), "data_dir": str(data), "batch_size": 2,
               "lr_anneal_steps": 3, "log_dir": str(tmp_path / "run"), "sample_interval": 3,
               "num_preview_samples": 2, "ema_rate": "0.5,0.9", "num_workers": 0, "tensorboard": False,
