@@ -43,6 +43,7 @@ Several machines work the same way:
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import socket
@@ -51,7 +52,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import UserError, main_failed
 
 __all__ = [
     "setup_dist",
@@ -289,6 +290,8 @@ def setup_dist(backend: Optional[str] = None) -> torch.device:
                 world_size=_state.world,
             )
             _state.owns_group = True
+            atexit.unregister(_leave_group_at_exit)
+            atexit.register(_leave_group_at_exit)
     _state.ready = True
     return dev()
 
@@ -305,6 +308,15 @@ def _share_cpu_threads() -> None:
         cores = os.cpu_count() or 1
     per_host = _first_int(("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE")) or _state.world
     torch.set_num_threads(max(1, cores // max(1, per_host)))
+
+
+def _leave_group_at_exit() -> None:
+    """Destroy our process group while the interpreter is still whole. Left
+    to interpreter shutdown, gloo's worker threads may release Python tensors
+    after Python is gone and abort the process (exit 134 after a good run).
+    Skipped after a failure: peers may be gone and the teardown could wait."""
+    if not main_failed():
+        cleanup()
 
 
 def cleanup() -> None:

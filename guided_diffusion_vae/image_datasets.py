@@ -52,7 +52,9 @@ Speed
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
 import os
 import signal
 import random
@@ -629,6 +631,24 @@ def ignore_stop_signals(_worker_id=None):
     process group; the workers must live on while the trainer saves."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _kill_loader_workers_at_exit():
+    """At exit, multiprocessing stops daemonic children with SIGTERM and then
+    waits for them. Workers that ignore SIGTERM (above) and are still alive
+    then (a loader kept alive by a traceback, say) would make that wait
+    endless, so kill them first: they hold nothing worth saving."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children:
+        # torch's SIGCHLD handler would report the kill as a worker failure.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+
+
+# atexit runs last-registered first: this precedes multiprocessing's own
+# exit handler, which was registered when torch imported it.
+atexit.register(_kill_loader_workers_at_exit)
 
 
 def flip_batch(images: torch.Tensor, seed: int, batch_number: int) -> torch.Tensor:

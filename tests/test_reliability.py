@@ -406,6 +406,25 @@ def test_sigterm_to_the_process_group_saves_the_diffusion_run(tmp_path):
     assert saved is not None and ckpt.parse_step(saved) >= 2
 
 
+def test_a_process_whose_loader_workers_outlive_it_still_exits(tmp_path):
+    """Workers ignore SIGTERM; multiprocessing's exit handler stops daemonic
+    children with SIGTERM and then waits, so a loader still alive at exit
+    (kept by a global or a traceback) once hung the process forever."""
+    data = _pixel_folder(tmp_path / "images")
+    script = (
+        "import sys\n"
+        "from guided_diffusion_vae.image_datasets import image_batch_stream\n"
+        "stream, _ = image_batch_stream(data_dir=sys.argv[1], batch_size=2, image_size=8, num_workers=1)\n"
+        "next(stream)\n"
+        "print('drew a batch', flush=True)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    result = subprocess.run([sys.executable, "-c", script, str(data)], env=env, capture_output=True, text=True,
+                            timeout=120, cwd=REPO)
+    assert result.returncode == 0 and "drew a batch" in result.stdout, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
 def test_sigterm_to_the_process_group_saves_vae_training_and_a_rerun_finishes(tmp_path):
     data = _pixel_folder(tmp_path / "images")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
