@@ -13,7 +13,7 @@ import sys
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, set_debug
 from .script_util import str2bool
 from .files import atomic_write_bytes
 
@@ -107,6 +107,13 @@ def _help(helps, key):
     return None if text is None else text.replace("%", "%%") + " (default: %(default)r)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag value is a one-line UserError, not usage + exit."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
 def parse_with_config(defaults, argv=None, description=None, helps=None):
     """Resolve the flags of a program whose defaults are ``defaults``.
 
@@ -117,16 +124,19 @@ def parse_with_config(defaults, argv=None, description=None, helps=None):
     """
     helps = helps or {}
     argv = sys.argv[1:] if argv is None else list(argv)
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre = _Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default="")
+    pre.add_argument("--debug", action="store_true")
     known, _ = pre.parse_known_args(argv)
+    set_debug(known.debug)
     merged = dict(defaults)
     if known.config:
         merged.update(load_yaml_config(known.config, defaults))
 
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="", help="YAML file whose keys are these flags")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the Python traceback as well as the one-line message")
     for key, default in merged.items():
         if isinstance(defaults[key], list):
             parser.add_argument(f"--{key}", default=default, nargs="*", type=str, help=_help(helps, key))
@@ -137,7 +147,9 @@ def parse_with_config(defaults, argv=None, description=None, helps=None):
         flag = next(u for u in unknown if u.startswith("-")) if any(u.startswith("-") for u in unknown) else unknown[0]
         name = flag.lstrip("-").split("=")[0]
         raise UserError(f"unknown argument {flag}{_suggest(name, defaults, prefix='--')}")
-    return vars(args)
+    resolved = vars(args)
+    resolved.pop("debug")
+    return resolved
 
 
 def write_resolved_config(config, directory, name="config.yaml"):

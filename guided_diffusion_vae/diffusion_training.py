@@ -13,6 +13,7 @@ import torch
 
 from . import dist_util, logger, script_util
 from .config import write_resolved_config
+from .files import undone_on_failure
 from .errors import UserError
 from .labels import normalize_label_map, null_class_index, people, with_null_class
 from .resample import create_named_schedule_sampler
@@ -148,12 +149,26 @@ def run_training(config, build_data):
     returns; returns the path of the last model checkpoint."""
     # Bad numbers and an unusable log folder are refused before any work.
     check_training_numbers(config)
-    check_output_dir(config.get("log_dir"), "log_dir")
-    dist_util.setup_dist()
-    formats = "stdout,log,csv" + (",tensorboard" if config.get("tensorboard", True) else "")
-    logger.configure(dir=config.get("log_dir") or None, format_strs=formats)
-    if dist_util.is_main():
-        write_resolved_config(config, logger.get_dir())
+    # Data, model and resume are checked before the first step; if one fails,
+    # the log folder keeps nothing of this start.
+    with undone_on_failure(config.get("log_dir") if dist_util.is_main() else None, before_undo=logger.close):
+        check_output_dir(config.get("log_dir"), "log_dir")
+        dist_util.setup_dist()
+        formats = "stdout,log,csv" + (",tensorboard" if config.get("tensorboard", True) else "")
+        logger.configure(dir=config.get("log_dir") or None, format_strs=formats)
+        if dist_util.is_main():
+            write_resolved_config(config, logger.get_dir())
+        loop, sample_fn = _prepare_training(config, build_data)
+    path = loop.run_loop()
+    if sample_fn is not None and loop.step % config["sample_interval"]:
+        sample_fn(loop.ema_model_for_sampling(), loop.step, data_abs_max=loop.data_abs_max())
+    logger.log(f"done: {path}")
+    return path
+
+
+def _prepare_training(config, build_data):
+    """The data, model and :class:`TrainLoop` of ``config`` (resumed if asked),
+    and the preview sampler (or None)."""
     torch.manual_seed(config["seed"])
 
     data = build_data(config)
@@ -220,11 +235,7 @@ def run_training(config, build_data):
         compile=config["compile"],
         seed=config["seed"],
     )
-    path = loop.run_loop()
-    if sample_fn is not None and loop.step % config["sample_interval"]:
-        sample_fn(loop.ema_model_for_sampling(), loop.step, data_abs_max=loop.data_abs_max())
-    logger.log(f"done: {path}")
-    return path
+    return loop, sample_fn
 
 
 def pixel_train_defaults():

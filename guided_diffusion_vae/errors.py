@@ -1,11 +1,23 @@
 """Errors that are the user's to fix: one line naming the culprit."""
 
+import math
+import numbers
+import sys
+import traceback
+
 
 class UserError(ValueError):
     """Bad input (a path, a key, a value, an id); scripts print it and exit 2."""
 
 
 _main_failed = False
+_debug = False
+
+
+def set_debug(on: bool) -> None:
+    """``--debug``: :func:`run_main` prints the traceback of a UserError too."""
+    global _debug
+    _debug = bool(on)
 
 
 def main_failed() -> bool:
@@ -16,15 +28,29 @@ def main_failed() -> bool:
 
 def run_main(main_fn):
     """Call ``main_fn()``; a UserError becomes a one-line message and exit code 2."""
-    import sys
-
     global _main_failed
     try:
         return main_fn()
     except UserError as err:
         _main_failed = True
+        if _debug:
+            traceback.print_exc()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except BaseException:
         _main_failed = True
         raise
+
+
+def check_number(name, value, minimum, *, integer=False, exclusive=False, note=""):
+    """Return ``value`` if it is a finite number (an integer with ``integer``)
+    at least ``minimum`` (above it with ``exclusive``), else raise a one-line
+    UserError naming the flag ``name`` and the value."""
+    kind = "an integer" if integer else "a finite number"
+    bound = f"{'>' if exclusive else '>='} {minimum}"
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if integer and is_number and not isinstance(value, numbers.Integral):
+        is_number = math.isfinite(value) and float(value).is_integer()
+    if not is_number or not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
+        raise UserError(f"{name} must be {kind} {bound}{note}, got {value!r}")
+    return value

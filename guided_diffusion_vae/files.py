@@ -5,7 +5,9 @@ goes through :func:`atomic_write`: written to a temporary beside it, fsynced,
 given the permissions the umask allows, and renamed into place.
 """
 
+import contextlib
 import os
+import shutil
 import tempfile
 import time
 
@@ -92,3 +94,34 @@ def check_writable_target(path, flag):
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path!r}: {parent!r} is not writable")
     return path
+
+
+@contextlib.contextmanager
+def undone_on_failure(folder, before_undo=None):
+    """Run the start of a job that writes into ``folder`` (logs, configs);
+    if the block raises, remove what it created there, and ``folder`` itself
+    if it was new: a job that fails to start leaves nothing behind. Entries
+    that existed before are never touched. ``before_undo()`` runs first (to
+    close open log files). ``folder`` None or "": no undo."""
+    if not folder:
+        yield
+        return
+    existed = os.path.isdir(folder)
+    before = set(os.listdir(folder)) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if before_undo is not None:
+            before_undo()
+        if not existed:
+            shutil.rmtree(folder, ignore_errors=True)
+        elif os.path.isdir(folder):
+            for name in set(os.listdir(folder)) - before:
+                full = os.path.join(folder, name)
+                if os.path.isdir(full) and not os.path.islink(full):
+                    shutil.rmtree(full, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(full)
+        raise
+

@@ -24,6 +24,7 @@ import torch
 from .errors import UserError
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
+from .progress import progress as progress_bar
 
 _LN2 = math.log(2.0)
 
@@ -535,9 +536,7 @@ class GaussianDiffusion:
         img = noise if noise is not None else torch.randn(*shape, device=device)
         steps = range(self.num_timesteps - 1, -1, -1)
         if progress:
-            from tqdm.auto import tqdm  # optional dependency, only for the bar
-
-            steps = tqdm(steps)
+            steps = progress_bar(steps, desc="denoising", unit="step")
         for i in steps:
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             with torch.no_grad():

@@ -34,15 +34,15 @@ import shutil
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
 from .files import atomic_write
-from .errors import UserError
+from .errors import UserError, check_number
 from .labels import normalize_label_map
 from .vae_wrapper import VAEInterface, check_input_range, parse_latent_scale, scale_from_moments
 from .image_datasets import ImageFolderDataset
+from .progress import progress as progress_bar
 
 FORMAT_VERSION = 1
 LATENTS_FILE = "latents.npy"
@@ -198,7 +198,7 @@ def build_latent_cache(
     :return: the cache's metadata dict (as in ``meta.json``).
     """
     _check_cache_settings(data_dir, vae_path, output_dir, batch_size, chunk_size, image_size, cache_dtype,
-                          input_range)
+                          input_range, num_workers, seed, channels)
     scale_spec = parse_latent_scale(latent_scale)
     dist_util.setup_dist()
     device = dist_util.dev() if device is None else torch.device(device)
@@ -232,14 +232,17 @@ def build_latent_cache(
 
 
 def _check_cache_settings(data_dir, vae_path, output_dir, batch_size, chunk_size, image_size, cache_dtype,
-                          input_range):
+                          input_range, num_workers, seed, channels):
     """Refuse missing paths and impossible numbers before anything is loaded."""
     for name, value in (("data_dir", data_dir), ("vae_path", vae_path), ("output_dir", output_dir)):
         if not value:
             raise UserError(f"{name} is required")
     for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size), ("image_size", image_size)):
-        if int(value) < 1:
-            raise UserError(f"{name} must be >= 1, got {value}")
+        check_number(name, value, 1, integer=True)
+    check_number("num_workers", num_workers, 0, integer=True)
+    check_number("seed", seed, 0, integer=True)
+    if channels not in (0, 1, 3):
+        raise UserError(f"channels must be 0 (the VAE's), 1 or 3, got {channels!r}")
     if cache_dtype not in CACHE_DTYPES:
         raise UserError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
     check_input_range(input_range)
@@ -314,6 +317,9 @@ def _encode_my_chunks(vae, dataset, output_dir, plan, mine, *, batch_size, rando
     """Encode this rank's chunks into the partial array; all ranks stop with
     the first rank's error."""
     num_images, chunk_size = plan["num_images"], plan["chunk_size"]
+    count = sum(min(chunk_size, num_images - c * chunk_size) for c in mine)
+    if dist_util.is_main():
+        logger.log(f"encoding {count} images ({len(mine)} chunks of up to {chunk_size}) into {output_dir}")
     message = None
     try:
         store = np.load(os.path.join(output_dir, PARTIAL_FILE), mmap_mode="r+")
@@ -321,9 +327,8 @@ def _encode_my_chunks(vae, dataset, output_dir, plan, mine, *, batch_size, rando
             vae, _Pixels(dataset), store, mine, num_images=num_images, chunk_size=chunk_size,
             batch_size=int(batch_size), random_flip=random_flip, seed=int(seed),
             num_workers=int(num_workers), cache_dir=output_dir,
-            bar=tqdm(total=sum(min(chunk_size, num_images - c * chunk_size) for c in mine),
-                     desc=f"encoding (rank {dist_util.rank()})", unit="img",
-                     disable=not (progress and dist_util.rank() == 0)),
+            bar=progress_bar(total=count, desc=f"encoding (rank {dist_util.rank()})", unit="img",
+                             disable=not (progress and dist_util.rank() == 0)),
         )
         del store
     except UserError as err:

@@ -66,7 +66,7 @@ DISABLED = 50
 
 __all__ = [
     "DEBUG", "INFO", "WARN", "ERROR", "DISABLED",
-    "configure", "reset", "scoped_configure", "get_current", "get_dir", "set_level", "set_comm",
+    "configure", "reset", "close", "scoped_configure", "get_current", "get_dir", "set_level", "set_comm",
     "logkv", "logkv_mean", "logkvs", "logkvs_mean", "dumpkvs", "getkvs",
     "record_tabular", "dump_tabular",
     "log", "debug", "info", "warn", "error",
@@ -567,6 +567,14 @@ def reset() -> None:
         Logger.CURRENT.close()
         Logger.CURRENT = Logger.DEFAULT
         log("Reset logger")
+
+
+def close() -> None:
+    """Close the configured logger's files and go back to the default, quietly
+    (a failed start whose log folder is then removed)."""
+    if Logger.CURRENT is not None and Logger.CURRENT is not Logger.DEFAULT:
+        Logger.CURRENT.close()
+        Logger.CURRENT = Logger.DEFAULT
 
 
 @contextlib.contextmanager

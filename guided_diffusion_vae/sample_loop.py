@@ -11,11 +11,11 @@ import contextlib
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .errors import UserError
 from .images import to_uint8_images
 from .samplers import SAMPLERS, Denoiser, SamplingPlan, per_sample_normal, resolve_sampler
+from .progress import progress as progress_bar
 
 CLIP_MODES = ("none", "pixel", "fixed", "dynamic")
 
@@ -154,7 +154,7 @@ def generate_samples(
     )
     images, kept_labels = [], []
     starts = range(0, num_samples, batch_size)
-    for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) == 1):
+    for start in progress_bar(starts, desc="sampling", disable=not progress or len(starts) == 1):
         stop = min(start + batch_size, num_samples)
         generators = [sample_generator(seed, first_index + i, device) for i in range(start, stop)]
         x = per_sample_normal(generators, tuple(sample_shape), device)

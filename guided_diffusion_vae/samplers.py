@@ -23,9 +23,9 @@ import re
 from typing import Callable, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from .errors import UserError
+from .progress import progress as progress_bar
 
 CORE_SAMPLERS = ("ddpm", "ddim")
 DIFFUSERS_SAMPLERS = ("dpmpp_2m", "unipc", "euler", "euler_a", "heun")
@@ -73,7 +73,7 @@ def per_sample_normal(generators, shape, device):
 
 
 def _step_bar(plan, count):
-    return tqdm(range(count), desc="denoising", leave=False, disable=not plan.progress)
+    return progress_bar(range(count), desc="denoising", leave=False, disable=not plan.progress)
 
 
 # ---- the diffusion core's samplers -------------------------------------------

@@ -14,8 +14,6 @@ non-finite loss skips the optimizer update on the device (the fused AdamW
 
 import contextlib
 import copy
-import math
-import numbers
 import os
 import random
 import time
@@ -27,7 +25,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import dist_util, logger
 from .ema import ema_decay
-from .errors import UserError
+from .errors import UserError, check_number
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
@@ -86,20 +84,6 @@ TRAINING_LIMITS = {
     "seed": (0, True, False, ""),
     "class_dropout_prob": (0.0, False, False, " (and below 1)"),
 }
-
-
-def check_number(name, value, minimum, *, integer=False, exclusive=False, note=""):
-    """Return ``value`` if it is a finite number (an integer with ``integer``)
-    at least ``minimum`` (above it with ``exclusive``), else raise a one-line
-    UserError naming the flag ``name`` and the value."""
-    kind = "an integer" if integer else "a finite number"
-    bound = f"{'>' if exclusive else '>='} {minimum}"
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if integer and is_number and not isinstance(value, numbers.Integral):
-        is_number = math.isfinite(value) and float(value).is_integer()
-    if not is_number or not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
-        raise UserError(f"{name} must be {kind} {bound}{note}, got {value!r}")
-    return value
 
 
 def check_training_numbers(config, limits=None):

@@ -44,18 +44,18 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
 from .ema import EMA
-from .errors import UserError
+from .errors import UserError, check_number
 from .image_datasets import ImageDataset, class_names_from_paths, detect_channels, list_image_files
 from .images import image_grid, to_uint8_images
 from .train_util import resolve_precision
 from .training_parts import StopRequests, autocast, load_latest_state, save_state, settings_text, state_files, wrap_for_processes
 from .vae_wrapper import LATENT_STATS_FILE, latent_shape_of, scale_from_moments, vae_fingerprint
 from .evaluation.classifier import reconstruction_identity, to_uint8
+from .progress import progress as progress_bar
 
 PRESETS = {
     "tiny": {"block_out_channels": (16, 32, 64), "layers_per_block": 1, "norm_num_groups": 8},
@@ -160,26 +160,29 @@ def build_autoencoder(arch):
     return AutoencoderKL(**arch)
 
 
+# (minimum, integer, exclusive) of every numeric flag
+VAE_LIMITS = {
+    "image_size": (1, True, False), "latent_channels": (1, True, False), "layers_per_block": (0, True, False),
+    "norm_num_groups": (0, True, False), "batch_size": (1, True, False), "lr": (0.0, False, True),
+    "weight_decay": (0.0, False, False), "lr_anneal_steps": (1, True, False), "kl_weight": (0.0, False, False),
+    "ssim_weight": (0.0, False, False), "ema_rate": (0.0, False, True), "grad_clip": (0.0, False, False),
+    "holdout_fraction": (0.0, False, False), "max_eval_images": (1, True, False), "scale_images": (1, True, False),
+    "identity_steps": (0, True, False), "log_interval": (1, True, False), "save_interval": (1, True, False),
+    "keep_states": (1, True, False), "num_workers": (0, True, False), "seed": (0, True, False),
+}
+
+
 def _check_config(config):
+    """Every setting refused before any work, with one line naming it."""
     if not config["data_dir"]:
         raise UserError("data_dir is required: a folder of training images")
     if not config["output_dir"]:
         raise UserError("output_dir is required: where the trained VAE is saved")
-    positive = ("image_size", "batch_size", "lr_anneal_steps", "log_interval", "save_interval", "keep_states",
-                "max_eval_images", "scale_images")
-    if int(config["identity_steps"]) < 0:
-        raise UserError(f"identity_steps must be >= 0, got {config['identity_steps']}")
-    for key in positive:
-        if int(config[key]) < 1:
-            raise UserError(f"{key} must be >= 1, got {config[key]}")
-    if not config["lr"] > 0:
-        raise UserError(f"lr must be positive, got {config['lr']}")
-    for key in ("kl_weight", "ssim_weight", "weight_decay", "grad_clip"):
-        if config[key] < 0:
-            raise UserError(f"{key} must be >= 0, got {config[key]}")
-    if not 0.0 < config["ema_rate"] < 1.0:
+    for key, (minimum, integer, exclusive) in VAE_LIMITS.items():
+        check_number(key, config[key], minimum, integer=integer, exclusive=exclusive)
+    if not config["ema_rate"] < 1.0:
         raise UserError(f"ema_rate must lie strictly between 0 and 1, got {config['ema_rate']}")
-    if not 0.0 <= config["holdout_fraction"] < 1.0:
+    if not config["holdout_fraction"] < 1.0:
         raise UserError(f"holdout_fraction must lie in [0, 1), got {config['holdout_fraction']}")
     if config["channels"] not in (0, 1, 3):
         raise UserError(f"channels must be 0 (auto), 1 or 3, got {config['channels']}")
@@ -224,7 +227,7 @@ def load_images(paths, image_size, channels, num_workers=0, desc="loading images
         return torch.zeros((0, channels, image_size, image_size), dtype=torch.uint8)
     dataset = ImageDataset(image_size, paths, channels=channels, random_flip=False, random_crop=False)
     loader = torch.utils.data.DataLoader(_Uint8(dataset), batch_size=64, num_workers=num_workers)
-    parts = [batch for batch in tqdm(loader, desc=desc, disable=not progress, leave=False)]
+    parts = [batch for batch in progress_bar(loader, desc=desc, disable=not progress, leave=False)]
     return torch.cat(parts)
 
 
@@ -595,7 +598,7 @@ class _VAERun:
 
     def train(self):
         config, total = self.config, self.config["lr_anneal_steps"]
-        bar = tqdm(total=total, initial=min(self.step, total), desc="VAE training", unit="step",
+        bar = progress_bar(total=total, initial=min(self.step, total), desc="VAE training", unit="step",
                    disable=not (config["progress"] and self.rank == 0))
         started, first = time.time(), self.step
         with StopRequests() as stop:

@@ -47,10 +47,11 @@ HELPS = {
 def main(argv=None):
     from guided_diffusion_vae import logger
     from guided_diffusion_vae.config import parse_with_config
-    from guided_diffusion_vae.evaluation.evaluate import evaluate_defaults, run_evaluation
+    from guided_diffusion_vae.evaluation.evaluate import check_evaluation_config, evaluate_defaults, run_evaluation
 
     defaults = evaluate_defaults()
     config = parse_with_config(defaults, argv, description=__doc__, helps=HELPS)
+    check_evaluation_config({key: config[key] for key in defaults})  # before the log folder exists
     logger.configure(dir=os.path.dirname(os.path.abspath(config["output_json"])) if config["output_json"] else None,
                      format_strs="stdout,log")
     run_evaluation({key: config[key] for key in defaults})

@@ -502,3 +502,155 @@ def test_a_dead_mpi_rank_ends_the_job_instead_of_hanging(tmp_path, mpiexec, laun
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------- #
+# every bad input: one line naming the culprit, exit 2, nothing written
+# --------------------------------------------------------------------------- #
+
+
+class _Evil:
+    """Unpickling this would run a shell command that leaves a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """The files the table of bad inputs points at."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("bad_inputs")
+    images = make_image_folder(root / "images", classes=("user_01", "user_02"), per_class=4, size=16, channels=1)
+    vae = make_tiny_vae(root / "vae", in_channels=1)
+    missing = _copy_vae(vae, root / "vae_missing_tensor")
+    weights = os.path.join(missing, "diffusion_pytorch_model.safetensors")
+    state = load_file(weights)
+    state.pop(sorted(k for k in state if k.startswith("decoder."))[0])
+    save_file(state, weights)
+    good, model_meta = _checkpoint(root / "good" / "model000000.safetensors")
+    nan_state, nan_meta = ckpt.load_weights(good)
+    ckpt.save_weights(str(root / "nan" / "model000000.safetensors"),
+                      {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in nan_state.items()},
+                      nan_meta)
+    _checkpoint(root / "unknown_key" / "model000000.safetensors", model_meta={**model_meta, "num_chanels": 32})
+    _checkpoint(root / "list_labels" / "model000000.safetensors", data_meta={"image_size": 8, "label_map": ["a", "b"]})
+    _checkpoint(root / "huge" / "model000000.safetensors", model_meta={**model_meta, "num_channels": 4096})
+    torch.save({"w": _Evil(root / "PWNED")}, str(root / "model000001.pt"))
+    nan_latents = np.zeros((4, 4, 2, 2), np.float32)
+    nan_latents[2, 0, 0, 0] = float("nan")
+    _hand_cache(root / "cache_nan", nan_latents, [0, 1, 0, 1], label_map={"0": "a", "1": "b"})
+    _hand_cache(root / "cache_meta", np.zeros((4, 4, 2, 2)), [0, 1, 0, 1], meta_text="{not json")
+    _hand_cache(root / "cache_label", np.zeros((4, 4, 2, 2)), [0, 1, 5, 1], label_map={"0": "a", "1": "b"})
+    (root / "tagged.yaml").write_text("lr: !!python/object/apply:os.system ['touch PWNED']\n")
+    (root / "misspelt.yaml").write_text("learning_rate: 1.0e-4\n")
+    (root / "a_file").write_text("not a folder")
+    return root
+
+
+TRAIN, TRAIN_VAE, SAMPLE, SAMPLE_VAE = "image_train.py", "image_train_vae.py", "image_sample.py", "image_sample_vae.py"
+
+# (script, arguments with {root} for the fixture folder and {out} for the
+# output the case must not create, the culprit that the message must name)
+BAD_INPUTS = [
+    (TRAIN, ["--data_dir", "{root}/images", "--batch_size", "0", "--log_dir", "{out}"], "batch_size"),
+    (TRAIN, ["--data_dir", "{root}/images", "--batch_size", "-1", "--log_dir", "{out}"], "batch_size"),
+    (TRAIN, ["--data_dir", "{root}/images", "--batch_size", "two", "--log_dir", "{out}"], "--batch_size"),
+    (TRAIN, ["--data_dir", "{root}/images", "--lr", "nan", "--log_dir", "{out}"], "lr"),
+    (TRAIN, ["--data_dir", "{root}/images", "--lr_anneal_steps", "-5", "--log_dir", "{out}"], "lr_anneal_steps"),
+    (TRAIN, ["--data_dir", "{root}/images", "--ema_rate", "1.5", "--log_dir", "{out}"], "ema_rate"),
+    (TRAIN, ["--data_dir", "{root}/no_such_folder", "--log_dir", "{out}"], "no_such_folder"),
+    (TRAIN, ["--data_dir", "{root}/images", "--log_dir", "{root}/a_file"], "a_file"),
+    (TRAIN, ["--data_dir", "{root}/images", "--lr_anneal_step", "5", "--log_dir", "{out}"], "--lr_anneal_step"),
+    (TRAIN, ["--config", "{root}/tagged.yaml", "--data_dir", "{root}/images", "--log_dir", "{out}"], "tagged.yaml"),
+    (TRAIN, ["--config", "{root}/misspelt.yaml", "--data_dir", "{root}/images", "--log_dir", "{out}"], "learning_rate"),
+    (TRAIN, ["--data_dir", "{root}/images", "--resume_checkpoint", "{root}/model000001.pt", "--image_size", "16",
+             "--num_channels", "32", "--num_res_blocks", "1", "--log_dir", "{out}"], "model000001.pt"),
+    (TRAIN_VAE, ["--latent_cache", "{root}/cache_nan", "--log_dir", "{out}"], "index 2"),
+    (TRAIN_VAE, ["--latent_cache", "{root}/cache_meta", "--log_dir", "{out}"], "meta.json"),
+    (TRAIN_VAE, ["--latent_cache", "{root}/cache_label", "--log_dir", "{out}"], "5"),
+    (TRAIN_VAE, ["--data_dir", "{root}/images", "--vae_path", "{root}/vae_missing_tensor", "--image_size", "16",
+                 "--latent_scale", "1.0", "--log_dir", "{out}"], "decoder."),
+    (TRAIN_VAE, ["--data_dir", "{root}/images", "--vae_path", "{root}/vae", "--latent_scale", "nan",
+                 "--log_dir", "{out}"], "latent_scale"),
+    (SAMPLE, ["--model_path", "{root}/good", "--batch_size", "0", "--output_dir", "{out}"], "batch_size"),
+    (SAMPLE, ["--model_path", "{root}/good", "--num_images_per_user", "-1", "--output_dir", "{out}"],
+     "num_images_per_user"),
+    (SAMPLE, ["--model_path", "{root}/good", "--classifier_scale", "nan", "--output_dir", "{out}"],
+     "classifier_scale"),
+    (SAMPLE, ["--model_path", "{root}/good", "--guidance_scale", "inf", "--output_dir", "{out}"], "guidance_scale"),
+    (SAMPLE, ["--model_path", "{root}/good", "--sampler", "dpm++", "--output_dir", "{out}"], "dpm++"),
+    (SAMPLE, ["--model_path", "{root}/good", "--use_ema", "False", "--user_ids", "7", "--output_dir", "{out}"], "7"),
+    (SAMPLE, ["--model_path", "{root}/good", "--output_dir", "{root}/a_file"], "a_file"),
+    (SAMPLE, ["--model_path", "{root}/no_such_run", "--output_dir", "{out}"], "no_such_run"),
+    (SAMPLE, ["--model_path", "{root}/unknown_key", "--use_ema", "False", "--output_dir", "{out}"], "num_chanels"),
+    (SAMPLE, ["--model_path", "{root}/list_labels", "--use_ema", "False", "--output_dir", "{out}"], "label_map"),
+    (SAMPLE, ["--model_path", "{root}/huge", "--use_ema", "False", "--output_dir", "{out}"], "wrongly shaped"),
+    (SAMPLE, ["--model_path", "{root}/model000001.pt", "--output_dir", "{out}"], "model000001.pt"),
+    (SAMPLE, ["--model_path", "{root}/nan", "--use_ema", "False", "--num_images_per_user", "1", "--timestep_respacing", "4",
+              "--output_dir", "{out}"], "NaN"),
+    (SAMPLE_VAE, ["--model_path", "{root}/good", "--use_ema", "False", "--vae_path", "{root}/vae", "--output_dir",
+                  "{out}"], "vae_path"),
+    ("classifier_train.py", ["--latent_cache", "{root}/cache_label", "--iterations", "0", "--log_dir", "{out}"],
+     "iterations"),
+    ("classifier_train.py", ["--latent_cache", "{root}/cache_label", "--lr", "nan", "--log_dir", "{out}"], "lr"),
+    ("vae_train.py", ["--data_dir", "{root}/images", "--batch_size", "0", "--output_dir", "{out}"], "batch_size"),
+    ("vae_train.py", ["--data_dir", "{root}/images", "--lr", "-1", "--output_dir", "{out}"], "lr"),
+    ("vae_train.py", ["--data_dir", "{root}/images", "--lr_anneal_steps", "-1", "--output_dir", "{out}"],
+     "lr_anneal_steps"),
+    ("vae_train.py", ["--data_dir", "{root}/images", "--kl_weight", "nan", "--batch_size", "2", "--output_dir",
+                     "{out}"], "kl_weight"),
+    ("encode_latents.py", ["--data_dir", "{root}/images", "--vae_path", "{root}/vae", "--latent_scale", "nan",
+                           "--output_dir", "{out}"], "latent_scale"),
+    ("encode_latents.py", ["--data_dir", "{root}/images", "--vae_path", "{root}/vae", "--batch_size", "0",
+                           "--output_dir", "{out}"], "batch_size"),
+    ("encode_latents.py", ["--data_dir", "{root}/images", "--vae_path", "{root}/vae_missing_tensor",
+                           "--output_dir", "{out}"], "decoder."),
+    ("evaluate.py", ["--real_train", "{root}/images", "--real_test", "{root}/images", "--generated",
+                     "{root}/no_such_samples", "--output_json", "{out}/m.json"], "no_such_samples"),
+    ("quickstart.py", ["--preset", "huge", "--run_dir", "{out}"], "huge"),
+    ("interpolate.py", ["--model_path", "{root}/no_such_run", "--output_dir", "{out}"], "no_such_run"),
+    ("diagnose.py", ["--model_path", "{root}/no_such_run", "--output_json", "{out}/d.json"], "no_such_run"),
+]
+
+
+def test_every_bad_input_gets_one_line_naming_the_culprit_and_writes_nothing(bad_inputs, tmp_path):
+    root = bad_inputs
+    before = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    cases, outs = [], []
+    for i, (script, argv, _) in enumerate(BAD_INPUTS):
+        out = tmp_path / f"out{i}"
+        outs.append(out)
+        cases.append({"script": f"{SCRIPTS}/{script}",
+                      "argv": [a.format(root=root, out=out) for a in argv]})
+    # One more: --debug adds the traceback to the same message.
+    cases.append({"script": f"{SCRIPTS}/{TRAIN}", "argv": ["--data_dir", str(root / "images"), "--batch_size", "0",
+                                                          "--log_dir", str(tmp_path / "debug"), "--debug"]})
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    subprocess.run([sys.executable, os.path.join(REPO, "tests", "helpers", "run_cases.py"), str(tmp_path / "cases.json"),
+                    str(tmp_path / "results.json")], env=env, check=True, timeout=600, cwd=str(tmp_path))
+    results = json.loads((tmp_path / "results.json").read_text())
+    problems = []
+    for (script, argv, culprit), out, result in zip(BAD_INPUTS, outs, results):
+        lines = [line for line in result["stderr"].splitlines() if line.strip()]
+        what = f"{script} {' '.join(argv)}"
+        if result["code"] != 2:
+            problems.append(f"{what}: exit {result['code']}: {result['stderr'][-500:]}")
+        elif len(lines) != 1 or not lines[0].startswith("error: "):
+            problems.append(f"{what}: not one 'error:' line: {result['stderr'][-500:]}")
+        elif culprit not in lines[0]:
+            problems.append(f"{what}: the message does not name {culprit!r}: {lines[0]}")
+        if out.exists():
+            problems.append(f"{what}: wrote {out}")
+    assert not problems, "\n".join(problems)
+    debug = results[-1]
+    assert debug["code"] == 2 and "Traceback (most recent call last)" in debug["stderr"]
+    assert debug["stderr"].strip().splitlines()[-1].startswith("error: batch_size")
+    assert not (root / "PWNED").exists() and not (tmp_path / "PWNED").exists()  # no pickle or YAML tag ran
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before  # inputs untouched
+    assert (root / "a_file").read_text() == "not a folder"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import logger
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, check_writable_target
 from ..dist_util import pick_device
 from ..errors import UserError
 from . import classifier as clf
@@ -61,7 +61,8 @@ def evaluate_defaults():
     }
 
 
-def _check_config(config):
+def check_evaluation_config(config):
+    """Every setting and input path refused before any work; returns the augmentation ks."""
     for key in ("real_train", "real_test", "output_json"):
         if not config[key]:
             raise UserError(f"--{key} is required")
@@ -87,12 +88,13 @@ def _check_config(config):
         check_vae_dir(config["vae_path"])  # before any classifier is trained
     if config["inception_weights"] and not os.path.isfile(config["inception_weights"]):
         raise UserError(f"--inception_weights {config['inception_weights']}: file not found (it is never downloaded)")
-    out_dir = os.path.dirname(os.path.abspath(config["output_json"]))
+    for key in ("real_train", "real_test", "generated"):
+        if config[key] and not os.path.exists(config[key]):
+            raise UserError(f"--{key} {config[key]}: no such folder or file")
     if os.path.isdir(config["output_json"]):
         raise UserError(f"--output_json {config['output_json']} is a folder; name a .json file")
-    os.makedirs(out_dir, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise UserError(f"cannot write to {out_dir} (--output_json)")
+    # Created once the inputs have loaded: a failed start leaves no folder.
+    check_writable_target(os.path.dirname(os.path.abspath(config["output_json"])), "--output_json")
     return ks
 
 
@@ -282,12 +284,13 @@ def _reference_classifier(ev, train, image_size, channels):
 def run_evaluation(config):
     """Compute every metric the inputs allow; write and return the result dict."""
     config = dict(evaluate_defaults(), **config)
-    ks = _check_config(config)
+    ks = check_evaluation_config(config)
     started = time.time()
     device = pick_device(config["device"])
     ev = Evaluation(config, device)
     rng = np.random.default_rng(config["seed"])
     train, test, generated, image_size, channels = _load_sets(config, device)
+    os.makedirs(os.path.dirname(os.path.abspath(config["output_json"])), exist_ok=True)
     num_classes = len(train.class_names)
     logger.log(f"real train {len(train)}, real held-out {len(test)}, generated "
                f"{len(generated) if generated is not None else 0}; {num_classes} classes, "

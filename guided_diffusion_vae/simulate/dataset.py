@@ -18,6 +18,7 @@ from typing import Sequence
 from .body import (Person, PersonVariation, RV_MAX, SWING_GROUPS, Walk, WalkVariation, _require, _round_floats, draw_walk, make_people)
 from .radar import Radar, peak_speeds
 from .spectrogram import SpectrogramSettings, encode_png, render_sample, sample_rng
+from ..progress import progress as progress_bar
 
 # --------------------------------------------------------------------------
 
@@ -149,13 +150,7 @@ def simulate_dataset(output_dir, num_users: int = 31, samples_per_user: int = 10
         digits = max(3, len(str(samples_per_user - 1)))
         job = _Job(tuple(people), radar, settings, walk_variation, duration_s, seed, str(tmp), digits)
         tasks = [(u, j) for u in range(num_users) for j in range(samples_per_user)]
-        bar = None
-        if progress:
-            try:
-                from tqdm import tqdm
-                bar = tqdm(total=len(tasks), unit="img", desc="spectrograms", file=sys.stderr)
-            except ImportError:  # pragma: no cover
-                bar = None
+        bar = progress_bar(total=len(tasks), unit="img", desc="spectrograms") if progress else None
         records = []
         if workers == 1:
             _init_worker(job)
