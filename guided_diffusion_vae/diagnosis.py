@@ -53,7 +53,7 @@ from .errors import UserError
 from .files import atomic_write_bytes
 from .image_datasets import ImageDataset, list_image_files
 from .labels import default_label_map, people
-from .sample_from_checkpoint import clipper_for, load_sampling_model, resolve_weights_file, sample_defaults
+from .sample_from_checkpoint import clip_mode_of, load_sampling_model, resolve_weights_file, sample_defaults
 from .sample_loop import CLIP_MODES, DenoisedClipper
 from .train_util import parse_ema_rates
 from .vae_wrapper import VAEInterface
@@ -502,11 +502,12 @@ def run_diagnosis(config):
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     channels = int(meta["model"].get("in_channels", 3))
     size = int(meta["model"]["image_size"])
-    clipper = clipper_for(config, meta)
+    clip_mode = clip_mode_of(config, meta)
+    DenoisedClipper(clip_mode, config["clip_range"], config["dynamic_threshold_percentile"])  # checks the flags
     num = int(config["num_samples"])
     traj = sampling_trajectory(
         model, diffusion_config, (num, channels, size, size), _sample_labels(meta, num),
-        steps=int(config["sampling_steps"]), clip_mode=clipper.mode, clip_range=clipper.clip_range,
+        steps=int(config["sampling_steps"]), clip_mode=clip_mode, clip_range=float(config["clip_range"]),
         percentile=float(config["dynamic_threshold_percentile"]), seed=config["seed"], device=device)
     results = {
         "sampling": judge_sampling(traj),

@@ -19,7 +19,7 @@ from .labels import normalize_label_map, null_class_index, people, with_null_cla
 from .resample import create_named_schedule_sampler
 from .image_datasets import image_batch_stream
 from .images import image_grid, save_png
-from .sample_loop import auto_clipper, generate_samples
+from .sample_loop import DenoisedClipper, generate_samples
 from .train_util import (
     TrainLoop,
     check_output_dir,
@@ -118,18 +118,17 @@ def preview_sampler(*, diffusion_config, data, num_samples, precision):
         labels = [i % len(persons) for i in range(num_samples)]
         selection = (f"--user_ids {','.join(persons[str(i)] for i in labels)} --num_images_per_user 1"
                      if num_samples <= len(persons) else "")
-    # The scripts' "--clip_denoised auto" reads the range that the checkpoint
-    # of this step stores: the same as the one passed here.
+    clip_mode = "none" if data.vae_meta else "pixel"  # the scripts' "auto"
     again = (f"--sampler ddim --timestep_respacing {respacing} --precision {precision} --seed 0 "
-             f"--clip_denoised auto {selection}") if selection else None
+             f"--clip_denoised {clip_mode} {selection}") if selection else None
 
-    def sample_fn(model, step, data_abs_max=None):
+    def sample_fn(model, step):
         if not dist_util.is_main():
             return
         images, _, _ = generate_samples(
             model=model, diffusion=preview_diffusion, sample_shape=data.sample_shape,
             num_samples=num_samples, batch_size=num_samples, labels=labels, sampler="ddim",
-            clipper=auto_clipper(bool(data.vae_meta), data_abs_max), decode_fn=data.decode_fn, seed=0, device=dist_util.dev(),
+            clipper=DenoisedClipper(clip_mode), decode_fn=data.decode_fn, seed=0, device=dist_util.dev(),
             precision=precision, progress=False,
         )
         grid = image_grid(images)
@@ -161,7 +160,7 @@ def run_training(config, build_data):
         loop, sample_fn = _prepare_training(config, build_data)
     path = loop.run_loop()
     if sample_fn is not None and loop.step % config["sample_interval"]:
-        sample_fn(loop.ema_model_for_sampling(), loop.step, data_abs_max=loop.data_abs_max())
+        sample_fn(loop.ema_model_for_sampling(), loop.step)
     logger.log(f"done: {path}")
     return path
 

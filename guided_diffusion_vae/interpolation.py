@@ -31,8 +31,8 @@ from .errors import UserError
 from .files import atomic_write_bytes
 from .images import image_grid, save_png, to_pil, to_uint8_images
 from .labels import class_name, default_label_map, people, resolve_user_ids
-from .sample_from_checkpoint import clipper_for, load_decoder, load_sampling_model
-from .sample_loop import sample_generator
+from .sample_from_checkpoint import clip_mode_of, load_decoder, load_sampling_model
+from .sample_loop import DenoisedClipper, sample_generator
 from .samplers import SAMPLERS, Denoiser, SamplingPlan
 
 DEFAULT_RESPACING = "ddim25"
@@ -230,7 +230,7 @@ def run_interpolation(config):
     index_a, index_b, label_map = choose_users(config, meta)
     respacing = effective_respacing(config["timestep_respacing"], diffusion_config["steps"])
     diffusion = script_util.create_gaussian_diffusion(**{**diffusion_config, "timestep_respacing": respacing})
-    clipper = clipper_for(config, meta)
+    clipper = DenoisedClipper(clip_mode_of(config, meta), config["clip_range"], config["dynamic_threshold_percentile"])
     decode_fn = load_decoder(meta, config, device)
     shape = (meta["model"].get("in_channels", 3), meta["model"]["image_size"], meta["model"]["image_size"])
     weights = interpolation_weights(int(config["steps"]))

@@ -37,7 +37,7 @@ from .guidance import (
 )
 from .labels import default_label_map, normalize_label_map, null_class_index, people, resolve_user_ids
 from .sample_io import save_samples
-from .sample_loop import DenoisedClipper, NonFiniteSamples, auto_clipper, generate_samples
+from .sample_loop import DenoisedClipper, NonFiniteSamples, generate_samples
 from .samplers import resolve_sampler, sampler_steps
 from .vae_wrapper import vae_from_description
 
@@ -190,24 +190,15 @@ def choose_labels(config, label_map):
     return rng.choice(np.array(classes, dtype=np.int64), size=int(config["num_samples"]))
 
 
-def clipper_for(config, meta):
-    """The :class:`DenoisedClipper` of ``--clip_denoised`` for a checkpoint:
-    ``auto`` is :func:`auto_clipper` with the checkpoint's ``data.abs_max``;
-    ``True``/``False`` are the original's spellings of ``pixel``/``none``."""
+def clip_mode_of(config, meta):
+    """``--clip_denoised`` as a clipping mode: ``auto`` is the original's
+    [-1, 1] clip for pixel models and none for latents; ``True``/``False``
+    are the original's spellings of ``pixel``/``none``."""
     mode = str(config["clip_denoised"]).strip()
     mode = CLIP_ALIASES.get(mode.lower(), mode)
-    if mode != "auto":
-        return DenoisedClipper(mode, config["clip_range"], config["dynamic_threshold_percentile"])
-    latent = bool(meta.get("vae"))
-    clipper = auto_clipper(latent, (meta.get("data") or {}).get("abs_max"))
-    if clipper.mode == "fixed":
-        logger.log(f"clipping predicted x_0 to +-{clipper.clip_range:.3g}, the training latents' range "
-                   "(--clip_denoised none to switch off)")
-    elif latent:
-        logger.warn("this checkpoint stores no range of its training latents (data.abs_max): predicted x_0 "
-                    "is not clipped, and samplers that start at t=T may give noise; "
-                    "--clip_denoised fixed --clip_range 4 clamps it")
-    return clipper
+    if mode == "auto":
+        mode = "none" if meta.get("vae") else "pixel"
+    return mode
 
 
 def _nonfinite_causes(config, path):
@@ -276,7 +267,8 @@ def run_sampling(config):
     else:
         labels = None
     num_samples = len(labels) if labels is not None else int(config["num_samples"])
-    clipper = clipper_for(config, meta)
+    clip_mode = clip_mode_of(config, meta)
+    clipper = DenoisedClipper(clip_mode, config["clip_range"], config["dynamic_threshold_percentile"])
     decode_fn = load_decoder(meta, config, device)
     channels = meta["model"].get("in_channels", 3)
     size = meta["model"]["image_size"]
@@ -317,9 +309,9 @@ def run_sampling(config):
         raise UserError(f"every sample held NaN or Inf: {_nonfinite_causes(config, path)}")
     images = np.concatenate([p[0] for p in kept])
     labels_out = np.concatenate([p[1] for p in kept]) if labels is not None else None
-    if clipper.mode != "none":
+    if clip_mode != "none":
         fraction = sum(p[2] * len(p[0]) for p in kept) / len(images)
-        logger.log(f"clip_denoised={clipper.mode}: {100 * fraction:.3f}% of predicted x0 values were clipped")
+        logger.log(f"clip_denoised={clip_mode}: {100 * fraction:.3f}% of predicted x0 values were clipped")
     paths = save_samples(config["output_dir"], images, labels_out, label_map if class_cond else None)
     logger.log(f"wrote {len(images)} samples to {config['output_dir']} (grid: {paths['grid']})")
     return paths

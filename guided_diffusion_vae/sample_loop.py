@@ -71,20 +71,6 @@ class DenoisedClipper:
         return float(self.clipped.item()) / self.seen
 
 
-def auto_clipper(latent, data_abs_max=None):
-    """The clipping of ``--clip_denoised auto``. Pixels: the original's
-    [-1, 1]. Latents: ``+-data_abs_max``, the largest |x_0| seen in training,
-    which no true x_0 exceeds. Unclamped, an eps model's x_0 estimate near
-    t=T is its error over sqrt(alpha_bar_T) (~5e-5 with the cosine schedule),
-    and a sampler that starts at t=T turns a 1% error into noise of std 6-30.
-    Without a stored range latents are not clamped."""
-    if not latent:
-        return DenoisedClipper("pixel")
-    if data_abs_max is not None and np.isfinite(float(data_abs_max)) and float(data_abs_max) > 0:
-        return DenoisedClipper("fixed", float(data_abs_max))
-    return DenoisedClipper("none")
-
-
 class NonFiniteSamples(UserError):
     """Samples became NaN or Inf; nothing was written for them."""
 

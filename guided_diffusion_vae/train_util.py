@@ -263,9 +263,6 @@ class TrainLoop:
             self.model.to(memory_format=torch.channels_last)
         self.params = list(self.model.parameters())
         self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rates]
-        # Largest |x_0| trained on (saved as data.abs_max): sampling clamps
-        # predicted x_0 for latents to it, as the original clamps pixels to [-1, 1].
-        self._abs_max = torch.zeros((), device=self.device)
         training_state = self._resume(resume_checkpoint) if resume_checkpoint else None
         dist_util.sync_params([*self.model.parameters(), *self.model.buffers()])
         for ema in self.ema_params:
@@ -315,9 +312,6 @@ class TrainLoop:
             checkpoint_config=(meta or {}).get("model"), model_config=self.metadata.get("model"),
         )
         self.step = meta["step"] if meta else ckpt.parse_step(path)
-        stored_max = ((meta or {}).get("data") or {}).get("abs_max")
-        if stored_max is not None:
-            self._abs_max = torch.tensor(float(stored_max), device=self.device)
         folder = os.path.dirname(path)
         logger.log(f"resuming from {path} at step {self.step}")
         for i, rate in enumerate(self.ema_rates):
@@ -400,7 +394,7 @@ class TrainLoop:
                 if self.save_interval and self.step % self.save_interval == 0:
                     last_saved = self.save()
                 if self.sample_interval and self.sample_fn and self.step % self.sample_interval == 0:
-                    self.sample_fn(self.ema_model_for_sampling(), self.step, data_abs_max=self.data_abs_max())
+                    self.sample_fn(self.ema_model_for_sampling(), self.step)
                 if self._should_stop():
                     logger.log(f"{self._stop.signal_name or 'stop signal'} received: saving at step {self.step} and exiting")
                     break
@@ -419,7 +413,6 @@ class TrainLoop:
         if self.batch_transform is not None:
             with torch.no_grad():
                 batch = self.batch_transform(batch)
-        self._abs_max = torch.maximum(self._abs_max, batch.detach().abs().amax().float())
         if self.class_dropout_prob > 0 and "y" in cond:
             # Classifier-free guidance learns the unconditional model as one more class.
             dropped = torch.rand(cond["y"].shape, device=cond["y"].device) < self.class_dropout_prob
@@ -564,17 +557,8 @@ class TrainLoop:
 
     # ------------------------------------------------------------- checkpoints
 
-    def data_abs_max(self):
-        """The largest |x_0| of the batches trained on so far, over all ranks
-        (a collective: every rank calls it)."""
-        value = self._abs_max.detach().clone()
-        if dist_util.world_size() > 1:
-            dist.all_reduce(value, op=dist.ReduceOp.MAX)
-        return float(value.item())
-
-    def _meta(self, weights, abs_max):
-        data = {**self.metadata.get("data", {}), "abs_max": abs_max}
-        return {**self.metadata, "data": data, "step": self.step, "weights": weights}
+    def _meta(self, weights):
+        return {**self.metadata, "step": self.step, "weights": weights}
 
     def ema_state_dict(self, index=0):
         names = [name for name, _ in self.model.named_parameters()]
@@ -602,12 +586,10 @@ class TrainLoop:
         returns the model checkpoint path."""
         folder = self.checkpoint_dir
         model_file = ckpt.model_path(folder, self.step)
-        abs_max = self.data_abs_max()
         if dist_util.is_main():
-            ckpt.save_weights(model_file, self.model_state_dict(), self._meta("model", abs_max))
+            ckpt.save_weights(model_file, self.model_state_dict(), self._meta("model"))
             for i, rate in enumerate(self.ema_rates):
-                ckpt.save_weights(ckpt.ema_path(folder, rate, self.step), self.ema_state_dict(i),
-                                  self._meta(f"ema_{rate}", abs_max))
+                ckpt.save_weights(ckpt.ema_path(folder, rate, self.step), self.ema_state_dict(i), self._meta(f"ema_{rate}"))
             # The training state goes last: a model file counts as resumable
             # only once its state file exists.
             ckpt.save_training_state(ckpt.state_path(folder, self.step), self._training_state())

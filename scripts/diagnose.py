@@ -37,8 +37,8 @@ HELPS = {
     "num_samples": "samples drawn for the sampling checks",
     "sampling_steps": "DDIM steps of the sampling checks",
     "num_images": "real images read from --data_dir",
-    "clip_denoised": "clipping applied while sampling as image_sample_vae.py would: auto (pixels: [-1, 1]; "
-                     "latents: the training range stored in the checkpoint), none, pixel, fixed, dynamic; every mode is counted anyway",
+    "clip_denoised": "clipping applied while sampling as image_sample_vae.py would: auto (none for latents, "
+                     "pixel for pixels), none, pixel, fixed, dynamic; every mode is counted anyway",
     "clip_range": "the fixed/dynamic clipping bound (unit-std latents)",
     "dynamic_threshold_percentile": "percentile of |x0| of dynamic clipping",
     "seed": "seed of the starting noise",

@@ -28,8 +28,7 @@ HELPS = {
     "timestep_respacing": "DDIM steps, as the sampling scripts take it (ddim25 becomes 25 when the "
                           "checkpoint's diffusion steps are no multiple of 25)",
     "batch_size": "frames denoised together (the two endpoints are always denoised alone)",
-    "clip_denoised": "clipping of each predicted x0: auto ([-1, 1] for pixel models, the "
-                     "training range stored in the checkpoint for latents), "
+    "clip_denoised": "clipping of each predicted x0: auto (pixel for pixel models, none for latents), "
                      "none, pixel, fixed, dynamic",
     "clip_range": "limit of the fixed and dynamic clipping",
     "dynamic_threshold_percentile": "percentile of |x0| used by dynamic clipping",

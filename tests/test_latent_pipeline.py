@@ -43,7 +43,6 @@ def test_whole_chain_with_mpiexec_and_sampling_from_the_checkpoint(chain, tmp_pa
     assert meta["model"]["in_channels"] == 4 and meta["model"]["image_size"] == 4  # 16 px / 4
     assert meta["model"]["num_classes"] == 3 and meta["data"]["image_size"] == 16
     assert meta["data"]["label_map"] == {"0": "user_01", "1": "user_02", "2": "user_03"}
-    assert 1.0 < meta["data"]["abs_max"] < 20.0  # unit-std latents: a few std at most
     stats = json.loads((chain / "vae" / "latent_stats.json").read_text())
     assert meta["vae"]["latent_scale"] == pytest.approx(stats["latent_scale"])
     assert meta["vae"]["path"] == str(chain / "vae")
@@ -54,7 +53,6 @@ def test_whole_chain_with_mpiexec_and_sampling_from_the_checkpoint(chain, tmp_pa
                 "--num_images_per_user", "2", "--output_dir", str(out_dir), "--use_ddim", "True",
                 "--timestep_respacing", "ddim10", "--seed", "42"], launch_env)
     assert "ema_0.9999_000003.safetensors" in log
-    assert f"clipping predicted x_0 to +-{meta['data']['abs_max']:.3g}, the training latents' range" in log
     for user in ("user_01", "user_03"):
         for k in range(2):
             image = Image.open(out_dir / user / f"generated_{k:03d}.png")

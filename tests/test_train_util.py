@@ -62,13 +62,6 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_mo
 
     for a, b in zip(straight.model.parameters(), second.model.parameters()):
         assert torch.equal(a, b)
-    # The data range (sampling clamps latents to it) spans both halves of the run.
-    first_half = ckpt.read_metadata(path)["data"]["abs_max"]
-    whole = torch.randn(24, 4, 8, 8, generator=torch.Generator().manual_seed(123)).abs().max().item()
-    assert first_half == pytest.approx(whole)  # the largest value came in the first half ...
-    last = ckpt.model_path(str(tmp_path / "b"), 6)
-    assert ckpt.read_metadata(last)["data"]["abs_max"] == pytest.approx(whole)  # ... and survived the resume
-    assert ckpt.read_metadata(ckpt.model_path(str(tmp_path / "a"), 6))["data"]["abs_max"] == pytest.approx(whole)
     for ema_a, ema_b in zip(straight.ema_params, second.ema_params):
         for a, b in zip(ema_a, ema_b):
             assert torch.equal(a, b)
