@@ -228,6 +228,21 @@ def check_sampling_config(config):
         check_writable_target(config["output_dir"], "output_dir")
 
 
+def _warn_if_the_first_step_is_blind(meta, diffusion):
+    """An epsilon model's first x_0 estimate is its error divided by
+    sqrt(alpha_bar) of the first step: ~5e-5 at the cosine schedule's last
+    step, which the original's ``--timestep_respacing N`` and the diffusers
+    samplers start from. Pixels survive it by the [-1, 1] clip; latents did
+    not (docs/QUALITY.md)."""
+    if not meta.get("vae") or meta["diffusion"].get("predict_xstart"):
+        return
+    root = float(diffusion.alphas_cumprod[-1]) ** 0.5
+    if root < 1e-3:
+        logger.warn(f"the first sampling step has sqrt(alpha_bar) = {root:.1e}: this epsilon model's first x_0 "
+                    f"estimate is its error times {1 / root:.0f}, and latent samples have come out as noise from "
+                    "such a start; prefer --sampler ddim (or ddpm) with --timestep_respacing ddimN (docs/QUALITY.md)")
+
+
 def run_sampling(config):
     """Draw samples as configured and write them (rank 0); returns the paths
     written (None on other ranks)."""
@@ -247,6 +262,7 @@ def run_sampling(config):
         steps = sampler_steps(sampler, config["timestep_respacing"], diffusion_config["steps"])
         diffusion_config["timestep_respacing"] = ""
     diffusion = script_util.create_gaussian_diffusion(**diffusion_config)
+    _warn_if_the_first_step_is_blind(meta, diffusion)
     label_map = (meta.get("data") or {}).get("label_map")
     class_cond = bool(meta["model"].get("class_cond"))
     if class_cond and not label_map:

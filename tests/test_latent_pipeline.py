@@ -53,6 +53,7 @@ def test_whole_chain_with_mpiexec_and_sampling_from_the_checkpoint(chain, tmp_pa
                 "--num_images_per_user", "2", "--output_dir", str(out_dir), "--use_ddim", "True",
                 "--timestep_respacing", "ddim10", "--seed", "42"], launch_env)
     assert "ema_0.9999_000003.safetensors" in log
+    assert "sqrt(alpha_bar)" not in log  # ddimN starts one stride below t=T
     for user in ("user_01", "user_03"):
         for k in range(2):
             image = Image.open(out_dir / user / f"generated_{k:03d}.png")
@@ -69,6 +70,12 @@ def test_whole_chain_with_mpiexec_and_sampling_from_the_checkpoint(chain, tmp_pa
     a = np.asarray(Image.open(out_dir / "user_03" / "generated_001.png"), dtype=int)
     b = np.asarray(Image.open(again / "user_03" / "generated_001.png"), dtype=int)
     assert np.abs(a - b).max() <= 1
+
+    # An epsilon model (cosine schedule) started at t=T: the user is warned.
+    log = run_script([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run), "--user_ids", "1",
+                      "--num_images_per_user", "1", "--output_dir", str(tmp_path / "from_T"), "--use_ddim", "True",
+                      "--timestep_respacing", "10"], launch_env)
+    assert "the first sampling step has sqrt(alpha_bar) = " in log and "ddimN" in log
 
     # Bad input: unknown user id lists valid ones; a moved VAE names the path and the flag.
     result = subprocess.run([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run),

@@ -89,6 +89,32 @@ def test_intact_vae_loads_the_stored_weights(tiny_vae):
     assert all(torch.equal(own[k], stored[k]) for k in stored)
 
 
+def test_nothing_reaches_the_network_when_loading_a_vae_or_a_model(tiny_vae, tmp_path, monkeypatch):
+    """No hub at run time: a local VAE and checkpoint load with every socket
+    refused, and a hub id is a one-line error, not a download."""
+    import socket
+
+    from guided_diffusion_vae.vae_wrapper import load_vae
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled by the test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    vae = load_vae(tiny_vae, device="cpu", latent_scale=1.0)
+    assert vae.encode_batch(torch.zeros(1, 1, 16, 16)).shape[1] == 4
+    path, _ = _checkpoint(tmp_path / "model000000.safetensors")
+    model, _, _ = _load(path)
+    with pytest.raises(UserError) as err:
+        load_vae("stabilityai/sd-vae-ft-mse", device="cpu")
+    assert "stabilityai/sd-vae-ft-mse" in _one_line(err) and "not a directory" in str(err.value)
+    assert attempts == []
+
+
 # --------------------------------------------------------------------------- #
 # 2. bad numbers are refused before any work
 # --------------------------------------------------------------------------- #
