@@ -34,7 +34,7 @@ def progress(iterable=None, *, total=None, desc="", unit="it", leave=True, disab
         return tqdm(iterable, total=total, disable=True)
     if _watched(sys.stderr):
         return tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, initial=initial, dynamic_ncols=True)
-    return PlainProgress(iterable, total=total, desc=desc, unit=unit, initial=initial)
+    return PlainProgress(iterable, total=total, desc=desc, unit=unit, initial=initial, interval_s=PLAIN_INTERVAL_S)
 
 
 def _duration(seconds):

@@ -492,7 +492,9 @@ def _training_data(config, rank, world, device):
     train_paths, heldout_paths = split_holdout(paths, config["data_dir"], config["holdout_fraction"])
     logger.log(
         f"VAE training: {len(train_paths)} training / {len(heldout_paths)} held-out images from "
-        f"{config['data_dir']}, {channels} channel(s), {config['image_size']}px; architecture {arch}"
+        f"{config['data_dir']}, {channels} channel(s), {config['image_size']}px; AutoencoderKL with blocks "
+        f"{','.join(str(c) for c in arch['block_out_channels'])}, {arch['layers_per_block']} layer(s) per block, "
+        f"{arch['latent_channels']} latent channels"
     )
     local_paths = train_paths[rank::world]
     images = load_images(local_paths, config["image_size"], channels, config["num_workers"],

@@ -56,7 +56,7 @@ def _crash_repeatedly(cmd, log_dir, seed):
         kills += 1
         reached = max([int(m) for m in re.findall(r"^step (\d+)", line + rest, flags=re.M)], default=0)
         newest = ckpt.latest_model_checkpoint(str(log_dir))
-        if reached:
+        if reached > SAVE_INTERVAL:
             # "step N" is logged before step N is saved: step N - 1 is on disk.
             assert newest is not None and ckpt.parse_step(newest) >= reached - SAVE_INTERVAL, (reached, newest)
         if newest is not None:
