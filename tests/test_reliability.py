@@ -551,7 +551,7 @@ def bad_inputs(tmp_path_factory):
     from safetensors.torch import load_file, save_file
 
     root = tmp_path_factory.mktemp("bad_inputs")
-    images = make_image_folder(root / "images", classes=("user_01", "user_02"), per_class=4, size=16, channels=1)
+    make_image_folder(root / "images", classes=("user_01", "user_02"), per_class=4, size=16, channels=1)
     vae = make_tiny_vae(root / "vae", in_channels=1)
     missing = _copy_vae(vae, root / "vae_missing_tensor")
     weights = os.path.join(missing, "diffusion_pytorch_model.safetensors")
