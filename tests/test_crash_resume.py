@@ -79,43 +79,38 @@ def pixel_folder(tmp_path_factory):
     return root
 
 
+def _drill(base, tmp_path, seed):
+    """Run ``base`` once whole and once crashed ``KILLS`` times; the final
+    model and EMA weights must be equal."""
+    _run_to_end([*base, "--log_dir", str(tmp_path / "whole")])
+    kills = _crash_repeatedly([*base, "--log_dir", str(tmp_path / "crashed")], tmp_path / "crashed", seed=seed)
+    assert kills == KILLS
+    for name in (f"model{STEPS:06d}.safetensors", f"ema_0.9999_{STEPS:06d}.safetensors"):
+        assert _same_weights(str(tmp_path / "whole" / name), str(tmp_path / "crashed" / name)), name
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    return build_latent_chain(tmp_path_factory.mktemp("chain"), size=16, per_class=4, classes=("user_01", "user_02"))
+
+
 def test_twenty_sigkills_from_an_image_folder_end_bit_identical(pixel_folder, tmp_path):
-    base = [sys.executable, f"{SCRIPTS}/image_train.py", "--data_dir", str(pixel_folder), "--image_size", "8",
-            "--num_workers", "1", *NET]
-    _run_to_end([*base, "--log_dir", str(tmp_path / "whole")])
-    kills = _crash_repeatedly([*base, "--log_dir", str(tmp_path / "crashed")], tmp_path / "crashed", seed=1)
-    assert kills == KILLS
-    last = f"model{STEPS:06d}.safetensors"
-    assert _same_weights(str(tmp_path / "whole" / last), str(tmp_path / "crashed" / last))
-    assert _same_weights(str(tmp_path / "whole" / f"ema_0.9999_{STEPS:06d}.safetensors"),
-                         str(tmp_path / "crashed" / f"ema_0.9999_{STEPS:06d}.safetensors"))
+    _drill([sys.executable, f"{SCRIPTS}/image_train.py", "--data_dir", str(pixel_folder), "--image_size", "8",
+            "--num_workers", "1", *NET], tmp_path, seed=1)
 
 
-def test_twenty_sigkills_from_a_latent_cache_end_bit_identical(tmp_path):
-    chain = build_latent_chain(tmp_path / "chain", size=16, per_class=4, classes=("user_01", "user_02"))
-    base = [sys.executable, f"{SCRIPTS}/image_train_vae.py", "--latent_cache", str(chain / "cache"),
-            "--image_size", "16", "--sample_interval", "0", *NET]
-    _run_to_end([*base, "--log_dir", str(tmp_path / "whole")])
-    kills = _crash_repeatedly([*base, "--log_dir", str(tmp_path / "crashed")], tmp_path / "crashed", seed=2)
-    assert kills == KILLS
-    last = f"model{STEPS:06d}.safetensors"
-    assert _same_weights(str(tmp_path / "whole" / last), str(tmp_path / "crashed" / last))
+def test_twenty_sigkills_from_a_latent_cache_end_bit_identical(chain, tmp_path):
+    _drill([sys.executable, f"{SCRIPTS}/image_train_vae.py", "--latent_cache", str(chain / "cache"),
+            "--image_size", "16", "--sample_interval", "0", *NET], tmp_path, seed=2)
 
 
-def test_twenty_sigkills_of_a_run_encoding_images_on_the_fly_end_bit_identical(tmp_path):
-    chain = build_latent_chain(tmp_path / "chain", size=16, per_class=4, classes=("user_01", "user_02"))
-    base = [sys.executable, f"{SCRIPTS}/image_train_vae.py", "--data_dir", str(chain / "images"),
+def test_twenty_sigkills_of_a_run_encoding_images_on_the_fly_end_bit_identical(chain, tmp_path):
+    _drill([sys.executable, f"{SCRIPTS}/image_train_vae.py", "--data_dir", str(chain / "images"),
             "--vae_path", str(chain / "vae"), "--latent_scale", "stored", "--image_size", "16", "--num_workers", "0",
-            "--sample_interval", "0", *NET]
-    _run_to_end([*base, "--log_dir", str(tmp_path / "whole")])
-    kills = _crash_repeatedly([*base, "--log_dir", str(tmp_path / "crashed")], tmp_path / "crashed", seed=3)
-    assert kills == KILLS
-    last = f"model{STEPS:06d}.safetensors"
-    assert _same_weights(str(tmp_path / "whole" / last), str(tmp_path / "crashed" / last))
+            "--sample_interval", "0", *NET], tmp_path, seed=3)
 
 
-def test_a_latent_cache_build_killed_while_encoding_ends_bit_identical(tmp_path):
-    chain = build_latent_chain(tmp_path / "chain", size=16, per_class=4, classes=("user_01", "user_02"))
+def test_a_latent_cache_build_killed_while_encoding_ends_bit_identical(chain, tmp_path):
     images = tmp_path / "many"
     make_image_folder(images, classes=("user_01", "user_02"), per_class=240, size=16, channels=1)
     base = [sys.executable, f"{SCRIPTS}/encode_latents.py", "--data_dir", str(images), "--vae_path",
