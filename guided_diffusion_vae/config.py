@@ -140,6 +140,10 @@ def parse_with_config(defaults, argv=None, description=None, helps=None):
     for key, default in merged.items():
         if isinstance(defaults[key], list):
             parser.add_argument(f"--{key}", default=default, nargs="*", type=str, help=_help(helps, key))
+        elif isinstance(defaults[key], bool):
+            # "--quick" alone means True; "--quick False" still works (the original's form).
+            parser.add_argument(f"--{key}", default=default, type=str2bool, nargs="?", const=True,
+                                help=_help(helps, key))
         else:
             parser.add_argument(f"--{key}", default=default, type=_parser_type(defaults[key]), help=_help(helps, key))
     args, unknown = parser.parse_known_args(argv)

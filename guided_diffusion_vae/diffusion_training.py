@@ -232,6 +232,7 @@ def _prepare_training(config, build_data):
         sample_interval=config["sample_interval"],
         sample_fn=sample_fn,
         compile=config["compile"],
+        cuda_graph=config["cuda_graph"],
         seed=config["seed"],
     )
     return loop, sample_fn

@@ -29,7 +29,8 @@ from .errors import UserError, check_number
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import LossAwareSampler, UniformSampler
-from .training_parts import StopRequests, autocast, wrap_for_processes
+from .cuda_graphs import graphs_usable
+from .training_parts import StopRequests, autocast, compile_module, wrap_for_processes
 
 
 def training_defaults():
@@ -58,6 +59,7 @@ def training_defaults():
         "sample_interval": 0,
         "num_preview_samples": 16,
         "compile": False,
+        "cuda_graph": True,
         "num_workers": 2,
         "random_flip": True,
         "tensorboard": True,
@@ -174,11 +176,15 @@ class DeviceMeans:
             self.add(f"{name}_q{q}", sums[q], counts[q])
 
     def pop(self):
+        """The means since the last ``pop``; the sums are zeroed in place
+        (a captured training step keeps adding into the same tensors)."""
         if not self._sums:
             return {}
         names = sorted(self._sums)
         rows = torch.stack([torch.stack([self._sums[k], self._counts[k]]) for k in names]).tolist()
-        self._sums, self._counts = {}, {}
+        for k in names:
+            self._sums[k].zero_()
+            self._counts[k].zero_()
         return {k: s / c for k, (s, c) in zip(names, rows) if c > 0}
 
 
@@ -224,6 +230,7 @@ class TrainLoop:
         sample_interval=0,
         sample_fn=None,
         compile=False,
+        cuda_graph=False,
         seed=0,
     ):
         check_training_numbers(dict(
@@ -259,8 +266,6 @@ class TrainLoop:
         self._images_seen_at_log = (0, time.time())
 
         self.model.to(self.device)
-        if self.device.type == "cuda":
-            self.model.to(memory_format=torch.channels_last)
         self.params = list(self.model.parameters())
         self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rates]
         training_state = self._resume(resume_checkpoint) if resume_checkpoint else None
@@ -273,9 +278,12 @@ class TrainLoop:
             MixedPrecisionTrainer(model=self.model, use_fp16=True, fp16_scale_growth=fp16_scale_growth)
             if use_fp16 else None
         )
+        self._graph_mode = cuda_graph and self._graphs_possible()
+        self._lr_tensor = torch.tensor(float(lr), device=self.device) if self._graph_mode else None
+        self._step_tensor = torch.zeros((), device=self.device)
         self.opt = torch.optim.AdamW(
             self.mp_trainer.master_params if use_fp16 else self.params,
-            lr=lr,
+            lr=self._lr_tensor if self._graph_mode else lr,
             weight_decay=weight_decay,
             **self._fused_kwargs(),
         )
@@ -284,16 +292,36 @@ class TrainLoop:
         self._nonfinite_run = torch.zeros((), device=self.device)
         if training_state is not None:
             self._load_training_state(training_state)
+        if self._graph_mode:
+            # Loading a state puts its float lr back; the graph reads this tensor.
+            for group in self.opt.param_groups:
+                group["lr"] = self._lr_tensor
+        self._graph = None  # (graph, static batch, static cond) once captured
+        self._graph_warmup_left = 2
+        self._graph_mismatch_logged = False
 
         self.ddp_model = wrap_for_processes(self.model, self.device, gradient_as_bucket_view=True)
-        self.compiled_model = torch.compile(self.ddp_model) if compile else self.ddp_model
+        self.compiled_model = compile_module(self.ddp_model) if compile else self.ddp_model
 
     def _fused_kwargs(self):
         # The fused kernel skips the update on the device when ``found_inf``
         # is set, which is how non-finite steps are dropped without a sync.
         if self.use_fp16:
             return {}
-        return {"fused": True}
+        return {"fused": True, "capturable": True} if self._graph_mode else {"fused": True}
+
+    def _graphs_possible(self):
+        """Whether the whole step can be one CUDA graph, logging why not."""
+        if not graphs_usable(self.device):
+            return False
+        reasons = [why for why, bad in (
+            ("several processes", dist_util.world_size() > 1),
+            ("the original fp16 scheme", self.use_fp16),
+            ("a loss-aware schedule sampler", self._loss_aware),
+        ) if bad]
+        if reasons:
+            logger.log(f"cuda_graph: the step runs eagerly ({', '.join(reasons)} read values on the host)")
+        return not reasons
 
     # ------------------------------------------------------------------ resume
 
@@ -404,8 +432,68 @@ class TrainLoop:
         return last_saved
 
     def run_step(self, batch, cond):
+        """One optimizer step on ``batch``: eager, or on CUDA (``cuda_graph``)
+        two eager warm-up steps and then one captured graph replayed per batch."""
+        batch, cond = self._move(batch, cond)
+        self._set_step_scalars()
+        if not self._graph_mode:
+            self._device_step(batch, cond)
+        elif self._graph_warmup_left > 0:
+            # Real steps, one per batch, on a side stream as capture requires.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._device_step(batch, cond)
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph_warmup_left -= 1
+        else:
+            if self._graph is None:
+                self._capture_step(batch, cond)
+            graph, static_batch, static_cond = self._graph
+            if not self._fits(batch, cond, static_batch, static_cond):
+                if not self._graph_mismatch_logged:
+                    logger.log(f"cuda_graph: a batch of shape {tuple(batch.shape)} differs from the captured "
+                               f"{tuple(static_batch.shape)}; such batches run eagerly")
+                    self._graph_mismatch_logged = True
+                self._device_step(batch, cond)
+                return
+            static_batch.copy_(batch)
+            for name, value in cond.items():
+                static_cond[name].copy_(value)
+            graph.replay()
+
+    @staticmethod
+    def _fits(batch, cond, static_batch, static_cond):
+        same = lambda a, b: a.shape == b.shape and a.dtype == b.dtype  # noqa: E731
+        return same(batch, static_batch) and cond.keys() == static_cond.keys() and all(
+            same(v, static_cond[k]) for k, v in cond.items())
+
+    def _capture_step(self, batch, cond):
+        static_batch = batch.clone(memory_format=torch.preserve_format)
+        static_cond = {k: v.clone() for k, v in cond.items()}
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._device_step(static_batch, static_cond)
+        self._graph = (graph, static_batch, static_cond)
+
+    def _device_step(self, batch, cond):
+        """Gradients, clipping, optimizer and EMA for one batch already on the
+        device, without host reads (so it can be captured)."""
         self._accumulate_gradients(batch, cond)
         self.optimize()
+
+    def _set_step_scalars(self):
+        """This step's learning rate (annealed) and step count, set outside
+        any captured graph: the graph reads them from device tensors."""
+        frac_done = self.step / self.lr_anneal_steps if self.lr_anneal_steps else 0.0
+        self._lr_now = self.lr * (1.0 - frac_done)
+        if self._graph_mode:
+            self._lr_tensor.fill_(self._lr_now)
+            self._step_tensor.fill_(float(self.step))
+        else:
+            for group in self.opt.param_groups:
+                group["lr"] = self._lr_now
 
     def _move(self, batch, cond):
         batch = batch.to(self.device, non_blocking=True)
@@ -417,15 +505,9 @@ class TrainLoop:
             # Classifier-free guidance learns the unconditional model as one more class.
             dropped = torch.rand(cond["y"].shape, device=cond["y"].device) < self.class_dropout_prob
             cond = {**cond, "y": torch.where(dropped, torch.full_like(cond["y"], self.null_label), cond["y"])}
-        if self.device.type == "cuda" and batch.dim() == 4:
-            batch = batch.contiguous(memory_format=torch.channels_last)
         return batch, cond
 
-    def _autocast(self):
-        return autocast(self.precision, self.device)
-
     def _accumulate_gradients(self, batch, cond):
-        batch, cond = self._move(batch, cond)
         if self.mp_trainer is not None:
             self.mp_trainer.zero_grad()
         else:
@@ -439,7 +521,7 @@ class TrainLoop:
             no_sync = getattr(self.ddp_model, "no_sync", None)
             sync_ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
             with sync_ctx:
-                with self._autocast():
+                with autocast(self.precision, self.device, cache=not self._graph_mode):
                     losses = self.diffusion.training_losses(self.compiled_model, micro, t, model_kwargs=micro_cond)
                 if self._loss_aware:
                     self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
@@ -461,11 +543,6 @@ class TrainLoop:
             self.metrics.add_by_quarter(name, values, t, self.diffusion.num_timesteps)
 
     def optimize(self):
-        frac_done = self.step / self.lr_anneal_steps if self.lr_anneal_steps else 0.0
-        lr = self.lr * (1.0 - frac_done)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self._lr_now = lr
         if self.mp_trainer is not None:
             # The original fp16 scheme checks gradients on the host by design.
             stepped = self.mp_trainer.optimize(self.opt)
@@ -483,18 +560,25 @@ class TrainLoop:
         self._update_ema(skipped=bad)
         self.metrics.add("grad_norm", torch.where(bad, torch.zeros_like(grad_norm), grad_norm), count=(~bad).float())
         self.metrics.add("skipped_step", bad.float())
-        self._nonfinite_run = (self._nonfinite_run + 1) * bad.float()
+        self._nonfinite_run.add_(1).mul_(bad.float())  # in place: a captured graph keeps this tensor
 
     def _update_ema(self, skipped=None):
         """Move every EMA towards the weights; ``skipped`` (a 0-dim bool on
         the device) freezes them for a skipped step without a host branch."""
         source = [p.detach().float() for p in self.params] if self.mp_trainer is not None else self.params
         for rate, ema in zip(self.ema_rates, self.ema_params):
-            decay = ema_decay(rate, self.step, self.ema_warmup)
             if skipped is None:
-                update_ema(ema, source, rate=decay)
+                update_ema(ema, source, rate=ema_decay(rate, self.step, self.ema_warmup))
                 continue
-            weight = (1.0 - decay) * (~skipped).float()
+            if self._graph_mode:
+                # 1 - decay from the device step count; 9 / (10 + n) is
+                # 1 - (1 + n) / (10 + n), the warm-up rule, without cancellation.
+                one_minus = 1.0 - rate
+                if self.ema_warmup:
+                    one_minus = torch.clamp(9.0 / (10.0 + self._step_tensor), min=one_minus)
+                weight = one_minus * (~skipped).float()
+            else:
+                weight = (1.0 - ema_decay(rate, self.step, self.ema_warmup)) * (~skipped).float()
             with torch.no_grad():
                 step = torch._foreach_sub([p.detach() for p in source], ema)
                 torch._foreach_mul_(step, weight)

@@ -37,10 +37,23 @@ def wrap_for_processes(module, device, **ddp_options):
                                    **ddp_options)
 
 
-def autocast(precision, device):
-    """The context a forward pass runs in: bf16 autocast, or nothing for fp32."""
+def compile_module(module):
+    """``torch.compile(module)`` with Inductor's cache in a folder that outlives
+    ``/tmp`` (``~/.cache/guided_diffusion_vae/inductor`` unless
+    ``TORCHINDUCTOR_CACHE_DIR`` is set): a cold compile of the benchmark UNet
+    took 105 s on an H100, a cached one 7 s (docs/BENCHMARKS.md)."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+            os.path.expanduser("~"), ".cache", "guided_diffusion_vae", "inductor")
+    return torch.compile(module)
+
+
+def autocast(precision, device, cache=True):
+    """The context a forward pass runs in: bf16 autocast, or nothing for fp32.
+    ``cache=False`` for code captured in a CUDA graph (a cached weight cast
+    would outlive the capture)."""
     if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 

@@ -1,16 +1,45 @@
-"""The benchmark script runs the real training step and reports figures."""
+"""scripts/benchmark.py: the CPU smoke run the issue asks for (it asserts
+nothing about speed), and fast mode training like reference mode."""
 
 import json
+import os
+import runpy
 
-from guided_diffusion_vae.benchmark import benchmark_defaults, run_benchmark
+import pytest
+
+from guided_diffusion_vae.benchmark import benchmark_defaults, loss_curves, model_flags, run_benchmark
+from guided_diffusion_vae.errors import UserError
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "benchmark.py")
 
 
-def test_benchmark_reports_throughput(tmp_path):
-    config = {**benchmark_defaults(), "image_size": 16, "num_channels": 32, "channel_mult": "1,2",
-              "attention_resolutions": "2", "num_head_channels": 16, "batch_size": 2, "class_cond": True,
-              "warmup_steps": 1, "timed_steps": 2, "variants": "fp32", "output_json": str(tmp_path / "b.json"),
-              "num_classes_data": 3}
-    results = run_benchmark(config)
-    assert results[0]["variant"] == "fp32" and results[0]["images_per_sec"] > 0
-    saved = json.loads((tmp_path / "b.json").read_text())
-    assert saved["info"]["device"] == "cpu" and saved["results"][0]["ms_per_step"] > 0
+def test_quick_cpu_run_reports_every_figure(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    runpy.run_path(SCRIPT, run_name="benchmark")["main"](["--device", "cpu", "--quick", "--samplers", "ddim,dpmpp_2m", "--output_json", str(out)])
+    report = json.loads(out.read_text())
+    assert report["info"]["device"] == "cpu" and report["info"]["torch"]
+    rows = [r for r in report["results"] if "train" in r]
+    assert [r["mode"] for r in rows] == ["reference", "fast"]
+    for row in rows:
+        assert row["train"]["images_per_s"]["median"] > 0 and len(row["train"]["images_per_s"]["runs"]) == 2
+        assert row["train_gflops_per_image"] > row["call_gflops_per_image"] > 0  # backward costs more
+        assert set(row["sampling"]) == {"ddim", "dpmpp_2m"}
+        assert row["sampling"]["ddim"]["model_calls_per_sample"] == 2  # --quick: 2 steps
+    vae = [r for r in report["results"] if "vae" in r]
+    assert vae and vae[0]["encode"]["median"] > 0 and vae[0]["decode"]["median"] > 0
+    table = capsys.readouterr().out
+    assert "| latent16 | reference |" in table and "| tiny |" in table
+
+
+def test_fast_mode_follows_the_reference_loss_curve():
+    flags, _ = model_flags("latent16", quick=True)
+    curves = loss_curves(flags, 8, ["reference", "fast"], __import__("torch").device("cpu"), 30)
+    reference, fast = curves["reference"], curves["fast"]
+    assert reference[-1] < reference[0]  # it learns
+    for r, f in zip(reference, fast):
+        assert abs(f - r) <= 0.05 * r, curves
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(UserError, match="modes: unknown mode 'turbo'"):
+        run_benchmark({**benchmark_defaults(), "modes": "reference,turbo", "device": "cpu"})

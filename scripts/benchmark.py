@@ -1,0 +1,19 @@
+"""Training and sampling throughput, memory and FLOP utilisation of the
+benchmark models (docs/BENCHMARKS.md).
+
+    python scripts/benchmark.py --models latent16,latent32,pixel64 --modes reference,fast \\
+        --samplers ddim,dpmpp_2m,unipc --repeat 5 --output_json bench.json
+    python scripts/benchmark.py --device cpu --quick      # smoke run: checks it works, not speed
+"""
+
+from guided_diffusion_vae.benchmark import FLAG_HELP, benchmark_defaults, run_benchmark
+from guided_diffusion_vae.config import parse_with_config
+from guided_diffusion_vae.errors import run_main
+
+
+def main(argv=None):
+    run_benchmark(parse_with_config(benchmark_defaults(), argv, description=__doc__, helps=FLAG_HELP))
+
+
+if __name__ == "__main__":
+    run_main(main)
