@@ -233,6 +233,7 @@ def _prepare_training(config, build_data):
         sample_fn=sample_fn,
         compile=config["compile"],
         seed=config["seed"],
+        keep_checkpoints=config["keep_checkpoints"],
     )
     return loop, sample_fn
 
