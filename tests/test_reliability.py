@@ -575,6 +575,13 @@ def bad_inputs(tmp_path_factory):
     (root / "tagged.yaml").write_text("lr: !!python/object/apply:os.system ['touch PWNED']\n")
     (root / "misspelt.yaml").write_text("learning_rate: 1.0e-4\n")
     (root / "a_file").write_text("not a folder")
+    # A quickstart run folder whose data stage was made with the tiny preset.
+    from guided_diffusion_vae.quickstart import LAYOUT, PRESETS, stage_settings
+
+    tiny = stage_settings({"preset": "tiny", "seed": 0}, PRESETS["tiny"])
+    (root / "quickstart_run").mkdir()
+    (root / "quickstart_run" / "stages.json").write_text(json.dumps(
+        {"layout": LAYOUT, "data": {"seconds": 1.0, "settings": tiny["data"]}}))
     return root
 
 
@@ -589,6 +596,7 @@ BAD_INPUTS = [
     (TRAIN, ["--data_dir", "{root}/images", "--lr", "nan", "--log_dir", "{out}"], "lr"),
     (TRAIN, ["--data_dir", "{root}/images", "--lr_anneal_steps", "-5", "--log_dir", "{out}"], "lr_anneal_steps"),
     (TRAIN, ["--data_dir", "{root}/images", "--ema_rate", "1.5", "--log_dir", "{out}"], "ema_rate"),
+    (TRAIN, ["--data_dir", "{root}/images", "--keep_checkpoints", "-1", "--log_dir", "{out}"], "keep_checkpoints"),
     (TRAIN, ["--data_dir", "{root}/no_such_folder", "--log_dir", "{out}"], "no_such_folder"),
     (TRAIN, ["--data_dir", "{root}/images", "--log_dir", "{root}/a_file"], "a_file"),
     (TRAIN, ["--data_dir", "{root}/images", "--lr_anneal_step", "5", "--log_dir", "{out}"], "--lr_anneal_step"),
@@ -639,6 +647,8 @@ BAD_INPUTS = [
     ("evaluate.py", ["--real_train", "{root}/images", "--real_test", "{root}/images", "--generated",
                      "{root}/no_such_samples", "--output_json", "{out}/m.json"], "no_such_samples"),
     ("quickstart.py", ["--preset", "huge", "--run_dir", "{out}"], "huge"),
+    ("quickstart.py", ["--preset", "gpu", "--run_dir", "{root}/quickstart_run"],
+     "stage 'data': setting 'preset' was tiny, now gpu"),
     ("interpolate.py", ["--model_path", "{root}/no_such_run", "--output_dir", "{out}"], "no_such_run"),
     ("diagnose.py", ["--model_path", "{root}/no_such_run", "--output_json", "{out}/d.json"], "no_such_run"),
 ]
