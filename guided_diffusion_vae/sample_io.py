@@ -1,5 +1,6 @@
 """Writing samples where people look at them: one PNG per sample in a folder
-per class, a grid, and the original's ``.npz`` of uint8 NHWC images."""
+per class, a grid, and the original's ``.npz`` of uint8 NHWC images; for
+models of spectrogram arrays optionally one float32 ``.npy`` per sample in dB."""
 
 import json
 import os
@@ -11,15 +12,16 @@ from .images import image_grid, save_png
 from .labels import class_name, folder_names
 
 
-def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=None):
+def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=None, db_values=None):
     """Write every sample and a grid; returns the paths written.
 
     ``labels`` (one class index per image) sorts samples into one folder per
     class, named from ``label_map`` (``{"0": "user_01", ...}``); without labels
-    they go to ``output_dir/samples``.
+    they go to ``output_dir/samples``. ``db_values`` (float32 ``(N, H, W)``,
+    e.g. dB) are written beside each PNG as ``generated_NNN.npy``.
     """
     os.makedirs(output_dir, exist_ok=True)
-    counters, paths = {}, {"images": []}
+    counters, paths = {}, {"images": [], "arrays": []}
     folder_of = folder_names(labels, label_map) if labels is not None else {}
     for i, image in enumerate(images):
         folder = folder_of[int(labels[i])] if labels is not None else "samples"
@@ -29,6 +31,8 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_png(path, image)
         paths["images"].append(path)
+        if db_values is not None:
+            paths["arrays"].append(_save_npy(path[: -len(".png")] + ".npy", db_values[i]))
     order = np.argsort(labels, kind="stable") if labels is not None else np.arange(len(images))
     if labels is not None and grid_columns is None:
         grid_columns = max(counters.values())
@@ -50,3 +54,11 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
         paths["classes"] = os.path.join(output_dir, "classes.json")
         atomic_write_bytes(paths["classes"], json.dumps(folders, indent=1, sort_keys=True).encode())
     return paths
+
+
+def _save_npy(path, array):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, np.asarray(array, dtype=np.float32))
+
+    return atomic_write(path, write)

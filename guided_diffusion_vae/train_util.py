@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import dist_util, logger
+from .array_datasets import data_folder_defaults
 from .ema import ema_decay
 from .errors import UserError, check_number
 from .fp16_util import MixedPrecisionTrainer
@@ -64,6 +65,8 @@ def training_defaults():
         # classifier-free guidance: share of labels replaced by the null class
         "class_dropout_prob": 0.0,
         "keep_checkpoints": 3,
+        # data_dir: how labels are read, how .npy/.npz values map to [-1, 1]
+        **data_folder_defaults(),
     }
 
 
