@@ -189,21 +189,30 @@ def _square(values, size):
     return np.clip(arr[top:top + size, left:left + size], -1.0, 1.0)
 
 
+def measure_range(files):
+    """``(min, max)`` over every value of every spectrogram of ``files``
+    (which are checked on the way)."""
+    shape, first = None, None
+    low, high = math.inf, -math.inf
+    for path in files:
+        for name, spectrogram in _spectrograms(path):
+            shape, first = _same_shape(name, spectrogram.shape, shape, first)
+            low, high = min(low, float(spectrogram.min())), max(high, float(spectrogram.max()))
+    if first is None:
+        raise UserError(f"no spectrograms in {', '.join(files[:3])}")
+    if not low < high:
+        raise UserError(f"every value of {first} and the other arrays is {low:g}: there is no range to map; "
+                        "give --db_range LOW,HIGH")
+    return low, high
+
+
 def read_arrays(files, image_size, db_range="measure"):
     """Every spectrogram of ``files``: ``(names, file of each, values float32
     (N, S, S) in [-1, 1], (low, high), (H, W))``. ``db_range`` "measure" takes
     the files' own minimum and maximum (a first pass)."""
-    shape, first = None, None
-    low, high = math.inf, -math.inf
     if db_range == "measure":
-        for path in files:
-            for name, spectrogram in _spectrograms(path):
-                shape, first = _same_shape(name, spectrogram.shape, shape, first)
-                low, high = min(low, float(spectrogram.min())), max(high, float(spectrogram.max()))
-        if not low < high:
-            raise UserError(f"every value of {first} and the other arrays is {low:g}: there is no range to map; "
-                            "give --db_range LOW,HIGH")
-        db_range = (low, high)
+        db_range = measure_range(files)
+    shape, first = None, None
     names, sources, values = [], [], []
     for path in files:
         for name, spectrogram in _spectrograms(path):

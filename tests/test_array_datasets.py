@@ -190,6 +190,16 @@ def test_npy_folder_trains_end_to_end_in_one_channel(tmp_path):
         # The PNG is the same sample, rounded to 8 bits of the same range.
         assert np.abs(pixels - (values - low) / (high - low) * 255.0).max() <= 0.51
 
+    # Evaluation reads the real arrays with the VAE's range and the generated PNGs.
+    from guided_diffusion_vae.evaluation.evaluate import evaluate_defaults, run_evaluation
+
+    result = run_evaluation({**evaluate_defaults(), "real_train": str(data), "real_test": str(data),
+                             "generated": str(tmp_path / "out"), "vae_path": str(vae_dir),
+                             "output_json": str(tmp_path / "eval" / "metrics.json"), "classifier_steps": 5,
+                             "classifier_embed_dim": 8, "augment_k": "2", "augment_generated": 2})
+    assert result["counts"] == {"real_train": 12, "real_test": 12, "generated": 4}
+    assert 0.0 <= result["cas"] <= 1.0 and 0.0 <= result["rcas"] <= 1.0
+
     # Encoding on the fly from the folder (the VAE's range again) and pixel-space training work too.
     run_training({**latent_train_defaults(), **TINY_DIFFUSION, "data_dir": str(data), "vae_path": str(vae_dir),
                   "log_dir": str(tmp_path / "on_the_fly")}, latent_training_data)
