@@ -7,8 +7,8 @@ person?) -> write an HTML report with pictures. Each stage writes into one run
 directory and marks itself done; a rerun skips finished stages and resumes an
 interrupted one.
 
-Each stage also records the settings its results depend on (``STAGE_SETTINGS``
-below; not thread counts, log or save intervals). A rerun whose settings differ
+Each stage also records the settings its results depend on
+(:func:`stage_settings`; not thread counts, log or save intervals). A rerun whose settings differ
 from those a stage was started or finished with is refused before anything is
 written, naming the first stage and setting that changed, so results made with
 two presets are never mixed; ``--overwrite`` removes that stage's outputs and
@@ -121,7 +121,7 @@ def stage_settings(config, preset):
         "data": {**common, **{k: preset[k] for k in ("num_users", "train_per_user", "test_per_user")}},
         "vae": {**common, **kept(preset["vae"], keep_batch_size=True)},
         "latents": dict(common),
-        "diffusion": {**common, **kept(diffusion, keep_batch_size=True)},
+        "diffusion": {**kept(diffusion, keep_batch_size=True), **common},  # the preset's size wins, as in training
         "samples": {**common, **kept(preset["sampling"])},
         "evaluate": {**common, **kept(preset.get("evaluate", {}))},
         "report": {"preset": config["preset"]},
