@@ -38,7 +38,7 @@ import torch
 
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
-from .files import atomic_write
+from .files import atomic_write, atomic_write_npy
 from .errors import UserError, check_number
 from .labels import normalize_label_map
 from .vae_wrapper import VAEInterface, check_input_range, parse_latent_scale, scale_from_moments
@@ -78,14 +78,6 @@ def _write_json(path, obj):
 def _read_json(path):
     with open(path) as f:
         return json.load(f)
-
-
-def _save_npy(path, array):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    atomic_write(path, write)
 
 
 def _chunk_marker(cache_dir, index):
@@ -456,7 +448,7 @@ def _finish_cache(cache_dir, plan, vae, scale_spec, labels, num_chunks):
         vae.set_latent_scale(scale_spec)
     raw_std = 1.0 / measure_array_scale(store)
     del store
-    _save_npy(os.path.join(cache_dir, LABELS_FILE), np.concatenate([labels] * (2 if plan["random_flip"] else 1)))
+    atomic_write_npy(os.path.join(cache_dir, LABELS_FILE), np.concatenate([labels] * (2 if plan["random_flip"] else 1)))
     _fsync_file(partial)
     os.replace(partial, os.path.join(cache_dir, LATENTS_FILE))
     meta = {

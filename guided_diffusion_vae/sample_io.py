@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from .files import atomic_write, atomic_write_bytes
+from .files import atomic_write, atomic_write_bytes, atomic_write_npy
 from .images import image_grid, save_png
 from .labels import class_name, folder_names
 
@@ -32,7 +32,8 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
         save_png(path, image)
         paths["images"].append(path)
         if db_values is not None:
-            paths["arrays"].append(_save_npy(path[: -len(".png")] + ".npy", db_values[i]))
+            npy = path[: -len(".png")] + ".npy"
+            paths["arrays"].append(atomic_write_npy(npy, np.asarray(db_values[i], dtype=np.float32)))
     order = np.argsort(labels, kind="stable") if labels is not None else np.arange(len(images))
     if labels is not None and grid_columns is None:
         grid_columns = max(counters.values())
@@ -55,10 +56,3 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
         atomic_write_bytes(paths["classes"], json.dumps(folders, indent=1, sort_keys=True).encode())
     return paths
 
-
-def _save_npy(path, array):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(array, dtype=np.float32))
-
-    return atomic_write(path, write)
