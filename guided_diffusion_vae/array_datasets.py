@@ -151,8 +151,9 @@ def _load(path):
             return [(key, archive[key]) for key in sorted(archive.files)]
     except ValueError as err:
         if "pickle" in str(err).lower():
-            raise UserError(f"{path} holds pickled Python objects, which are never loaded (allow_pickle=False); "
-                            "store plain numeric arrays") from None
+            # numpy says "pickle" for object arrays and for files without the .npy header alike
+            raise UserError(f"{path} holds pickled Python objects or is no NumPy file; pickles are never loaded "
+                            "(allow_pickle=False): store plain numeric arrays") from None
         raise UserError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
     except (OSError, EOFError, zipfile.BadZipFile) as err:
         raise UserError(f"cannot read {path}: {err}") from None
