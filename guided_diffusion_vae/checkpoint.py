@@ -242,3 +242,34 @@ def latest_model_checkpoint(folder):
         if re.fullmatch(r"model\d+\.safetensors", name) and os.path.exists(state_path(folder, parse_step(name)))
     ]
     return model_path(folder, max(steps)) if steps else None
+
+
+_EMA_NAME = re.compile(r"ema_[0-9.eE+-]+_(\d+)\.safetensors")
+
+
+def prune_checkpoints(folder, keep, current_step):
+    """Delete the model, EMA and training-state files of old steps, keeping
+    the newest ``keep`` complete checkpoints up to ``current_step`` (the save
+    just written, so always among them); ``keep`` 0 keeps everything.
+
+    Steps after ``current_step`` are never touched: they are a torn save, or
+    another run's, and resume may need them. Only our own names are pruned
+    (``.pt`` checkpoints of the original stay). Within a step the training
+    state goes first, so a crash mid-way leaves a step that no longer counts
+    as resumable, and the next prune finishes it. Returns the steps removed.
+    """
+    if not keep or not os.path.isdir(folder):
+        return []
+    names = os.listdir(folder)
+    steps = {parse_step(n) for n in names if re.fullmatch(r"model\d+\.safetensors", n)}
+    steps |= {int(m.group(1)) for n in names if (m := _EMA_NAME.fullmatch(n))}
+    steps = sorted(s for s in steps if s <= current_step)
+    complete = [s for s in steps if os.path.exists(state_path(folder, s)) and os.path.exists(model_path(folder, s))]
+    kept = set(complete[-int(keep):])
+    removed = [s for s in steps if s not in kept]
+    for step in removed:
+        emas = [n for n in names if (m := _EMA_NAME.fullmatch(n)) and int(m.group(1)) == step]
+        for path in [state_path(folder, step), *(os.path.join(folder, n) for n in emas), model_path(folder, step)]:
+            if os.path.exists(path):
+                os.remove(path)
+    return removed

@@ -9,6 +9,7 @@ leaves a default in force.
 import argparse
 import difflib
 import os
+import re
 import sys
 
 import yaml
@@ -114,6 +115,24 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def _attach_negative_values(argv, defaults):
+    """``--db_range -60,0`` as ``--db_range=-60,0``: argparse takes a value
+    that starts with "-" and is not a plain number for an unknown option. Only
+    for single-valued flags (a list flag may be followed by more values)."""
+    out, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        name = token[2:] if token.startswith("--") and "=" not in token else None
+        if (name in defaults and not isinstance(defaults[name], list) and i + 1 < len(argv)
+                and re.match(r"-[\d.]", argv[i + 1])):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
 def parse_with_config(defaults, argv=None, description=None, helps=None):
     """Resolve the flags of a program whose defaults are ``defaults``.
 
@@ -123,7 +142,7 @@ def parse_with_config(defaults, argv=None, description=None, helps=None):
     :class:`UserError`.
     """
     helps = helps or {}
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _attach_negative_values(sys.argv[1:] if argv is None else list(argv), defaults)
     pre = _Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default="")
     pre.add_argument("--debug", action="store_true")

@@ -68,6 +68,9 @@ def pixel_training_data(config):
         random_flip=config["random_flip"],
         seed=config["seed"],
         num_workers=config["num_workers"],
+        label_source=config["label_source"],
+        labels_csv=config["labels_csv"],
+        db_range=config["db_range"],
     )
     return TrainingData(
         batches=stream,
@@ -75,8 +78,16 @@ def pixel_training_data(config):
         image_size=config["image_size"],
         image_channels=channels,
         sample_shape=(channels, config["image_size"], config["image_size"]),
-        data_meta={"data_dir": os.path.abspath(config["data_dir"]), "num_images": len(dataset)},
+        data_meta={"data_dir": os.path.abspath(config["data_dir"]), "num_images": len(dataset),
+                   **data_range_meta(dataset.db_range)},
     )
+
+
+def data_range_meta(db_range):
+    """The checkpoint's record of how array data were mapped to [-1, 1]
+    (``data.db_range``, which sampling's ``--save_npy`` maps back with);
+    nothing for images."""
+    return {} if db_range is None else {"db_range": [float(v) for v in db_range]}
 
 
 def model_flags(config, data):
@@ -234,6 +245,7 @@ def _prepare_training(config, build_data):
         compile=config["compile"],
         cuda_graph=config["cuda_graph"],
         seed=config["seed"],
+        keep_checkpoints=config["keep_checkpoints"],
     )
     return loop, sample_fn
 

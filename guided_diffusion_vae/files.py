@@ -80,6 +80,17 @@ def atomic_write_bytes(path, data):
     return atomic_write(path, write)
 
 
+def atomic_write_npy(path, array):
+    """``np.save`` of ``array`` (never with pickled objects), atomically."""
+    import numpy as np
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    return atomic_write(path, write)
+
+
 def check_writable_target(path, flag):
     """Refuse, before long work, an output folder that could not be written
     later: a file in the way, a path below a file, or a folder this user may

@@ -11,15 +11,18 @@ Files
     ``.jpg .jpeg .png .gif .bmp .webp`` (any letter case), sorted by path.
     Hidden files and folders (names starting with ".") are ignored.
 
-Class labels (``class_cond=True``), ``label_source``:
-    ``"folder"``  the first sub-folder under ``data_dir`` is the class
-                  (``data_dir/user_01/x.png`` -> ``"user_01"``);
-    ``"prefix"``  the file name up to the first "_" is the class, as in
-                  guided-diffusion (``cat_0001.png`` -> ``"cat"``);
-    ``"auto"``    (default) ``folder`` when every image sits in a sub-folder,
-                  else ``prefix``.
-    Class indices follow the sorted class names; they are computed from all
-    files before sharding, so every rank agrees.
+Class labels (``class_cond=True``), ``label_source``: ``folder`` (the first
+    sub-folder), ``prefix`` (the file name up to the first "_", as in
+    guided-diffusion), ``csv`` (``labels_csv``, a ``file,label`` table) or
+    ``auto`` (the default: csv when a table is given, else folder when every
+    image sits in a sub-folder, else prefix); the rules live in
+    :mod:`guided_diffusion_vae.labels`. Class indices follow the sorted class
+    names; they are computed from all files before sharding, so every rank agrees.
+
+Arrays
+    A folder of ``.npy``/``.npz`` spectrograms instead of images is read by
+    :mod:`guided_diffusion_vae.array_datasets`; :func:`open_data_folder` and
+    :func:`image_batch_stream` (the training stream) take either kind.
 
 Pixels
     ``channels=3``: RGB; grayscale sources are replicated to 3 channels.
@@ -69,11 +72,16 @@ from torch.utils.data._utils.collate import default_collate
 from . import dist_util, logger
 from .errors import UserError
 from .batching import BatchStream, ShardedBatchSampler
+from .array_datasets import ARRAY_EXTENSIONS, ArrayFolderDataset, parse_db_range, resolve_db_range
+from .images import resize_short_side
+from .labels import class_names_from_paths
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "list_image_files",
     "class_names_from_paths",
+    "data_files",
+    "open_data_folder",
     "ImageDataset",
     "ImageFolderDataset",
     "ImageBatches",
@@ -81,7 +89,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp")
-_LABEL_SOURCES = ("auto", "folder", "prefix")
 _ALPHA_MODES = ("white", "drop")
 
 
@@ -94,9 +101,13 @@ def _is_remote(path: str) -> bool:
     return "://" in path
 
 
-def _has_image_extension(name: str) -> bool:
+def _has_extension(name: str, extensions: Sequence[str]) -> bool:
     stem, dot, ext = name.rpartition(".")
-    return bool(dot) and bool(stem) and ext.lower() in IMAGE_EXTENSIONS
+    return bool(dot) and bool(stem) and ext.lower() in extensions
+
+
+def _has_image_extension(name: str) -> bool:
+    return _has_extension(name, IMAGE_EXTENSIONS)
 
 
 def _check_folder(data_dir: Any) -> str:
@@ -128,14 +139,14 @@ def list_image_files(data_dir: str | os.PathLike) -> list[str]:
             found.extend(blobfile.join(root, f) for f in files
                          if not f.startswith(".") and _has_image_extension(f))
     else:
-        found = _walk_local_images(data_dir)
+        found = _walk_local_files(data_dir, IMAGE_EXTENSIONS)
     return sorted(found)
 
 
-def _walk_local_images(data_dir: str) -> list[str]:
-    """Image files under a local ``data_dir``, following symlinked folders
-    but entering each real folder once: a link back to an ancestor (a loop)
-    would otherwise list files twice or, with two loops, never end."""
+def _walk_local_files(data_dir: str, extensions: Sequence[str]) -> list[str]:
+    """Files with ``extensions`` under a local ``data_dir``, following symlinked
+    folders but entering each real folder once: a link back to an ancestor (a
+    loop) would otherwise list files twice or, with two loops, never end."""
     found: list[str] = []
     visited = {_dir_identity(data_dir)}
     skipped = []
@@ -152,7 +163,7 @@ def _walk_local_images(data_dir: str) -> list[str]:
             kept.append(d)
         dirs[:] = kept
         found.extend(os.path.join(root, f) for f in files
-                     if not f.startswith(".") and _has_image_extension(f))
+                     if not f.startswith(".") and _has_extension(f, extensions))
     if skipped:
         logger.warn(f"{data_dir}: skipped {len(skipped)} folder(s) already listed through another path "
                     f"(symlink loops or duplicate links), e.g. {skipped[0]}")
@@ -168,40 +179,70 @@ def _dir_identity(path: str) -> tuple:
     return (st.st_dev, st.st_ino)
 
 
-def _relative_parts(path: str, data_dir: str) -> list[str]:
-    if _is_remote(path):
-        rel = path[len(data_dir.rstrip("/")) + 1 :]
-        return [p for p in rel.split("/") if p]
-    rel = os.path.relpath(path, data_dir)
-    return [p for p in rel.replace(os.sep, "/").split("/") if p]
+def data_files(data_dir: str | os.PathLike) -> tuple[str, list[str]]:
+    """``("images", files)`` or ``("arrays", files)``: what a data folder holds
+    (image files, or ``.npy``/``.npz`` spectrograms; see
+    :mod:`guided_diffusion_vae.array_datasets`). A folder with neither, or
+    with both, is refused."""
+    data_dir = _check_folder(data_dir)
+    if _is_remote(data_dir):  # arrays are read from local files only
+        images, arrays = list_image_files(data_dir), []
+    else:
+        found = sorted(_walk_local_files(data_dir, IMAGE_EXTENSIONS + ARRAY_EXTENSIONS))
+        images = [f for f in found if _has_image_extension(f)]
+        arrays = [f for f in found if not _has_image_extension(f)]
+    if images and arrays:
+        raise UserError(f"{data_dir} holds both images ({images[0]}) and arrays ({arrays[0]}); "
+                        "keep one kind per data folder")
+    if not images and not arrays:
+        raise UserError(
+            f"no image files ({', '.join(IMAGE_EXTENSIONS)}) or arrays (.npy, .npz) found in {data_dir}"
+        )
+    return ("arrays", arrays) if arrays else ("images", images)
 
 
-def class_names_from_paths(paths: Sequence[str], data_dir: str, label_source: str = "auto") -> list[str]:
-    """The class name of each path (see the module docstring for ``label_source``)."""
-    if label_source not in _LABEL_SOURCES:
-        raise UserError(f"label_source must be one of {', '.join(_LABEL_SOURCES)}, got {label_source!r}")
-    parts = [_relative_parts(p, data_dir) for p in paths]
-    if label_source == "auto":
-        label_source = "folder" if all(len(pp) >= 2 for pp in parts) else "prefix"
-    names = []
-    for path, pp in zip(paths, parts):
-        if label_source == "folder":
-            if len(pp) < 2:
-                raise UserError(
-                    f"label_source='folder' needs every image in a class sub-folder of {data_dir}; "
-                    f"{path} is not"
-                )
-            names.append(pp[0])
-        else:
-            base = pp[-1]
-            label, sep, _ = base.partition("_")
-            if not sep or not label:
-                raise UserError(
-                    f"cannot take a class label from {path}: with images directly in {data_dir} "
-                    f"the file names must look like <label>_<anything>.png (or use class sub-folders)"
-                )
-            names.append(label)
-    return names
+def open_data_folder(
+    data_dir: str | os.PathLike,
+    image_size: int,
+    *,
+    class_cond: bool = False,
+    label_source: str = "auto",
+    labels_csv: str = "",
+    channels: int = 3,
+    db_range: Any = "auto",
+    stored_range: Any = None,
+    stored_in: str = "",
+    shard: int = 0,
+    num_shards: int = 1,
+    skip_bad_files: bool = False,
+):
+    """The dataset of a data folder: an :class:`ImageFolderDataset` for images
+    (unflipped, centre crops), an ``ArrayFolderDataset`` for spectrogram
+    arrays, whose ``db_range`` flag is resolved against ``stored_range`` (the
+    range ``stored_in``, a VAE or a cache, was made with). Both have
+    ``data_dir``, ``all_paths``, ``label_map``, ``labels``, ``fetch`` and
+    ``db_range`` (None for images)."""
+    kind, files = data_files(data_dir)
+    if kind == "arrays":
+        explicit = parse_db_range(db_range) != "auto"
+        dataset = ArrayFolderDataset(
+            os.fspath(data_dir), files, image_size, db_range=resolve_db_range(db_range, stored_range, stored_in),
+            range_from="db_range" if explicit else f"the range {stored_in} was made with",
+            class_cond=class_cond, label_source=label_source, labels_csv=labels_csv, channels=channels,
+            shard=shard, num_shards=num_shards,
+        )
+        logger.log(dataset.describe())
+        return dataset
+    if parse_db_range(db_range) != "auto":
+        raise UserError(f"db_range applies to .npy/.npz data; {data_dir} holds images")
+    if stored_range is not None:
+        raise UserError(f"{stored_in} was made from .npy/.npz data (db_range {stored_range}); "
+                        f"{data_dir} holds images")
+    return ImageFolderDataset(
+        data_dir, image_size, class_cond=class_cond, label_source=label_source, labels_csv=labels_csv,
+        channels=channels, random_flip=False, random_crop=False, shard=shard, num_shards=num_shards,
+        skip_bad_files=skip_bad_files,
+    )
 
 
 def detect_channels(paths, max_files=16):
@@ -267,26 +308,12 @@ def _decode(path: str, channels: int, alpha: str, min_side: Optional[int] = None
     return img
 
 
-def _resize_short_side(img: Image.Image, short: int) -> Image.Image:
-    """Scale so the short side is ``short``: 2x box reductions first, then bicubic."""
-    while min(img.size) >= 2 * short:
-        img = img.reduce(2)
-    w, h = img.size
-    if w <= h:
-        size = (short, max(short, round(h * short / w)))
-    else:
-        size = (max(short, round(w * short / h)), short)
-    if size != img.size:
-        img = img.resize(size, resample=Image.Resampling.BICUBIC)
-    return img
-
-
 def _square_crop(img: Image.Image, size: int, rng: Optional[random.Random], max_enlarge: float = 1.25) -> np.ndarray:
     """HWC uint8 square of side ``size`` (centre, or random with ``rng``)."""
     if rng is None:
-        img = _resize_short_side(img, size)
+        img = resize_short_side(img, size)
     else:
-        img = _resize_short_side(img, rng.randint(size, math.ceil(size * max_enlarge)))
+        img = resize_short_side(img, rng.randint(size, math.ceil(size * max_enlarge)))
     arr = np.asarray(img)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -434,6 +461,7 @@ class ImageFolderDataset(ImageDataset):
         shard: int = 0,
         num_shards: int = 1,
         skip_bad_files: bool = False,
+        labels_csv: str = "",
     ) -> None:
         data_dir = _check_folder(data_dir)
         paths = list_image_files(data_dir)
@@ -445,13 +473,14 @@ class ImageFolderDataset(ImageDataset):
         self.class_names: Optional[list[str]] = None
         self.class_to_idx: Optional[dict[str, int]] = None
         if class_cond:
-            names = class_names_from_paths(paths, data_dir, label_source)
+            names = class_names_from_paths(paths, data_dir, label_source, labels_csv)
             self.class_names = sorted(set(names))
             self.class_to_idx = {name: i for i, name in enumerate(self.class_names)}
             label_map = dict(enumerate(self.class_names))
             classes = [self.class_to_idx[name] for name in names]
         self.data_dir = data_dir
         self.all_paths = paths
+        self.db_range = None  # images need no value mapping (arrays do)
         super().__init__(
             image_size,
             paths,
@@ -672,16 +701,22 @@ def image_batch_stream(
     shuffle: bool = True,
     label_source: str = "auto",
     skip_bad_files: bool = False,
+    labels_csv: str = "",
+    db_range: Any = "auto",
+    stored_range: Any = None,
+    stored_in: str = "",
 ):
     """An endless, resumable stream of ``(images NCHW in [-1, 1], {"y": labels})``
-    for this rank (see :mod:`guided_diffusion_vae.batching`), and the dataset.
+    for this rank (see :mod:`guided_diffusion_vae.batching`), and the dataset
+    (images or spectrogram arrays: :func:`open_data_folder`).
 
     The label map comes back as ``dataset.label_map`` (``{index: name}``).
     """
 
-    dataset = ImageFolderDataset(
-        data_dir, image_size, class_cond=class_cond, label_source=label_source, channels=channels,
-        random_flip=False, skip_bad_files=skip_bad_files,
+    dataset = open_data_folder(
+        data_dir, image_size, class_cond=class_cond, label_source=label_source, labels_csv=labels_csv,
+        channels=channels, db_range=db_range, stored_range=stored_range, stored_in=stored_in,
+        skip_bad_files=skip_bad_files,
     )
     try:
         sampler = ShardedBatchSampler(

@@ -1,7 +1,8 @@
 """Pictures: uint8 ``(N, H, W, C)`` arrays laid out on grids and saved as PNG.
 
 Sample grids, training previews, TensorBoard images, VAE comparisons and the
-report's figures all use :func:`image_grid`.
+report's figures all use :func:`image_grid`; image folders and spectrogram
+arrays are brought to the training size by :func:`resize_short_side`.
 """
 
 import io
@@ -35,6 +36,22 @@ def save_png(path, image):
     buf = io.BytesIO()
     to_pil(image).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def resize_short_side(img, short):
+    """A PIL image (8-bit or float, mode ``F``) scaled so its short side is
+    ``short``: 2x box reductions while it is at least twice too large (fast,
+    and no aliasing), then one bicubic resize. Image folders and arrays share it."""
+    while min(img.size) >= 2 * short:
+        img = img.reduce(2)
+    w, h = img.size
+    if w <= h:
+        size = (short, max(short, round(h * short / w)))
+    else:
+        size = (max(short, round(w * short / h)), short)
+    if size != img.size:
+        img = img.resize(size, resample=Image.Resampling.BICUBIC)
+    return img
 
 
 def to_uint8_images(images):

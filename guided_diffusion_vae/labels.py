@@ -18,8 +18,25 @@ class, named ``<null>`` at the last index; it is never a person to sample.
 
 Folder names come from class names made safe (:func:`safe_folder_name`), so
 a name from someone else's checkpoint cannot leave the output folder.
+
+Where class names come from (``label_source``, for every data folder, images
+or arrays):
+
+- ``folder``: the first sub-folder under the data folder
+  (``DATA/user_01/x.png`` -> ``user_01``);
+- ``prefix``: the file name up to the first ``_``, as in guided-diffusion
+  (``cat_0001.png`` -> ``cat``);
+- ``csv``: a table ``--labels_csv FILE`` with the columns ``file,label``: the
+  file's path relative to the data folder (``/`` between folders; a bare name
+  for files directly in it) and its class name. An optional first row
+  ``file,label`` is a header. Every data file needs a row; rows naming files
+  that are not in the folder are ignored (one table may serve several splits);
+- ``auto`` (the default): ``csv`` when ``--labels_csv`` is given, else
+  ``folder`` when every file sits in a sub-folder, else ``prefix``.
 """
 
+import csv
+import os
 import re
 
 from .errors import UserError
@@ -151,3 +168,85 @@ def folder_names(labels, label_map):
         taken[folder] = name
         folders[label] = folder
     return folders
+
+
+LABEL_SOURCES = ("auto", "folder", "prefix", "csv")
+
+
+def _is_remote(path):
+    return "://" in path
+
+
+def relative_parts(path, data_dir):
+    """The folders and name of ``path`` below ``data_dir``: ``["user_01", "x.png"]``."""
+    if _is_remote(path):
+        rel = path[len(data_dir.rstrip("/")) + 1 :]
+        return [p for p in rel.split("/") if p]
+    rel = os.path.relpath(path, data_dir)
+    return [p for p in rel.replace(os.sep, "/").split("/") if p]
+
+
+def read_labels_csv(path):
+    """``{relative file path: class name}`` from a ``file,label`` table."""
+    if not os.path.isfile(path):
+        raise UserError(f"labels_csv {path!r} not found")
+    table = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            for number, row in enumerate(csv.reader(f), start=1):
+                cells = [cell.strip() for cell in row]
+                if not any(cells):
+                    continue
+                if number == 1 and [c.lower() for c in cells] == ["file", "label"]:
+                    continue
+                if len(cells) != 2 or not all(cells):
+                    raise UserError(f"labels_csv {path!r} line {number}: expected 'file,label', got {','.join(row)!r}")
+                name = "/".join(p for p in cells[0].replace("\\", "/").split("/") if p not in ("", "."))
+                if table.get(name, cells[1]) != cells[1]:
+                    raise UserError(f"labels_csv {path!r} line {number}: {name!r} has two labels, "
+                                    f"{table[name]!r} and {cells[1]!r}")
+                table[name] = cells[1]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"labels_csv {path!r} cannot be read: {err}") from None
+    if not table:
+        raise UserError(f"labels_csv {path!r} holds no 'file,label' rows")
+    return table
+
+
+def class_names_from_paths(paths, data_dir, label_source="auto", labels_csv=""):
+    """The class name of each file of ``paths`` (see the module docstring)."""
+    if label_source not in LABEL_SOURCES:
+        raise UserError(f"label_source must be one of {', '.join(LABEL_SOURCES)}, got {label_source!r}")
+    if labels_csv and label_source not in ("auto", "csv"):
+        raise UserError(f"labels_csv is given but label_source is {label_source!r}: use label_source csv (or auto)")
+    if label_source == "csv" and not labels_csv:
+        raise UserError("label_source csv needs --labels_csv FILE (a 'file,label' table)")
+    parts = [relative_parts(p, data_dir) for p in paths]
+    if label_source == "auto":
+        label_source = "csv" if labels_csv else "folder" if all(len(pp) >= 2 for pp in parts) else "prefix"
+    if label_source == "csv":
+        table = read_labels_csv(labels_csv)
+        unlisted = [p for p, pp in zip(paths, parts) if "/".join(pp) not in table]
+        if unlisted:
+            raise UserError(f"labels_csv {labels_csv!r} has no row for {'/'.join(relative_parts(unlisted[0], data_dir))} "
+                            f"({len(unlisted)} of {len(paths)} files of {data_dir} are unlisted)")
+        return [table["/".join(pp)] for pp in parts]
+    names = []
+    for path, pp in zip(paths, parts):
+        if label_source == "folder":
+            if len(pp) < 2:
+                raise UserError(
+                    f"label_source='folder' needs every file in a class sub-folder of {data_dir}; "
+                    f"{path} is not"
+                )
+            names.append(pp[0])
+        else:
+            label, sep, _ = pp[-1].partition("_")
+            if not sep or not label:
+                raise UserError(
+                    f"cannot take a class label from {path}: with files directly in {data_dir} "
+                    f"the file names must look like <label>_<anything>.png (or use class sub-folders "
+                    f"or --labels_csv)"
+                )
+            names.append(label)
+    return names

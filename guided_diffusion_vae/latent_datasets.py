@@ -10,6 +10,7 @@ Cache layout (``CACHE_DIR``), format version 1
     ``meta.json``    written LAST; its presence means the cache is complete.
                      Holds the VAE description (fingerprint, scale, range, ...),
                      image size, flip, label map ``{"0": "user_01", ...}``,
+                     the dB range of ``.npy``/``.npz`` data (``db_range``),
                      counts, dtype, format version and the data files' digest.
 
 With ``random_flip`` the cache holds both orientations: entries ``[0, N)`` are
@@ -37,11 +38,12 @@ import torch
 
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
-from .files import atomic_write
+from .files import atomic_write, atomic_write_npy
 from .errors import UserError, check_number
 from .labels import normalize_label_map
 from .vae_wrapper import VAEInterface, check_input_range, parse_latent_scale, scale_from_moments
-from .image_datasets import ImageFolderDataset
+from .array_datasets import data_folder_defaults, parse_db_range, same_range
+from .image_datasets import open_data_folder
 from .progress import progress as progress_bar
 
 FORMAT_VERSION = 1
@@ -78,14 +80,6 @@ def _read_json(path):
         return json.load(f)
 
 
-def _save_npy(path, array):
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-
-    atomic_write(path, write)
-
-
 def _chunk_marker(cache_dir, index):
     return os.path.join(cache_dir, PROGRESS_DIR, f"chunk_{index:06d}")
 
@@ -98,11 +92,13 @@ def _done_chunks(cache_dir):
     return {int(n) for n in names if n.isdigit()}
 
 
-def _files_digest(paths, data_dir, labels):
-    """Identity of the data set: relative paths, sizes and labels (not pixel bytes: cheap)."""
+def _files_digest(paths, data_dir, labels, files=None):
+    """Identity of the data set: relative paths, sizes and labels (not pixel
+    bytes: cheap). ``files``: the file each entry came from, where entries are
+    not files themselves (spectrograms of an array file)."""
     digest = hashlib.sha256()
-    for path, label in zip(paths, labels):
-        size = os.path.getsize(path) if os.path.exists(path) else -1
+    for path, file, label in zip(paths, files or paths, labels):
+        size = os.path.getsize(file) if os.path.exists(file) else -1
         digest.update(f"{os.path.relpath(path, data_dir)}\t{size}\t{label}\n".encode())
     return digest.hexdigest()[:16]
 
@@ -133,7 +129,7 @@ def encode_latents_defaults():
         "input_range": "-1,1",
         "channels": 0,  # 0: the VAE's in_channels
         "class_cond": True,
-        "label_source": "auto",
+        **data_folder_defaults(),
         "cache_dtype": "float32",
         "vae_dtype": "float32",
         "chunk_size": 1024,
@@ -179,6 +175,8 @@ def build_latent_cache(
     channels=0,
     class_cond=True,
     label_source="auto",
+    labels_csv="",
+    db_range="auto",
     cache_dtype="float32",
     vae_dtype="float32",
     chunk_size=1024,
@@ -199,6 +197,7 @@ def build_latent_cache(
     """
     _check_cache_settings(data_dir, vae_path, output_dir, batch_size, chunk_size, image_size, cache_dtype,
                           input_range, num_workers, seed, channels)
+    parse_db_range(db_range)
     scale_spec = parse_latent_scale(latent_scale)
     dist_util.setup_dist()
     device = dist_util.dev() if device is None else torch.device(device)
@@ -210,9 +209,9 @@ def build_latent_cache(
     )
     channels = int(channels) or vae.in_channels
     vae.check_channels(channels)
-    dataset = ImageFolderDataset(
-        data_dir, int(image_size), class_cond=class_cond, label_source=label_source,
-        channels=channels, random_flip=False, random_crop=False,
+    dataset = open_data_folder(
+        data_dir, int(image_size), class_cond=class_cond, label_source=label_source, labels_csv=labels_csv,
+        channels=channels, db_range=db_range, stored_range=vae.db_range, stored_in=f"the VAE {vae_path}",
     )
     labels = np.asarray(dataset.labels if class_cond else [0] * len(dataset.all_paths), dtype=np.int64)
     plan = _cache_plan(vae, dataset, labels, image_size=image_size, random_flip=random_flip, input_range=input_range,
@@ -265,7 +264,8 @@ def _cache_plan(vae, dataset, labels, *, image_size, random_flip, input_range, s
         "vae_dtype": vae_dtype,
         "seed": int(seed),
         "label_map": normalize_label_map(dataset.label_map, dataset.data_dir),
-        "files_digest": _files_digest(paths, dataset.data_dir, labels.tolist()),
+        "db_range": None if dataset.db_range is None else list(dataset.db_range),
+        "files_digest": _files_digest(paths, dataset.data_dir, labels.tolist(), getattr(dataset, "files", None)),
         "num_images": len(paths),
         "count": len(paths) * (2 if random_flip else 1),
         "shape": list(vae.latent_shape(int(image_size))),
@@ -448,7 +448,7 @@ def _finish_cache(cache_dir, plan, vae, scale_spec, labels, num_chunks):
         vae.set_latent_scale(scale_spec)
     raw_std = 1.0 / measure_array_scale(store)
     del store
-    _save_npy(os.path.join(cache_dir, LABELS_FILE), np.concatenate([labels] * (2 if plan["random_flip"] else 1)))
+    atomic_write_npy(os.path.join(cache_dir, LABELS_FILE), np.concatenate([labels] * (2 if plan["random_flip"] else 1)))
     _fsync_file(partial)
     os.replace(partial, os.path.join(cache_dir, LATENTS_FILE))
     meta = {
@@ -463,6 +463,7 @@ def _finish_cache(cache_dir, plan, vae, scale_spec, labels, num_chunks):
         "sample_posterior": plan["sample_posterior"],
         "random_flip": plan["random_flip"],
         "label_map": plan["label_map"],
+        "db_range": plan["db_range"],
         "num_images": plan["num_images"],
         "count": plan["count"],
         "shape": plan["shape"],
@@ -623,8 +624,8 @@ def check_cache_matches(meta, vae_description=None, config=None, cache_dir="late
     :param vae_description: ``VAEInterface.describe()`` of the VAE in use, or None.
     :param config: training settings; the keys ``image_size``, ``input_range``,
         ``latent_scale`` (a number; strings like "measured" are not compared),
-        ``label_map``, ``sample_posterior`` and ``random_flip`` are compared
-        when present and not None.
+        ``label_map``, ``sample_posterior``, ``random_flip`` and ``db_range``
+        ("auto" is not compared) are compared when present and not None.
     :raises UserError: naming the first differing field and both values.
     """
     checks = []
@@ -634,10 +635,16 @@ def check_cache_matches(meta, vae_description=None, config=None, cache_dir="late
             checks.append((f"vae {key}", cached_vae.get(key), vae_description.get(key), "the VAE in use"))
         if vae_description.get("latent_scale") is not None:
             checks.append(("latent_scale", meta["latent_scale"], vae_description["latent_scale"], "the VAE in use"))
-    for key in ("image_size", "input_range", "latent_scale", "label_map", "sample_posterior", "random_flip"):
+    for key in ("image_size", "input_range", "latent_scale", "label_map", "sample_posterior", "random_flip",
+                "db_range"):
         if config is None or config.get(key) is None:
             continue
         value = config[key]
+        if key == "db_range":
+            value = parse_db_range(value)
+            if value == "auto":
+                continue
+            value = list(value)
         if key == "latent_scale":
             if isinstance(value, str):
                 try:
@@ -651,6 +658,8 @@ def check_cache_matches(meta, vae_description=None, config=None, cache_dir="late
         same = cached == current
         if field == "latent_scale" and cached is not None and current is not None:
             same = math.isclose(float(cached), float(current), rel_tol=1e-6)
+        if field == "db_range":
+            same = same_range(cached, current)
         if not same:
             raise UserError(f"{cache_dir}: {field} is {cached!r} in the cache but {current!r} in {source}")
 

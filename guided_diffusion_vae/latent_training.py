@@ -12,7 +12,7 @@ import os
 from . import dist_util, logger, script_util
 from .errors import UserError
 from .train_util import training_defaults
-from .diffusion_training import TrainingData
+from .diffusion_training import TrainingData, data_range_meta
 from .labels import normalize_label_map
 from .vae_wrapper import latent_shape_of, load_vae, parse_latent_scale, vae_from_description
 from .image_datasets import image_batch_stream
@@ -104,7 +104,9 @@ def latent_training_data(config):
     stream, dataset = image_batch_stream(
         data_dir=config["data_dir"], batch_size=config["batch_size"], image_size=config["image_size"],
         channels=vae.in_channels, class_cond=config["class_cond"], random_flip=config["random_flip"],
-        seed=config["seed"], num_workers=config["num_workers"],
+        seed=config["seed"], num_workers=config["num_workers"], label_source=config["label_source"],
+        labels_csv=config["labels_csv"], db_range=config["db_range"], stored_range=vae.db_range,
+        stored_in=f"the VAE {config['vae_path']}",
     )
     if vae.latent_scale is None:
         vae.set_latent_scale(_measure_scale(vae, stream, config["measure_scale_batches"]))
@@ -116,7 +118,8 @@ def latent_training_data(config):
         sample_shape=sample_shape,
         batch_transform=vae.encode_batch,
         decode_fn=vae.decode_batch,
-        data_meta={"data_dir": os.path.abspath(config["data_dir"]), "num_images": len(dataset), "source": "images"},
+        data_meta={"data_dir": os.path.abspath(config["data_dir"]), "num_images": len(dataset),
+                   "source": "images" if dataset.db_range is None else "arrays", **data_range_meta(dataset.db_range)},
         vae_meta=vae.describe(),
     )
 
@@ -131,7 +134,7 @@ def _cached_latents(config, device):
     scale = parse_latent_scale(config["latent_scale"])
     check_cache_matches(
         meta, config={"image_size": config["image_size"], "input_range": config["input_range"],
-                      "latent_scale": scale if isinstance(scale, float) else None},
+                      "latent_scale": scale if isinstance(scale, float) else None, "db_range": config["db_range"]},
         cache_dir=config["latent_cache"],
     )
     vae_meta = {**cache.vae_description, "latent_scale": cache.latent_scale}
@@ -156,6 +159,6 @@ def _cached_latents(config, device):
         sample_shape=tuple(cache.shape),
         decode_fn=decode_fn,
         data_meta={"latent_cache": os.path.abspath(config["latent_cache"]), "num_latents": len(cache),
-                   "source": "latent_cache"},
+                   "source": "latent_cache", **data_range_meta(meta.get("db_range"))},
         vae_meta=vae_meta,
     )

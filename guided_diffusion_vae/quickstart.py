@@ -7,6 +7,13 @@ person?) -> write an HTML report with pictures. Each stage writes into one run
 directory and marks itself done; a rerun skips finished stages and resumes an
 interrupted one.
 
+Each stage also records the settings its results depend on
+(:func:`stage_settings`; not thread counts, log or save intervals). A rerun whose settings differ
+from those a stage was started or finished with is refused before anything is
+written, naming the first stage and setting that changed, so results made with
+two presets are never mixed; ``--overwrite`` removes that stage's outputs and
+those of every later stage, and redoes them.
+
 Run directory: ``data/train``, ``data/test`` (PERSON/NNN.png), ``vae/``,
 ``latents/``, ``diffusion/`` (the training run), ``samples/``, ``eval/``
 (metrics.json, nearest_pairs.png, the reference classifier), ``report.html``.
@@ -14,6 +21,7 @@ Run directory: ``data/train``, ``data/test`` (PERSON/NNN.png), ``vae/``,
 
 import json
 import os
+import shutil
 import time
 
 from . import logger
@@ -74,13 +82,74 @@ PRESETS = {
 
 
 def quickstart_defaults():
-    return {"preset": "tiny", "run_dir": "runs/quickstart", "seed": 0, "workers": 0, "until": "report"}
+    return {"preset": "tiny", "run_dir": "runs/quickstart", "seed": 0, "workers": 0, "until": "report",
+            "overwrite": False}
+
+
+FLAG_HELP = {
+    "overwrite": "when a setting differs from the one a stage of run_dir was made with, delete that stage's "
+                 "results and those of every later stage and redo them (without it such a rerun is refused)",
+}
+
+# What each stage writes in the run directory (removed by --overwrite).
+STAGE_OUTPUTS = {
+    "data": ("data",), "vae": ("vae", "vae_train"), "latents": ("latents",), "diffusion": ("diffusion",),
+    "samples": ("samples",), "evaluate": ("eval",), "report": ("report.html", "report_files"),
+}
+
+# Preset keys that change how a stage runs but not what it produces.
+NOT_RESULT_SETTINGS = {"log_interval", "save_interval", "sample_interval", "progress", "num_workers", "compile",
+                       "tensorboard", "keep_checkpoints", "keep_states", "num_preview_samples", "batch_size"}
+
+
+def stage_settings(config, preset):
+    """``{stage: {setting: value}}``: what each stage's results depend on.
+    The preset's name heads every stage; then the values it fixes. A
+    diffusion config file counts by its contents. Sampling's batch size is
+    left out (samples do not depend on it), training batch sizes are not."""
+
+    def kept(values, keep_batch_size=False):
+        return {k: v for k, v in values.items()
+                if k not in NOT_RESULT_SETTINGS or (keep_batch_size and k == "batch_size")}
+
+    diffusion = dict(preset["diffusion"])
+    yaml_path = diffusion.pop("config", None)
+    if yaml_path:
+        diffusion = {**load_yaml_config(packaged_config(yaml_path), latent_train_defaults()), **diffusion}
+    common = {"preset": config["preset"], "seed": config["seed"], "image_size": preset["image_size"]}
+    settings = {
+        "data": {**common, **{k: preset[k] for k in ("num_users", "train_per_user", "test_per_user")}},
+        "vae": {**common, **kept(preset["vae"], keep_batch_size=True)},
+        "latents": dict(common),
+        "diffusion": {**kept(diffusion, keep_batch_size=True), **common},  # the preset's size wins, as in training
+        "samples": {**common, **kept(preset["sampling"])},
+        "evaluate": {**common, **kept(preset.get("evaluate", {}))},
+        "report": {"preset": config["preset"]},
+    }
+    # JSON's view of the values (tuples become lists), as stages.json will hold them.
+    return json.loads(json.dumps(settings))
+
+
+def _first_change(recorded, current):
+    """``(setting, old, new)`` of the first difference (the preset first), or None."""
+    for key in sorted(set(recorded) | set(current), key=lambda k: (k != "preset", k)):
+        if recorded.get(key) != current.get(key):
+            return key, recorded.get(key), current.get(key)
+    return None
 
 
 class Stages:
-    """Markers of finished stages (``run_dir/stages.json``)."""
+    """Markers of finished stages and the settings of each (``run_dir/stages.json``).
+
+    ``done``: ``{stage: {"seconds", "settings"}}``; ``started``: the settings
+    of stages begun but not finished; ``partial``: seconds spent in runs of a
+    stage that were stopped early (added when it finishes); ``clearing``:
+    stages whose outputs ``--overwrite`` is removing (finished on the next
+    start if a run died in the middle).
+    """
 
     def __init__(self, run_dir):
+        self.run_dir = run_dir
         self.path = os.path.join(run_dir, "stages.json")
         self.done = {}
         if os.path.exists(self.path):
@@ -89,23 +158,82 @@ class Stages:
             if self.done and self.done.pop("layout", None) != LAYOUT:
                 raise UserError(f"{run_dir} was made by an older quickstart (no held-out split); "
                                 "use a new --run_dir")
-        # Seconds spent in runs of a stage that were stopped early (added when it finishes).
         self.partial = self.done.pop("partial", {})
+        self.started = self.done.pop("started", {})
+        self.clearing = [name for name in self.done.pop("clearing", []) if name in STAGE_OUTPUTS]
 
     def finished(self, name):
         return name in self.done
 
-    def mark(self, name, seconds, **info):
-        self.done[name] = {"seconds": round(seconds + self.partial.pop(name, 0.0), 1), **info}
+    def recorded_settings(self, name):
+        """The settings stage ``name`` was finished or started with (None: never run)."""
+        if name in self.done:
+            return self.done[name].get("settings")
+        return self.started.get(name)
+
+    def first_change(self, settings, until):
+        """``(stage, setting, old, new)`` for the first stage up to ``until``
+        whose recorded settings differ from ``settings``, or None."""
+        for name in STAGES[: STAGES.index(until) + 1]:
+            recorded, current = self.recorded_settings(name), settings[name]
+            if recorded is None and name in self.done:
+                # A marker from before settings were recorded holds the preset's name only.
+                recorded, current = {"preset": self.done[name].get("preset")}, {"preset": current["preset"]}
+            change = None if recorded is None else _first_change(recorded, current)
+            if change:
+                return (name, *change)
+        return None
+
+    def start(self, name, settings):
+        if self.started.get(name) != settings:
+            self.started[name] = settings
+            self._write()
+
+    def mark(self, name, seconds, settings):
+        self.started.pop(name, None)
+        self.done[name] = {"seconds": round(seconds + self.partial.pop(name, 0.0), 1), "settings": settings}
         self._write()
 
     def mark_partial(self, name, seconds):
         self.partial[name] = round(self.partial.get(name, 0.0) + seconds, 1)
         self._write()
 
+    def clear_from(self, name):
+        """Forget stage ``name`` and every later one, then remove their outputs.
+        The intent is written first, so a run killed while deleting finishes
+        the job on its next start instead of resuming from half-deleted results."""
+        later = STAGES[STAGES.index(name):]
+        for stage in later:
+            self.done.pop(stage, None)
+            self.started.pop(stage, None)
+            self.partial.pop(stage, None)
+        self.clearing = sorted(set(self.clearing) | set(later), key=STAGES.index)
+        self._write()
+        self.finish_clearing()
+
+    def finish_clearing(self):
+        if not self.clearing:
+            return
+        for stage in self.clearing:
+            for entry in STAGE_OUTPUTS[stage]:  # fixed names: nothing read from the file becomes a path
+                path = os.path.join(self.run_dir, entry)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
+        self.clearing = []
+        self._write()
+
     def _write(self):
-        state = {"layout": LAYOUT, **self.done, **({"partial": self.partial} if self.partial else {})}
+        extra = {key: value for key, value in (("partial", self.partial), ("started", self.started),
+                                               ("clearing", self.clearing)) if value}
+        state = {"layout": LAYOUT, **self.done, **extra}
         atomic_write_bytes(self.path, json.dumps(state, indent=2).encode())
+
+
+def _shown(value):
+    """A setting as the refusal prints it: plain words and numbers bare."""
+    return "unset" if value is None else value if isinstance(value, (str, int, float)) else json.dumps(value)
 
 
 def _banner(text):
@@ -198,9 +326,23 @@ def run_quickstart(config, preset=None):
         raise UserError(f"until {config['until']!r} must be one of {', '.join(STAGES)}")
     preset = preset or PRESETS[config["preset"]]
     run_dir = os.path.abspath(config["run_dir"])
+    settings = stage_settings(config, preset)
+    # Checked before anything is written: a refused rerun leaves the run folder as it was.
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"run_dir {run_dir!r} exists and is not a folder")
+    stages = Stages(run_dir)
+    change = stages.first_change(settings, config["until"])
+    if change and not config.get("overwrite"):
+        name, key, old, new = change
+        raise UserError(f"stage '{name}': setting '{key}' was {_shown(old)}, now {_shown(new)}; rerun with "
+                        f"--overwrite to redo '{name}' and the stages after it, or use a new --run_dir")
     os.makedirs(run_dir, exist_ok=True)
     logger.configure(dir=os.path.join(run_dir, "logs"), format_strs="stdout,log")
-    stages = Stages(run_dir)
+    stages.finish_clearing()
+    if change:
+        logger.log(f"--overwrite: stage '{change[0]}' setting '{change[1]}' changed; removing the results of "
+                   f"'{change[0]}' and every later stage")
+        stages.clear_from(change[0])
     seed = config["seed"]
     steps = {
         "data": lambda: _simulate(run_dir, preset, seed, config["workers"]),
@@ -216,13 +358,14 @@ def run_quickstart(config, preset=None):
             logger.log(f"[{number}/{len(STAGES)}] {name}: done earlier ({stages.done[name]['seconds']} s), skipped")
         else:
             _banner(f"[{number}/{len(STAGES)}] {name}")
+            stages.start(name, settings[name])
             start = time.time()
             if steps[name]() is False:
                 stages.mark_partial(name, time.time() - start)
                 logger.log(f"[{number}/{len(STAGES)}] {name}: stopped early and saved; rerun the same command "
                            "to continue")
                 return None
-            stages.mark(name, time.time() - start, preset=config["preset"])
+            stages.mark(name, time.time() - start, settings[name])
             # Each stage configures its own log; come back to the run's.
             logger.configure(dir=os.path.join(run_dir, "logs"), format_strs="stdout,log")
             logger.log(f"[{number}/{len(STAGES)}] {name}: {time.time() - start:.0f} s")

@@ -22,11 +22,13 @@ import os
 import re
 
 import numpy as np
+import torch
 
 from . import checkpoint as ckpt
 from . import dist_util, logger, script_util
 from .dist_util import pick_device
 from .errors import UserError
+from .array_datasets import parse_db_range, to_db
 from .files import check_writable_target
 from .guidance import (
     check_classifier_fits,
@@ -36,6 +38,7 @@ from .guidance import (
     load_classifier,
 )
 from .labels import default_label_map, normalize_label_map, null_class_index, people, resolve_user_ids
+from .images import to_uint8_images
 from .sample_io import save_samples
 from .sample_loop import DenoisedClipper, NonFiniteSamples, generate_samples
 from .samplers import resolve_sampler, sampler_steps
@@ -70,7 +73,14 @@ def sample_defaults():
         "classifier_scale": 1.0,
         "guidance_scale": 1.0,
         "keep_going": False,
+        "save_npy": False,
     }
+
+
+FLAG_HELP = {
+    "save_npy": "also write each sample as a float32 .npy in dB beside its PNG (models trained on .npy/.npz "
+                "data: mapped back with the db_range their checkpoint stores)",
+}
 
 
 def latent_sample_defaults():
@@ -117,6 +127,11 @@ def check_sampling_metadata(meta, source):
     if data is not None and not isinstance(data, dict):
         raise UserError(f"{source}: metadata 'data' must be an object, got {type(data).__name__}")
     normalize_label_map((data or {}).get("label_map"), source)
+    if (data or {}).get("db_range") is not None:
+        try:
+            parse_db_range(data["db_range"])
+        except UserError as err:
+            raise UserError(f"{source}: metadata 'data.db_range': {err}") from None
 
 
 def load_sampling_model(config, device):
@@ -254,6 +269,10 @@ def run_sampling(config):
         config = {**config, "output_dir": logger.get_dir()}
     device = pick_device(config["device"]) if not dist_util.is_distributed() else dist_util.dev()
     model, diffusion_config, meta, path = load_sampling_model(config, device)
+    db_range = (meta.get("data") or {}).get("db_range")
+    if config["save_npy"] and db_range is None:
+        raise UserError(f"save_npy writes samples in dB, but {path} was not trained on .npy/.npz data "
+                        "(its metadata has no data.db_range)")
     if sampler in ("ddpm", "ddim"):
         if config["timestep_respacing"]:
             diffusion_config["timestep_respacing"] = config["timestep_respacing"]
@@ -305,7 +324,7 @@ def run_sampling(config):
                 eta=config["eta"], clipper=clipper, decode_fn=decode_fn, cond_fn=cond_fn,
                 seed=config["seed"], device=device, precision=config["precision"],
                 on_nonfinite=dropped.extend if config["keep_going"] else None,
-                progress=dist_util.is_main(),
+                progress=dist_util.is_main(), as_float=bool(config["save_npy"]),
             )
     except NonFiniteSamples as err:
         error = f"{err}: {_nonfinite_causes(config, path)}; nothing was written " \
@@ -328,6 +347,11 @@ def run_sampling(config):
     if clip_mode != "none":
         fraction = sum(p[2] * len(p[0]) for p in kept) / len(images)
         logger.log(f"clip_denoised={clip_mode}: {100 * fraction:.3f}% of predicted x0 values were clipped")
-    paths = save_samples(config["output_dir"], images, labels_out, label_map if class_cond else None)
+    db_values = None
+    if config["save_npy"]:  # float samples: dB from them, PNGs from their 8-bit rounding
+        db_values = to_db(images.mean(axis=-1), parse_db_range(db_range))
+        images = to_uint8_images(torch.from_numpy(images).permute(0, 3, 1, 2))
+    paths = save_samples(config["output_dir"], images, labels_out, label_map if class_cond else None,
+                         db_values=db_values)
     logger.log(f"wrote {len(images)} samples to {config['output_dir']} (grid: {paths['grid']})")
     return paths

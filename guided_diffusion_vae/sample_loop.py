@@ -103,9 +103,11 @@ def generate_samples(
     progress=True,
     on_nonfinite=None,
     cuda_graphs=True,
+    as_float=False,
 ):
     """Draw ``num_samples`` samples and return ``(uint8 NHWC images, labels,
-    clip fraction)``.
+    clip fraction)``; with ``as_float`` the images are float32 NHWC in
+    [-1, 1] instead (for values finer than 8 bits, e.g. spectrograms in dB).
 
     A sample whose latents or decoded pixels hold NaN or Inf is never turned
     into an image: by default :class:`NonFiniteSamples` is raised at the first
@@ -173,7 +175,9 @@ def generate_samples(
             if on_nonfinite is None:
                 raise NonFiniteSamples(bad, where)
             on_nonfinite(bad)
-        images.append(to_uint8_images(x[torch.from_numpy(keep).to(x.device)]))
+        kept = x[torch.from_numpy(keep).to(x.device)]
+        images.append(kept.float().clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy() if as_float
+                      else to_uint8_images(kept))
         if labels is not None:
             kept_labels.append(labels[start:stop].numpy()[keep])
     all_labels = np.concatenate(kept_labels) if kept_labels else None

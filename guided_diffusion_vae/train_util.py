@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import dist_util, logger
+from .array_datasets import data_folder_defaults
 from .ema import ema_decay
 from .errors import UserError, check_number
 from .fp16_util import MixedPrecisionTrainer
@@ -65,7 +66,16 @@ def training_defaults():
         "tensorboard": True,
         # classifier-free guidance: share of labels replaced by the null class
         "class_dropout_prob": 0.0,
+        "keep_checkpoints": 3,
+        # data_dir: how labels are read, how .npy/.npz values map to [-1, 1]
+        **data_folder_defaults(),
     }
+
+
+FLAG_HELP = {
+    "keep_checkpoints": "keep the newest N checkpoints (model, EMA and optimizer files of a step together) "
+                        "and delete older ones after each save; 0 keeps all",
+}
 
 
 # flag: (minimum, integer, exclusive minimum, what the bound means).
@@ -85,6 +95,7 @@ TRAINING_LIMITS = {
     "num_workers": (0, True, False, ""),
     "seed": (0, True, False, ""),
     "class_dropout_prob": (0.0, False, False, " (and below 1)"),
+    "keep_checkpoints": (0, True, False, " (0: keep all)"),
 }
 
 
@@ -197,7 +208,10 @@ class TrainLoop:
     checkpoint (model, diffusion, data, vae, train configuration: see
     docs/ARCHITECTURE.md). ``sample_fn(model, step)`` draws preview samples.
     With ``class_dropout_prob`` > 0 that share of labels becomes
-    ``null_label`` (classifier-free guidance training).
+    ``null_label`` (classifier-free guidance training). ``keep_checkpoints``
+    N > 0 deletes all but the newest N checkpoints after each save
+    (``checkpoint.prune_checkpoints``); 0, the default here, keeps every one
+    as the original does (the flag's default is 3).
     """
 
     def __init__(
@@ -232,12 +246,13 @@ class TrainLoop:
         compile=False,
         cuda_graph=False,
         seed=0,
+        keep_checkpoints=0,
     ):
         check_training_numbers(dict(
             batch_size=batch_size, microbatch=microbatch, lr=lr, weight_decay=weight_decay,
             lr_anneal_steps=lr_anneal_steps, log_interval=log_interval, save_interval=save_interval,
             fp16_scale_growth=fp16_scale_growth, grad_clip=grad_clip, max_nonfinite_steps=max_nonfinite_steps,
-            sample_interval=sample_interval, seed=seed,
+            sample_interval=sample_interval, seed=seed, keep_checkpoints=keep_checkpoints,
         ))
         self.model, self.diffusion, self.data = model, diffusion, data
         self.batch_size = batch_size
@@ -258,6 +273,7 @@ class TrainLoop:
         self.grad_clip, self.max_nonfinite_steps = grad_clip, max_nonfinite_steps
         self.sample_interval, self.sample_fn = sample_interval, sample_fn
         self.seed = seed
+        self.keep_checkpoints = keep_checkpoints
         self.device = dist_util.dev()
         self.use_fp16 = use_fp16
         self.precision = "fp16-master" if use_fp16 else resolve_precision(precision, self.device)
@@ -678,6 +694,11 @@ class TrainLoop:
             # only once its state file exists.
             ckpt.save_training_state(ckpt.state_path(folder, self.step), self._training_state())
             logger.log(f"saved checkpoint {model_file}")
+            # Only now is the new checkpoint complete, so older ones may go.
+            removed = ckpt.prune_checkpoints(folder, self.keep_checkpoints, self.step)
+            if removed:
+                logger.log(f"removed the checkpoints of step(s) {', '.join(map(str, removed))} "
+                           f"(keep_checkpoints {self.keep_checkpoints})")
         dist_util.barrier()
         return model_file
 

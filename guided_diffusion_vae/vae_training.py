@@ -33,6 +33,7 @@ Architecture presets (``vae_size``), each with 3 down blocks = 4x downsampling:
     base   (64, 128, 256), 2 layers/block, 32 groups (~14M)
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -49,7 +50,10 @@ from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
 from .ema import EMA
 from .errors import UserError, check_number
-from .image_datasets import ImageDataset, class_names_from_paths, detect_channels, list_image_files
+from .files import undone_on_failure
+from .array_datasets import ArrayFolderDataset, data_folder_defaults, parse_db_range
+from .image_datasets import ImageDataset, data_files, detect_channels
+from .labels import class_names_from_paths
 from .images import image_grid, to_uint8_images
 from .train_util import resolve_precision
 from .training_parts import StopRequests, autocast, load_latest_state, save_state, settings_text, state_files, wrap_for_processes
@@ -104,6 +108,8 @@ def vae_train_defaults():
         "num_workers": 2,
         "seed": 0,
         "progress": True,
+        # how class labels (the identity check) are read, how .npy/.npz values map to [-1, 1]
+        **data_folder_defaults(),
     }
 
 
@@ -186,6 +192,7 @@ def _check_config(config):
         raise UserError(f"holdout_fraction must lie in [0, 1), got {config['holdout_fraction']}")
     if config["channels"] not in (0, 1, 3):
         raise UserError(f"channels must be 0 (auto), 1 or 3, got {config['channels']}")
+    parse_db_range(config["db_range"])
 
 
 # --------------------------------------------------------------------------- #
@@ -231,9 +238,19 @@ def load_images(paths, image_size, channels, num_workers=0, desc="loading images
     return torch.cat(parts)
 
 
-def to_model_range(images_uint8, device):
-    """uint8 ``(N, C, S, S)`` -> float32 in [-1, 1] on ``device``."""
-    return images_uint8.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+def to_model_range(images, device):
+    """Training images ``(N, C, S, S)`` -> float32 in [-1, 1] on ``device``:
+    uint8 (image folders) or float16 already in [-1, 1] (arrays, whose values
+    8 bits would coarsen)."""
+    images = images.to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        return images.float().div_(127.5).sub_(1.0)
+    return images.float()
+
+
+def as_uint8(images):
+    """Training images as uint8 ``(N, C, S, S)`` (what the reference classifier reads)."""
+    return images if images.dtype == torch.uint8 else torch.from_numpy(to_uint8(images.float()))
 
 
 # --------------------------------------------------------------------------- #
@@ -420,10 +437,12 @@ def export_vae(vae, output_dir, *, stats, metrics, grid):
 # --------------------------------------------------------------------------- #
 
 
-def _resume_settings(config, arch):
+def _resume_settings(config, arch, db_range=None):
     settings = {key: config.get(key) for key in _RESUME_KEYS}
     settings.update(block_out_channels=list(arch["block_out_channels"]), layers_per_block=arch["layers_per_block"],
                     norm_num_groups=arch["norm_num_groups"], in_channels=arch["in_channels"])
+    if db_range is not None:  # array data: a state made with another mapping saw other values
+        settings["db_range"] = list(db_range)
     return settings
 
 
@@ -447,12 +466,21 @@ def train_vae(config):
     dist_util.setup_dist()
     rank, world, device = dist_util.rank(), dist_util.world_size(), dist_util.dev()
     checkpoint_dir = config["checkpoint_dir"] or os.path.abspath(config["output_dir"]).rstrip("/") + "_train"
-    with logger.scoped_configure(checkpoint_dir, format_strs=None if rank == 0 else ""):
-        return _train(config, checkpoint_dir, rank, world, device)
+    with contextlib.ExitStack() as logging:
+        # A start that fails (bad data, a state made with other settings)
+        # leaves nothing new in checkpoint_dir, not even the log.
+        with undone_on_failure(checkpoint_dir if rank == 0 else None, before_undo=logging.close):
+            logging.enter_context(logger.scoped_configure(checkpoint_dir, format_strs=None if rank == 0 else ""))
+            data, vae, run = _start(config, checkpoint_dir, rank, world, device)
+        if not run.train():
+            return None  # stopped by a signal: saved, nothing exported; a rerun resumes
+        labels = _class_labels(config, data, data.local_paths, data.heldout_paths[: config["max_eval_images"]])
+        return _finish(config, vae, run.ema, data.images, data.heldout, run.step, rank, device, labels,
+                       data.db_range)
 
 
-def _train(config, checkpoint_dir, rank, world, device):
-    """The VAE training run, step by step: data, model, resume, loop, finish."""
+def _start(config, checkpoint_dir, rank, world, device):
+    """The VAE training run up to its first step: data, model, resume."""
     data = _training_data(config, rank, world, device)
     torch.manual_seed(config["seed"])
     vae = build_autoencoder(data.arch).to(device)
@@ -463,15 +491,14 @@ def _train(config, checkpoint_dir, rank, world, device):
         torch.backends.cudnn.benchmark = True
     run = _VAERun(config, data, vae, checkpoint_dir, rank, world, device)
     run.resume()
-    if not run.train():
-        return None  # stopped by a signal: saved, nothing exported; a rerun resumes
-    labels = _class_labels(config, data.paths, data.local_paths, data.heldout_paths[: config["max_eval_images"]])
-    return _finish(config, vae, run.ema, data.images, data.heldout, run.step, rank, device, labels)
+    return data, vae, run
 
 
 @dataclasses.dataclass
 class _VAEData:
-    """This rank's training images (uint8, in memory) and rank 0's held-out ones."""
+    """This rank's training images (uint8, or float16 for arrays, in memory)
+    and rank 0's held-out ones. ``files``: the file of each entry of ``paths``
+    (its label source); ``db_range``: the dB range of array data (else None)."""
 
     paths: list
     local_paths: list
@@ -481,13 +508,38 @@ class _VAEData:
     batch_source: torch.Tensor
     stream: BatchStream
     heldout: object
+    files: list
+    db_range: object = None
+
+
+def _open_data(config):
+    """``(entries, file of each, channels, loader of entries, db_range)`` of
+    the data folder: image files, or the spectrograms of ``.npy``/``.npz`` files
+    (read, checked and mapped to [-1, 1] now; see array_datasets)."""
+    kind, files = data_files(config["data_dir"])
+    if kind == "images":
+        if parse_db_range(config["db_range"]) != "auto":
+            raise UserError(f"db_range applies to .npy/.npz data; {config['data_dir']} holds images")
+        channels = config["channels"] or detect_channels(files)
+
+        def load(paths, **kw):
+            return load_images(paths, config["image_size"], channels, **kw)
+
+        return files, files, channels, load, None
+    arrays = ArrayFolderDataset(config["data_dir"], files, config["image_size"],
+                                db_range="measure" if parse_db_range(config["db_range"]) == "auto"
+                                else parse_db_range(config["db_range"]), channels=config["channels"] or 1)
+    logger.log(arrays.describe())
+    position = {name: i for i, name in enumerate(arrays.all_paths)}
+
+    def load(paths, **_):
+        return torch.from_numpy(arrays.pixels([position[p] for p in paths])).to(torch.float16)
+
+    return arrays.all_paths, arrays.files, arrays.channels, load, arrays.db_range
 
 
 def _training_data(config, rank, world, device):
-    paths = list_image_files(config["data_dir"])
-    if not paths:
-        raise UserError(f"no image files found in {config['data_dir']}")
-    channels = config["channels"] or detect_channels(paths)
+    paths, files, channels, load, db_range = _open_data(config)
     arch = resolve_architecture(config, channels)
     train_paths, heldout_paths = split_holdout(paths, config["data_dir"], config["holdout_fraction"])
     logger.log(
@@ -497,8 +549,8 @@ def _training_data(config, rank, world, device):
         f"{arch['latent_channels']} latent channels"
     )
     local_paths = train_paths[rank::world]
-    images = load_images(local_paths, config["image_size"], channels, config["num_workers"],
-                         desc="loading images", progress=config["progress"] and rank == 0)
+    images = load(local_paths, num_workers=config["num_workers"], desc="loading images",
+                  progress=config["progress"] and rank == 0)
     # Batches are gathered where the images are: on the GPU when they fit
     # (no host work per step), else from pinned host memory.
     batch_source = images
@@ -514,9 +566,9 @@ def _training_data(config, rank, world, device):
         ) from None
     heldout = None  # rank 0 evaluates (EMA weights) on the held-out images
     if rank == 0 and heldout_paths:
-        heldout = load_images(heldout_paths[: config["max_eval_images"]], config["image_size"], channels)
+        heldout = load(heldout_paths[: config["max_eval_images"]])
     return _VAEData(paths, local_paths, heldout_paths, arch, images, batch_source,
-                    BatchStream(sampler, lambda s: iter(s)), heldout)
+                    BatchStream(sampler, lambda s: iter(s)), heldout, files, db_range)
 
 
 class _VAERun:
@@ -529,7 +581,7 @@ class _VAERun:
         self.objective = AutoencoderObjective(vae)
         self.opt = torch.optim.AdamW(vae.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
         self.ema = EMA(vae, config["ema_rate"])
-        self.settings = _resume_settings(config, data.arch)
+        self.settings = _resume_settings(config, data.arch, data.db_range)
         self.step = 0
         factor = 2 ** (len(data.arch["block_out_channels"]) - 1)
         self.noise_shape = (config["batch_size"], *latent_shape_of(
@@ -639,10 +691,10 @@ class _VAERun:
                            f"SSIM {quick['ssim']:.4f} (EMA)")
 
 
-def _class_labels(config, all_paths, train_paths, heldout_paths):
-    """``(train_labels, heldout_labels, num_classes)`` from class sub-folders
-    (or file-name prefixes), or None when the data have no classes or the
-    identity check is off."""
+def _class_labels(config, data, train_paths, heldout_paths):
+    """``(train_labels, heldout_labels, num_classes)`` by ``label_source``
+    (class sub-folders, file-name prefixes or ``labels_csv``), or None when
+    the data have no classes or the identity check is off."""
 
     if not config["identity_steps"] or not heldout_paths:
         return None
@@ -650,10 +702,12 @@ def _class_labels(config, all_paths, train_paths, heldout_paths):
         logger.log("identity check skipped: the reference classifier needs an image size divisible by 8")
         return None
     try:
-        names = sorted(set(class_names_from_paths(all_paths, config["data_dir"])))
+        by_entry = dict(zip(data.paths, class_names_from_paths(data.files, config["data_dir"], config["label_source"],
+                                                               config["labels_csv"])))
+        names = sorted(set(by_entry.values()))
         index = {name: i for i, name in enumerate(names)}
-        train = [index[n] for n in class_names_from_paths(train_paths, config["data_dir"])]
-        heldout = [index[n] for n in class_names_from_paths(heldout_paths, config["data_dir"])]
+        train = [index[by_entry[p]] for p in train_paths]
+        heldout = [index[by_entry[p]] for p in heldout_paths]
     except UserError as err:
         logger.log(f"identity check skipped: no class labels ({err})")
         return None
@@ -668,7 +722,8 @@ def _identity(config, train_images, heldout, recon, labels, device):
 
     train_labels, heldout_labels, num_classes = labels
     recon_uint8 = to_uint8(recon)
-    result = reconstruction_identity(train_images, train_labels, heldout, heldout_labels, recon_uint8, num_classes,
+    result = reconstruction_identity(as_uint8(train_images), train_labels, as_uint8(heldout), heldout_labels,
+                                     recon_uint8, num_classes,
                                      device=device, steps=config["identity_steps"], seed=config["seed"])
     ratio = result["rcas"] / result["trtr"] if result["trtr"] else float("nan")
     logger.log(f"identity: a person classifier trained on the training images scores {result['trtr']:.3f} on the "
@@ -680,8 +735,9 @@ def _identity(config, train_images, heldout, recon, labels, device):
     return result
 
 
-def _finish(config, vae, ema, train_images, heldout, step, rank, device, labels=None):
-    """Rank 0: EMA weights -> held-out metrics, latent scale, grid, export."""
+def _finish(config, vae, ema, train_images, heldout, step, rank, device, labels=None, db_range=None):
+    """Rank 0: EMA weights -> held-out metrics, latent scale, grid, export
+    (with the dB range of array data, which encoding must repeat)."""
     metrics = None
     if rank == 0:
         final = ema.copy_to(vae).eval().requires_grad_(False)
@@ -693,6 +749,8 @@ def _finish(config, vae, ema, train_images, heldout, step, rank, device, labels=
         quality, recon = evaluate(final, eval_images, device)
         stats = measure_latent_stats(final, train_images[: config["scale_images"]], device)
         stats["step"] = step
+        if db_range is not None:
+            stats["db_range"] = [float(v) for v in db_range]
         shown = min(8, eval_images.shape[0])
         grid = comparison_grid(to_model_range(eval_images[:shown], torch.device("cpu")), recon[:shown])
         metrics = dict(quality, split=split, step=step, weights=f"ema_{config['ema_rate']}",

@@ -97,8 +97,14 @@ def read_latent_stats(path):
     stats_path = os.path.join(path, LATENT_STATS_FILE)
     if not os.path.isfile(stats_path):
         return None
-    with open(stats_path) as f:
-        return json.load(f)
+    try:
+        with open(stats_path) as f:
+            stats = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{stats_path!r} is not readable JSON: {err}") from None
+    if not isinstance(stats, dict):
+        raise UserError(f"{stats_path!r} holds a {type(stats).__name__}, not an object")
+    return stats
 
 
 def _read_vae_weights(path):
@@ -254,12 +260,17 @@ class VAEInterface:
         self.seed = int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.latent_scale = None
+        stats = read_latent_stats(path)
+        # The dB range of the .npy/.npz data the VAE was trained on: data it
+        # encodes must be mapped the same way (None: trained on images).
+        self.db_range = None
+        if stats and stats.get("fingerprint") in (None, self.fingerprint):
+            self.db_range = stats.get("db_range")
         if latent_scale is not None:
             latent_scale = parse_latent_scale(latent_scale)
         if latent_scale == "measured":
             latent_scale = None
         if latent_scale == "stored":
-            stats = read_latent_stats(path)
             if stats is None:
                 raise UserError(
                     f"latent_scale 'stored' but {os.path.join(path, LATENT_STATS_FILE)!r} does not exist; "

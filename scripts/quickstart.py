@@ -5,7 +5,8 @@
 
 Stages: data -> vae -> latents -> diffusion -> samples -> evaluate -> report
 (run_dir/report.html). A rerun skips finished stages and resumes the
-interrupted one; SIGTERM or Ctrl-C during diffusion training saves, and the
+interrupted one; one with other settings is refused (--overwrite redoes the
+changed stage and every later one). SIGTERM or Ctrl-C during diffusion training saves, and the
 same command continues from there (a notebook or a job with a time limit can
 run the preset in several pieces).
 """

@@ -58,3 +58,12 @@ def test_list_flags(tmp_path):
     assert cfg["user_ids"] == ["1", "5", "10"]
     cfg = parse_with_config(sample_defaults(), ["--config", _write(tmp_path, "user_ids: [2, 3]\n")])
     assert cfg["user_ids"] == ["2", "3"]
+
+
+def test_a_value_starting_with_a_minus_sign_belongs_to_its_flag(tmp_path):
+    defaults = {"db_range": "auto", "lr": 1.0, "user_ids": []}
+    config = parse_with_config(defaults, ["--db_range", "-60,0", "--lr", "-.5", "--user_ids", "3", "7"])
+    assert config["db_range"] == "-60,0" and config["lr"] == -0.5 and config["user_ids"] == ["3", "7"]
+    assert parse_with_config(defaults, ["--db_range=-60,0"])["db_range"] == "-60,0"
+    (tmp_path / "c.yaml").write_text("db_range: [-80, 0]\n")
+    assert parse_with_config(defaults, ["--config", str(tmp_path / "c.yaml")])["db_range"] == "-80,0"

@@ -48,3 +48,131 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     run_quickstart(config, preset=SMOKE)
     assert (run / "diffusion" / "model000003.safetensors").stat().st_mtime == mtime
     assert "done earlier" in (run / "logs" / "log.txt").read_text()
+
+
+# --------------------------------------------------------------------------- #
+# reruns with other settings: the stage logic, with each stage's work replaced
+# by a stand-in that writes one file into the stage's folder
+# --------------------------------------------------------------------------- #
+
+import pytest  # noqa: E402
+
+from guided_diffusion_vae import quickstart  # noqa: E402
+from guided_diffusion_vae.errors import UserError  # noqa: E402
+
+
+@pytest.fixture
+def fake_stages(monkeypatch):
+    """Replace every stage's work; returns the list of stages run, in order.
+    ``ran.stop["diffusion"] = True`` makes diffusion training stop early (saved)."""
+
+    class Ran(list):
+        pass
+
+    ran = Ran()
+    stop = ran.stop = {}
+
+    def stand_in(name, folder):
+        def work(run_dir, *args):
+            ran.append(name)
+            path = os.path.join(run_dir, folder)
+            os.makedirs(path, exist_ok=True)
+            with open(os.path.join(path, "made.txt"), "a") as f:
+                f.write("made\n")
+            return False if stop.get(name) else None
+        return work
+
+    for name, function in (("data", "_simulate"), ("vae", "_train_vae"), ("latents", "_encode"),
+                           ("diffusion", "_train_diffusion"), ("samples", "_sample"), ("evaluate", "_evaluate")):
+        monkeypatch.setattr(quickstart, function, stand_in(name, quickstart.STAGE_OUTPUTS[name][0]))
+
+    def report(run_dir, stages):
+        ran.append("report")
+        quickstart.atomic_write_bytes(os.path.join(run_dir, "report.html"), b"<html></html>")
+
+    monkeypatch.setattr(quickstart, "_report", report)
+    return ran
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*"))}
+
+
+def _other_sampling(**changes):
+    return {**SMOKE, "sampling": {**SMOKE["sampling"], **changes}}
+
+
+def test_a_rerun_with_other_settings_is_refused_before_any_work(tmp_path, fake_stages):
+    config = {**quickstart_defaults(), "run_dir": str(tmp_path / "qs"), "workers": 1}
+    run_quickstart(config, preset=SMOKE)
+    assert fake_stages == list(quickstart.STAGES)
+
+    # The same settings, and settings that do not change results, skip every stage.
+    del fake_stages[:]
+    run_quickstart({**config, "workers": 3}, preset=_other_sampling(batch_size=2))
+    assert fake_stages == []
+
+    # Another preset: refused at the first stage, naming the setting; nothing ran or was written.
+    before = _snapshot(tmp_path / "qs")
+    with pytest.raises(UserError, match=r"^stage 'data': setting 'preset' was tiny, now gpu; rerun with "
+                                        r"--overwrite .* or use a new --run_dir$"):
+        run_quickstart({**config, "preset": "gpu"}, preset=SMOKE)
+    with pytest.raises(UserError, match=r"^stage 'samples': setting 'num_images_per_user' was 2, now 3;"):
+        run_quickstart(config, preset=_other_sampling(num_images_per_user=3))
+    with pytest.raises(UserError, match=r"^stage 'vae': setting 'lr' was 0.001, now 0.002;"):
+        run_quickstart(config, preset={**SMOKE, "vae": {**SMOKE["vae"], "lr": 2e-3}})
+    assert fake_stages == []
+    assert _snapshot(tmp_path / "qs") == before
+
+
+def test_overwrite_redoes_the_changed_stage_and_every_later_one(tmp_path, fake_stages):
+    config = {**quickstart_defaults(), "run_dir": str(tmp_path / "qs"), "workers": 1}
+    run_quickstart(config, preset=SMOKE)
+    (tmp_path / "qs" / "samples" / "user_01").mkdir()  # an old sample folder must not survive
+    del fake_stages[:]
+    changed = _other_sampling(num_images_per_user=3)
+    run_quickstart({**config, "overwrite": True}, preset=changed)
+    assert fake_stages == ["samples", "evaluate", "report"]
+    assert not (tmp_path / "qs" / "samples" / "user_01").exists()
+    assert (tmp_path / "qs" / "data" / "made.txt").read_text().count("\n") == 1  # data were not redone
+    stages = json.loads((tmp_path / "qs" / "stages.json").read_text())
+    assert stages["samples"]["settings"]["num_images_per_user"] == 3
+    assert "clearing" not in stages and "started" not in stages
+    # The new settings are now the recorded ones: the same rerun skips, the old ones are refused.
+    del fake_stages[:]
+    run_quickstart(config, preset=changed)
+    assert fake_stages == []
+    with pytest.raises(UserError, match="was 3, now 2"):
+        run_quickstart(config, preset=SMOKE)
+
+
+def test_an_interrupted_stage_resumes_only_with_its_own_settings(tmp_path, fake_stages):
+    config = {**quickstart_defaults(), "run_dir": str(tmp_path / "qs"), "workers": 1}
+    fake_stages.stop["diffusion"] = True
+    assert run_quickstart(config, preset=SMOKE) is None  # stopped early, saved
+    assert json.loads((tmp_path / "qs" / "stages.json").read_text())["started"]["diffusion"]["lr_anneal_steps"] == 3
+    other = {**SMOKE, "diffusion": {**SMOKE["diffusion"], "lr_anneal_steps": 5}}
+    with pytest.raises(UserError, match=r"^stage 'diffusion': setting 'lr_anneal_steps' was 3, now 5;"):
+        run_quickstart(config, preset=other)
+    fake_stages.stop.clear()
+    del fake_stages[:]
+    run_quickstart(config, preset=SMOKE)
+    assert fake_stages == ["diffusion", "samples", "evaluate", "report"]
+
+
+def test_an_overwrite_killed_while_deleting_is_finished_by_the_next_start(tmp_path, fake_stages):
+    config = {**quickstart_defaults(), "run_dir": str(tmp_path / "qs"), "workers": 1}
+    run_quickstart(config, preset=SMOKE)
+    stages = json.loads((tmp_path / "qs" / "stages.json").read_text())
+    for name in ("evaluate", "report"):
+        del stages[name]
+    # Written before the deletion began; "../outside" is no stage and is ignored.
+    stages["clearing"] = ["evaluate", "report", "../outside"]
+    (tmp_path / "qs" / "stages.json").write_text(json.dumps(stages))
+    (tmp_path / "outside").mkdir()
+    del fake_stages[:]
+    run_quickstart(config, preset=SMOKE)
+    assert fake_stages == ["evaluate", "report"]
+    assert (tmp_path / "qs" / "eval" / "made.txt").read_text().count("\n") == 1  # removed, then made anew
+    assert (tmp_path / "outside").is_dir()

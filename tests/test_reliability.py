@@ -575,6 +575,31 @@ def bad_inputs(tmp_path_factory):
     (root / "tagged.yaml").write_text("lr: !!python/object/apply:os.system ['touch PWNED']\n")
     (root / "misspelt.yaml").write_text("learning_rate: 1.0e-4\n")
     (root / "a_file").write_text("not a folder")
+    # Spectrogram arrays: good ones, and one fault per folder.
+    for person in ("user_01", "user_02"):
+        (root / "arr_ok" / person).mkdir(parents=True)
+        for i in range(2):
+            np.save(root / "arr_ok" / person / f"w{i}.npy", np.full((16, 16), -10.0 * i, np.float32))
+    (root / "labels.csv").write_text("file,label\nuser_01/w0.npy,alice\n")
+    faults = {"arr_nan": np.zeros((16, 16)), "arr_4d": np.zeros((1, 2, 16, 16)),
+              "arr_complex": np.zeros((16, 16), np.complex64)}
+    faults["arr_nan"][3, 5] = float("nan")
+    for name, array in faults.items():
+        (root / name).mkdir()
+        np.save(root / name / "a_1.npy", np.zeros((16, 16)))
+        np.save(root / name / "bad_2.npy", array)
+    (root / "arr_shapes").mkdir()
+    np.save(root / "arr_shapes" / "a_1.npy", np.zeros((16, 16)))
+    np.save(root / "arr_shapes" / "a_2.npy", np.zeros((16, 20)))
+    (root / "arr_pickle").mkdir()
+    np.save(root / "arr_pickle" / "a_1.npy", np.array([_Evil(root / "PWNED")], dtype=object), allow_pickle=True)
+    # A quickstart run folder whose data stage was made with the tiny preset.
+    from guided_diffusion_vae.quickstart import LAYOUT, PRESETS, stage_settings
+
+    tiny = stage_settings({"preset": "tiny", "seed": 0}, PRESETS["tiny"])
+    (root / "quickstart_run").mkdir()
+    (root / "quickstart_run" / "stages.json").write_text(json.dumps(
+        {"layout": LAYOUT, "data": {"seconds": 1.0, "settings": tiny["data"]}}))
     return root
 
 
@@ -589,6 +614,7 @@ BAD_INPUTS = [
     (TRAIN, ["--data_dir", "{root}/images", "--lr", "nan", "--log_dir", "{out}"], "lr"),
     (TRAIN, ["--data_dir", "{root}/images", "--lr_anneal_steps", "-5", "--log_dir", "{out}"], "lr_anneal_steps"),
     (TRAIN, ["--data_dir", "{root}/images", "--ema_rate", "1.5", "--log_dir", "{out}"], "ema_rate"),
+    (TRAIN, ["--data_dir", "{root}/images", "--keep_checkpoints", "-1", "--log_dir", "{out}"], "keep_checkpoints"),
     (TRAIN, ["--data_dir", "{root}/no_such_folder", "--log_dir", "{out}"], "no_such_folder"),
     (TRAIN, ["--data_dir", "{root}/images", "--log_dir", "{root}/a_file"], "a_file"),
     (TRAIN, ["--data_dir", "{root}/images", "--lr_anneal_step", "5", "--log_dir", "{out}"], "--lr_anneal_step"),
@@ -639,6 +665,22 @@ BAD_INPUTS = [
     ("evaluate.py", ["--real_train", "{root}/images", "--real_test", "{root}/images", "--generated",
                      "{root}/no_such_samples", "--output_json", "{out}/m.json"], "no_such_samples"),
     ("quickstart.py", ["--preset", "huge", "--run_dir", "{out}"], "huge"),
+    ("vae_train.py", ["--data_dir", "{root}/arr_nan", "--output_dir", "{out}"], "bad_2.npy holds NaN or Inf at row 3"),
+    ("vae_train.py", ["--data_dir", "{root}/arr_ok", "--db_range", "x", "--output_dir", "{out}"], "db_range"),
+    ("encode_latents.py", ["--data_dir", "{root}/arr_4d", "--vae_path", "{root}/vae", "--output_dir", "{out}"],
+     "bad_2.npy is 4-D"),
+    (TRAIN, ["--data_dir", "{root}/arr_pickle", "--log_dir", "{out}"], "a_1.npy holds pickled Python objects"),
+    (TRAIN, ["--data_dir", "{root}/arr_shapes", "--log_dir", "{out}"], "a_2.npy is 16x20"),
+    (TRAIN_VAE, ["--data_dir", "{root}/arr_complex", "--vae_path", "{root}/vae", "--image_size", "16",
+                 "--latent_scale", "1.0", "--log_dir", "{out}"], "bad_2.npy holds complex64"),
+    (TRAIN, ["--data_dir", "{root}/arr_ok", "--class_cond", "True", "--labels_csv", "{root}/labels.csv",
+             "--log_dir", "{out}"], "has no row for user_01/w1.npy"),
+    (TRAIN, ["--data_dir", "{root}/arr_ok", "--db_range", "0,-60", "--log_dir", "{out}"], "db_range"),
+    (TRAIN, ["--data_dir", "{root}/images", "--db_range", "-60,0", "--log_dir", "{out}"], "db_range applies"),
+    (SAMPLE, ["--model_path", "{root}/good", "--use_ema", "False", "--save_npy", "True", "--output_dir", "{out}"],
+     "save_npy"),
+    ("quickstart.py", ["--preset", "gpu", "--run_dir", "{root}/quickstart_run"],
+     "stage 'data': setting 'preset' was tiny, now gpu"),
     ("interpolate.py", ["--model_path", "{root}/no_such_run", "--output_dir", "{out}"], "no_such_run"),
     ("diagnose.py", ["--model_path", "{root}/no_such_run", "--output_json", "{out}/d.json"], "no_such_run"),
 ]

@@ -32,13 +32,13 @@ def _stream(seed=0, n=24, batch=4, interrupt_at=None):
     return BatchStream(ShardedBatchSampler(n, batch, seed=seed), batches)
 
 
-def _loop(flags, folder, steps, resume="", interrupt_at=None, **kw):
+def _loop(flags, folder, steps, resume="", interrupt_at=None, save_interval=0, **kw):
     torch.manual_seed(0)
     model, diffusion = script_util.create_model_and_diffusion(**flags)
     model_config, diffusion_config = split_flags(flags)
     loop = TrainLoop(
         model=model, diffusion=diffusion, data=_stream(interrupt_at=interrupt_at), batch_size=4, microbatch=2, lr=1e-3,
-        ema_rate="0.9,0.99", log_interval=2, save_interval=0, resume_checkpoint=resume,
+        ema_rate="0.9,0.99", log_interval=2, save_interval=save_interval, resume_checkpoint=resume,
         lr_anneal_steps=steps, checkpoint_dir=str(folder), weight_decay=0.01, grad_clip=1.0,
         metadata={"model": model_config, "diffusion": diffusion_config, "data": {"label_map": {"0": "a", "1": "b", "2": "c"}}},
         **kw,
@@ -258,3 +258,49 @@ def test_atomic_writes_respect_the_umask_and_clear_stale_temporaries(tmp_path):
         os.umask(previous)
     assert (tmp_path / "data.bin").stat().st_mode & 0o777 == 0o640
     assert not stale.exists() and fresh.exists()
+
+
+def _steps_on_disk(folder):
+    """``{step: sorted names}`` of the checkpoint files in ``folder``."""
+    found = {}
+    for name in os.listdir(folder):
+        if name.endswith((".safetensors", ".pt")):
+            found.setdefault(ckpt.parse_step(name), []).append(name)
+    return {step: sorted(names) for step, names in found.items()}
+
+
+def test_keep_checkpoints_prunes_old_saves_and_resume_continues_from_the_newest(tmp_path, tiny_model_flags):
+    logger.configure(dir=str(tmp_path / "log"), format_strs="log")
+    folder = tmp_path / "run"
+    _loop(tiny_model_flags, folder, 5, save_interval=1, keep_checkpoints=2).run_loop()
+    # Steps 4 and 5 remain, each with its model, both EMAs and its training state.
+    assert _steps_on_disk(folder) == {
+        step: sorted([f"model{step:06d}.safetensors", f"ema_0.9_{step:06d}.safetensors",
+                      f"ema_0.99_{step:06d}.safetensors", f"opt{step:06d}.pt"]) for step in (4, 5)}
+
+    # A torn save of a later step (model written, no training state) and a
+    # file of the original's format: neither is pruned, and resume skips the torn one.
+    (folder / "model000090.safetensors").write_bytes((folder / "model000005.safetensors").read_bytes())
+    (folder / "model000001.pt").write_bytes(b"the original's checkpoint")
+    resumed = _loop(tiny_model_flags, folder, 8, resume="auto", save_interval=1, keep_checkpoints=2)
+    assert resumed.step == 5
+    resumed.run_loop()
+    assert sorted(_steps_on_disk(folder)) == [1, 7, 8, 90]
+    assert len(_steps_on_disk(folder)[8]) == 4
+    assert _loop(tiny_model_flags, folder, 9, resume="auto").step == 8
+
+    # 0 keeps every save.
+    _loop(tiny_model_flags, tmp_path / "all", 3, save_interval=1, keep_checkpoints=0).run_loop()
+    assert sorted(_steps_on_disk(tmp_path / "all")) == [1, 2, 3]
+
+
+def test_pruning_a_step_removes_its_training_state_first(tmp_path):
+    # A crash part-way through pruning step 1 left its model and EMA but no
+    # training state: it no longer counts as resumable, and the next prune
+    # removes the rest.
+    for name in ("model000001.safetensors", "ema_0.99_000001.safetensors",
+                 "model000002.safetensors", "opt000002.pt", "model000003.safetensors", "opt000003.pt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert ckpt.latest_model_checkpoint(str(tmp_path)).endswith("model000003.safetensors")
+    assert ckpt.prune_checkpoints(str(tmp_path), 1, current_step=3) == [1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["model000003.safetensors", "opt000003.pt"]

@@ -121,6 +121,19 @@ def test_bad_inputs(images, tmp_path):
         vt.train_vae(_config(images, tmp_path / "v", vae_size="huge"))
     with pytest.raises(UserError, match="data directory not found"):
         vt.train_vae(_config(str(tmp_path / "none"), tmp_path / "v"))
+    # None of these starts left a checkpoint folder (logs included) behind.
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_a_failed_start_leaves_nothing_new_in_the_checkpoint_folder(images, tmp_path):
+    with pytest.raises(UserError, match="fewer than batch_size=64"):
+        vt.train_vae(_config(images, tmp_path / "v", batch_size=64, checkpoint_dir=str(tmp_path / "states")))
+    assert not (tmp_path / "states").exists() and not (tmp_path / "v").exists()
+    (tmp_path / "states").mkdir()
+    (tmp_path / "states" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="fewer than batch_size=64"):
+        vt.train_vae(_config(images, tmp_path / "v", batch_size=64, checkpoint_dir=str(tmp_path / "states")))
+    assert os.listdir(tmp_path / "states") == ["notes.txt"]
 
 
 def test_ssim_psnr_and_helpers(tmp_path):

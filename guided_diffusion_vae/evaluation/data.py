@@ -11,6 +11,10 @@ writes real data and the sampling scripts write samples; images directly in
 the top folder (the sampling scripts' ``grid.png``) are not samples and are
 skipped. A ``.npz`` from the sampling scripts holds ``arr_0`` (N, H, W, C)
 uint8 and ``arr_1`` the class indices, in the sorted class order above.
+
+A real set may also be a folder of ``.npy``/``.npz`` spectrograms in class
+sub-folders (see :mod:`guided_diffusion_vae.array_datasets`), mapped to
+images with one dB range for the training and the held-out set.
 """
 
 import dataclasses
@@ -18,10 +22,13 @@ import json
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 
+from ..array_datasets import ArrayFolderDataset
 from ..errors import UserError
 from .classifier import match_channels, to_uint8
+from ..image_datasets import data_files
 from ..image_datasets import detect_channels as detect_image_channels
 from ..image_datasets import list_image_files
 from ..latent_datasets import LatentCache
@@ -117,6 +124,34 @@ def load_folder(folder, *, image_size, channels, class_names=None, max_per_class
             labels.append(index[name])
             files.append(path)
     return LabelledImages(np.stack(images), np.asarray(labels, dtype=np.int64), list(class_names), folder, files)
+
+
+def is_array_folder(path):
+    """True for a folder of ``.npy``/``.npz`` spectrograms (and no images)."""
+    if not os.path.isdir(path) or is_latent_cache(path):
+        return False
+    try:
+        return data_files(path)[0] == "arrays"
+    except UserError:
+        return False
+
+
+def load_array_folder(folder, *, image_size, db_range, class_names=None):
+    """The spectrograms of ``folder``'s class sub-folders as one-channel uint8
+    images, mapped from dB with ``db_range`` (a pair, or "measure": the
+    folder's own minimum and maximum). Returns the set and the range used."""
+    _, files = data_files(folder)
+    arrays = ArrayFolderDataset(folder, files, image_size, db_range=db_range, class_cond=True, label_source="folder",
+                                channels=1)
+    class_names = class_names or arrays.class_names
+    unknown = sorted(set(arrays.class_names) - set(class_names))
+    if unknown:
+        raise UserError(f"{folder}: class folder(s) {', '.join(unknown[:5])} are not classes of the real "
+                        f"training data ({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''})")
+    remap = np.array([class_names.index(n) for n in arrays.class_names], dtype=np.int64)
+    images = to_uint8(torch.from_numpy(arrays.values[:, None]))
+    return (LabelledImages(images, remap[np.asarray(arrays.labels, dtype=np.int64)], list(class_names), folder,
+                           list(arrays.all_paths)), arrays.db_range)
 
 
 def load_npz(path, *, image_size, channels, class_names):

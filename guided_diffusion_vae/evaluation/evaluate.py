@@ -30,10 +30,12 @@ from ..errors import UserError
 from . import classifier as clf
 from . import metrics
 from ..images import image_grid, save_png
+from ..array_datasets import data_folder_defaults, measure_range, parse_db_range, resolve_db_range
+from ..image_datasets import data_files
 from ..latent_datasets import LatentCache
-from ..vae_wrapper import VAEInterface, check_vae_dir
-from .data import (LabelledImages, detect_channels, image_size_of, is_latent_cache, load_folder, load_generated,
-                   load_latent_cache, per_class_first)
+from ..vae_wrapper import VAEInterface, check_vae_dir, read_latent_stats
+from .data import (LabelledImages, detect_channels, image_size_of, is_array_folder, is_latent_cache,
+                   load_array_folder, load_folder, load_generated, load_latent_cache, per_class_first)
 
 PAIRS_FILE = "nearest_pairs.png"
 
@@ -58,6 +60,8 @@ def evaluate_defaults():
         "memorisation_threshold": 0.5,
         "num_pairs": 8,
         "inception_weights": "",
+        # real .npy/.npz folders: dB -> [-1, 1] (auto: --vae_path's range, else real_train's min and max)
+        "db_range": data_folder_defaults()["db_range"],
     }
 
 
@@ -83,6 +87,7 @@ def check_evaluation_config(config):
         raise UserError(f"--augment_k must be comma-separated integers, got {config['augment_k']!r}") from None
     if any(k < 1 for k in ks):
         raise UserError(f"--augment_k values must be >= 1, got {config['augment_k']!r}")
+    parse_db_range(config["db_range"])
     if config["vae_path"]:
 
         check_vae_dir(config["vae_path"])  # before any classifier is trained
@@ -230,17 +235,43 @@ def _inception_metrics(weights, real: LabelledImages, generated: LabelledImages)
     return {"fid": float(out["frechet_inception_distance"]), "kid": float(out["kernel_inception_distance_mean"])}
 
 
-def _load_real(path, config, device, image_size, channels, class_names=None):
+def _load_real(path, config, device, image_size, channels, class_names=None, db_range=None):
+    """A real set; ``db_range`` (a pair or "measure") maps a folder of arrays."""
     if is_latent_cache(path):
         return load_latent_cache(path, vae_path=config["vae_path"], device=device, image_size=image_size,
                                  channels=channels, class_names=class_names)
+    if is_array_folder(path):
+        images, used = load_array_folder(path, image_size=image_size, db_range=db_range, class_names=class_names)
+        logger.log(f"{path}: spectrograms mapped from {used[0]:g}..{used[1]:g} dB")
+        return images
     return load_folder(path, image_size=image_size, channels=channels, class_names=class_names)
 
 
+def _array_range(config):
+    """How real arrays map to [-1, 1]: --db_range, else the VAE's stored range,
+    else real_train's own minimum and maximum (one range for both sets)."""
+    stored = None
+    if config["vae_path"]:
+        stored = (read_latent_stats(config["vae_path"]) or {}).get("db_range")
+    db_range = resolve_db_range(config["db_range"], stored, f"the VAE {config['vae_path']}")
+    if db_range == "measure":
+        _, files = data_files(config["real_train"])
+        db_range = measure_range(files)
+    return db_range
+
+
 def _geometry(config):
-    """(image size, channels) of the evaluation: from the first real folder, or a latent cache's meta."""
+    """(image size, channels) of the evaluation: from the first real folder,
+    from the generated samples when the real ones are arrays (which are not
+    square), or from a latent cache's meta."""
     for key in ("real_train", "real_test"):
         path = config[key]
+        if is_array_folder(path):
+            if int(config["image_size"]):
+                return int(config["image_size"]), 1
+            if config["generated"] and os.path.isdir(config["generated"]):
+                return image_size_of(config["generated"]), 1
+            raise UserError(f"--{key} {path} holds arrays: give --image_size (the size the model was trained at)")
         if not is_latent_cache(path):
             return int(config["image_size"]) or image_size_of(path), detect_channels(path)
 
@@ -251,8 +282,11 @@ def _geometry(config):
 
 def _load_sets(config, device):
     image_size, channels = _geometry(config)
-    train = _load_real(config["real_train"], config, device, image_size, channels)
-    test = _load_real(config["real_test"], config, device, image_size, channels, class_names=train.class_names)
+    arrays = any(is_array_folder(config[key]) for key in ("real_train", "real_test"))
+    db_range = _array_range(config) if arrays else None
+    train = _load_real(config["real_train"], config, device, image_size, channels, db_range=db_range)
+    test = _load_real(config["real_test"], config, device, image_size, channels, class_names=train.class_names,
+                      db_range=db_range)
     generated = None
     if config["generated"]:
         generated = load_generated(config["generated"], image_size=image_size, channels=channels,
