@@ -32,6 +32,22 @@ def benchmark_defaults():
     }
 
 
+# The steps are timed on synthetic latents: of the training flags only these matter.
+_USED = (*script_util.model_and_diffusion_defaults(), "batch_size", "lr", "ema_rate", "grad_clip")
+FLAG_HELP = {
+    **{flag: "not used by the benchmark (it times --variants on synthetic latents)"
+       for flag in latent_train_defaults() if flag not in _USED},
+    "latent_channels": "channels of the synthetic latents (the VAE's latent channels they stand for)",
+    "downsample_factor": "pixels per latent along each side (the VAE's), so image_size gives the latent size",
+    "num_classes_data": "classes of the synthetic labels",
+    "warmup_steps": "untimed steps first (compilation, autotuning)",
+    "timed_steps": "timed steps per variant",
+    "variants": "comma-separated variants to time: fp32 or bf16, each optionally with +compile",
+    "output_json": "also write the figures to this JSON file ('' = none)",
+    "check_syncs": "on a GPU, count host-device synchronisations per step (variants without compile)",
+}
+
+
 def _synthetic_stream(batch_size, shape, num_classes, device):
     gen = torch.Generator(device=device).manual_seed(0)
     latents = torch.randn((batch_size, *shape), generator=gen, device=device)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from . import dist_util, logger, script_util
+from . import dist_util, logger, script_util, train_util
 from .errors import UserError
 from .guidance import CLASSIFIER_KIND
 from .labels import normalize_label_map
@@ -46,9 +46,25 @@ def classifier_train_defaults():
         "log_dir": "",
         "seed": 0,
         "precision": "auto",
-        # continue from the newest classifier_state_NNNNNN.pt in log_dir
         "resume": True,
     }
+
+
+FLAG_HELP = {
+    **{flag: train_util.FLAG_HELP[flag] for flag in ("lr", "weight_decay", "log_interval", "precision")},
+    "image_size": "side of the cache's images in pixels; the network is built for the VAE's latent size",
+    "latent_cache": "the latent cache the diffusion model trains on (scripts/encode_latents.py)",
+    "batch_size": "latents per optimizer step on each process",
+    "iterations": "optimizer steps",
+    "noised": "train on latents noised at random timesteps as the guided sampler will show them (False: clean "
+              "latents only)",
+    "save_interval": "steps between checkpoints (0: only the last step, which is always saved)",
+    "log_dir": "folder of logs and classifierNNNNNN.safetensors ('' = $OPENAI_LOGDIR, else a new temporary "
+               "folder)",
+    "seed": "seed of the weights, the batches and the noise",
+    "resume": "continue from the newest classifier_state_NNNNNN.pt in --log_dir",
+}
+FLAG_CHOICES = {"precision": train_util.PRECISIONS}
 
 
 # The numeric flags checked before any work (train_util.check_number's terms).

@@ -536,6 +536,10 @@ def load_state_dict(path: str | os.PathLike, **kwargs) -> Any:
     return torch.load(io.BytesIO(data), **kwargs)
 
 
+# The --device flag's description, for every script that has one (FLAG_HELP).
+DEVICE_HELP = "where to compute: auto (the GPU when there is one), cpu, cuda or cuda:N"
+
+
 def pick_device(name):
     """A ``--device`` flag as a torch device: ``auto`` is the GPU when there is
     one; a CUDA device asked for where there is none is a UserError."""

@@ -81,7 +81,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "bmp", "webp")
-_LABEL_SOURCES = ("auto", "folder", "prefix")
+LABEL_SOURCES = ("auto", "folder", "prefix")
 _ALPHA_MODES = ("white", "drop")
 
 
@@ -178,8 +178,8 @@ def _relative_parts(path: str, data_dir: str) -> list[str]:
 
 def class_names_from_paths(paths: Sequence[str], data_dir: str, label_source: str = "auto") -> list[str]:
     """The class name of each path (see the module docstring for ``label_source``)."""
-    if label_source not in _LABEL_SOURCES:
-        raise UserError(f"label_source must be one of {', '.join(_LABEL_SOURCES)}, got {label_source!r}")
+    if label_source not in LABEL_SOURCES:
+        raise UserError(f"label_source must be one of {', '.join(LABEL_SOURCES)}, got {label_source!r}")
     parts = [_relative_parts(p, data_dir) for p in paths]
     if label_source == "auto":
         label_source = "folder" if all(len(pp) >= 2 for pp in parts) else "prefix"

@@ -30,16 +30,26 @@ from .sample_from_checkpoint import run_sampling, sample_defaults
 from .evaluation.evaluate import evaluate_defaults, run_evaluation
 from .evaluation.report import write_report
 
-STAGES = ("data", "vae", "latents", "diffusion", "samples", "evaluate", "report")
+# The stages in order: what each does, and where it writes (under the run directory).
+STAGES = {
+    "data": "simulate a training and a held-out split of the same people (data/)",
+    "vae": "train the VAE (vae/, its logs in vae_train/)",
+    "latents": "encode the training images into a latent cache (latents/)",
+    "diffusion": "train the class-conditional latent diffusion model (diffusion/)",
+    "samples": "sample every person (samples/)",
+    "evaluate": "does each sample show its person? (eval/)",
+    "report": "one HTML page with every picture (report.html)",
+}
 # stages.json of an older layout (one data folder, no held-out split) cannot be resumed.
 LAYOUT = 2
 
-# A preset fixes the size of every stage. "tiny" is meant for a 2-core CPU in
-# under 15 minutes; "gpu" is configs/microdoppler_small.yaml on one GPU.
+# A preset fixes the size of every stage; "about" is its line in --help, with
+# the time measured in docs/BENCHMARKS.md and docs/QUALITY.md.
 PRESETS = {
     "tiny": {
-        # 32x32 spectrograms (8x8x4 latents): a 64x64 VAE alone would take the
-        # whole 15 minutes of a 2-core CPU.
+        "about": "a 2-core CPU, 32x32 spectrograms, modest quality (8.8 min on 2 cores)",
+        # 32x32 spectrograms (8x8x4 latents): a 64x64 VAE alone would take
+        # longer than this whole preset on a 2-core CPU.
         "num_users": 31, "train_per_user": 40, "test_per_user": 16, "image_size": 32,
         "vae": {"vae_size": "tiny", "lr_anneal_steps": 1200, "batch_size": 16, "lr": 1e-3,
                 "log_interval": 100, "save_interval": 400},
@@ -57,6 +67,7 @@ PRESETS = {
                      "augment_generated": 16},
     },
     "gpu": {
+        "about": "one GPU, 64x64, the configs/microdoppler_small.yaml network (15.4 min on an H100)",
         "num_users": 31, "train_per_user": 96, "test_per_user": 32, "image_size": 64,
         # Measured on an H100 (docs/QUALITY.md): the small VAE with 8 latent
         # channels at lr 1e-3 keeps identity (rCAS 0.98 x TRTR after 5,000
@@ -75,6 +86,16 @@ PRESETS = {
 
 def quickstart_defaults():
     return {"preset": "tiny", "run_dir": "runs/quickstart", "seed": 0, "workers": 0, "until": "report"}
+
+
+FLAG_HELP = {
+    "preset": "the size of every stage: " + "; ".join(f"{name}, {p['about']}" for name, p in PRESETS.items()),
+    "run_dir": "the run folder: every stage writes here, and a rerun resumes here",
+    "seed": "seed of the simulated people, their walks and every training stage",
+    "workers": "simulator processes (0 = one per CPU core)",
+    "until": "stop after this stage: " + "; ".join(f"{name}: {what}" for name, what in STAGES.items()),
+}
+FLAG_CHOICES = {"preset": tuple(PRESETS), "until": tuple(STAGES)}
 
 
 class Stages:

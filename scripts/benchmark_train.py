@@ -1,6 +1,6 @@
 """Images/s of the training step for a config, on synthetic latents.
 
-    python scripts/benchmark_train.py --config configs/microdoppler_small.yaml \
+    python scripts/benchmark_train.py --config configs/microdoppler_small.yaml \\
         --variants fp32,bf16,bf16+compile --output_json bench.json
 """
 

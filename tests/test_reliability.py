@@ -610,6 +610,7 @@ BAD_INPUTS = [
      "classifier_scale"),
     (SAMPLE, ["--model_path", "{root}/good", "--guidance_scale", "inf", "--output_dir", "{out}"], "guidance_scale"),
     (SAMPLE, ["--model_path", "{root}/good", "--sampler", "dpm++", "--output_dir", "{out}"], "dpm++"),
+    (SAMPLE, ["--model_path", "{root}/good", "--precision", "fp16", "--output_dir", "{out}"], "precision"),
     (SAMPLE, ["--model_path", "{root}/good", "--use_ema", "False", "--user_ids", "7", "--output_dir", "{out}"], "7"),
     (SAMPLE, ["--model_path", "{root}/good", "--output_dir", "{root}/a_file"], "a_file"),
     (SAMPLE, ["--model_path", "{root}/no_such_run", "--output_dir", "{out}"], "no_such_run"),
