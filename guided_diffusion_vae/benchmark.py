@@ -33,7 +33,7 @@ def benchmark_defaults():
 
 
 # The steps are timed on synthetic latents: of the training flags only these matter.
-_USED = (*script_util.model_and_diffusion_defaults(), "batch_size", "lr", "ema_rate", "grad_clip")
+_USED = (*script_util.model_and_diffusion_defaults(), "batch_size", "lr", "ema_rate", "grad_clip", "threads")
 FLAG_HELP = {
     **{flag: "not used by the benchmark (it times --variants on synthetic latents)"
        for flag in latent_train_defaults() if flag not in _USED},
@@ -121,6 +121,7 @@ def _time_variant(config, variant, device):
 
 def run_benchmark(config):
     dist_util.setup_dist()
+    dist_util.set_threads(config["threads"], logger.log)
     device = dist_util.dev()
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "batch_size": config["batch_size"], "config": config.get("config")}

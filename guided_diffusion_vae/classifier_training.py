@@ -47,6 +47,7 @@ def classifier_train_defaults():
         "seed": 0,
         "precision": "auto",
         "resume": True,
+        **dist_util.threads_defaults(),
     }
 
 
@@ -104,8 +105,9 @@ def train_classifier(config):
     if not config.get("latent_cache"):
         raise UserError("latent_cache is required: a folder written by scripts/encode_latents.py")
     check_training_numbers(config, CLASSIFIER_LIMITS)
-    check_output_dir(config.get("log_dir"), "log_dir")
     dist_util.setup_dist()
+    dist_util.set_threads(config["threads"], logger.log)  # before the log folder exists
+    check_output_dir(config.get("log_dir"), "log_dir")
     logger.configure(dir=config.get("log_dir") or None, format_strs="stdout,log,csv")
     torch.manual_seed(int(config["seed"]))
     device = dist_util.dev()

@@ -143,6 +143,7 @@ def encode_latents_defaults():
         "num_workers": 2,
         "seed": 0,
         "progress": True,
+        **dist_util.threads_defaults(),
     }
 
 
@@ -217,6 +218,7 @@ def build_latent_cache(
     num_workers=2,
     seed=0,
     progress=True,
+    threads=0,
     device=None,
 ):
     """Encode the images of ``data_dir`` once into a latent cache in ``output_dir``.
@@ -233,6 +235,7 @@ def build_latent_cache(
                           input_range, num_workers, seed, channels)
     scale_spec = parse_latent_scale(latent_scale)
     dist_util.setup_dist()
+    dist_util.set_threads(threads, logger.log)
     device = dist_util.dev() if device is None else torch.device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuning pays

@@ -17,6 +17,7 @@ import os
 import time
 
 from . import logger
+from .dist_util import set_threads, threads_defaults
 from .errors import UserError
 from .files import atomic_write_bytes
 from .simulate import simulate_dataset
@@ -85,7 +86,8 @@ PRESETS = {
 
 
 def quickstart_defaults():
-    return {"preset": "tiny", "run_dir": "runs/quickstart", "seed": 0, "workers": 0, "until": "report"}
+    return {"preset": "tiny", "run_dir": "runs/quickstart", "seed": 0, "workers": 0, "until": "report",
+            **threads_defaults()}
 
 
 FLAG_HELP = {
@@ -218,9 +220,12 @@ def run_quickstart(config, preset=None):
     if config["until"] not in STAGES:
         raise UserError(f"until {config['until']!r} must be one of {', '.join(STAGES)}")
     preset = preset or PRESETS[config["preset"]]
+    threads = set_threads(config["threads"])  # before anything is written; the stages keep this choice
     run_dir = os.path.abspath(config["run_dir"])
     os.makedirs(run_dir, exist_ok=True)
     logger.configure(dir=os.path.join(run_dir, "logs"), format_strs="stdout,log")
+    if threads:
+        logger.log(threads)
     stages = Stages(run_dir)
     seed = config["seed"]
     steps = {

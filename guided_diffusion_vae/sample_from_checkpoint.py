@@ -70,6 +70,7 @@ def sample_defaults():
         "classifier_scale": 1.0,
         "guidance_scale": 1.0,
         "keep_going": False,
+        **dist_util.threads_defaults(),
     }
 
 
@@ -290,6 +291,7 @@ def run_sampling(config):
     check_sampling_config(config)
     sampler = resolve_sampler(config["sampler"], config["use_ddim"])
     dist_util.setup_dist()
+    dist_util.set_threads(config["threads"], logger.log)
     if not config["output_dir"]:  # the original writes to the logger's folder
         logger.configure()
         config = {**config, "output_dir": logger.get_dir()}

@@ -62,6 +62,7 @@ def training_defaults():
         "random_flip": True,
         "tensorboard": True,
         "class_dropout_prob": 0.0,
+        **dist_util.threads_defaults(),
     }
 
 

@@ -104,6 +104,7 @@ def vae_train_defaults():
         "num_workers": 2,
         "seed": 0,
         "progress": True,
+        **dist_util.threads_defaults(),
     }
 
 
@@ -487,6 +488,7 @@ def train_vae(config):
     _check_config(config)
     dist_util.setup_dist()
     rank, world, device = dist_util.rank(), dist_util.world_size(), dist_util.dev()
+    dist_util.set_threads(config["threads"], logger.log)  # before the log folder exists
     checkpoint_dir = config["checkpoint_dir"] or os.path.abspath(config["output_dir"]).rstrip("/") + "_train"
     with logger.scoped_configure(checkpoint_dir, format_strs=None if rank == 0 else ""):
         return _train(config, checkpoint_dir, rank, world, device)

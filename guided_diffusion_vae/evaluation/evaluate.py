@@ -25,7 +25,7 @@ import torch
 
 from .. import logger
 from ..files import atomic_write_bytes, check_writable_target
-from ..dist_util import DEVICE_HELP, pick_device
+from ..dist_util import DEVICE_HELP, check_threads, pick_device, set_threads, threads_defaults
 from ..errors import UserError
 from . import classifier as clf
 from . import metrics
@@ -58,6 +58,7 @@ def evaluate_defaults():
         "memorisation_threshold": 0.5,
         "num_pairs": 8,
         "inception_weights": "",
+        **threads_defaults(),
     }
 
 
@@ -91,6 +92,7 @@ def check_evaluation_config(config):
             raise UserError(f"--{key} is required")
     if not config["generated"] and not config["vae_path"]:
         raise UserError("nothing to evaluate: give --generated (samples) and/or --vae_path (reconstructions)")
+    check_threads(config["threads"])
     for key in ("classifier_steps", "classifier_batch_size", "classifier_width", "classifier_embed_dim", "pr_k"):
         if int(config[key]) < 1:
             raise UserError(f"--{key} must be >= 1, got {config[key]}")
@@ -308,6 +310,7 @@ def run_evaluation(config):
     """Compute every metric the inputs allow; write and return the result dict."""
     config = dict(evaluate_defaults(), **config)
     ks = check_evaluation_config(config)
+    set_threads(config["threads"], logger.log)
     started = time.time()
     device = pick_device(config["device"])
     ev = Evaluation(config, device)
