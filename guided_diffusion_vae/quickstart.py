@@ -131,10 +131,6 @@ class Stages:
         atomic_write_bytes(self.path, json.dumps(state, indent=2).encode())
 
 
-def _banner(text):
-    logger.log(f"\n=== {text} ===")
-
-
 def packaged_config(name):
     """A config shipped with the package (``configs/NAME`` of a checkout links there)."""
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", os.path.basename(name))
@@ -223,7 +219,8 @@ def run_quickstart(config, preset=None):
     threads = set_threads(config["threads"])  # before anything is written; the stages keep this choice
     run_dir = os.path.abspath(config["run_dir"])
     os.makedirs(run_dir, exist_ok=True)
-    logger.configure(dir=os.path.join(run_dir, "logs"), format_strs="stdout,log")
+    logs = os.path.join(run_dir, "logs")
+    logger.configure(dir=logs, format_strs="stdout,log")
     if threads:
         logger.log(threads)
     stages = Stages(run_dir)
@@ -237,23 +234,24 @@ def run_quickstart(config, preset=None):
         "evaluate": lambda: _evaluate(run_dir, preset, seed),
         "report": lambda: _report(run_dir, stages),
     }
-    for number, name in enumerate(STAGES, start=1):
-        if stages.finished(name):
-            logger.log(f"[{number}/{len(STAGES)}] {name}: done earlier ({stages.done[name]['seconds']} s), skipped")
-        else:
-            _banner(f"[{number}/{len(STAGES)}] {name}")
-            start = time.time()
-            if steps[name]() is False:
-                stages.mark_partial(name, time.time() - start)
-                logger.log(f"[{number}/{len(STAGES)}] {name}: stopped early and saved; rerun the same command "
-                           "to continue")
-                return None
-            stages.mark(name, time.time() - start, preset=config["preset"])
-            # Each stage configures its own log; come back to the run's.
-            logger.configure(dir=os.path.join(run_dir, "logs"), format_strs="stdout,log")
-            logger.log(f"[{number}/{len(STAGES)}] {name}: {time.time() - start:.0f} s")
-        if name == config["until"]:
-            break
+    # Each stage logs into its own folder, which its header names.
+    with logger.quiet_configure():
+        for number, name in enumerate(STAGES, start=1):
+            tag = f"[{number}/{len(STAGES)}] {name}"
+            if stages.finished(name):
+                logger.log(f"=== {tag}: done earlier ({stages.done[name]['seconds']} s), skipped")
+            else:
+                logger.log(f"=== {tag}: {STAGES[name]}")
+                start = time.time()
+                finished = steps[name]() is not False
+                logger.configure(dir=logs, format_strs="stdout,log")  # back from the stage's own log
+                if not finished:
+                    stages.mark_partial(name, time.time() - start)
+                    logger.log(f"{tag}: stopped early and saved; rerun the same command to continue")
+                    return None
+                stages.mark(name, time.time() - start, preset=config["preset"])
+            if name == config["until"]:
+                break
     report = os.path.join(run_dir, "report.html")
     total = sum(v["seconds"] for v in stages.done.values())
     times = ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in stages.done.items())
