@@ -61,7 +61,7 @@ from PIL import Image
 
 from .errors import UserError
 from .images import resize_short_side
-from .labels import class_names_from_paths
+from .labels import LABEL_SOURCES, class_names_from_paths
 
 ARRAY_EXTENSIONS = ("npy", "npz")
 
@@ -79,6 +79,7 @@ FLAG_HELP = {
     "db_range": "for .npy/.npz data: LOW,HIGH clips values to that range and maps it to [-1, 1]; auto takes "
                 "the VAE's stored range, else the data's min and max",
 }
+FLAG_CHOICES = {"label_source": LABEL_SOURCES}
 
 
 # --------------------------------------------------------------------------- #

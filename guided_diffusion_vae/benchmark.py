@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from . import script_util
+from . import dist_util, script_util
 from .errors import UserError
 from .sample_loop import generate_samples
 from .samplers import SAMPLER_NAMES
@@ -69,10 +69,11 @@ def benchmark_defaults():
         "loss_check_steps": 0,
         "vae_sizes": "small,base",
         "vae_batch": 256,
-        "device": "",
+        "device": "auto",
         "quick": False,
         "profile_dir": "",
         "output_json": "",
+        **dist_util.threads_defaults(),
     }
 
 
@@ -91,7 +92,7 @@ FLAG_HELP = {
     "vae_sizes": "comma list of VAE presets (tiny, small, base) whose encode/decode img/s of 64x64 images "
                  "to time (bf16 autocast on GPU, as VAEInterface runs them); empty: none",
     "vae_batch": "images per batch when timing the VAE",
-    "device": "cuda, cpu, cuda:1 ...; empty: cuda if available",
+    "device": dist_util.DEVICE_HELP,
     "quick": "tiny model, few steps: a smoke run that checks the benchmark works, not speed",
     "profile_dir": "if set, write a torch.profiler table of each mode's training step there",
     "output_json": "write every setting and result to this JSON file",
@@ -329,9 +330,8 @@ def run_benchmark(config):
                   "repeat": min(int(config["repeat"]), 2), "sampling_steps": 2, "sampling_batch": 4,
                   "loss_check_steps": min(int(config["loss_check_steps"]), 10), "vae_batch": 2,
                   "vae_sizes": "tiny" if _split(config["vae_sizes"]) else ""}
-    device = torch.device(config["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {config['device']!r}: no CUDA device here")
+    device = dist_util.pick_device(config["device"])
+    dist_util.set_threads(config["threads"], print)
     peak = bf16_peak(device)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "bf16_peak_flops": peak, "date": time.strftime("%Y-%m-%d"),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from . import dist_util, logger, script_util
+from . import dist_util, logger, script_util, train_util
 from .errors import UserError
 from .guidance import CLASSIFIER_KIND
 from .labels import normalize_label_map
@@ -46,9 +46,26 @@ def classifier_train_defaults():
         "log_dir": "",
         "seed": 0,
         "precision": "auto",
-        # continue from the newest classifier_state_NNNNNN.pt in log_dir
         "resume": True,
+        **dist_util.threads_defaults(),
     }
+
+
+FLAG_HELP = {
+    **{flag: train_util.FLAG_HELP[flag] for flag in ("lr", "weight_decay", "log_interval", "precision")},
+    "image_size": "side of the cache's images in pixels; the network is built for the VAE's latent size",
+    "latent_cache": "the latent cache the diffusion model trains on (scripts/encode_latents.py)",
+    "batch_size": "latents per optimizer step on each process",
+    "iterations": "optimizer steps",
+    "noised": "train on latents noised at random timesteps as the guided sampler will show them (False: clean "
+              "latents only)",
+    "save_interval": "steps between checkpoints (0: only the last step, which is always saved)",
+    "log_dir": "folder of logs and classifierNNNNNN.safetensors ('' = $OPENAI_LOGDIR, else a new temporary "
+               "folder)",
+    "seed": "seed of the weights, the batches and the noise",
+    "resume": "continue from the newest classifier_state_NNNNNN.pt in --log_dir",
+}
+FLAG_CHOICES = {"precision": train_util.PRECISIONS}
 
 
 # The numeric flags checked before any work (train_util.check_number's terms).
@@ -88,8 +105,9 @@ def train_classifier(config):
     if not config.get("latent_cache"):
         raise UserError("latent_cache is required: a folder written by scripts/encode_latents.py")
     check_training_numbers(config, CLASSIFIER_LIMITS)
-    check_output_dir(config.get("log_dir"), "log_dir")
     dist_util.setup_dist()
+    dist_util.set_threads(config["threads"], logger.log)  # before the log folder exists
+    check_output_dir(config.get("log_dir"), "log_dir")
     logger.configure(dir=config.get("log_dir") or None, format_strs="stdout,log,csv")
     torch.manual_seed(int(config["seed"]))
     device = dist_util.dev()

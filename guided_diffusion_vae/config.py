@@ -15,6 +15,7 @@ import sys
 import yaml
 
 from .errors import UserError, set_debug
+from .flag_help import help_lines
 from .script_util import str2bool
 from .files import atomic_write_bytes
 
@@ -102,12 +103,6 @@ def _parser_type(default):
     return type(default)
 
 
-def _help(helps, key):
-    text = helps.get(key)
-    # argparse expands %(default)s; a literal % in a description must be doubled.
-    return None if text is None else text.replace("%", "%%") + " (default: %(default)r)"
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag value is a one-line UserError, not usage + exit."""
 
@@ -136,12 +131,12 @@ def _attach_negative_values(argv, defaults):
 def parse_with_config(defaults, argv=None, description=None, helps=None):
     """Resolve the flags of a program whose defaults are ``defaults``.
 
-    ``helps`` maps flag names to one-line descriptions for ``--help`` (the
-    default is appended). Returns a plain dict with every key of ``defaults``
+    ``--help`` describes each flag from the ``FLAG_HELP`` beside its defaults
+    (:mod:`flag_help`); ``helps`` adds descriptions of flags a script defines
+    itself. Returns a plain dict with every key of ``defaults``
     plus ``config`` (the YAML path or ""). Unknown flags and keys raise
     :class:`UserError`.
     """
-    helps = helps or {}
     argv = _attach_negative_values(sys.argv[1:] if argv is None else list(argv), defaults)
     pre = _Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default="")
@@ -156,15 +151,16 @@ def parse_with_config(defaults, argv=None, description=None, helps=None):
     parser.add_argument("--config", default="", help="YAML file whose keys are these flags")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, print the Python traceback as well as the one-line message")
+    lines = help_lines(defaults, helps)
     for key, default in merged.items():
         if isinstance(defaults[key], list):
-            parser.add_argument(f"--{key}", default=default, nargs="*", type=str, help=_help(helps, key))
+            parser.add_argument(f"--{key}", default=default, nargs="*", type=str, help=lines[key])
         elif isinstance(defaults[key], bool):
             # "--quick" alone means True; "--quick False" still works (the original's form).
             parser.add_argument(f"--{key}", default=default, type=str2bool, nargs="?", const=True,
-                                help=_help(helps, key))
+                                help=lines[key])
         else:
-            parser.add_argument(f"--{key}", default=default, type=_parser_type(defaults[key]), help=_help(helps, key))
+            parser.add_argument(f"--{key}", default=default, type=_parser_type(defaults[key]), help=lines[key])
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = next(u for u in unknown if u.startswith("-")) if any(u.startswith("-") for u in unknown) else unknown[0]

@@ -53,6 +53,7 @@ from .errors import UserError
 from .files import atomic_write_bytes
 from .image_datasets import ImageDataset, list_image_files
 from .labels import default_label_map, people
+from . import sample_from_checkpoint as sampling
 from .sample_from_checkpoint import clip_mode_of, load_sampling_model, resolve_weights_file, sample_defaults
 from .sample_loop import CLIP_MODES, DenoisedClipper
 from .train_util import parse_ema_rates
@@ -96,6 +97,24 @@ def diagnose_defaults():
         "seed": 0,
         "device": "auto",
     }
+
+
+FLAG_HELP = {
+    **{flag: sampling.FLAG_HELP[flag] for flag in ("model_path", "clip_range", "dynamic_threshold_percentile",
+                                                   "device")},
+    "vae_path": "the VAE folder to check ('' = the path stored in the checkpoint)",
+    "data_dir": "folder of real training images (a few are read) for the VAE round-trip and latent-scale checks; "
+                "'' skips them",
+    "output_json": "write every result and the per-step statistics to this JSON file ('' = none)",
+    "use_ema": "for a run folder: diagnose its EMA weights (True) or its raw weights (False)",
+    "num_samples": "samples drawn for the sampling checks",
+    "sampling_steps": "DDIM steps of the sampling checks",
+    "num_images": "real images read from --data_dir",
+    "clip_denoised": "clipping applied while sampling, as image_sample_vae.py would (auto: none for latents, "
+                     "pixel for pixels); every mode is counted anyway",
+    "seed": "seed of the starting noise",
+}
+FLAG_CHOICES = {"clip_denoised": sampling.FLAG_CHOICES["clip_denoised"]}
 
 
 def check(status, message, **numbers):

@@ -166,6 +166,7 @@ def run_training(config, build_data):
         dist_util.setup_dist()
         formats = "stdout,log,csv" + (",tensorboard" if config.get("tensorboard", True) else "")
         logger.configure(dir=config.get("log_dir") or None, format_strs=formats)
+        dist_util.set_threads(config["threads"], logger.log)
         if dist_util.is_main():
             write_resolved_config(config, logger.get_dir())
         loop, sample_fn = _prepare_training(config, build_data)

@@ -52,7 +52,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import UserError, main_failed
+from .errors import UserError, check_number, main_failed
 
 __all__ = [
     "setup_dist",
@@ -68,6 +68,9 @@ __all__ = [
     "broadcast_object",
     "read_file_once",
     "cleanup",
+    "threads_defaults",
+    "check_threads",
+    "set_threads",
 ]
 
 # Environment variables that different MPI launchers export.
@@ -274,8 +277,6 @@ def setup_dist(backend: Optional[str] = None) -> torch.device:
 
     if torch.cuda.is_available():
         torch.cuda.set_device(dev())
-    elif launcher != "single":
-        _share_cpu_threads()
 
     if launcher != "single":
         if dist.is_initialized():
@@ -296,18 +297,73 @@ def setup_dist(backend: Optional[str] = None) -> torch.device:
     return dev()
 
 
-def _share_cpu_threads() -> None:
-    """Give each CPU rank its share of the cores. Ranks that each start one
-    OpenMP thread per core oversubscribe the machine, and spinning threads
-    then make small ops many times slower. OMP_NUM_THREADS, if set, wins."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return
+def threads_defaults() -> dict:
+    """The ``threads`` flag of every script that computes."""
+    return {"threads": 0}
+
+
+FLAG_HELP = {
+    "threads": "CPU threads of torch's operations (0: OMP_NUM_THREADS if set, else the CPUs this process may "
+               "use minus the load already on them, shared among this machine's ranks)",
+}
+
+
+class _Threads:
+    # (count, reason) that set_threads applied last in this process; None: not yet.
+    applied: Optional[tuple] = None
+
+
+def automatic_threads() -> tuple:
+    """``(count, reason)`` of ``--threads 0``. OpenMP threads that outnumber
+    the free cores spin against each other and make small ops many times
+    slower, so the cores other programs keep busy are left to them."""
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env), "OMP_NUM_THREADS"
     try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    per_host = _first_int(("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE")) or _state.world
-    torch.set_num_threads(max(1, cores // max(1, per_host)))
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        load = round(os.getloadavg()[0])
+    except (AttributeError, OSError):
+        load = 0
+    ranks = max(1, _first_int(("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE")) or _state.world)
+    reason = f"automatic: {cpus} CPUs available, load {load}"
+    if ranks > 1:
+        reason += f", {ranks} ranks on this machine"
+    return max(1, (cpus - load) // ranks), reason
+
+
+def check_threads(requested) -> int:
+    """``--threads`` if it is a count (0: automatic), else a UserError; for
+    programs that write something before :func:`set_threads` runs."""
+    return int(check_number("threads", requested, 0, integer=True, note=" (0: automatic)"))
+
+
+def set_threads(requested: int = 0, log=None) -> Optional[str]:
+    """Set torch's CPU thread count for ``--threads requested`` and pass the
+    one-line account of it to ``log``; returns that line, or None when the
+    count already in force stays.
+
+    0 keeps a count this process chose earlier (a pipeline's stages then share
+    its choice; measured later, the load would include this process's own
+    work), else takes :func:`automatic_threads`.
+    """
+    if check_threads(requested) > 0:
+        choice = (int(requested), "--threads")
+    elif _Threads.applied is not None:
+        return None
+    else:
+        choice = automatic_threads()
+    if choice == _Threads.applied and torch.get_num_threads() == choice[0]:
+        return None
+    torch.set_num_threads(choice[0])
+    _Threads.applied = choice
+    line = f"threads: {choice[0]} ({choice[1]})"
+    if log is not None:
+        log(line)
+    return line
 
 
 def _leave_group_at_exit() -> None:
@@ -534,6 +590,10 @@ def load_state_dict(path: str | os.PathLike, **kwargs) -> Any:
     """``torch.load`` of a file read once by rank 0 (see :func:`read_file_once`)."""
     data = read_file_once(path)
     return torch.load(io.BytesIO(data), **kwargs)
+
+
+# The --device flag's description, for every script that has one (FLAG_HELP).
+DEVICE_HELP = "where to compute: auto (the GPU when there is one), cpu, cuda or cuda:N"
 
 
 def pick_device(name):

@@ -31,8 +31,9 @@ from .errors import UserError
 from .files import atomic_write_bytes
 from .images import image_grid, save_png, to_pil, to_uint8_images
 from .labels import class_name, default_label_map, people, resolve_user_ids
+from . import sample_from_checkpoint as sampling
 from .sample_from_checkpoint import clip_mode_of, load_decoder, load_sampling_model
-from .sample_loop import DenoisedClipper, sample_generator
+from .sample_loop import SAMPLING_PRECISIONS, DenoisedClipper, sample_generator
 from .samplers import SAMPLERS, Denoiser, SamplingPlan
 
 DEFAULT_RESPACING = "ddim25"
@@ -60,6 +61,26 @@ def interpolate_defaults():
         "vae_path": "",
         "gif_ms": 120,
     }
+
+
+# Flags that mean here what they mean to the sampling scripts (the model flags among them).
+_AS_IN_SAMPLING = (*script_util.model_and_diffusion_defaults(), "model_path", "use_ema", "clip_denoised",
+                   "clip_range", "dynamic_threshold_percentile", "device", "precision", "vae_path")
+FLAG_HELP = {
+    **{flag: sampling.FLAG_HELP[flag] for flag in _AS_IN_SAMPLING},
+    "output_dir": "folder for frame_NNN.png, strip.png and interpolation.gif",
+    "seed_a": "seed of the first frame (the noise of sample 0 of this --seed)",
+    "seed_b": "seed of the last frame",
+    "user_a": "conditional models: the person of the first frame, a name or the number in it ('' = the first "
+              "person)",
+    "user_b": "conditional models: the person of the last frame ('' = --user_a)",
+    "steps": "number of frames, both endpoints included (>= 2)",
+    "timestep_respacing": "DDIM steps, as the sampling scripts take it (ddim25 becomes 25 when the "
+                          "checkpoint's diffusion steps are no multiple of 25)",
+    "batch_size": "frames denoised together (the two endpoints are always denoised alone)",
+    "gif_ms": "milliseconds per GIF frame",
+}
+FLAG_CHOICES = {flag: sampling.FLAG_CHOICES[flag] for flag in ("clip_denoised", "precision")}
 
 
 def slerp(a, b, t, parallel_dot=0.9995):
@@ -186,8 +207,8 @@ def check_interpolate_config(config):
         raise UserError(f"batch_size must be >= 1, got {config['batch_size']}")
     if int(config["gif_ms"]) < 1:
         raise UserError(f"gif_ms must be >= 1 (milliseconds per GIF frame), got {config['gif_ms']}")
-    if config["precision"] not in ("fp32", "bf16"):
-        raise UserError(f"precision must be fp32 or bf16, got {config['precision']!r}")
+    if config["precision"] not in SAMPLING_PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {config['precision']!r}")
 
 
 def choose_users(config, meta):

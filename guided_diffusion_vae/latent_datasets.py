@@ -41,7 +41,10 @@ from .batching import BatchStream, ShardedBatchSampler
 from .files import atomic_write, atomic_write_npy
 from .errors import UserError, check_number
 from .labels import normalize_label_map
-from .vae_wrapper import VAEInterface, check_input_range, parse_latent_scale, scale_from_moments
+from .vae_wrapper import DTYPES as VAE_DTYPES
+from .vae_wrapper import (
+    INPUT_RANGES, LATENT_SCALE_WORDS, VAEInterface, check_input_range, parse_latent_scale, scale_from_moments,
+)
 from .array_datasets import data_folder_defaults, parse_db_range, same_range
 from .image_datasets import open_data_folder
 from .progress import progress as progress_bar
@@ -124,10 +127,10 @@ def encode_latents_defaults():
         "image_size": 64,
         "batch_size": 64,
         "random_flip": True,
-        "latent_scale": "measured",  # a number, "measured" or "stored" (VAE_DIR/latent_stats.json)
+        "latent_scale": "measured",
         "sample_posterior": False,
         "input_range": "-1,1",
-        "channels": 0,  # 0: the VAE's in_channels
+        "channels": 0,
         "class_cond": True,
         **data_folder_defaults(),
         "cache_dtype": "float32",
@@ -136,7 +139,35 @@ def encode_latents_defaults():
         "num_workers": 2,
         "seed": 0,
         "progress": True,
+        **dist_util.threads_defaults(),
     }
+
+
+FLAG_HELP = {
+    "data_dir": "folder of images to encode (one sub-folder per person with --class_cond True)",
+    "vae_path": "the VAE: a diffusers AutoencoderKL folder, e.g. written by scripts/vae_train.py",
+    "output_dir": "the cache folder; a rerun continues an interrupted build there",
+    "image_size": "images are resized and centre-cropped to this square side in pixels",
+    "batch_size": "images per VAE forward pass",
+    "random_flip": "also store each image's left-right mirror image (set False for spectrograms: a "
+                   "time-reversed walk is not a walk)",
+    "latent_scale": "factor that brings latents to unit std: a number, stored (the VAE folder's "
+                    "latent_stats.json) or measured (1/std of these latents)",
+    "sample_posterior": "encode each image to a draw from the VAE's posterior instead of its mean",
+    "input_range": "the pixel range the VAE was trained on",
+    "channels": "image channels fed to the VAE: 1 or 3 (0: the VAE's own)",
+    "class_cond": "store a class label per image (the person), as --label_source says",
+    "cache_dtype": "number format of the stored latents (float16 halves the file)",
+    "vae_dtype": "number format the VAE computes in",
+    "chunk_size": "images per resumable unit of work (a rerun redoes at most one per rank)",
+    "num_workers": "image-loading processes (0: load in this process)",
+    "seed": "seed of the posterior draws (with --sample_posterior True)",
+    "progress": "show progress (a bar on a terminal, a line every 30 s in a log)",
+}
+FLAG_CHOICES = {
+    "latent_scale": LATENT_SCALE_WORDS, "input_range": INPUT_RANGES,
+    "cache_dtype": CACHE_DTYPES, "vae_dtype": tuple(VAE_DTYPES),
+}
 
 
 class _Pixels(torch.utils.data.Dataset):
@@ -183,6 +214,7 @@ def build_latent_cache(
     num_workers=2,
     seed=0,
     progress=True,
+    threads=0,
     device=None,
 ):
     """Encode the images of ``data_dir`` once into a latent cache in ``output_dir``.
@@ -200,6 +232,7 @@ def build_latent_cache(
     parse_db_range(db_range)
     scale_spec = parse_latent_scale(latent_scale)
     dist_util.setup_dist()
+    dist_util.set_threads(threads, logger.log)
     device = dist_util.dev() if device is None else torch.device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuning pays

@@ -14,7 +14,10 @@ from .errors import UserError
 from .train_util import training_defaults
 from .diffusion_training import TrainingData, data_range_meta
 from .labels import normalize_label_map
-from .vae_wrapper import latent_shape_of, load_vae, parse_latent_scale, vae_from_description
+from .vae_wrapper import DTYPES as VAE_DTYPES
+from .vae_wrapper import (
+    INPUT_RANGES, LATENT_SCALE_WORDS, latent_shape_of, load_vae, parse_latent_scale, vae_from_description,
+)
 from .image_datasets import image_batch_stream
 from .latent_datasets import check_cache_matches, load_latent_data
 
@@ -27,7 +30,6 @@ def latent_train_defaults():
         **training_defaults(),
         "latent_cache": "",
         "vae_path": "",
-        # a number, "stored" (VAE_DIR/latent_stats.json) or "measured" (from the data)
         "latent_scale": "stored",
         "sample_posterior": False,
         "input_range": "-1,1",
@@ -35,6 +37,26 @@ def latent_train_defaults():
         "vae_dtype": "auto",
         "measure_scale_batches": 20,
     }
+
+
+# Where latent training reads a flag differently from pixel training, it is described again here.
+FLAG_HELP = {
+    "image_size": "side of the square training images in pixels; the network is built for the VAE's latent size",
+    "data_dir": "images to encode batch by batch with --vae_path while training (instead of --latent_cache)",
+    "latent_cache": "a latent cache written by scripts/encode_latents.py (the faster way to train)",
+    "vae_path": "the VAE (a diffusers AutoencoderKL folder): encodes --data_dir, decodes previews; with a cache, "
+                "where the VAE has moved ('' = the path the cache names)",
+    "latent_scale": "with --data_dir, the factor that brings latents to unit std: a number, stored (the VAE "
+                    "folder's latent_stats.json) or measured (1/std over --measure_scale_batches batches); a cache "
+                    "brings its own, which a number must match",
+    "sample_posterior": "with --data_dir, encode to a draw from the VAE's posterior instead of its mean",
+    "input_range": "the pixel range the VAE was trained on",
+    "vae_batch_size": "with --data_dir, images per VAE forward pass",
+    "vae_dtype": "number format the VAE computes in (auto: bfloat16 on a GPU, else float32)",
+    "measure_scale_batches": "batches read to measure --latent_scale measured",
+}
+FLAG_CHOICES = {"latent_scale": LATENT_SCALE_WORDS, "input_range": INPUT_RANGES,
+                "vae_dtype": ("auto", *VAE_DTYPES)}
 
 
 def create_latent_model_and_diffusion(*, vae_description, image_size, **flags):

@@ -66,7 +66,8 @@ DISABLED = 50
 
 __all__ = [
     "DEBUG", "INFO", "WARN", "ERROR", "DISABLED",
-    "configure", "reset", "close", "scoped_configure", "get_current", "get_dir", "set_level", "set_comm",
+    "configure", "reset", "close", "scoped_configure", "quiet_configure", "get_current", "get_dir", "set_level",
+    "set_comm",
     "logkv", "logkv_mean", "logkvs", "logkvs_mean", "dumpkvs", "getkvs",
     "record_tabular", "dump_tabular",
     "log", "debug", "info", "warn", "error",
@@ -519,6 +520,23 @@ def get_current() -> Logger:
     return Logger.CURRENT
 
 
+# Whether a newly configured logger says where it logs (see quiet_configure).
+_announce_dirs = True
+
+
+@contextlib.contextmanager
+def quiet_configure():
+    """Inside the block, :func:`configure` and :func:`scoped_configure` leave
+    out their "Logging to DIR" line: a pipeline says where it logs once, and
+    its stages, which each log into their own folder, say so in their headers."""
+    global _announce_dirs
+    before, _announce_dirs = _announce_dirs, False
+    try:
+        yield
+    finally:
+        _announce_dirs = before
+
+
 def _build_logger(dir: Optional[str], format_strs: Any, comm: Any, log_suffix: str,
                   all_ranks: bool) -> Logger:
     if dir is None:
@@ -543,7 +561,7 @@ def _build_logger(dir: Optional[str], format_strs: Any, comm: Any, log_suffix: s
         os.makedirs(dir, exist_ok=True)
     outputs = [make_output_format(name, dir, log_suffix) for name in names]
     built = Logger(dir=dir, output_formats=outputs, comm=comm, rank=r)
-    if outputs:
+    if outputs and _announce_dirs:
         built.log(f"Logging to {dir}")
     return built
 

@@ -25,6 +25,7 @@ import shutil
 import time
 
 from . import logger
+from .dist_util import set_threads, threads_defaults
 from .errors import UserError
 from .files import atomic_write_bytes
 from .simulate import simulate_dataset
@@ -38,16 +39,27 @@ from .sample_from_checkpoint import run_sampling, sample_defaults
 from .evaluation.evaluate import evaluate_defaults, run_evaluation
 from .evaluation.report import write_report
 
-STAGES = ("data", "vae", "latents", "diffusion", "samples", "evaluate", "report")
+# The stages in order: what each does, and where it writes (under the run directory).
+STAGES = {
+    "data": "simulate a training and a held-out split of the same people (data/)",
+    "vae": "train the VAE (vae/, its logs in vae_train/)",
+    "latents": "encode the training images into a latent cache (latents/)",
+    "diffusion": "train the class-conditional latent diffusion model (diffusion/)",
+    "samples": "sample every person (samples/)",
+    "evaluate": "does each sample show its person? (eval/)",
+    "report": "one HTML page with every picture (report.html)",
+}
+STAGE_NAMES = list(STAGES)
 # stages.json of an older layout (one data folder, no held-out split) cannot be resumed.
 LAYOUT = 2
 
-# A preset fixes the size of every stage. "tiny" is meant for a 2-core CPU in
-# under 15 minutes; "gpu" is configs/microdoppler_small.yaml on one GPU.
+# A preset fixes the size of every stage; "about" is its line in --help, with
+# the time measured in docs/BENCHMARKS.md and docs/QUALITY.md.
 PRESETS = {
     "tiny": {
-        # 32x32 spectrograms (8x8x4 latents): a 64x64 VAE alone would take the
-        # whole 15 minutes of a 2-core CPU.
+        "about": "a 2-core CPU, 32x32 spectrograms, modest quality (8.8 min on 2 cores)",
+        # 32x32 spectrograms (8x8x4 latents): a 64x64 VAE alone would take
+        # longer than this whole preset on a 2-core CPU.
         "num_users": 31, "train_per_user": 40, "test_per_user": 16, "image_size": 32,
         "vae": {"vae_size": "tiny", "lr_anneal_steps": 1200, "batch_size": 16, "lr": 1e-3,
                 "log_interval": 100, "save_interval": 400},
@@ -65,6 +77,7 @@ PRESETS = {
                      "augment_generated": 16},
     },
     "gpu": {
+        "about": "one GPU, 64x64, the configs/microdoppler_small.yaml network (15.4 min on an H100)",
         "num_users": 31, "train_per_user": 96, "test_per_user": 32, "image_size": 64,
         # Measured on an H100 (docs/QUALITY.md): the small VAE with 8 latent
         # channels at lr 1e-3 keeps identity (rCAS 0.98 x TRTR after 5,000
@@ -83,13 +96,19 @@ PRESETS = {
 
 def quickstart_defaults():
     return {"preset": "tiny", "run_dir": "runs/quickstart", "seed": 0, "workers": 0, "until": "report",
-            "overwrite": False}
+            "overwrite": False, **threads_defaults()}
 
 
 FLAG_HELP = {
+    "preset": "the size of every stage: " + "; ".join(f"{name}, {p['about']}" for name, p in PRESETS.items()),
+    "run_dir": "the run folder: every stage writes here, and a rerun resumes here",
+    "seed": "seed of the simulated people, their walks and every training stage",
+    "workers": "simulator processes (0 = one per CPU core)",
+    "until": "stop after this stage: " + "; ".join(f"{name}: {what}" for name, what in STAGES.items()),
     "overwrite": "when a setting differs from the one a stage of run_dir was made with, delete that stage's "
                  "results and those of every later stage and redo them (without it such a rerun is refused)",
 }
+FLAG_CHOICES = {"preset": tuple(PRESETS), "until": tuple(STAGES)}
 
 # What each stage writes in the run directory (removed by --overwrite).
 STAGE_OUTPUTS = {
@@ -174,7 +193,7 @@ class Stages:
     def first_change(self, settings, until):
         """``(stage, setting, old, new)`` for the first stage up to ``until``
         whose recorded settings differ from ``settings``, or None."""
-        for name in STAGES[: STAGES.index(until) + 1]:
+        for name in STAGE_NAMES[: STAGE_NAMES.index(until) + 1]:
             recorded, current = self.recorded_settings(name), settings[name]
             if recorded is None and name in self.done:
                 # A marker from before settings were recorded holds the preset's name only.
@@ -202,12 +221,12 @@ class Stages:
         """Forget stage ``name`` and every later one, then remove their outputs.
         The intent is written first, so a run killed while deleting finishes
         the job on its next start instead of resuming from half-deleted results."""
-        later = STAGES[STAGES.index(name):]
+        later = STAGE_NAMES[STAGE_NAMES.index(name):]
         for stage in later:
             self.done.pop(stage, None)
             self.started.pop(stage, None)
             self.partial.pop(stage, None)
-        self.clearing = sorted(set(self.clearing) | set(later), key=STAGES.index)
+        self.clearing = sorted(set(self.clearing) | set(later), key=STAGE_NAMES.index)
         self._write()
         self.finish_clearing()
 
@@ -234,10 +253,6 @@ class Stages:
 def _shown(value):
     """A setting as the refusal prints it: plain words and numbers bare."""
     return "unset" if value is None else value if isinstance(value, (str, int, float)) else json.dumps(value)
-
-
-def _banner(text):
-    logger.log(f"\n=== {text} ===")
 
 
 def packaged_config(name):
@@ -325,6 +340,7 @@ def run_quickstart(config, preset=None):
     if config["until"] not in STAGES:
         raise UserError(f"until {config['until']!r} must be one of {', '.join(STAGES)}")
     preset = preset or PRESETS[config["preset"]]
+    threads = set_threads(config["threads"])  # before anything is written; the stages keep this choice
     run_dir = os.path.abspath(config["run_dir"])
     settings = stage_settings(config, preset)
     # Checked before anything is written: a refused rerun leaves the run folder as it was.
@@ -337,7 +353,10 @@ def run_quickstart(config, preset=None):
         raise UserError(f"stage '{name}': setting '{key}' was {_shown(old)}, now {_shown(new)}; rerun with "
                         f"--overwrite to redo '{name}' and the stages after it, or use a new --run_dir")
     os.makedirs(run_dir, exist_ok=True)
-    logger.configure(dir=os.path.join(run_dir, "logs"), format_strs="stdout,log")
+    logs = os.path.join(run_dir, "logs")
+    logger.configure(dir=logs, format_strs="stdout,log")
+    if threads:
+        logger.log(threads)
     stages.finish_clearing()
     if change:
         logger.log(f"--overwrite: stage '{change[0]}' setting '{change[1]}' changed; removing the results of "
@@ -353,24 +372,25 @@ def run_quickstart(config, preset=None):
         "evaluate": lambda: _evaluate(run_dir, preset, seed),
         "report": lambda: _report(run_dir, stages),
     }
-    for number, name in enumerate(STAGES, start=1):
-        if stages.finished(name):
-            logger.log(f"[{number}/{len(STAGES)}] {name}: done earlier ({stages.done[name]['seconds']} s), skipped")
-        else:
-            _banner(f"[{number}/{len(STAGES)}] {name}")
-            stages.start(name, settings[name])
-            start = time.time()
-            if steps[name]() is False:
-                stages.mark_partial(name, time.time() - start)
-                logger.log(f"[{number}/{len(STAGES)}] {name}: stopped early and saved; rerun the same command "
-                           "to continue")
-                return None
-            stages.mark(name, time.time() - start, settings[name])
-            # Each stage configures its own log; come back to the run's.
-            logger.configure(dir=os.path.join(run_dir, "logs"), format_strs="stdout,log")
-            logger.log(f"[{number}/{len(STAGES)}] {name}: {time.time() - start:.0f} s")
-        if name == config["until"]:
-            break
+    # Each stage logs into its own folder, which its header names.
+    with logger.quiet_configure():
+        for number, name in enumerate(STAGES, start=1):
+            tag = f"[{number}/{len(STAGES)}] {name}"
+            if stages.finished(name):
+                logger.log(f"=== {tag}: done earlier ({stages.done[name]['seconds']} s), skipped")
+            else:
+                logger.log(f"=== {tag}: {STAGES[name]}")
+                stages.start(name, settings[name])
+                start = time.time()
+                finished = steps[name]() is not False
+                logger.configure(dir=logs, format_strs="stdout,log")  # back from the stage's own log
+                if not finished:
+                    stages.mark_partial(name, time.time() - start)
+                    logger.log(f"{tag}: stopped early and saved; rerun the same command to continue")
+                    return None
+                stages.mark(name, time.time() - start, settings[name])
+            if name == config["until"]:
+                break
     report = os.path.join(run_dir, "report.html")
     total = sum(v["seconds"] for v in stages.done.values())
     times = ", ".join(f"{k} {v['seconds']:.0f}s" for k, v in stages.done.items())

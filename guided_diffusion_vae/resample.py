@@ -20,11 +20,10 @@ from .errors import UserError
 def create_named_schedule_sampler(
     name, diffusion
 ):
-    """The sampler called ``name`` ("uniform" or "loss-second-moment") for ``diffusion``."""
-    samplers = {"uniform": UniformSampler, "loss-second-moment": LossSecondMomentResampler}
-    if name not in samplers:
-        raise UserError(f"unknown schedule_sampler {name!r} (valid: {', '.join(samplers)})")
-    return samplers[name](diffusion)
+    """The sampler called ``name`` (a key of ``SCHEDULE_SAMPLERS``) for ``diffusion``."""
+    if name not in SCHEDULE_SAMPLERS:
+        raise UserError(f"unknown schedule_sampler {name!r} (valid: {', '.join(SCHEDULE_SAMPLERS)})")
+    return SCHEDULE_SAMPLERS[name](diffusion)
 
 
 class ScheduleSampler(ABC):
@@ -160,3 +159,7 @@ class LossSecondMomentResampler(LossAwareSampler):  # RMS of recent losses
 
     def _warmed_up(self):
         return bool((self._loss_counts == self.history_per_term).all())
+
+
+# The names --schedule_sampler accepts.
+SCHEDULE_SAMPLERS = {"uniform": UniformSampler, "loss-second-moment": LossSecondMomentResampler}

@@ -40,8 +40,8 @@ from .guidance import (
 from .labels import default_label_map, normalize_label_map, null_class_index, people, resolve_user_ids
 from .images import to_uint8_images
 from .sample_io import save_samples
-from .sample_loop import DenoisedClipper, NonFiniteSamples, generate_samples
-from .samplers import resolve_sampler, sampler_steps
+from .sample_loop import CLIP_MODES, SAMPLING_PRECISIONS, DenoisedClipper, NonFiniteSamples, generate_samples
+from .samplers import SAMPLER_NAMES, resolve_sampler, sampler_steps
 from .vae_wrapper import vae_from_description
 
 # The original's boolean --clip_denoised, as our clipping modes.
@@ -74,13 +74,49 @@ def sample_defaults():
         "guidance_scale": 1.0,
         "keep_going": False,
         "save_npy": False,
+        **dist_util.threads_defaults(),
     }
 
 
 FLAG_HELP = {
+    # A checkpoint of ours describes its model; the original's bare .pt files need the model flags.
+    **{flag: f"{text} (read for a bare .pt state dict only)"
+       for flag, text in script_util.FLAG_HELP.items() if flag in script_util.model_and_diffusion_defaults()},
+    "timestep_respacing": "sampling steps: ddpm/ddim walk the model's steps respaced as the original does ('' = "
+                          "all, N, N1,N2,... or ddimN); the diffusers samplers take one count (20 or ddim20)",
+    "model_path": "a checkpoint file (sampled exactly as named) or a run folder (its newest step; the EMA of "
+                  "the largest rate unless --use_ema False)",
+    "output_dir": "folder for PERSON/generated_NNN.png, grid.png and the .npz ('' = the logger's folder: "
+                  "$OPENAI_LOGDIR, else a new temporary one)",
+    "use_ema": "for a run folder: its EMA weights (True) or its raw weights (False)",
+    "num_samples": "samples drawn with random classes when --num_images_per_user is 0",
+    "user_ids": "people to sample: class names, or numbers that end a name (5 and 05 select user_05); "
+                "none = everyone",
+    "num_images_per_user": "samples per selected person (0: --num_samples with random classes, as the original)",
+    "batch_size": "samples denoised together (the images do not depend on it)",
+    "sampler": "how to denoise ('' = ddpm, or ddim with --use_ddim True); the diffusers samplers are built "
+               "from the model's own noise schedule",
+    "use_ddim": "the original's switch: True means --sampler ddim",
+    "eta": "ddim's noise: 0 is deterministic, 1 as random as ddpm",
+    "clip_denoised": "clipping of each predicted x_0: auto is pixel ([-1, 1]) for pixel models and none for "
+                     "latents; fixed clamps to +-clip_range, dynamic to a percentile of |x_0|; True and False "
+                     "mean pixel and none",
+    "clip_range": "bound of fixed clipping and least bound of dynamic clipping (latents have unit std)",
+    "dynamic_threshold_percentile": "percentile of |x_0| per sample that dynamic clipping clamps to",
+    "seed": "seed of the starting noise: sample i of a seed is the same whatever the batch size or process count",
+    "device": dist_util.DEVICE_HELP,
+    "precision": "arithmetic of the denoising steps",
+    "vae_path": "the VAE of a latent checkpoint, if it has moved from where the checkpoint says",
+    "classifier_path": "a noisy-latent classifier (scripts/classifier_train.py) that guides the samples to "
+                       "their person",
+    "classifier_scale": "strength of classifier guidance",
+    "guidance_scale": "classifier-free guidance (1: none); needs a model trained with --class_dropout_prob",
+    "keep_going": "when some samples come out NaN/Inf, write the finite ones and count the others instead of "
+                  "stopping",
     "save_npy": "also write each sample as a float32 .npy in dB beside its PNG (models trained on .npy/.npz "
                 "data: mapped back with the db_range their checkpoint stores)",
 }
+FLAG_CHOICES = {"sampler": SAMPLER_NAMES, "clip_denoised": ("auto", *CLIP_MODES), "precision": SAMPLING_PRECISIONS}
 
 
 def latent_sample_defaults():
@@ -239,6 +275,8 @@ def check_sampling_config(config):
         raise UserError(f"num_images_per_user must be >= 0 (0: --num_samples with random classes), "
                         f"got {config['num_images_per_user']}")
     resolve_sampler(config["sampler"], config["use_ddim"])
+    if config["precision"] not in SAMPLING_PRECISIONS:
+        raise UserError(f"precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {config['precision']!r}")
     if config["output_dir"]:
         check_writable_target(config["output_dir"], "output_dir")
 
@@ -264,6 +302,7 @@ def run_sampling(config):
     check_sampling_config(config)
     sampler = resolve_sampler(config["sampler"], config["use_ddim"])
     dist_util.setup_dist()
+    dist_util.set_threads(config["threads"], logger.log)
     if not config["output_dir"]:  # the original writes to the logger's folder
         logger.configure()
         config = {**config, "output_dir": logger.get_dir()}

@@ -19,6 +19,8 @@ from .samplers import SAMPLERS, Denoiser, SamplingPlan, per_sample_normal, resol
 from .progress import progress as progress_bar
 
 CLIP_MODES = ("none", "pixel", "fixed", "dynamic")
+# The arithmetic of the denoising steps: plain float32, or bf16 autocast.
+SAMPLING_PRECISIONS = ("fp32", "bf16")
 
 
 def sample_generator(seed, index, device):

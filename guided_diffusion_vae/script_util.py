@@ -11,8 +11,9 @@ import inspect
 
 from . import gaussian_diffusion as gd
 from .errors import UserError
+from .flag_help import help_lines
 from .respace import SpacedDiffusion, space_timesteps
-from .unet import EncoderUNetModel, SuperResModel, UNetModel
+from .unet import POOLS, EncoderUNetModel, SuperResModel, UNetModel
 
 NUM_CLASSES = 1000  # ImageNet's, the original's only choice; a flag here.
 
@@ -83,6 +84,57 @@ def model_and_diffusion_defaults():
 
 def classifier_and_diffusion_defaults():
     return {**classifier_defaults(), **diffusion_defaults()}
+
+
+# The flags of the functions above (and the two sizes of
+# sr_model_and_diffusion_defaults below), for --help.
+FLAG_HELP = {
+    # diffusion
+    "learn_sigma": "the network also predicts the variance of each reverse step (twice the output channels)",
+    "diffusion_steps": "number of noising steps T of the forward process",
+    "noise_schedule": "how the noise variance grows over the steps",
+    "timestep_respacing": "run on a subset of the steps: '' = all of them; N or N1,N2,... = that many evenly "
+                          "spaced steps per equal section; ddimN = N steps at a fixed stride",
+    "use_kl": "train on the variational bound (KL terms) instead of the noise MSE",
+    "predict_xstart": "the network predicts the clean x_0 instead of the noise",
+    "rescale_timesteps": "give the network t * 1000 / T instead of t, whatever the number of steps",
+    "rescale_learned_sigmas": "with learn_sigma, weight the variance term of the loss by T / 1000 (rescaled MSE)",
+    # the UNet
+    "image_size": "side of the square images in pixels: the network's input size for pixel models",
+    "num_channels": "channel width of the UNet's first level",
+    "num_res_blocks": "residual blocks per resolution level",
+    "num_heads": "attention heads per attention layer (when num_head_channels is -1)",
+    "num_heads_upsample": "attention heads in the upsampling half (-1: num_heads)",
+    "num_head_channels": "channels per attention head, so the head count follows the width (-1: use num_heads)",
+    "attention_resolutions": "comma-separated resolutions at which self-attention layers sit (read at the "
+                             "network's input resolution)",
+    "channel_mult": "comma-separated width multiplier of each resolution level, e.g. 1,2,4 ('' = the default "
+                    "for the input size)",
+    "dropout": "dropout rate inside the residual blocks",
+    "class_cond": "condition the model on class labels (one class per person / image sub-folder)",
+    "use_checkpoint": "recompute activations in the backward pass instead of storing them (less memory, slower)",
+    "use_scale_shift_norm": "the timestep embedding scales and shifts the normalised activations instead of "
+                            "being added to them",
+    "resblock_updown": "change resolution inside residual blocks instead of with plain up/down layers",
+    "use_fp16": "the original's fp16 scheme: fp16 weights, an fp32 master copy and loss scaling",
+    "use_new_attention_order": "split the attention input into q, k, v before the heads rather than after "
+                               "(the original's two layouts)",
+    "in_channels": "channels of the network's input (training takes them from the data: the images', or "
+                   "the VAE's latent channels)",
+    "num_classes": "classes of a class-conditional network (training takes the count from the data)",
+    # the noisy classifier (classifier guidance)
+    "classifier_use_fp16": "the classifier in the original's fp16 scheme",
+    "classifier_width": "channel width of the classifier's first level",
+    "classifier_depth": "residual blocks per resolution level of the classifier",
+    "classifier_attention_resolutions": "comma-separated resolutions of the classifier's attention layers",
+    "classifier_use_scale_shift_norm": "the classifier's timestep embedding scales and shifts its activations",
+    "classifier_resblock_updown": "the classifier downsamples inside residual blocks",
+    "classifier_pool": "how the classifier turns its last feature map into class scores",
+    # super-resolution
+    "large_size": "output side of the super-resolution model in pixels",
+    "small_size": "side of the low-resolution input it upsamples",
+}
+FLAG_CHOICES = {"noise_schedule": tuple(gd.BETA_SCHEDULES), "classifier_pool": POOLS}
 
 
 def _pick(flags, fn):
@@ -386,7 +438,9 @@ def str2bool(value):
 
 
 def add_dict_to_argparser(parser, default_dict):
-    """Add ``--key`` for every entry, typed after its default value."""
+    """Add ``--key`` for every entry, typed after its default value and
+    described by the ``FLAG_HELP`` beside its defaults (:mod:`flag_help`)."""
+    lines = help_lines(default_dict)
     for key, default in default_dict.items():
         if default is None:
             value_type = str
@@ -394,7 +448,7 @@ def add_dict_to_argparser(parser, default_dict):
             value_type = str2bool
         else:
             value_type = type(default)
-        parser.add_argument(f"--{key}", default=default, type=value_type)
+        parser.add_argument(f"--{key}", default=default, type=value_type, help=lines[key])
 
 
 def args_to_dict(args, keys):

@@ -29,7 +29,7 @@ from .ema import ema_decay
 from .errors import UserError, check_number
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
-from .resample import LossAwareSampler, UniformSampler
+from .resample import SCHEDULE_SAMPLERS, LossAwareSampler, UniformSampler
 from .cuda_graphs import graphs_usable
 from .training_parts import StopRequests, autocast, compile_module, wrap_for_processes
 
@@ -64,18 +64,56 @@ def training_defaults():
         "num_workers": 2,
         "random_flip": True,
         "tensorboard": True,
-        # classifier-free guidance: share of labels replaced by the null class
         "class_dropout_prob": 0.0,
         "keep_checkpoints": 3,
         # data_dir: how labels are read, how .npy/.npz values map to [-1, 1]
         **data_folder_defaults(),
+        **dist_util.threads_defaults(),
     }
 
 
+# use_fp16, shared with the model flags, is described in script_util.
 FLAG_HELP = {
+    "data_dir": "folder of training images (with --class_cond True: one sub-folder per class)",
+    "schedule_sampler": "how training timesteps are drawn: uniformly, or more often where the loss is large "
+                        "and uncertain (loss-second-moment)",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "lr_anneal_steps": "train this many steps while the learning rate falls linearly to 0 (0: a constant rate, "
+                       "until stopped)",
+    "batch_size": "images per optimizer step on each process",
+    "microbatch": "run each batch in parts of this size, same gradient, less memory (-1 or 0: whole batches)",
+    "ema_rate": "comma-separated rates of the weight averages kept and saved, e.g. 0.999,0.9999",
+    "ema_warmup": "ramp each average's decay up as min(rate, (1 + n) / (10 + n)) so that early averages are not "
+                  "mostly the random start (False: the original's fixed rate)",
+    "log_interval": "steps between log lines and progress.csv rows",
+    "save_interval": "steps between checkpoints (0: only at the end; a stop signal also saves)",
+    "resume_checkpoint": "continue from this modelNNNNNN file (EMA and optimizer files beside it), or auto: the "
+                         "newest in --log_dir ('' = start afresh)",
+    "fp16_scale_growth": "with --use_fp16: growth of the log2 loss scale per step",
+    "log_dir": "folder of logs, checkpoints and previews ('' = $OPENAI_LOGDIR, else a new temporary folder)",
+    "seed": "seed of the weights, the data order and the noise",
+    "precision": "arithmetic of the training step: auto is bf16 autocast on GPUs that support it, else fp32",
+    "grad_clip": "clip the gradient norm to this value (0: no clipping)",
+    "max_nonfinite_steps": "stop after this many steps in a row with a non-finite loss, each skipped (0: never "
+                           "stop)",
+    "sample_interval": "steps between preview grids written to log_dir/samples (0: no previews)",
+    "num_preview_samples": "images in each preview grid",
+    "compile": "torch.compile the network: faster steps after a slow first one, worth it on a GPU",
+    "cuda_graph": "on one CUDA GPU, capture the whole training step once and replay it (no Python work per "
+                  "step); ignored with several processes, --use_fp16 or loss-second-moment",
+    "num_workers": "image-loading processes per training process (0: load in the training process)",
+    "random_flip": "mirror training images left-right at random (set False for spectrograms: a time-reversed "
+                   "walk is not a walk)",
+    "tensorboard": "also write TensorBoard events to log_dir/tb",
+    "class_dropout_prob": "share of labels replaced by a null class, for classifier-free guidance "
+                          "(--guidance_scale when sampling; 0: none)",
     "keep_checkpoints": "keep the newest N checkpoints (model, EMA and optimizer files of a step together) "
                         "and delete older ones after each save; 0 keeps all",
 }
+# The values resolve_precision accepts.
+PRECISIONS = ("auto", "bf16", "fp32")
+FLAG_CHOICES = {"schedule_sampler": tuple(SCHEDULE_SAMPLERS), "precision": PRECISIONS}
 
 
 # flag: (minimum, integer, exclusive minimum, what the bound means).
@@ -146,8 +184,8 @@ def parse_ema_rates(ema_rate):
 
 def resolve_precision(precision, device):
     """``auto`` is bf16 autocast on GPUs that support it, else float32."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise UserError(f"precision {precision!r} must be one of auto, bf16, fp32")
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         cuda = torch.device(device).type == "cuda"
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"

@@ -666,6 +666,10 @@ class SuperResModel(UNetModel):
         return super().forward(torch.cat([x, upsampled], dim=1), timesteps, **kwargs)
 
 
+# The output heads EncoderUNetModel builds (``pool``), also the flag's choices.
+POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
+
+
 class EncoderUNetModel(_EncoderBody):
     """The UNet's downsampling half plus a pooling head (the noisy-image classifier).
 
@@ -739,7 +743,7 @@ class EncoderUNetModel(_EncoderBody):
                 nn.SiLU(),
                 nn.Linear(hidden, n_out),
             )
-        raise NotImplementedError(f"unknown pool type {pool!r}")
+        raise NotImplementedError(f"unknown pool type {pool!r} (valid: {', '.join(POOLS)})")
 
     def forward(self, x, timesteps):
         """Classify a noisy batch.

@@ -55,7 +55,7 @@ from .array_datasets import ArrayFolderDataset, data_folder_defaults, parse_db_r
 from .image_datasets import ImageDataset, data_files, detect_channels
 from .labels import class_names_from_paths
 from .images import image_grid, to_uint8_images
-from .train_util import resolve_precision
+from .train_util import PRECISIONS, resolve_precision
 from .training_parts import StopRequests, autocast, load_latest_state, save_state, settings_text, state_files, wrap_for_processes
 from .vae_wrapper import LATENT_STATS_FILE, latent_shape_of, scale_from_moments, vae_fingerprint
 from .evaluation.classifier import reconstruction_identity, to_uint8
@@ -79,18 +79,18 @@ def vae_train_defaults():
     return {
         "data_dir": "",
         "output_dir": "",
-        "checkpoint_dir": "",  # default: <output_dir>_train
+        "checkpoint_dir": "",
         "image_size": 64,
-        "channels": 0,  # 0: 1 if every sampled image is gray, else 3
-        "vae_size": "base",  # tiny | small | base
+        "channels": 0,
+        "vae_size": "base",
         "latent_channels": 4,
-        "block_out_channels": "",  # e.g. "64,128,256" overrides the preset (levels = downsampling)
-        "layers_per_block": 0,  # 0: the preset's
-        "norm_num_groups": 0,  # 0: the preset's
+        "block_out_channels": "",
+        "layers_per_block": 0,
+        "norm_num_groups": 0,
         "batch_size": 32,
         "lr": 1e-4,
         "weight_decay": 0.0,
-        "lr_anneal_steps": 20000,  # total steps; the learning rate falls linearly to 0
+        "lr_anneal_steps": 20000,
         "kl_weight": 1e-6,
         "ssim_weight": 0.0,
         "ema_rate": 0.999,
@@ -98,19 +98,61 @@ def vae_train_defaults():
         "random_flip": True,
         "holdout_fraction": 0.05,
         "max_eval_images": 256,
-        "scale_images": 2048,  # training images used to measure the latent scale
-        "identity_steps": 1500,  # reference-classifier steps for rCAS (0: skip; needs class sub-folders)
+        "scale_images": 2048,
+        "identity_steps": 1500,
         "log_interval": 100,
         "save_interval": 2000,
         "keep_states": 2,
         "resume": True,
-        "precision": "auto",  # auto (bf16 on CUDA) | bf16 | fp32
+        "precision": "auto",
         "num_workers": 2,
         "seed": 0,
         "progress": True,
         # how class labels (the identity check) are read, how .npy/.npz values map to [-1, 1]
         **data_folder_defaults(),
+        **dist_util.threads_defaults(),
     }
+
+
+FLAG_HELP = {
+    "data_dir": "folder of training images (one sub-folder per person also checks that reconstructions keep "
+                "the person, rCAS)",
+    "output_dir": "the exported VAE: a diffusers folder with latent_stats.json, metrics.json and "
+                  "reconstructions.png",
+    "checkpoint_dir": "training state and logs ('' = OUTPUT_DIR_train); a rerun resumes from there",
+    "image_size": "images are resized and centre-cropped to this square side in pixels",
+    "channels": "image channels, 1 or 3 (0: 1 when every sampled image is gray, else 3)",
+    "vae_size": "architecture preset; every preset downsamples 4x",
+    "latent_channels": "channels of the latents (the diffusion model's input)",
+    "block_out_channels": "comma-separated channels per level, e.g. 64,128,256, instead of the preset's "
+                          "(each level after the first halves the size)",
+    "layers_per_block": "residual layers per level (0: the preset's)",
+    "norm_num_groups": "GroupNorm groups (0: the preset's)",
+    "batch_size": "images per optimizer step on each process",
+    "lr": "AdamW peak learning rate",
+    "weight_decay": "AdamW weight decay",
+    "lr_anneal_steps": "training steps; the learning rate falls linearly to 0 over them",
+    "kl_weight": "weight of the KL term (per pixel, as in LDM's configs)",
+    "ssim_weight": "weight of a 1 - SSIM reconstruction term (0: none)",
+    "ema_rate": "rate of the weight average that is exported",
+    "grad_clip": "clip the gradient norm to this value (0: no clipping)",
+    "random_flip": "mirror training images left-right at random (set False for spectrograms: a time-reversed "
+                   "walk is not a walk)",
+    "holdout_fraction": "share of the images held out for the reconstruction metrics",
+    "max_eval_images": "held-out images evaluated at most",
+    "scale_images": "training images encoded to measure the latent scale",
+    "identity_steps": "steps of the person classifier that checks reconstructions keep identity (rCAS; 0: skip; "
+                      "needs one sub-folder per person)",
+    "log_interval": "steps between log lines and progress.csv rows",
+    "save_interval": "steps between resume states",
+    "keep_states": "resume states kept (older ones are deleted)",
+    "resume": "continue from the newest state in --checkpoint_dir",
+    "precision": "arithmetic of the training step: auto is bf16 autocast on GPUs that support it, else fp32",
+    "num_workers": "image-loading processes (0: load in the training process)",
+    "seed": "seed of the weights, the batches, the posterior noise and the flips",
+    "progress": "show progress (a bar on a terminal, a line every 30 s in a log)",
+}
+FLAG_CHOICES = {"vae_size": tuple(PRESETS), "precision": PRECISIONS}
 
 
 # --------------------------------------------------------------------------- #
@@ -465,6 +507,7 @@ def train_vae(config):
     _check_config(config)
     dist_util.setup_dist()
     rank, world, device = dist_util.rank(), dist_util.world_size(), dist_util.dev()
+    dist_util.set_threads(config["threads"], logger.log)  # before the log folder exists
     checkpoint_dir = config["checkpoint_dir"] or os.path.abspath(config["output_dir"]).rstrip("/") + "_train"
     with contextlib.ExitStack() as logging:
         # A start that fails (bad data, a state made with other settings)

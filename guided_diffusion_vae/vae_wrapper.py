@@ -29,6 +29,8 @@ from . import dist_util
 
 INPUT_RANGES = ("-1,1", "0,1")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The words a latent-scale setting may be instead of a number (parse_latent_scale).
+LATENT_SCALE_WORDS = ("stored", "measured")
 LATENT_STATS_FILE = "latent_stats.json"
 # diffusers writes one of these (a sharded checkpoint has an index file).
 WEIGHT_FILES = (
@@ -172,7 +174,7 @@ def parse_latent_scale(value):
     ``vae_training`` wrote to ``VAE_DIR/latent_stats.json``) or
     ``"measured"`` (1/std over the data, measured before training or caching).
     The one place these three spellings are understood."""
-    if isinstance(value, str) and value.strip() in ("measured", "stored"):
+    if isinstance(value, str) and value.strip() in LATENT_SCALE_WORDS:
         return value.strip()
     try:
         number = float(value)

@@ -1,6 +1,6 @@
 """Train a classifier of noisy latents for classifier guidance per person.
 
-    mpiexec -n 2 python scripts/classifier_train.py --latent_cache CACHE_DIR --image_size 64 \
+    mpiexec -n 2 python scripts/classifier_train.py --latent_cache CACHE_DIR --image_size 64 \\
         --log_dir CLS_RUN   # plus the diffusion model's noise schedule flags, if not the defaults
 
 image_size is in pixels (the cache's); the network is built for the VAE's

@@ -26,25 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from guided_diffusion_vae import errors  # noqa: E402
 
-HELPS = {
-    "model_path": "checkpoint file, or a run folder (its newest step; the EMA of the largest rate unless "
-                  "--use_ema False)",
-    "vae_path": "the VAE folder to check ('' = the path stored in the checkpoint)",
-    "data_dir": "folder of real training images (a few are read) for the VAE round-trip and latent-scale checks; "
-                "'' skips them",
-    "output_json": "write every result and the per-step statistics to this JSON file ('' = none)",
-    "use_ema": "for a run folder: diagnose its EMA weights (True) or its raw weights (False)",
-    "num_samples": "samples drawn for the sampling checks",
-    "sampling_steps": "DDIM steps of the sampling checks",
-    "num_images": "real images read from --data_dir",
-    "clip_denoised": "clipping applied while sampling as image_sample_vae.py would: auto (none for latents, "
-                     "pixel for pixels), none, pixel, fixed, dynamic; every mode is counted anyway",
-    "clip_range": "the fixed/dynamic clipping bound (unit-std latents)",
-    "dynamic_threshold_percentile": "percentile of |x0| of dynamic clipping",
-    "seed": "seed of the starting noise",
-    "device": "auto (GPU if there is one), cpu, cuda, cuda:N",
-}
-
 
 def main(argv=None):
     """Returns the exit code: 0, or diagnosis.EXIT_FAILED when a check failed."""
@@ -52,7 +33,7 @@ def main(argv=None):
     from guided_diffusion_vae.diagnosis import diagnose_defaults, format_report, run_diagnosis, write_json
 
     defaults = diagnose_defaults()
-    config = parse_with_config(defaults, argv, description=__doc__, helps=HELPS)
+    config = parse_with_config(defaults, argv, description=__doc__)
     report = run_diagnosis({key: config[key] for key in defaults})
     print(format_report(report), flush=True)
     if config["output_json"]:

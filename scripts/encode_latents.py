@@ -1,7 +1,7 @@
 """Encode an image folder once into a latent cache for diffusion training.
 
-    python scripts/encode_latents.py --data_dir IMAGES --vae_path VAE_DIR \
-        --image_size 64 --output_dir CACHE_DIR [--batch_size 64] [--random_flip True] \
+    python scripts/encode_latents.py --data_dir IMAGES --vae_path VAE_DIR \\
+        --image_size 64 --output_dir CACHE_DIR [--batch_size 64] [--random_flip True] \\
         [--latent_scale measured | stored | X] [--sample_posterior False] [--input_range -1,1]
 
 Rerunning continues an interrupted build; ``mpiexec -n N`` splits the work.
@@ -21,7 +21,7 @@ def main(argv=None):
     from guided_diffusion_vae.latent_datasets import build_latent_cache, encode_latents_defaults
 
     defaults = encode_latents_defaults()
-    config = parse_with_config(defaults, argv, description=__doc__.splitlines()[0])
+    config = parse_with_config(defaults, argv, description=__doc__)
     build_latent_cache(**{key: config[key] for key in defaults})
 
 

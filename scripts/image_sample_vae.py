@@ -1,6 +1,6 @@
 """Generate images per user from a latent diffusion checkpoint (EMA weights by default).
 
-    python scripts/image_sample_vae.py --model_path RUN_DIR_OR_CKPT --user_ids 1 5 10 15 \
+    python scripts/image_sample_vae.py --model_path RUN_DIR_OR_CKPT --user_ids 1 5 10 15 \\
         --num_images_per_user 5 --output_dir out --use_ddim True --timestep_respacing ddim50 --seed 42
 
 Writes out/user_01/generated_000.png, ..., grid.png and samples_NxHxWxC.npz. The

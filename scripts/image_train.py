@@ -1,6 +1,6 @@
 """Train a pixel-space diffusion model on a folder of images (guided-diffusion's flags).
 
-    mpiexec -n 2 python scripts/image_train.py --data_dir IMAGES --image_size 64 \
+    mpiexec -n 2 python scripts/image_train.py --data_dir IMAGES --image_size 64 \\
         --num_channels 64 --class_cond True --lr_anneal_steps 1000 --log_dir runs/pixels
 """
 

@@ -1,6 +1,6 @@
 """Train a class-conditional diffusion model in the latent space of your VAE.
 
-    mpiexec -n 2 python scripts/image_train_vae.py --config configs/microdoppler_small.yaml \
+    mpiexec -n 2 python scripts/image_train_vae.py --config configs/microdoppler_small.yaml \\
         --latent_cache CACHE_DIR            # or: --data_dir IMAGES --vae_path VAE_DIR
 
 Every guided-diffusion model, diffusion and training flag works here; image_size

@@ -3,8 +3,8 @@
     python scripts/quickstart.py --preset tiny --run_dir runs/quickstart   # 2-core CPU
     python scripts/quickstart.py --preset gpu  --run_dir runs/gpu          # one GPU
 
-Stages: data -> vae -> latents -> diffusion -> samples -> evaluate -> report
-(run_dir/report.html). A rerun skips finished stages and resumes the
+Every stage (--until lists them) writes into run_dir, the last one
+run_dir/report.html. A rerun skips finished stages and resumes the
 interrupted one; one with other settings is refused (--overwrite redoes the
 changed stage and every later one). SIGTERM or Ctrl-C during diffusion training saves, and the
 same command continues from there (a notebook or a job with a time limit can
@@ -23,17 +23,8 @@ from guided_diffusion_vae.errors import run_main  # noqa: E402
 from guided_diffusion_vae.quickstart import quickstart_defaults, run_quickstart  # noqa: E402
 
 
-HELPS = {
-    "preset": "tiny (a 2-core CPU, 32x32) or gpu (one GPU, 64x64, the configs/microdoppler_small.yaml network)",
-    "run_dir": "the run folder: every stage writes here, and a rerun resumes here",
-    "seed": "seed of the simulated people, their walks and every training stage",
-    "workers": "simulator processes (0 = one per CPU core)",
-    "until": "stop after this stage: data, vae, latents, diffusion, samples, evaluate or report",
-}
-
-
 def main():
-    run_quickstart(parse_with_config(quickstart_defaults(), description=__doc__, helps=HELPS))
+    run_quickstart(parse_with_config(quickstart_defaults(), description=__doc__))
 
 
 if __name__ == "__main__":

@@ -21,19 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from guided_diffusion_vae import errors  # noqa: E402
 from guided_diffusion_vae.evaluation.report import report_defaults  # noqa: E402
 
-HELPS = {
-    "run_dir": "training folder (progress.csv, config.yaml) or quickstart run folder (diffusion/, vae/, data/, "
-               "samples/); '' = none",
-    "eval_json": "metrics JSON written by scripts/evaluate.py; its inputs name the real and generated images shown",
-    "vae_dir": "VAE folder with metrics.json and reconstructions.png ('' = RUN_DIR/vae, else the evaluation's "
-               "vae_path)",
-    "output": "the HTML file ('' = RUN_DIR/report.html, else report.html beside --eval_json); figures go to "
-              "<stem>_files/ beside it",
-    "per_person": "real and generated spectrograms shown per person",
-    "people": "comma-separated person names shown side by side ('' = everyone)",
-    "title": "page title",
-}
-
 
 def default_output(config):
     if config["output"]:
@@ -50,7 +37,7 @@ def main(argv=None):
     from guided_diffusion_vae.evaluation.report import write_report
 
     defaults = report_defaults()
-    config = parse_with_config(defaults, argv, description=__doc__, helps=HELPS)
+    config = parse_with_config(defaults, argv, description=__doc__)
     if not config["run_dir"] and not config["eval_json"]:
         raise errors.UserError("nothing to report: give --run_dir, --eval_json or both")
     path = write_report(default_output(config), eval_json=config["eval_json"] or None,

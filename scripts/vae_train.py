@@ -1,6 +1,6 @@
 """Train the AutoencoderKL whose latents the diffusion model learns.
 
-    python scripts/vae_train.py --data_dir IMAGES --image_size 64 --output_dir VAE_DIR \
+    python scripts/vae_train.py --data_dir IMAGES --image_size 64 --output_dir VAE_DIR \\
         [--lr_anneal_steps N] [--batch_size B] [--vae_size tiny|small|base]
 
 Saves a diffusers directory (``AutoencoderKL.from_pretrained(VAE_DIR)``) with
@@ -22,7 +22,7 @@ def main(argv=None):
     from guided_diffusion_vae.vae_training import train_vae, vae_train_defaults
 
     defaults = vae_train_defaults()
-    config = parse_with_config(defaults, argv, description=__doc__.splitlines()[0])
+    config = parse_with_config(defaults, argv, description=__doc__)
     train_vae({key: config[key] for key in defaults})
 
 

@@ -1,7 +1,9 @@
 """``pip install .`` (not editable) gives a package that runs the whole
-quickstart from any folder: the simulator and the configs travel inside it."""
+quickstart from any folder: the simulator and the configs travel inside it.
+CI installs and tests exactly as the README says."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -45,3 +47,19 @@ def test_non_editable_install_runs_the_quickstart(tmp_path):
                          env=dict(env, OMP_NUM_THREADS="1"))
     assert run.returncode == 0, (run.stdout[-1500:], run.stderr[-3000:])
     assert run.stdout.strip().endswith("True")
+
+
+def test_ci_runs_the_readme_commands():
+    """.ci/run runs the README's CI-machine install line and its test command, word for word."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    readme_lines = {line.strip() for block in blocks for line in block.splitlines()}
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().splitlines()
+    commands = [line for line in ci if line and not line.startswith(("#", "set ", "cd ", "export "))]
+    assert commands == ['pip install -q torch==2.13.0 && pip install -q -e ".[test]"', "python -m pytest -q tests"]
+    assert all(command in readme_lines for command in commands)
+    install = readme[readme.index("## Install"):readme.index("## Test")]
+    assert "CI machine" in install and ".ci/run" in install
+    # The laptop's CPU wheels and the cluster's default CUDA wheel are both there.
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in readme_lines
+    assert "pip install torch" in readme_lines and "pip install -e ." in readme_lines

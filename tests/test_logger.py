@@ -169,6 +169,18 @@ def test_scoped_configure_restores_the_outer_logger(tmp_path):
     assert "outside again" in outer_text and "inside" not in outer_text
 
 
+def test_quiet_configure_leaves_out_where_it_logs(tmp_path, capsys):
+    logger.configure(dir=str(tmp_path / "outer"), format_strs="stdout,log")
+    with logger.quiet_configure():
+        logger.configure(dir=str(tmp_path / "stage"), format_strs="stdout,log")
+        with logger.scoped_configure(str(tmp_path / "inner"), format_strs="stdout,log"):
+            logger.log("inside")
+    logger.configure(dir=str(tmp_path / "after"), format_strs="stdout,log")
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Logging to")]
+    assert printed == [f"Logging to {tmp_path / 'outer'}", f"Logging to {tmp_path / 'after'}"]
+    assert (tmp_path / "inner" / "log.txt").read_text() == "inside\n"
+
+
 def test_csv_of_a_resumed_run_keeps_the_earlier_rows(tmp_path):
     import csv
 

@@ -5,7 +5,11 @@ import json
 import os
 import re
 
-from guided_diffusion_vae.quickstart import quickstart_defaults, run_quickstart
+import pytest
+
+from guided_diffusion_vae import logger
+
+from guided_diffusion_vae.quickstart import STAGES, quickstart_defaults, run_quickstart
 
 SMOKE = {
     "num_users": 3, "train_per_user": 8, "test_per_user": 4, "image_size": 32,
@@ -20,10 +24,25 @@ SMOKE = {
 }
 
 
-def test_quickstart_runs_every_stage_and_resumes(tmp_path):
+@pytest.fixture
+def printed(capsys):
+    """capsys; afterwards no logger is left writing to its closed stream."""
+    default = logger.Logger.DEFAULT
+    yield capsys
+    logger.close()
+    logger.Logger.CURRENT = logger.Logger.DEFAULT = default
+
+
+def test_quickstart_runs_every_stage_and_resumes(tmp_path, printed):
     config = {**quickstart_defaults(), "run_dir": str(tmp_path / "qs"), "workers": 1}
     report = run_quickstart(config, preset=SMOKE)
     run = tmp_path / "qs"
+    # Where it logs is said once; each stage gets one header line, naming its folder.
+    lines = printed.readouterr().out.splitlines()
+    assert [line for line in lines if line.startswith("Logging to")] == [f"Logging to {run / 'logs'}"]
+    headers = [line for line in lines if line.startswith("=== ")]
+    assert headers == [f"=== [{n}/7] {name}: {what}" for n, (name, what) in enumerate(STAGES.items(), start=1)]
+    assert "(diffusion/)" in headers[3]
     stages = json.loads((run / "stages.json").read_text())
     assert list(stages) == ["layout", "data", "vae", "latents", "diffusion", "samples", "evaluate", "report"]
     assert len(os.listdir(run / "data" / "train" / "user_03")) == 8
@@ -47,6 +66,11 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     mtime = (run / "diffusion" / "model000003.safetensors").stat().st_mtime
     run_quickstart(config, preset=SMOKE)
     assert (run / "diffusion" / "model000003.safetensors").stat().st_mtime == mtime
+    lines = printed.readouterr().out.splitlines()
+    assert sum(line.startswith("Logging to") for line in lines) == 1
+    assert [line.split(":")[0] for line in lines if line.startswith("=== ")] == [
+        f"=== [{n}/7] {name}" for n, name in enumerate(STAGES, start=1)]
+    assert all(line.endswith("skipped") for line in lines if line.startswith("=== "))
     assert "done earlier" in (run / "logs" / "log.txt").read_text()
 
 

@@ -99,6 +99,15 @@ def classifier_defaults():
             "classifier_width": 16, "classifier_embed_dim": 128}
 
 
+FLAG_HELP = {
+    "classifier_steps": "optimizer steps of every classifier trained (reference, TSTR, augmentation)",
+    "classifier_batch_size": "classifier training batch size",
+    "classifier_lr": "classifier peak learning rate (one-cycle schedule, AdamW)",
+    "classifier_width": "channels of the classifier's first conv block (x2, x4 after)",
+    "classifier_embed_dim": "size of the classifier embedding used for the Frechet distance and precision/recall",
+}
+
+
 def train_classifier(images, labels, num_classes, *, device, steps=1500, batch_size=64, lr=2e-3, width=16,
                      embed_dim=128, seed=0, augment=True, log=None):
     """Train a :class:`SpectrogramCNN` on uint8 ``images (N, C, S, S)`` and int

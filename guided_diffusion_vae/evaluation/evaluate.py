@@ -25,7 +25,7 @@ import torch
 
 from .. import logger
 from ..files import atomic_write_bytes, check_writable_target
-from ..dist_util import pick_device
+from ..dist_util import DEVICE_HELP, check_threads, pick_device, set_threads, threads_defaults
 from ..errors import UserError
 from . import classifier as clf
 from . import metrics
@@ -62,7 +62,33 @@ def evaluate_defaults():
         "inception_weights": "",
         # real .npy/.npz folders: dB -> [-1, 1] (auto: --vae_path's range, else real_train's min and max)
         "db_range": data_folder_defaults()["db_range"],
+        **threads_defaults(),
     }
+
+
+FLAG_HELP = {
+    "db_range": "for .npy/.npz folders: LOW,HIGH in dB mapped to [-1, 1] (auto: the range --vae_path stores, "
+                "else real_train's min and max)",
+    "real_train": "folder of real training images, one sub-folder per person (the reference classifier learns "
+                  "these)",
+    "real_test": "folder of real held-out images of the same people (never seen by any classifier)",
+    "generated": "generated samples: a folder written by the sampling scripts (PERSON/*.png) or their .npz",
+    "output_json": "where the metrics JSON goes; nearest_pairs.png and the classifier are written beside it",
+    "vae_path": "a diffusers AutoencoderKL folder: adds rCAS, the accuracy on its reconstructions of --real_test",
+    "classifier_path": "load this reference classifier (a .safetensors written by an earlier run) instead of "
+                       "training one",
+    "save_classifier": "where a newly trained reference classifier is saved ('' = beside --output_json)",
+    "image_size": "evaluate at this square size (0 = the size of the real training images); others are resized",
+    "device": DEVICE_HELP,
+    "seed": "seed of every classifier and random subset",
+    "augment_k": "comma-separated real images per person for the augmentation-gain experiment",
+    "augment_generated": "generated images per person added in the augmentation-gain experiment",
+    "pr_k": "k of the k-nearest-neighbour manifolds of precision and recall",
+    "memorisation_threshold": "flag a sample whose nearest-training distance is below this share of the typical "
+                              "real held-out one",
+    "num_pairs": "closest generated/training pairs shown in nearest_pairs.png",
+    "inception_weights": "optional: Inception weights file on disk for FID/KID via torch-fidelity (never downloaded)",
+}
 
 
 def check_evaluation_config(config):
@@ -72,6 +98,7 @@ def check_evaluation_config(config):
             raise UserError(f"--{key} is required")
     if not config["generated"] and not config["vae_path"]:
         raise UserError("nothing to evaluate: give --generated (samples) and/or --vae_path (reconstructions)")
+    check_threads(config["threads"])
     for key in ("classifier_steps", "classifier_batch_size", "classifier_width", "classifier_embed_dim", "pr_k"):
         if int(config[key]) < 1:
             raise UserError(f"--{key} must be >= 1, got {config[key]}")
@@ -319,6 +346,7 @@ def run_evaluation(config):
     """Compute every metric the inputs allow; write and return the result dict."""
     config = dict(evaluate_defaults(), **config)
     ks = check_evaluation_config(config)
+    set_threads(config["threads"], logger.log)
     started = time.time()
     device = pick_device(config["device"])
     ev = Evaluation(config, device)

@@ -82,6 +82,20 @@ def report_defaults():
     }
 
 
+FLAG_HELP = {
+    "run_dir": "training folder (progress.csv, config.yaml) or quickstart run folder (diffusion/, vae/, data/, "
+               "samples/); '' = none",
+    "eval_json": "metrics JSON written by scripts/evaluate.py; its inputs name the real and generated images shown",
+    "vae_dir": "VAE folder with metrics.json and reconstructions.png ('' = RUN_DIR/vae, else the evaluation's "
+               "vae_path)",
+    "output": "the HTML file ('' = RUN_DIR/report.html, else report.html beside --eval_json); figures go to "
+              "<stem>_files/ beside it",
+    "per_person": "real and generated spectrograms shown per person",
+    "people": "comma-separated person names shown side by side ('' = everyone)",
+    "title": "page title",
+}
+
+
 def _e(value):
     """HTML-escaped text of anything (quotes too, so it is safe in attributes)."""
     return html.escape(str(value), quote=True)
