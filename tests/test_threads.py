@@ -8,7 +8,7 @@ import torch
 from guided_diffusion_vae import dist_util
 from guided_diffusion_vae.config import parse_with_config
 from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.quickstart import quickstart_defaults, run_quickstart
+from guided_diffusion_vae.quickstart import PRESETS, quickstart_defaults, run_quickstart
 
 LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE")
 
@@ -67,7 +67,7 @@ def test_a_count_is_applied_and_logged_once(fresh_process):
 
 def test_threads_flag_sets_torchs_thread_count(fresh_process, tmp_path):
     """--threads N of the quickstart holds for every stage (here the first)."""
-    preset = {"num_users": 2, "train_per_user": 2, "test_per_user": 1, "image_size": 32}
+    preset = {**PRESETS["tiny"], "num_users": 2, "train_per_user": 2, "test_per_user": 1, "image_size": 32}
     config = parse_with_config(quickstart_defaults(), ["--threads", "2", "--run_dir", str(tmp_path / "qs"),
                                                        "--workers", "1", "--until", "data"])
     run_quickstart(config, preset=preset)
