@@ -34,6 +34,15 @@ class EMA:
         current = [p.detach().float() for p in model.parameters()]
         torch._foreach_lerp_(self.params, current, 1 - decay)
 
+    @torch.no_grad()
+    def update_by(self, model, weight):
+        """Move towards ``model`` by ``weight`` (``1 - decay``, a 0-dim device
+        tensor): no host value, so a CUDA graph can hold the update."""
+        current = [p.detach().float() for p in model.parameters()]
+        step = torch._foreach_sub(current, self.params)
+        torch._foreach_mul_(step, weight)
+        torch._foreach_add_(self.params, step)
+
     def state_dict(self):
         return {name: p.cpu() for name, p in zip(self.names, self.params)}
 

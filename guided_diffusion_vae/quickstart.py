@@ -77,7 +77,7 @@ PRESETS = {
                      "augment_generated": 16},
     },
     "gpu": {
-        "about": "one GPU, 64x64, the configs/microdoppler_small.yaml network (15.4 min on an H100)",
+        "about": "one GPU, 64x64, the configs/microdoppler_small.yaml network (6.8 min on an H100)",
         "num_users": 31, "train_per_user": 96, "test_per_user": 32, "image_size": 64,
         # Measured on an H100 (docs/QUALITY.md): the small VAE with 8 latent
         # channels at lr 1e-3 keeps identity (rCAS 0.98 x TRTR after 5,000

@@ -48,7 +48,8 @@ import torch.nn.functional as F
 
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
-from .ema import EMA
+from .cuda_graphs import graphs_usable
+from .ema import EMA, ema_decay
 from .errors import UserError, check_number
 from .files import undone_on_failure
 from .array_datasets import ArrayFolderDataset, data_folder_defaults, parse_db_range
@@ -56,7 +57,10 @@ from .image_datasets import ImageDataset, data_files, detect_channels
 from .labels import class_names_from_paths
 from .images import image_grid, to_uint8_images
 from .train_util import PRECISIONS, resolve_precision
-from .training_parts import StopRequests, autocast, load_latest_state, save_state, settings_text, state_files, wrap_for_processes
+from .training_parts import (
+    StopRequests, autocast, compile_module, load_latest_state, save_state, settings_text, state_files,
+    wrap_for_processes,
+)
 from .vae_wrapper import LATENT_STATS_FILE, latent_shape_of, scale_from_moments, vae_fingerprint
 from .evaluation.classifier import reconstruction_identity, to_uint8
 from .progress import progress as progress_bar
@@ -98,6 +102,8 @@ def vae_train_defaults():
         "random_flip": True,
         "holdout_fraction": 0.05,
         "max_eval_images": 256,
+        "compile": False,
+        "cuda_graph": True,
         "scale_images": 2048,
         "identity_steps": 1500,
         "log_interval": 100,
@@ -140,6 +146,10 @@ FLAG_HELP = {
                    "walk is not a walk)",
     "holdout_fraction": "share of the images held out for the reconstruction metrics",
     "max_eval_images": "held-out images evaluated at most",
+    "compile": "torch.compile the VAE's training forward pass: faster steps after a slow first one (its cache "
+               "is kept across runs), worth it on a GPU",
+    "cuda_graph": "on one CUDA GPU, capture the training step once and replay it: the small VAE's step is "
+                  "otherwise bound by Python launching ~1,200 kernels (ignored with several processes)",
     "scale_images": "training images encoded to measure the latent scale",
     "identity_steps": "steps of the person classifier that checks reconstructions keep identity (rCAS; 0: skip; "
                       "needs one sub-folder per person)",
@@ -622,7 +632,18 @@ class _VAERun:
         self.checkpoint_dir, self.rank, self.world, self.device = checkpoint_dir, rank, world, device
         self.precision = resolve_precision(config["precision"], device)
         self.objective = AutoencoderObjective(vae)
-        self.opt = torch.optim.AdamW(vae.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+        # One CUDA graph per step where possible: measured on an H100 (small
+        # VAE, batch 64), the GPU works 13 ms of a 36 ms eager step; the rest
+        # is Python launching kernels. The graph reads lr, the EMA weight and
+        # the batch from device tensors filled before each replay.
+        self.graph_mode = bool(config["cuda_graph"]) and graphs_usable(device) and world == 1
+        self.graph = None
+        self.graph_warmup_left = 2
+        self.lr_tensor = torch.tensor(float(config["lr"]), device=device) if self.graph_mode else None
+        self.ema_weight = torch.zeros((), device=device) if self.graph_mode else None
+        self.opt = torch.optim.AdamW(vae.parameters(), lr=self.lr_tensor if self.graph_mode else config["lr"],
+                                     weight_decay=config["weight_decay"], fused=device.type == "cuda",
+                                     capturable=self.graph_mode)
         self.ema = EMA(vae, config["ema_rate"])
         self.settings = _resume_settings(config, data.arch, data.db_range)
         self.step = 0
@@ -640,13 +661,17 @@ class _VAERun:
             self.vae.load_state_dict(state["model"])
             self.ema.load_state_dict(state["ema"])
             self.opt.load_state_dict(state["optimizer"])
+            if self.graph_mode:  # loading replaced the lr tensor the graph reads
+                for group in self.opt.param_groups:
+                    group["lr"] = self.lr_tensor
             # Only the position: each rank keeps its own shuffling seed.
             self.data.stream.load_state_dict(dict(state["data"], seed=self.data.stream.sampler.seed))
             torch.set_rng_state(state["torch_rng"])
             self.step = int(state["step"])
             logger.log(f"resumed from {path} at step {self.step}")
         dist_util.sync_params(self.vae.parameters())
-        self.model = wrap_for_processes(self.objective, self.device)
+        objective = compile_module(self.objective) if self.config["compile"] else self.objective
+        self.model = wrap_for_processes(objective, self.device)
 
     def save(self):
         if self.rank == 0:
@@ -669,6 +694,9 @@ class _VAERun:
             )
 
     def train_step(self):
+        """One step: the batch, flips and posterior noise are drawn here (from
+        a generator of this step), then the step runs eagerly, or replays its
+        CUDA graph (``cuda_graph``: two eager warm-up steps, then a capture)."""
         config, device, total = self.config, self.device, self.config["lr_anneal_steps"]
         indices = torch.as_tensor(next(self.data.stream), device=self.data.batch_source.device)
         gen = _step_generator(config["seed"], self.rank, self.step, device)
@@ -677,9 +705,24 @@ class _VAERun:
             flip = torch.rand(x.shape[0], generator=gen, device=device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         noise = torch.randn(self.noise_shape, generator=gen, device=device)
-        for group in self.opt.param_groups:
-            group["lr"] = config["lr"] * (1 - self.step / total)
-        with autocast(self.precision, device):
+        lr = config["lr"] * (1 - self.step / total)
+        if not self.graph_mode:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            parts = self._device_step(x, noise)
+        else:
+            self.lr_tensor.fill_(lr)
+            self.ema_weight.fill_(1 - ema_decay(self.ema.rate, self.step, self.ema.warmup))
+            parts = self._graph_step(x, noise)
+        for key, value in parts.items():
+            logger.logkv_mean(key, value.detach())
+        self.step += 1
+
+    def _device_step(self, x, noise):
+        """Loss, backward, clipping, AdamW and EMA on device tensors only (no
+        host reads, so it can be captured); returns the logged 0-dim parts."""
+        config = self.config
+        with autocast(self.precision, self.device, cache=not self.graph_mode):
             reconstruction, kl = self.model(x, noise)
         loss, parts = vae_loss(x, reconstruction, kl, config["kl_weight"], config["ssim_weight"])
         self.nonfinite += (~torch.isfinite(loss.detach())).float()
@@ -687,11 +730,34 @@ class _VAERun:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.vae.parameters(), config["grad_clip"] or float("inf"))
         self.opt.step()
-        self.ema.update(self.vae, self.step)
-        logger.logkv_mean("grad_norm", grad_norm.detach())
-        for key, value in parts.items():
-            logger.logkv_mean(key, value.detach())
-        self.step += 1
+        if self.graph_mode:
+            self.ema.update_by(self.vae, self.ema_weight)
+        else:
+            self.ema.update(self.vae, self.step)
+        return {"grad_norm": grad_norm.detach(), **{k: v.detach() for k, v in parts.items()}}
+
+    def _graph_step(self, x, noise):
+        if self.graph_warmup_left > 0:  # real steps, on a side stream as capture requires
+            self.graph_warmup_left -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                parts = self._device_step(x, noise)
+            torch.cuda.current_stream().wait_stream(side)
+            return parts
+        if self.graph is None:
+            static_x, static_noise = x.clone(), noise.clone()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_parts = self._device_step(static_x, static_noise)
+            self.graph = (graph, static_x, static_noise, static_parts)
+        graph, static_x, static_noise, static_parts = self.graph
+        static_x.copy_(x)
+        static_noise.copy_(noise)
+        graph.replay()
+        # The next replay overwrites the outputs: the logger keeps copies.
+        return {k: v.clone() for k, v in static_parts.items()}
 
     def train(self):
         config, total = self.config, self.config["lr_anneal_steps"]

@@ -304,3 +304,21 @@ def test_pruning_a_step_removes_its_training_state_first(tmp_path):
     assert ckpt.latest_model_checkpoint(str(tmp_path)).endswith("model000003.safetensors")
     assert ckpt.prune_checkpoints(str(tmp_path), 1, current_step=3) == [1, 2]
     assert sorted(os.listdir(tmp_path)) == ["model000003.safetensors", "opt000003.pt"]
+
+
+def test_ema_update_by_a_device_weight_matches_update():
+    """The CUDA-graph VAE step moves its EMA by a weight tensor; it must be the
+    same average as the eager update with the host decay."""
+    from guided_diffusion_vae.ema import EMA, ema_decay
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    eager, graphed = EMA(model, 0.99), EMA(model, 0.99)
+    for step in range(6):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight))
+        eager.update(model, step)
+        graphed.update_by(model, torch.tensor(1 - ema_decay(0.99, step, True)))
+    assert not torch.equal(eager.params[0], model.weight.detach())
+    for a, b in zip(eager.params, graphed.params):
+        torch.testing.assert_close(a, b)
