@@ -41,7 +41,7 @@ from .labels import default_label_map, normalize_label_map, null_class_index, pe
 from .images import to_uint8_images
 from .sample_io import save_samples
 from .sample_loop import CLIP_MODES, SAMPLING_PRECISIONS, DenoisedClipper, NonFiniteSamples, generate_samples
-from .samplers import SAMPLER_NAMES, resolve_sampler, sampler_steps
+from .samplers import CORE_SAMPLERS, SAMPLER_NAMES, TIMESTEP_SPACINGS, build_scheduler, resolve_sampler, sampler_steps
 from .vae_wrapper import vae_from_description
 
 # The original's boolean --clip_denoised, as our clipping modes.
@@ -74,6 +74,7 @@ def sample_defaults():
         "guidance_scale": 1.0,
         "keep_going": False,
         "save_npy": False,
+        "timestep_spacing": "auto",
         **dist_util.threads_defaults(),
     }
 
@@ -113,10 +114,14 @@ FLAG_HELP = {
     "guidance_scale": "classifier-free guidance (1: none); needs a model trained with --class_dropout_prob",
     "keep_going": "when some samples come out NaN/Inf, write the finite ones and count the others instead of "
                   "stopping",
+    "timestep_spacing": "where the steps of dpmpp_2m, unipc, euler, euler_a and heun lie: trailing starts at the "
+                        "noisiest step t=T-1, leading about T-T/N as ddimN does; auto is leading for latent "
+                        "epsilon-prediction models (a start at t=T-1 turned their samples to noise) and trailing "
+                        "otherwise",
     "save_npy": "also write each sample as a float32 .npy in dB beside its PNG (models trained on .npy/.npz "
                 "data: mapped back with the db_range their checkpoint stores)",
 }
-FLAG_CHOICES = {"sampler": SAMPLER_NAMES, "clip_denoised": ("auto", *CLIP_MODES), "precision": SAMPLING_PRECISIONS}
+FLAG_CHOICES = {"timestep_spacing": ("auto", *TIMESTEP_SPACINGS), "sampler": SAMPLER_NAMES, "clip_denoised": ("auto", *CLIP_MODES), "precision": SAMPLING_PRECISIONS}
 
 
 def latent_sample_defaults():
@@ -275,25 +280,48 @@ def check_sampling_config(config):
         raise UserError(f"num_images_per_user must be >= 0 (0: --num_samples with random classes), "
                         f"got {config['num_images_per_user']}")
     resolve_sampler(config["sampler"], config["use_ddim"])
+    resolve_timestep_spacing(config["timestep_spacing"], {})
     if config["precision"] not in SAMPLING_PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {config['precision']!r}")
     if config["output_dir"]:
         check_writable_target(config["output_dir"], "output_dir")
 
 
-def _warn_if_the_first_step_is_blind(meta, diffusion):
-    """An epsilon model's first x_0 estimate is its error divided by
-    sqrt(alpha_bar) of the first step: ~5e-5 at the cosine schedule's last
-    step, which the original's ``--timestep_respacing N`` and the diffusers
-    samplers start from. Pixels survive it by the [-1, 1] clip; latents did
-    not (docs/QUALITY.md)."""
-    if not meta.get("vae") or meta["diffusion"].get("predict_xstart"):
+def _blind_start_risk(meta):
+    """True for a latent epsilon-prediction model: its first x_0 estimate is
+    its error divided by sqrt(alpha_bar) of the first step, ~5e-5 at the
+    cosine schedule's last step. Pixels survive that by the [-1, 1] clip;
+    latents did not (docs/QUALITY.md)."""
+    return bool(meta.get("vae")) and not meta["diffusion"].get("predict_xstart")
+
+
+def resolve_timestep_spacing(spacing, meta):
+    """``--timestep_spacing``: ``auto`` is ``leading`` where a start at t=T-1
+    is a risk (:func:`_blind_start_risk`), else ``trailing``."""
+    if spacing not in ("auto", *TIMESTEP_SPACINGS):
+        raise UserError(f"timestep_spacing must be one of auto, {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
+    if spacing == "auto":
+        return "leading" if _blind_start_risk(meta) else "trailing"
+    return spacing
+
+
+def _warn_if_the_first_step_is_blind(meta, diffusion, sampler, steps, spacing):
+    """Warn when a risky model (:func:`_blind_start_risk`) starts where
+    sqrt(alpha_bar) < 1e-3: the original's ``--timestep_respacing N``, or a
+    diffusers sampler spaced ``trailing``/``linspace``."""
+    if not _blind_start_risk(meta):
         return
-    root = float(diffusion.alphas_cumprod[-1]) ** 0.5
+    if sampler in CORE_SAMPLERS:
+        alpha_bar = float(diffusion.alphas_cumprod[-1])
+    else:
+        first = int(round(float(build_scheduler(sampler, diffusion, steps, timestep_spacing=spacing).timesteps[0])))
+        alpha_bar = float(diffusion.alphas_cumprod[first])
+    root = alpha_bar ** 0.5
     if root < 1e-3:
         logger.warn(f"the first sampling step has sqrt(alpha_bar) = {root:.1e}: this epsilon model's first x_0 "
                     f"estimate is its error times {1 / root:.0f}, and latent samples have come out as noise from "
-                    "such a start; prefer --sampler ddim (or ddpm) with --timestep_respacing ddimN (docs/QUALITY.md)")
+                    "such a start; prefer --timestep_respacing ddimN for ddim/ddpm, --timestep_spacing leading "
+                    "for the others (docs/QUALITY.md)")
 
 
 def run_sampling(config):
@@ -320,7 +348,8 @@ def run_sampling(config):
         steps = sampler_steps(sampler, config["timestep_respacing"], diffusion_config["steps"])
         diffusion_config["timestep_respacing"] = ""
     diffusion = script_util.create_gaussian_diffusion(**diffusion_config)
-    _warn_if_the_first_step_is_blind(meta, diffusion)
+    spacing = resolve_timestep_spacing(config["timestep_spacing"], meta)
+    _warn_if_the_first_step_is_blind(meta, diffusion, sampler, steps, spacing)
     label_map = (meta.get("data") or {}).get("label_map")
     class_cond = bool(meta["model"].get("class_cond"))
     if class_cond and not label_map:
@@ -350,7 +379,8 @@ def run_sampling(config):
     share = math.ceil(num_samples / dist_util.world_size())
     first = min(dist_util.rank() * share, num_samples)
     last = min(first + share, num_samples)
-    logger.log(f"sampler {sampler}, {steps or diffusion.num_timesteps} steps, {num_samples} samples"
+    logger.log(f"sampler {sampler}, {steps or diffusion.num_timesteps} steps"
+               + ("" if sampler in CORE_SAMPLERS else f" spaced {spacing}") + f", {num_samples} samples"
                + (f" ({first}..{last - 1} on rank {dist_util.rank()})" if dist_util.world_size() > 1 else ""))
     dropped = []
     images, labels_out, clipped, error = None, None, 0.0, None
@@ -363,7 +393,7 @@ def run_sampling(config):
                 eta=config["eta"], clipper=clipper, decode_fn=decode_fn, cond_fn=cond_fn,
                 seed=config["seed"], device=device, precision=config["precision"],
                 on_nonfinite=dropped.extend if config["keep_going"] else None,
-                progress=dist_util.is_main(), as_float=bool(config["save_npy"]),
+                progress=dist_util.is_main(), as_float=bool(config["save_npy"]), timestep_spacing=spacing,
             )
     except NonFiniteSamples as err:
         error = f"{err}: {_nonfinite_causes(config, path)}; nothing was written " \

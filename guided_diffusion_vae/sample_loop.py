@@ -106,6 +106,7 @@ def generate_samples(
     on_nonfinite=None,
     cuda_graphs=True,
     as_float=False,
+    timestep_spacing="trailing",
 ):
     """Draw ``num_samples`` samples and return ``(uint8 NHWC images, labels,
     clip fraction)``; with ``as_float`` the images are float32 NHWC in
@@ -131,6 +132,8 @@ def generate_samples(
             for pixel models.
         cuda_graphs: on a CUDA device, replay the model from CUDA graphs
             (same numbers, far fewer kernel launches).
+        timestep_spacing: where the diffusers samplers' steps lie
+            (``samplers.TIMESTEP_SPACINGS``).
     """
     device = torch.device(device)
     sampler = resolve_sampler(sampler, use_ddim)
@@ -158,7 +161,8 @@ def generate_samples(
         if labels is not None:
             kwargs["y"] = labels[start:stop].to(device)
         denoiser = Denoiser(model=model, model_kwargs=kwargs, denoised_fn=clipper, cond_fn=cond_fn)
-        plan = SamplingPlan(diffusion=diffusion, steps=steps, generators=generators, eta=eta, progress=progress)
+        plan = SamplingPlan(diffusion=diffusion, steps=steps, generators=generators, eta=eta, progress=progress,
+                            timestep_spacing=timestep_spacing)
         with autocast:
             x = sample_fn(denoiser, x, plan)
         x = x.float()

@@ -9,7 +9,9 @@ steps in ``plan``. ``SAMPLERS`` maps the names ``--sampler`` accepts to them.
   says (``"250"``, ``"ddim50"``, ``"10,20,30"``: the original's strings).
 - ``dpmpp_2m``, ``unipc``, ``euler``, ``euler_a`` and ``heun`` are diffusers'
   schedulers, built from the model's own beta schedule, over ``plan.steps``
-  steps spaced "trailing" (the first step is the noisiest one, t = T-1).
+  steps spaced as ``plan.timestep_spacing`` says: "trailing" starts at the
+  noisiest step t = T-1, "leading" about T - T/steps like the core's ``ddimN``
+  (``sample_from_checkpoint.resolve_timestep_spacing`` picks one).
   The model's epsilon comes from the core (every mean type, clipping of the
   predicted x0 and classifier guidance apply as for DDIM).
 
@@ -30,6 +32,8 @@ from .progress import progress as progress_bar
 CORE_SAMPLERS = ("ddpm", "ddim")
 DIFFUSERS_SAMPLERS = ("dpmpp_2m", "unipc", "euler", "euler_a", "heun")
 SAMPLER_NAMES = CORE_SAMPLERS + DIFFUSERS_SAMPLERS
+# diffusers' names for where the steps of its schedulers lie.
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclasses.dataclass
@@ -58,6 +62,7 @@ class SamplingPlan:
     generators: one ``torch.Generator`` per sample of the batch.
     eta: DDIM's noise scale (``ddim`` only).
     progress: show a progress bar over the steps.
+    timestep_spacing: where the diffusers samplers' steps lie (TIMESTEP_SPACINGS).
     """
 
     diffusion: object
@@ -65,6 +70,7 @@ class SamplingPlan:
     generators: list
     eta: float = 0.0
     progress: bool = False
+    timestep_spacing: str = "trailing"
 
 
 def per_sample_normal(generators, shape, device):
@@ -143,10 +149,10 @@ def build_scheduler(name, diffusion, steps, eta=0.0, timestep_spacing="trailing"
     return scheduler
 
 
-def diffusers_loop(name, den, x, plan, timestep_spacing="trailing"):
+def diffusers_loop(name, den, x, plan):
     """Run diffusers' scheduler ``name`` from noise ``x`` (unit variance)."""
     diffusion = plan.diffusion
-    scheduler = build_scheduler(name, diffusion, plan.steps, timestep_spacing=timestep_spacing)
+    scheduler = build_scheduler(name, diffusion, plan.steps, timestep_spacing=plan.timestep_spacing)
     x = x * scheduler.init_noise_sigma
     extra = {"eta": plan.eta} if name == "ddim" else {}
     if "generator" in inspect.signature(scheduler.step).parameters:  # the stochastic ones

@@ -61,6 +61,12 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, printed):
     pictures = re.findall(r"<img[^>]*src=[\"']([^\"']+)", page)
     assert len(pictures) >= 4 and all(p.startswith("data:image/png;base64,") for p in pictures)
     assert "TRTR" in page and "CAS" in page and "user_03" in page
+    # Log files hold plain lines: no progress-bar redraws or cursor codes.
+    logs = sorted(run.rglob("log.txt"))
+    assert len(logs) >= 3
+    for path in logs:
+        text = path.read_text()
+        assert "\x1b[" not in text and "\r" not in text, path
 
     # A rerun skips every finished stage (nothing retrains).
     mtime = (run / "diffusion" / "model000003.safetensors").stat().st_mtime

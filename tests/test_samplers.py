@@ -78,8 +78,8 @@ def test_diffusers_ddim_agrees_with_the_core_ddim():
     base = script_util.create_gaussian_diffusion(**{**diffusion_config, "timestep_respacing": ""})
     denoiser = Denoiser(model=model, model_kwargs={})
     ours = SAMPLERS["ddim"](denoiser, x.clone(), SamplingPlan(diffusion=core, steps=25, generators=gens))
-    theirs = diffusers_loop("ddim", denoiser, x.clone(), SamplingPlan(diffusion=base, steps=25, generators=gens),
-                            timestep_spacing="leading")
+    theirs = diffusers_loop("ddim", denoiser, x.clone(), SamplingPlan(diffusion=base, steps=25, generators=gens,
+                                                                        timestep_spacing="leading"))
     assert torch.allclose(ours, theirs, atol=1e-4), (ours - theirs).abs().max()
 
 
@@ -112,3 +112,47 @@ def test_sampler_names_and_step_counts():
         sampler_steps("euler", "10,20", 1000)
     with pytest.raises(UserError, match="one step count"):
         sampler_steps("euler", "2000", 1000)
+
+
+class FirstStep(torch.nn.Module):
+    """Records the timesteps it is called at (and predicts zero noise)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t, y=None):
+        self.seen.append(int(t[0]))
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc", "euler"])
+def test_timestep_spacing_sets_where_the_diffusers_samplers_start(name):
+    """"trailing" starts at t=T-1 (blind for an epsilon model: sqrt(alpha_bar)
+    ~5e-5 on the cosine schedule), "leading" about T-T/N like the core's ddimN
+    (diffusers' multistep solvers leave one step more: T-T/(N+1))."""
+    base = _diffusion()
+    starts = {}
+    for spacing in ("trailing", "leading"):
+        model = FirstStep()
+        plan = SamplingPlan(diffusion=base, steps=25, generators=[sample_generator(0, 0, "cpu")],
+                            timestep_spacing=spacing)
+        SAMPLERS[name](Denoiser(model=model, model_kwargs={}), torch.randn(1, 1, 2, 2), plan)
+        starts[spacing] = model.seen[0]
+    assert starts["trailing"] == 999
+    assert starts["leading"] == (960 if name == "euler" else 950)
+    assert int(_diffusion("ddim25").timestep_map[-1]) == 960
+
+
+def test_auto_spacing_is_leading_only_for_latent_epsilon_models():
+    from guided_diffusion_vae.sample_from_checkpoint import resolve_timestep_spacing
+
+    latent_eps = {"vae": {"path": "v"}, "diffusion": {"predict_xstart": False}}
+    latent_x0 = {"vae": {"path": "v"}, "diffusion": {"predict_xstart": True}}
+    pixel_eps = {"vae": None, "diffusion": {"predict_xstart": False}}
+    assert resolve_timestep_spacing("auto", latent_eps) == "leading"
+    assert resolve_timestep_spacing("auto", latent_x0) == "trailing"
+    assert resolve_timestep_spacing("auto", pixel_eps) == "trailing"
+    assert resolve_timestep_spacing("trailing", latent_eps) == "trailing"
+    with pytest.raises(UserError, match="timestep_spacing must be one of auto, leading, trailing, linspace"):
+        resolve_timestep_spacing("middle", latent_eps)
