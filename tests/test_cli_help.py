@@ -40,7 +40,7 @@ ENUMERATED = {
     "input_range": vae_wrapper.INPUT_RANGES,
     "latent_scale": vae_wrapper.LATENT_SCALE_WORDS,
     "device": ("auto", "cpu", "cuda"),
-    "variants": ("fp32", "bf16", "+compile"),
+    "timestep_spacing": ("auto", *samplers.TIMESTEP_SPACINGS),
 }
 
 

@@ -322,3 +322,28 @@ def test_ema_update_by_a_device_weight_matches_update():
     assert not torch.equal(eager.params[0], model.weight.detach())
     for a, b in zip(eager.params, graphed.params):
         torch.testing.assert_close(a, b)
+
+
+def test_compiled_training_keeps_parameter_names_and_resumes(tmp_path, tiny_model_flags, monkeypatch):
+    """--compile wraps the network for the step only: checkpoints keep the
+    original's parameter names (no ``_orig_mod.`` prefix) and resume into a
+    compiled or an uncompiled loop. (The eager backend keeps the test fast;
+    naming and resume do not depend on the backend.)"""
+    import functools
+
+    from guided_diffusion_vae import training_parts
+
+    monkeypatch.setattr(training_parts.torch, "compile", functools.partial(torch.compile, backend="eager"))
+    logger.configure(dir=str(tmp_path / "log"), format_strs="log")
+    compiled = _loop(tiny_model_flags, tmp_path / "a", 4, compile=True)
+    assert type(compiled.compiled_model).__name__ == "OptimizedModule"
+    path = compiled.run_loop()
+    names = set(ckpt.load_weights(path)[0].keys())
+    model, _ = script_util.create_model_and_diffusion(**tiny_model_flags)
+    assert names == set(model.state_dict().keys())
+    assert not any(name.startswith("_orig_mod") for name in names)
+    for compile_again in (True, False):
+        resumed = _loop(tiny_model_flags, tmp_path / "a", 6, resume=path, compile=compile_again)
+        assert resumed.step == 4
+        resumed.run_loop()
+        assert resumed.step == 6
