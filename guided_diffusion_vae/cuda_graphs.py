@@ -6,9 +6,10 @@ profile in docs/BENCHMARKS.md). A captured graph replays them all at once.
 Only CUDA tensors of fixed shapes qualify, and nothing inside may read a
 value back to the host.
 
-:class:`GraphedForward` serves the samplers (one graph per input shape);
-the training step captures itself (``train_util.TrainLoop``) with
-:func:`capture`.
+:class:`ReplayedStep` is the one mechanism: the diffusion training step
+(``train_util.TrainLoop``), the VAE training step (``vae_training``) and
+:class:`GraphedForward` (the samplers' model call, one graph per input
+shape) all replay through it.
 """
 
 import warnings
@@ -21,24 +22,59 @@ def graphs_usable(device):
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
 
-def capture(fn, warmup_steps=2, pool=None):
-    """Run ``fn()`` ``warmup_steps`` times on a side stream, then capture one
-    more call into a graph. Returns ``(graph, output of the captured call)``.
+class ReplayedStep:
+    """``step(*tensors)``, replayed from a CUDA graph after ``warmup_steps`` real calls.
 
-    The warm-up calls really run (cuDNN/cuBLAS pick their kernels, lazy state
-    such as optimizer moments is created); the captured call does not run
-    until ``graph.replay()``.
+    The first ``warmup_steps`` calls run ``step`` eagerly on a side stream, as
+    capture requires (cuDNN and cuBLAS pick their kernels, an optimizer makes
+    its state). The next call captures ``step`` on copies of its tensors (the
+    graph's inputs); from then on every call copies its tensors into those
+    inputs and replays. Returns ``step``'s output: once captured, the graph's
+    own output tensors, which the next replay overwrites (copy what you keep).
+    ``step`` must not read device values on the host.
     """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup_steps):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        output = fn()
-    return graph, output
+
+    def __init__(self, step, warmup_steps=2, pool=None):
+        self.step = step
+        self.warmup_left = warmup_steps
+        self.pool = pool
+        self.graph = None
+        self.inputs = None
+        self.output = None
+
+    def fits(self, *tensors):
+        """Whether ``tensors`` have the captured shapes and dtypes (True before capture)."""
+        return self.inputs is None or (len(tensors) == len(self.inputs) and all(
+            t.shape == s.shape and t.dtype == s.dtype for t, s in zip(tensors, self.inputs)))
+
+    def __call__(self, *tensors):
+        if self.warmup_left > 0:
+            self.warmup_left -= 1
+            return self._on_side_stream(lambda: self.step(*tensors))
+        if self.graph is None:
+            self.inputs = [t.clone() for t in tensors]
+            self.graph, self.output = self._capture(lambda: self.step(*self.inputs))
+        for static, value in zip(self.inputs, tensors):
+            static.copy_(value)
+        self.graph.replay()
+        return self.output
+
+    @staticmethod
+    def _on_side_stream(fn):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            output = fn()
+        torch.cuda.current_stream().wait_stream(side)
+        return output
+
+    def _capture(self, fn):
+        """``(graph, output)``: ``fn`` recorded, not run (it runs at ``replay``)."""
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = fn()
+        return graph, output
 
 
 def _autocast_state():
@@ -59,15 +95,15 @@ class GraphedForward:
     input signature (shapes, dtypes, autocast). Inference only: with grad
     enabled, off CUDA, or with a non-tensor keyword it calls ``model`` itself.
 
-    Each call copies the inputs into the graph's own buffers, replays, and
-    returns a copy of the output (the next replay overwrites the buffer).
+    Per shape, the first calls run eagerly and the next is captured
+    (:class:`ReplayedStep`); each call returns a copy of the output.
     The model's weights must not be replaced while this object is in use.
     """
 
     def __init__(self, model, warmup_steps=2):
         self.model = model
         self.warmup_steps = warmup_steps
-        self._graphs = {}
+        self._steps = {}
         self._pool = None
         self._failed = False
 
@@ -80,34 +116,27 @@ class GraphedForward:
                  or not all(torch.is_tensor(v) for v in kwargs.values()))
         if eager:
             return self.model(x, t, **kwargs)
-        inputs = {"x": x, "t": t, **kwargs}
-        key = (tuple((k, tuple(v.shape), v.dtype, v.stride()) for k, v in inputs.items()), _autocast_state())
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._capture(inputs)
-            if entry is None:
-                return self.model(x, t, **kwargs)
-            self._graphs[key] = entry
-        static, graph, output = entry
-        for name, value in inputs.items():
-            static[name].copy_(value)
-        graph.replay()
-        return output.clone()
+        names = ("x", "t", *sorted(kwargs))
+        tensors = (x, t, *(kwargs[k] for k in names[2:]))
+        key = (names, tuple((tuple(v.shape), v.dtype, v.stride()) for v in tensors), _autocast_state())
+        step = self._steps.get(key)
+        if step is None:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every shape's graph
 
-    def _capture(self, inputs):
-        static = {name: value.clone() for name, value in inputs.items()}
+            def call(x, t, *values, names=names[2:]):
+                with no_autocast_cache():
+                    return self.model(x, t, **dict(zip(names, values)))
 
-        def call():
-            with no_autocast_cache():
-                return self.model(static["x"], static["t"], **{k: v for k, v in static.items() if k not in ("x", "t")})
-
+            step = self._steps[key] = ReplayedStep(call, self.warmup_steps, pool=self._pool)
         try:
-            graph, output = capture(call, self.warmup_steps, pool=self._pool)
-        except RuntimeError as err:  # e.g. a host read inside a custom wrapper
+            return step(*tensors).clone()
+        except RuntimeError as err:
+            if step.graph is not None:
+                raise  # a replay failed: a real error, not a capture problem
+            # Capture failed (e.g. a host read inside a custom wrapper): only speed is lost.
             self._failed = True
-            # Only speed is lost; said once, on stderr (this module sits below the logger).
+            # Said once, on stderr (this module sits below the logger).
             warnings.warn(f"CUDA graph capture of the model failed ({str(err).splitlines()[0]}); sampling eagerly")
             torch.cuda.synchronize()
-            return None
-        self._pool = graph.pool()
-        return static, graph, output
+            return self.model(x, t, **kwargs)

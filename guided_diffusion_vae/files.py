@@ -6,6 +6,7 @@ given the permissions the umask allows, and renamed into place.
 """
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -33,6 +34,19 @@ def _remove_stale_temporaries(folder, prefix, min_age_s=60.0):
                     os.remove(full)
             except OSError:
                 pass
+
+
+def read_json_object(path):
+    """The object (a dict) stored as JSON in ``path``; a :class:`UserError`
+    naming the file when it cannot be read, is not JSON, or holds another type."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"{os.fspath(path)!r} is not readable JSON: {str(err).splitlines()[0]}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{os.fspath(path)!r} holds a {type(value).__name__}, not a JSON object")
+    return value
 
 
 def atomic_write(path, write_fn):

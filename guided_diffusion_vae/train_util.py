@@ -30,7 +30,7 @@ from .errors import UserError, check_number
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import SCHEDULE_SAMPLERS, LossAwareSampler, UniformSampler
-from .cuda_graphs import graphs_usable
+from .cuda_graphs import ReplayedStep, graphs_usable
 from .training_parts import StopRequests, autocast, compile_module, wrap_for_processes
 
 
@@ -334,7 +334,7 @@ class TrainLoop:
         )
         self._graph_mode = cuda_graph and self._graphs_possible()
         self._lr_tensor = torch.tensor(float(lr), device=self.device) if self._graph_mode else None
-        self._step_tensor = torch.zeros((), device=self.device)
+        self._step_tensor = torch.zeros((), device=self.device) if self._graph_mode else None
         self.opt = torch.optim.AdamW(
             self.mp_trainer.master_params if use_fp16 else self.params,
             lr=self._lr_tensor if self._graph_mode else lr,
@@ -350,8 +350,9 @@ class TrainLoop:
             # Loading a state puts its float lr back; the graph reads this tensor.
             for group in self.opt.param_groups:
                 group["lr"] = self._lr_tensor
-        self._graph = None  # (graph, static batch, static cond) once captured
-        self._graph_warmup_left = 2
+        # The step as one CUDA graph; cond's keys are fixed by the first batch.
+        self._replayed = ReplayedStep(self._device_step_of_tensors) if self._graph_mode else None
+        self._cond_keys = None
         self._graph_mismatch_logged = False
 
         self.ddp_model = wrap_for_processes(self.model, self.device, gradient_as_bucket_view=True)
@@ -492,44 +493,21 @@ class TrainLoop:
         self._set_step_scalars()
         if not self._graph_mode:
             self._device_step(batch, cond)
-        elif self._graph_warmup_left > 0:
-            # Real steps, one per batch, on a side stream as capture requires.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._device_step(batch, cond)
-            torch.cuda.current_stream().wait_stream(side)
-            self._graph_warmup_left -= 1
-        else:
-            if self._graph is None:
-                self._capture_step(batch, cond)
-            graph, static_batch, static_cond = self._graph
-            if not self._fits(batch, cond, static_batch, static_cond):
-                if not self._graph_mismatch_logged:
-                    logger.log(f"cuda_graph: a batch of shape {tuple(batch.shape)} differs from the captured "
-                               f"{tuple(static_batch.shape)}; such batches run eagerly")
-                    self._graph_mismatch_logged = True
-                self._device_step(batch, cond)
-                return
-            static_batch.copy_(batch)
-            for name, value in cond.items():
-                static_cond[name].copy_(value)
-            graph.replay()
+            return
+        if self._cond_keys is None:
+            self._cond_keys = tuple(sorted(cond))
+        tensors = (batch, *(cond[k] for k in self._cond_keys)) if set(cond) == set(self._cond_keys) else None
+        if tensors is None or not self._replayed.fits(*tensors):
+            if not self._graph_mismatch_logged:
+                logger.log(f"cuda_graph: a batch of shape {tuple(batch.shape)} (conditions {sorted(cond)}) differs "
+                           "from the captured one; such batches run eagerly")
+                self._graph_mismatch_logged = True
+            self._device_step(batch, cond)
+            return
+        self._replayed(*tensors)
 
-    @staticmethod
-    def _fits(batch, cond, static_batch, static_cond):
-        same = lambda a, b: a.shape == b.shape and a.dtype == b.dtype  # noqa: E731
-        return same(batch, static_batch) and cond.keys() == static_cond.keys() and all(
-            same(v, static_cond[k]) for k, v in cond.items())
-
-    def _capture_step(self, batch, cond):
-        static_batch = batch.clone(memory_format=torch.preserve_format)
-        static_cond = {k: v.clone() for k, v in cond.items()}
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._device_step(static_batch, static_cond)
-        self._graph = (graph, static_batch, static_cond)
+    def _device_step_of_tensors(self, batch, *cond_values):
+        return self._device_step(batch, dict(zip(self._cond_keys, cond_values)))
 
     def _device_step(self, batch, cond):
         """Gradients, clipping, optimizer and EMA for one batch already on the

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
-from .cuda_graphs import graphs_usable
+from .cuda_graphs import ReplayedStep, graphs_usable
 from .ema import EMA, ema_decay
 from .errors import UserError, check_number
 from .files import undone_on_failure
@@ -637,8 +637,7 @@ class _VAERun:
         # is Python launching kernels. The graph reads lr, the EMA weight and
         # the batch from device tensors filled before each replay.
         self.graph_mode = bool(config["cuda_graph"]) and graphs_usable(device) and world == 1
-        self.graph = None
-        self.graph_warmup_left = 2
+        self.replayed = ReplayedStep(self._device_step) if self.graph_mode else None
         self.lr_tensor = torch.tensor(float(config["lr"]), device=device) if self.graph_mode else None
         self.ema_weight = torch.zeros((), device=device) if self.graph_mode else None
         self.opt = torch.optim.AdamW(vae.parameters(), lr=self.lr_tensor if self.graph_mode else config["lr"],
@@ -713,7 +712,8 @@ class _VAERun:
         else:
             self.lr_tensor.fill_(lr)
             self.ema_weight.fill_(1 - ema_decay(self.ema.rate, self.step, self.ema.warmup))
-            parts = self._graph_step(x, noise)
+            # The next replay overwrites the graph's outputs: the logger keeps copies.
+            parts = {k: v.clone() for k, v in self.replayed(x, noise).items()}
         for key, value in parts.items():
             logger.logkv_mean(key, value.detach())
         self.step += 1
@@ -735,29 +735,6 @@ class _VAERun:
         else:
             self.ema.update(self.vae, self.step)
         return {"grad_norm": grad_norm.detach(), **{k: v.detach() for k, v in parts.items()}}
-
-    def _graph_step(self, x, noise):
-        if self.graph_warmup_left > 0:  # real steps, on a side stream as capture requires
-            self.graph_warmup_left -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                parts = self._device_step(x, noise)
-            torch.cuda.current_stream().wait_stream(side)
-            return parts
-        if self.graph is None:
-            static_x, static_noise = x.clone(), noise.clone()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_parts = self._device_step(static_x, static_noise)
-            self.graph = (graph, static_x, static_noise, static_parts)
-        graph, static_x, static_noise, static_parts = self.graph
-        static_x.copy_(x)
-        static_noise.copy_(noise)
-        graph.replay()
-        # The next replay overwrites the outputs: the logger keeps copies.
-        return {k: v.clone() for k, v in static_parts.items()}
 
     def train(self):
         config, total = self.config, self.config["lr_anneal_steps"]

@@ -26,6 +26,7 @@ import torch
 
 from .errors import UserError
 from . import dist_util
+from .files import read_json_object
 
 INPUT_RANGES = ("-1,1", "0,1")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -99,14 +100,7 @@ def read_latent_stats(path):
     stats_path = os.path.join(path, LATENT_STATS_FILE)
     if not os.path.isfile(stats_path):
         return None
-    try:
-        with open(stats_path) as f:
-            stats = json.load(f)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{stats_path!r} is not readable JSON: {err}") from None
-    if not isinstance(stats, dict):
-        raise UserError(f"{stats_path!r} holds a {type(stats).__name__}, not an object")
-    return stats
+    return read_json_object(stats_path)
 
 
 def _read_vae_weights(path):

@@ -132,3 +132,18 @@ def test_errors_name_the_culprit(vae_dir, tmp_path):
         vae.encode_batch(_images(1, channels=3))
     with pytest.raises(UserError, match=r"latent_scale must be a positive"):
         _open(vae_dir, latent_scale=-1.0)
+
+
+def test_a_broken_latent_stats_file_is_named(tmp_path):
+    from guided_diffusion_vae.vae_wrapper import LATENT_STATS_FILE, read_latent_stats
+
+    assert read_latent_stats(str(tmp_path)) is None  # no file: no stored scale
+    path = tmp_path / LATENT_STATS_FILE
+    path.write_text("{not json")
+    with pytest.raises(UserError, match=r"latent_stats.json' is not readable JSON"):
+        read_latent_stats(str(tmp_path))
+    path.write_text("[0.18]")
+    with pytest.raises(UserError, match=r"latent_stats.json' holds a list, not a JSON object"):
+        read_latent_stats(str(tmp_path))
+    path.write_text('{"latent_scale": 0.18}')
+    assert read_latent_stats(str(tmp_path)) == {"latent_scale": 0.18}

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, read_json_object
 from ..images import image_grid
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -159,14 +159,7 @@ class _Figures:
 def _load_eval(path):
     if not os.path.isfile(path):
         raise UserError(f"evaluation JSON not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            result = json.load(f)
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read evaluation JSON {path}: {str(err).splitlines()[0]}") from None
-    if not isinstance(result, dict):
-        raise UserError(f"{path} is not an evaluation JSON (expected an object of metrics)")
-    return result
+    return read_json_object(path)
 
 
 def _first_file(folders, name):

@@ -1,0 +1,64 @@
+"""ReplayedStep's bookkeeping, which the training steps and the samplers'
+model call share: warm-up calls run on their own tensors, the capture works on
+copies, and each later call copies its tensors into them before a replay.
+The CUDA parts are stood in for on the CPU (CI has no GPU; the GPU runs are
+in docs/BENCHMARKS.md)."""
+
+import torch
+
+from guided_diffusion_vae.cuda_graphs import GraphedForward, ReplayedStep
+
+
+class HostReplay(ReplayedStep):
+    """Side stream = a plain call; capture = remember ``fn``, replay = run it
+    again into the captured output (a real capture runs nothing, so the call
+    made here to learn the output's shape is dropped from the log)."""
+
+    def __init__(self, step, log, **kw):
+        super().__init__(step, **kw)
+        self.log = log
+
+    def _on_side_stream(self, fn):
+        return fn()
+
+    def _capture(self, fn):
+        output = fn()
+        self.log.pop()
+
+        class Graph:
+            def replay(graph):
+                output.copy_(fn())
+
+        return Graph(), output
+
+
+def test_warmup_capture_and_replay_use_the_right_tensors():
+    seen = []
+
+    def step(x):
+        seen.append(x.clone())
+        return x * 2
+
+    replayed = HostReplay(step, seen, warmup_steps=2)
+    a, b, c, d = (torch.full((3,), float(v)) for v in (1, 2, 3, 4))
+    assert torch.equal(replayed(a), a * 2) and torch.equal(replayed(b), b * 2)
+    assert replayed.graph is None  # two warm-up calls, each a real step on its own batch
+    out_c = replayed(c)
+    assert replayed.graph is not None and replayed.inputs[0] is not c  # captured on a copy
+    assert torch.equal(out_c, c * 2)
+    out_d = replayed(d)
+    assert out_d is out_c and torch.equal(out_d, d * 2)  # the graph's own output, overwritten
+    assert torch.equal(c, torch.full((3,), 3.0))  # the caller's tensor is never written
+    assert [float(x[0]) for x in seen] == [1, 2, 3, 4]
+    assert replayed.fits(torch.zeros(3))
+    assert not replayed.fits(torch.zeros(4)) and not replayed.fits(torch.zeros(3, dtype=torch.float64))
+    assert not replayed.fits(torch.zeros(3), torch.zeros(3))
+
+
+def test_graphed_forward_calls_the_model_itself_off_cuda_and_with_grad():
+    model = torch.nn.Linear(2, 2)
+    graphed = GraphedForward(lambda x, t, **kw: model(x) + t)
+    x, t = torch.ones(1, 2), torch.zeros(1, 2)
+    with torch.no_grad():
+        assert torch.equal(graphed(x, t), model(x))
+    assert graphed(x, t).requires_grad and graphed._steps == {}
