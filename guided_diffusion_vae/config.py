@@ -96,11 +96,8 @@ def load_yaml_config(path, defaults):
 
 
 def _parser_type(default):
-    if default is None:
-        return str
-    if isinstance(default, bool):
-        return str2bool
-    return type(default)
+    # Booleans have their own argument form (a bare --flag means True).
+    return str if default is None else type(default)
 
 
 class _Parser(argparse.ArgumentParser):
