@@ -1,0 +1,248 @@
+"""Tables of spectrogram tiles with a time and a Doppler axis, for the report.
+
+A spectrogram's physical extent comes from the data's own description, never
+from a guess: the simulator's ``metadata.json`` beside the images
+(``walk.duration_s`` seconds across the columns, ``spectrogram.velocity_band_mps``
+from the bottom row to the top one, ``spectrogram.doppler_band_hz`` the same
+band in Hz). Without one, the axes count pixels and say so.
+"""
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+METADATA_FILE = "metadata.json"  # written by guided_diffusion_vae.simulate beside user_XX/
+DPI = 100
+TILE_TARGET_PX = 100  # tiles are shown at a whole multiple of their pixels, about this tall
+FONT = 8
+
+
+@dataclass(frozen=True)
+class SpectrogramExtent:
+    """What a spectrogram image spans: ``time_s`` (start, end) left to right,
+    ``velocity_mps`` (low, high) bottom to top (positive = closing), and the
+    same band as ``doppler_hz``; ``source`` the file that said so."""
+
+    time_s: tuple
+    velocity_mps: tuple
+    doppler_hz: tuple = None
+    source: str = ""
+
+    def describe(self):
+        """One sentence for a figure's caption."""
+        text = (f"Axes from {self.source}: {self.time_s[1] - self.time_s[0]:g} s of walking left to right; "
+                f"radial velocity {self.velocity_mps[0]:g} to {self.velocity_mps[1]:g} m/s bottom to top "
+                "(positive = towards the radar)")
+        if self.doppler_hz:
+            text += f", i.e. Doppler {self.doppler_hz[0]:.0f} to {self.doppler_hz[1]:.0f} Hz"
+        return text + "."
+
+
+UNKNOWN_EXTENT_NOTE = ("No spectrogram metadata (the simulator's metadata.json) beside the real images: the axes count "
+                       "pixels (columns are time, rows Doppler with the highest at the top).")
+
+
+def _pair(value):
+    """(low, high) of two finite numbers with low < high, else None."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value):
+        return None
+    low, high = float(value[0]), float(value[1])
+    return (low, high) if low < high else None
+
+
+def extent_from_metadata(meta, source=""):
+    """The extent a simulator ``metadata.json`` (a dict) describes, or None."""
+    if not isinstance(meta, dict):
+        return None
+    walk, spec = meta.get("walk"), meta.get("spectrogram")
+    if not isinstance(walk, dict) or not isinstance(spec, dict):
+        return None
+    duration = walk.get("duration_s")
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration < math.inf:
+        return None
+    velocity = _pair(spec.get("velocity_band_mps"))
+    if velocity is None:
+        return None
+    return SpectrogramExtent((0.0, float(duration)), velocity, _pair(spec.get("doppler_band_hz")), source)
+
+
+def read_extent(folders):
+    """The extent of the first of ``folders`` (or its parent: a split of a
+    data set) with a readable simulator ``metadata.json``; None if none has one."""
+    for folder in folders:
+        if not folder:
+            continue
+        folder = os.path.abspath(folder)
+        for where in (folder, os.path.dirname(folder)):
+            path = os.path.join(where, METADATA_FILE)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    meta = json.load(f)
+            except (OSError, ValueError):
+                continue
+            extent = extent_from_metadata(meta, path)
+            if extent is not None:
+                return extent
+    return None
+
+
+def _tile_scale(height):
+    return max(1, round(TILE_TARGET_PX / max(height, 1)))
+
+
+def _axis_labels(extent):
+    if extent is None:
+        return "time (pixels)", "Doppler (pixels)"
+    return "time (s)", "v (m/s)"
+
+
+def spectrogram_table(rows, extent, *, row_labels, group_titles=None, tile_titles=None, highlight_rows=(),
+                      highlight_tiles=()):
+    """PNG bytes of spectrogram tiles laid out in rows and groups, with axes.
+
+    :param rows: one entry per row: a list of groups, each a list of (H, W, 3)
+        uint8 tiles (or None: an empty, grey place). Every tile has the first
+        tile's size; every row the same number of groups.
+    :param extent: a :class:`SpectrogramExtent`, or None for pixel axes.
+    :param row_labels: per row, a list of lines (the first in bold).
+    :param group_titles: a title above each group.
+    :param tile_titles: ``{(row, group, index): text}`` shown above a tile.
+    :param highlight_rows: row indices labelled in red; ``highlight_tiles``
+        ``(row, group, index)`` whose titles are red.
+
+    Each group of a row is one matplotlib axes holding its tiles side by side
+    (one axes per tile costs seconds per figure in tick objects): the Doppler
+    ticks are labelled at the left of every group, the time ticks under every
+    tile of the bottom row.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    first = next(t for row in rows for group in row for t in group if t is not None)
+    h, w = first.shape[:2]
+    scale = _tile_scale(h)
+    tile_w, tile_h = w * scale / DPI, h * scale / DPI  # inches
+    places = [max(len(row[g]) for row in rows) for g in range(len(rows[0]))]
+    label_w = 1.7 if any(row_labels) else 0.2
+    axis_w, group_gap, tile_gap = 0.55, 0.65, 0.06
+    row_gap = 0.25 if tile_titles else 0.1
+    top_h = 0.35 + (0.2 if tile_titles else 0.0)
+    bottom_h = 0.5
+    group_w = [n * tile_w + (n - 1) * tile_gap for n in places]
+    width = label_w + axis_w + sum(group_w) + group_gap * (len(places) - 1) + 0.25
+    height = top_h + len(rows) * tile_h + (len(rows) - 1) * row_gap + bottom_h
+
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    xlabel, ylabel = _axis_labels(extent)
+    # Data coordinates of one tile: physical units, else pixel centres (row 0 at the top).
+    x0, x1, y0, y1 = (*extent.time_s, *extent.velocity_mps) if extent else (-0.5, w - 0.5, h - 0.5, -0.5)
+    step = (x1 - x0) * (1 + tile_gap / tile_w)  # from one tile's left edge to the next one's
+    x_ticks = _ticks(x0, x1, integer=extent is None, open_end=True)
+    y_ticks = _ticks(min(y0, y1), max(y0, y1), integer=extent is None)
+    tile_titles = tile_titles or {}
+    for r, row in enumerate(rows):
+        top = top_h + r * (tile_h + row_gap)
+        left = label_w + axis_w
+        for g, group in enumerate(row):
+            ax = fig.add_axes([left / width, 1 - (top + tile_h) / height, group_w[g] / width, tile_h / height])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            for i in range(places[g]):
+                tile = group[i] if i < len(group) else None
+                box = (x0 + i * step, x1 + i * step, y0, y1)
+                if tile is None:
+                    ax.fill_between(box[:2], y0, y1, color="#eeeeee", lw=0)
+                else:
+                    ax.imshow(tile, extent=box, interpolation="nearest", origin="upper")
+                title = tile_titles.get((r, g, i))
+                if title:
+                    red = (r, g, i) in highlight_tiles
+                    ax.text((box[0] + box[1]) / 2, y1 if y1 > y0 else y1, title, ha="center", va="bottom",
+                            fontsize=FONT - 1, color="#b00000" if red else "#333333",
+                            fontweight="bold" if red else "normal")
+            ax.set_aspect("auto")
+            ax.set_xlim(x0, x0 + step * (places[g] - 1) + (x1 - x0))
+            ax.set_ylim(y0, y1)
+            ax.set_yticks(y_ticks)
+            ax.set_ylabel(ylabel, fontsize=FONT - 1, labelpad=1)
+            if r == len(rows) - 1:
+                ax.set_xticks([x + i * step for i in range(places[g]) for x in x_ticks],
+                              [f"{x:g}" for _ in range(places[g]) for x in x_ticks])
+                ax.set_xlabel(xlabel, fontsize=FONT - 1, labelpad=1)
+            else:
+                ax.set_xticks([])
+            ax.tick_params(labelsize=FONT - 1, length=2.5, pad=1.5)
+            if group_titles and r == 0:
+                fig.text((left + group_w[g] / 2) / width, 1 - 0.08 / height, group_titles[g], ha="center",
+                         va="top", fontsize=FONT + 2)
+            left += group_w[g] + group_gap
+        _draw_row_label(fig, row_labels[r] if r < len(row_labels) else [], top + tile_h / 2, width, height,
+                        red=r in set(highlight_rows))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def _ticks(low, high, integer, *, open_end=False):
+    """About four round tick values inside [low, high] (``open_end``: below
+    ``high``, where the next tile's first label would collide with it)."""
+    from matplotlib.ticker import MaxNLocator
+
+    values = MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10], integer=integer).tick_values(low, high)
+    span = high - low
+    end = high - 0.05 * span if open_end else high + 1e-9 * span
+    return [float(v) for v in values if low - 1e-9 * span <= v <= end]
+
+
+def _draw_row_label(fig, lines, centre, width, height, *, red):
+    if not lines:
+        return
+    y = centre - 0.09 * (len(lines) - 1)
+    for k, line in enumerate(lines):
+        text = ("\u25bc " if red and k == 0 else "") + _fit(str(line), 22 if k == 0 else 26)
+        fig.text(0.08 / width, 1 - (y + 0.18 * k) / height, text, ha="left", va="center",
+                 fontsize=FONT + 1 if k == 0 else FONT, fontweight="bold" if k == 0 else "normal",
+                 color="#b00000" if red else ("#000000" if k == 0 else "#555555"))
+
+
+def _fit(text, limit):
+    """``text`` cut to ``limit`` characters with an ellipsis (a long name must not run into the tiles)."""
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def split_rows(grid, rows, *, pad=2, square=True, columns=None):
+    """Tiles of a picture laid out by :func:`guided_diffusion_vae.images.image_grid`:
+    ``rows`` lists of (h, w, 3) uint8 tiles, or None when the picture does not divide.
+
+    The tile height follows from ``rows``; the width from ``columns``, else
+    the tiles are taken as square.
+    """
+    grid = np.asarray(grid)
+    if grid.ndim == 2:
+        grid = grid[..., None]
+    if grid.shape[-1] == 1:
+        grid = np.repeat(grid, 3, axis=-1)
+    grid = grid[..., :3]
+    height, width = grid.shape[:2]
+    tile_h, rest = divmod(height - pad, rows)
+    tile_h -= pad
+    if rest or tile_h < 1:
+        return None
+    if columns:
+        tile_w, rest = divmod(width - pad, columns)
+        tile_w -= pad
+    elif square:
+        tile_w = tile_h
+        columns, rest = divmod(width - pad, tile_h + pad)
+    if rest or tile_w < 1 or columns < 1:
+        return None
+    return [[grid[pad + r * (tile_h + pad):pad + r * (tile_h + pad) + tile_h,
+                  pad + c * (tile_w + pad):pad + c * (tile_w + pad) + tile_w] for c in range(columns)]
+            for r in range(rows)]
