@@ -1,8 +1,9 @@
 """Pictures: uint8 ``(N, H, W, C)`` arrays laid out on grids and saved as PNG.
 
 Sample grids, training previews, TensorBoard images, VAE comparisons and the
-report's figures all use :func:`image_grid`; image folders and spectrogram
-arrays are brought to the training size by :func:`resize_short_side`.
+report's figures all use :func:`image_grid` (:func:`grid_tiles` takes one
+apart again); image folders and spectrogram arrays are brought to the
+training size by :func:`resize_short_side`.
 """
 
 import io
@@ -25,6 +26,41 @@ def image_grid(images, columns=None, pad=2, background=255):
         top, left = pad + r * (h + pad), pad + col * (w + pad)
         grid[top : top + h, left : left + w] = img
     return grid
+
+
+def grid_tiles(grid, rows, columns=None, pad=2, background=255):
+    """The tiles of a picture :func:`image_grid` laid out: ``rows`` lists of
+    (h, w, C) arrays, or None when the picture is not such a grid (its size
+    does not divide, or a gutter between tiles is not all ``background``).
+
+    The tile height follows from ``rows``; the width from ``columns``, else
+    the tiles are taken as square (as every grid of spectrograms here is).
+    """
+    grid = np.asarray(grid)
+    grid = grid[..., None] if grid.ndim == 2 else grid
+    height, width = grid.shape[:2]
+    tile_h, rest_h = divmod(height - pad, rows)
+    tile_h -= pad
+    if columns:
+        tile_w, rest_w = divmod(width - pad, columns)
+        tile_w -= pad
+    else:
+        tile_w = tile_h
+        columns, rest_w = divmod(width - pad, tile_h + pad) if tile_h > 0 else (0, 1)
+    if rest_h or rest_w or tile_h < 1 or tile_w < 1 or columns < 1:
+        return None
+    gutter = np.ones((height, width), bool)
+    tiles = []
+    for r in range(rows):
+        top = pad + r * (tile_h + pad)
+        tiles.append([])
+        for c in range(columns):
+            left = pad + c * (tile_w + pad)
+            tiles[-1].append(grid[top:top + tile_h, left:left + tile_w])
+            gutter[top:top + tile_h, left:left + tile_w] = False
+    if pad and not (grid[gutter] == background).all():
+        return None
+    return tiles
 
 
 def to_pil(image):

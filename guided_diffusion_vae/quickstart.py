@@ -27,7 +27,7 @@ import time
 from . import logger
 from .dist_util import set_threads, threads_defaults
 from .errors import UserError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, read_json_object
 from .simulate import simulate_dataset
 from .vae_training import train_vae, vae_train_defaults
 from .latent_datasets import build_latent_cache, encode_latents_defaults
@@ -38,6 +38,7 @@ from .diffusion_training import run_training
 from .sample_from_checkpoint import run_sampling, sample_defaults
 from .evaluation.evaluate import evaluate_defaults, run_evaluation
 from .evaluation.report import write_report
+from .evaluation.verdict import verdict_text
 
 # The stages in order: what each does, and where it writes (under the run directory).
 STAGES = {
@@ -397,4 +398,7 @@ def run_quickstart(config, preset=None):
     logger.log(f"stage times: {times} (total {total / 60:.1f} min)")
     if os.path.exists(report):
         logger.log(f"report: {report}")
+    metrics = os.path.join(run_dir, "eval", "metrics.json")
+    if stages.finished("evaluate") and os.path.isfile(metrics):
+        logger.log(verdict_text(read_json_object(metrics)))
     return report

@@ -5,7 +5,8 @@
 
 Writes one HTML file with every picture embedded (open it anywhere, nothing else
 needed) and the same figures as PNG files in <html stem>_files/ beside it. It
-shows the metrics of an evaluation JSON (scripts/evaluate.py) beside their
+opens with the verdict (usable for augmentation or not, and why; also printed
+at the end here), then shows the metrics of an evaluation JSON (scripts/evaluate.py) beside their
 ceilings and floors, one row per person with the worst CAS marked, the training
 loss by quartile of the diffusion timestep (progress.csv), real and generated
 spectrograms of every person side by side, the generated samples closest to a
@@ -35,6 +36,8 @@ def default_output(config):
 def main(argv=None):
     from guided_diffusion_vae.config import parse_with_config
     from guided_diffusion_vae.evaluation.report import write_report
+    from guided_diffusion_vae.evaluation.verdict import verdict_text
+    from guided_diffusion_vae.files import read_json_object
 
     defaults = report_defaults()
     config = parse_with_config(defaults, argv, description=__doc__)
@@ -44,6 +47,8 @@ def main(argv=None):
                         run_dir=config["run_dir"] or None, vae_dir=config["vae_dir"] or None,
                         title=config["title"], people=config["people"] or None, per_person=config["per_person"])
     print(f"wrote {path}")
+    if config["eval_json"]:
+        print(verdict_text(read_json_object(config["eval_json"])))
     return path
 
 

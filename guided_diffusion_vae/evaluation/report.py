@@ -3,7 +3,11 @@
 :func:`write_report` gathers what a run left behind and writes one HTML file
 with every picture embedded as a ``data:`` URI (nothing else is needed to view
 it: no scripts, no external files), plus the same figures as PNG files in
-``<html stem>_files/`` beside it, for papers. Sections:
+``<html stem>_files/`` beside it, for papers. The page opens with the
+verdict (:mod:`.verdict`): usable for augmentation or not, and why, with the
+numbers. Spectrograms are drawn with a time and a Doppler axis, in seconds
+and m/s when the real data's ``metadata.json`` says so, else in pixels
+(:mod:`.spectrogram_figures`). Sections:
 
 1. metrics of an evaluation JSON (``scripts/evaluate.py``), each beside its
    ceiling or floor, then one row per person with the worst CAS marked;
@@ -35,11 +39,11 @@ from PIL import Image
 
 from ..errors import UserError
 from ..files import atomic_write_bytes, read_json_object
-from ..images import image_grid
+from ..images import grid_tiles
+from .spectrogram_figures import UNKNOWN_EXTENT_NOTE, read_extent, spectrogram_table
+from .verdict import CAVEATS, NOT_USABLE, USABLE, verdict
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-TILE_TARGET = 96  # small spectrograms are scaled up (by a whole factor) to about this height
-MAX_TILE_SCALE = 8
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; max-width: 1180px;
@@ -61,11 +65,17 @@ tr.flagged td { background: #fde4e4; font-weight: bold; }
 .meta { color: #555; margin-top: 0; }
 .missing { color: #999; }
 img.figure { max-width: 100%; height: auto; display: block; margin: 6px 0; }
-img.pixel { image-rendering: crisp-edges; image-rendering: pixelated; }
 .columns { display: flex; flex-wrap: wrap; gap: 0 18px; align-items: flex-start; }
 .columns table { font-size: 0.88em; }
 nav ol { columns: 2; }
 details summary { cursor: pointer; color: #333; }
+.verdict { border: 2px solid; border-left-width: 10px; border-radius: 4px; padding: 10px 16px; margin: 12px 0 18px;
+           font-size: 1.05em; }
+.verdict p { margin: 0; }
+.verdict-good { border-color: #2e7d32; background: #e8f5e9; }
+.verdict-caveats { border-color: #e0a000; background: #fff8e1; }
+.verdict-bad { border-color: #c62828; background: #fdecea; }
+.verdict-none { border-color: #999; background: #f4f4f4; }
 """
 
 
@@ -118,13 +128,6 @@ def _note(text):
     return f"<p class=\"note\">{_e(text)}</p>"
 
 
-def _png_bytes(image):
-    """(H, W, C) uint8 -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 class _Figures:
     """Collects the figures: each is written to the ``_files`` folder and embedded."""
 
@@ -132,7 +135,7 @@ class _Figures:
         self.folder = folder
         self.written = []
 
-    def add(self, name, png, alt, *, pixel=False, max_width=1120, display_width=None):
+    def add(self, name, png, alt, *, display_width=None):
         """Write ``png`` (bytes) as ``folder/name`` and return its ``<img>`` tag."""
 
         path = os.path.join(self.folder, name)
@@ -140,14 +143,9 @@ class _Figures:
         self.written.append(path)
         with Image.open(io.BytesIO(png)) as img:
             width, height = img.size
-        scale = 1
-        if display_width:
-            scale = display_width / width
-        elif pixel and width * 2 <= max_width:  # small pictures: a whole-number zoom, pixels kept sharp
-            scale = max(1, min(MAX_TILE_SCALE, max_width // max(width, 1), 600 // max(height, 1)))
+        scale = display_width / width if display_width else 1
         data = base64.b64encode(png).decode("ascii")
-        classes = "figure pixel" if pixel else "figure"
-        return (f"<img src=\"data:image/png;base64,{data}\" alt=\"{_e(alt)}\" class=\"{classes}\" "
+        return (f"<img src=\"data:image/png;base64,{data}\" alt=\"{_e(alt)}\" class=\"figure\" "
                 f"width=\"{round(width * scale)}\" height=\"{round(height * scale)}\">"
                 f"<p class=\"meta\">Figure file: <code>{_e(os.path.join(os.path.basename(self.folder), name))}</code>"
                 f"</p>")
@@ -429,20 +427,6 @@ def _loss_section(run_dir, figures):
 # ---------------------------------------------------------------- real vs generated
 
 
-def _load_font(size):
-    from PIL import ImageFont
-
-    try:
-        import matplotlib
-
-        return ImageFont.truetype(os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf"), size)
-    except (ImportError, OSError):
-        try:
-            return ImageFont.load_default(size=size)
-        except TypeError:
-            return ImageFont.load_default()
-
-
 def _generated_source(path, class_names):
     """``{person: [image or path, ...]}`` of a samples folder or ``.npz`` (arr_1 indexes ``class_names``)."""
     if os.path.isdir(path):
@@ -474,63 +458,17 @@ def _tile(item, size):
     return image
 
 
-def _side_by_side_figure(rows, per_person, captions, highlight=()):
-    """Rows of (label lines, real tiles, generated tiles) -> one labelled (H, W, 3) picture.
-
-    Rows whose first label line is in ``highlight`` are labelled in red.
-    """
-    from PIL import ImageDraw
+def _axes_note(extent):
+    """The caption sentence that says what a figure's axes measure."""
+    return f"<p class=\"meta\">{_e(extent.describe() if extent else UNKNOWN_EXTENT_NOTE)}</p>"
 
 
-    h, w = next(t.shape[:2] for _, real, fake in rows for t in real + fake)
-    scale = max(1, min(MAX_TILE_SCALE, TILE_TARGET // max(h, 1)))
-    blank = np.full((h, w, 3), 242, np.uint8)
-
-    def strip(tiles):
-        tiles = tiles + [blank] * (per_person - len(tiles))
-        return image_grid(np.stack(tiles), columns=per_person, pad=2, background=255)
-
-    strips = [(label, strip(real), strip(fake)) for label, real, fake in rows]
-    sh, sw = strips[0][1].shape[:2]
-    sh, sw = sh * scale, sw * scale
-    font, small = _load_font(15), _load_font(13)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-
-    def text_width(text, f):
-        box = probe.textbbox((0, 0), text, font=f)
-        return box[2] - box[0]
-
-    def fit(text, f, width):
-        if text_width(text, f) <= width:
-            return text
-        while text and text_width(text + "\u2026", f) > width:
-            text = text[:-1]
-        return text + "\u2026"
-
-    label_w = min(260, max([text_width("\u25bc " + line, font) for label, _, _ in strips for line in label[:1]]
-                           + [text_width(line, small) for label, _, _ in strips for line in label[1:]] + [60]) + 16)
-    gap, header = 24, 26
-    row_h = max(sh, 44)
-    canvas = Image.new("RGB", (label_w + 2 * sw + gap, header + row_h * len(strips)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, caption in enumerate(captions):
-        draw.text((label_w + i * (sw + gap) + 4, 4), caption, fill=(40, 40, 40), font=font)
-    for r, (label, real, fake) in enumerate(strips):
-        top = header + r * row_h
-        for i, part in enumerate((real, fake)):
-            up = np.repeat(np.repeat(part, scale, axis=0), scale, axis=1)
-            canvas.paste(Image.fromarray(up), (label_w + i * (sw + gap), top))
-        y = top + max(4, (sh - 38) // 2)
-        red = label[0] in highlight
-        name = ("\u25bc " if red else "") + label[0]
-        draw.text((6, y), fit(name, font, label_w - 10), fill=(176, 0, 0) if red else (0, 0, 0), font=font)
-        for line in label[1:]:
-            y += 20
-            draw.text((6, y), fit(line, small, label_w - 10), fill=(176, 0, 0) if red else (90, 90, 90), font=small)
-    return np.asarray(canvas)
+def _padded(tiles, count):
+    """``tiles`` and None (an empty place) up to ``count``."""
+    return list(tiles) + [None] * (count - len(tiles))
 
 
-def _samples_section(result, run_dir, figures, people, per_person):
+def _samples_section(result, run_dir, figures, people, per_person, extent):
     inputs = _dict(result.get("inputs")) if result is not None else {}
     real_dir, gen_path = inputs.get("real_test") or "", inputs.get("generated") or ""
     notes = []
@@ -588,8 +526,10 @@ def _samples_section(result, run_dir, figures, people, per_person):
     if size is None:
         return _note("No readable images for the side-by-side (" + ("; ".join(notes) or "empty folders") + ").")
     worst = _worst_cas(per_class)
-    picture = _side_by_side_figure(rows, per_person, [f"real ({os.path.basename(real_dir.rstrip(os.sep)) or '-'})",
-                                                     "generated"], highlight=worst)
+    png = spectrogram_table([[_padded(real, per_person), _padded(fake, per_person)] for _, real, fake in rows],
+                            extent, row_labels=[label for label, _, _ in rows],
+                            group_titles=[f"real ({os.path.basename(real_dir.rstrip(os.sep)) or '-'})", "generated"],
+                            highlight_rows=[i for i, (label, _, _) in enumerate(rows) if label[0] in worst])
     text = (f"<p>One row per person: up to {per_person} real spectrograms from <code>{_e(real_dir or '(none)')}</code>"
             f", then up to {per_person} generated ones from <code>{_e(gen_path or '(none)')}</code>. "
             "Grey tiles: fewer images than that.</p>")
@@ -598,7 +538,7 @@ def _samples_section(result, run_dir, figures, people, per_person):
     for note in notes:
         text += _note(note)
     alt = "real and generated spectrograms, one row per person: " + ", ".join(everyone)
-    return text + figures.add("real_vs_generated.png", _png_bytes(picture), alt, pixel=True)
+    return text + _axes_note(extent) + figures.add("real_vs_generated.png", png, alt)
 
 
 # ---------------------------------------------------------------- memorisation
@@ -609,7 +549,22 @@ def _short(path, depth=2):
     return "/".join(parts[-depth:])
 
 
-def _memorisation_section(result, eval_json, figures):
+def _redrawn_grid(figures, name, png, alt, extent, row_labels, *, columns=None, tile_titles=None,
+                  highlight_tiles=()):
+    """A picture of spectrogram rows in :func:`image_grid`'s layout, redrawn
+    tile by tile with axes; one that is not such a grid is drawn whole, in pixels."""
+    picture = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    rows = grid_tiles(picture, len(row_labels), columns=columns)
+    if rows is None:
+        table = spectrogram_table([[[picture]]], None, row_labels=[[]])
+        return (_note("The picture is not a grid of tiles: drawn whole, its axes in pixels.")
+                + figures.add(name, table, alt))
+    table = spectrogram_table([[row] for row in rows], extent, row_labels=[[label] for label in row_labels],
+                              tile_titles=tile_titles, highlight_tiles=highlight_tiles)
+    return _axes_note(extent) + figures.add(name, table, alt)
+
+
+def _memorisation_section(result, eval_json, figures, extent):
     if result is None:
         return _note("No evaluation JSON given: nearest-neighbour pairs omitted.")
     memo = _dict(result.get("memorisation"))
@@ -620,22 +575,24 @@ def _memorisation_section(result, eval_json, figures):
              f"{_e(memo.get('threshold', '?'))} are flagged as memorised; the closest real held-out image has "
              f"{_fmt(memo.get('real_min_ratio'), 2)}, the closest generated one {_fmt(memo.get('min_ratio'), 2)}.</p>"]
     picture = memo.get("picture")
+    closest = [c for c in memo.get("closest") or [] if isinstance(c, dict)]
     if picture:
         path = os.path.join(os.path.dirname(os.path.abspath(eval_json)), str(picture))
         try:
             with open(path, "rb") as f:
                 png = f.read()
             Image.open(io.BytesIO(png)).verify()
-            if not png.startswith(b"\x89PNG"):
-                png = _png_bytes(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+            titles = {(0, 0, i): f"#{i + 1}  ratio {_fmt(c.get('ratio'), 2)}" for i, c in enumerate(closest)}
+            flagged = [(0, 0, i) for i, c in enumerate(closest) if c.get("flagged")]
             parts.append("<p>Generated samples (top row) above their nearest training image (bottom row), "
-                         "closest first:</p>"
-                         + figures.add("nearest_pairs.png", png, "closest generated / training pairs", pixel=True))
+                         "closest first; memorised ones titled in red:</p>"
+                         + _redrawn_grid(figures, "nearest_pairs.png", png, "closest generated / training pairs",
+                                         extent, ["generated", "nearest training"], columns=len(closest) or None,
+                                         tile_titles=titles, highlight_tiles=flagged))
         except (OSError, ValueError) as err:
             parts.append(_note(f"Cannot read the pairs picture {path}: {err}."))
     else:
         parts.append(_note("The evaluation wrote no pairs picture."))
-    closest = [c for c in memo.get("closest") or [] if isinstance(c, dict)]
     if closest:
         rows = []
         for i, c in enumerate(closest):
@@ -663,7 +620,7 @@ def _value_text(value):
     return str(value)
 
 
-def _config_section(run_dir, vae_dir, figures):
+def _config_section(run_dir, vae_dir, figures, extent):
     import yaml
 
     parts = []
@@ -728,7 +685,8 @@ def _config_section(run_dir, vae_dir, figures):
                     png = f.read()
                 Image.open(io.BytesIO(png)).verify()
                 parts.append("<p>Real (top) and reconstructed (bottom):</p>"
-                             + figures.add("vae_reconstructions.png", png, "VAE reconstructions", pixel=True))
+                             + _redrawn_grid(figures, "vae_reconstructions.png", png, "VAE reconstructions", extent,
+                                             ["real", "reconstructed"]))
             except (OSError, ValueError) as err:
                 parts.append(_note(f"Cannot read {recon}: {err}."))
         else:
@@ -761,6 +719,33 @@ def _stage_times_section(stage_times):
 
 
 # ---------------------------------------------------------------- the page
+
+
+def _data_extent(result, run_dir):
+    """What the real spectrograms span (the simulator's metadata.json beside
+    them); the generated ones and the VAE's share it. None: unknown."""
+    inputs = _dict(result.get("inputs")) if result is not None else {}
+    folders = [inputs.get("real_test"), inputs.get("real_train")]
+    if run_dir:
+        folders += [os.path.join(run_dir, "data", "test"), os.path.join(run_dir, "data", "train")]
+    return read_extent([str(f) for f in folders if f])
+
+
+VERDICT_STYLE = {USABLE: "verdict-good", CAVEATS: "verdict-caveats", NOT_USABLE: "verdict-bad"}
+
+
+def _verdict_box(result):
+    """The coloured box that opens the page: the verdict, its headline in bold."""
+    if result is None:
+        headline, text = None, "Not judged: no evaluation JSON given (run scripts/evaluate.py, then pass --eval_json)."
+    else:
+        headline, text = verdict(result)
+    body = _e(text)
+    lead = (headline or "not judged")[:1].upper() + (headline or "not judged")[1:]
+    if text.startswith(lead):
+        body = f"<strong>{_e(lead)}</strong>{_e(text[len(lead):])}"
+    return (f"<div class=\"verdict {VERDICT_STYLE.get(headline, 'verdict-none')}\" id=\"verdict\">"
+            f"<p>Verdict: {body}</p></div>")
 
 
 def _people_list(people):
@@ -811,6 +796,7 @@ def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, sta
         elif result and _dict(result.get("inputs")).get("vae_path"):
             vae_dir = str(result["inputs"]["vae_path"])
 
+    extent = _data_extent(result, run_dir)
     stem = os.path.splitext(os.path.basename(output_html))[0] or "report"
     figures = _Figures(os.path.join(os.path.dirname(os.path.abspath(output_html)), f"{stem}_files"))
     sections = []
@@ -822,14 +808,15 @@ def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, sta
                                                      "(run scripts/evaluate.py, then pass --eval_json).")))
     sections.append(("loss", "Training loss by timestep quartile", _loss_section(run_dir, figures)))
     sections.append(("samples", "Real and generated spectrograms",
-                     _samples_section(result, run_dir, figures, people, per_person)))
-    sections.append(("memorisation", "Nearest training neighbours", _memorisation_section(result, eval_json, figures)))
-    sections.append(("config", "Configuration", _config_section(run_dir, vae_dir, figures)))
+                     _samples_section(result, run_dir, figures, people, per_person, extent)))
+    sections.append(("memorisation", "Nearest training neighbours",
+                     _memorisation_section(result, eval_json, figures, extent)))
+    sections.append(("config", "Configuration", _config_section(run_dir, vae_dir, figures, extent)))
     if stage_times:
         sections.append(("stages", "Stage times", _stage_times_section(stage_times)))
 
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    head = [f"<h1>{_e(title)}</h1>", "<p class=\"meta\">"]
+    head = [f"<h1>{_e(title)}</h1>", _verdict_box(result), "<p class=\"meta\">"]
     if run_dir:
         head.append(f"Run folder: <code>{_e(os.path.abspath(run_dir))}</code><br>")
     if eval_json:

@@ -215,34 +215,3 @@ def _draw_row_label(fig, lines, centre, width, height, *, red):
 def _fit(text, limit):
     """``text`` cut to ``limit`` characters with an ellipsis (a long name must not run into the tiles)."""
     return text if len(text) <= limit else text[:limit - 1] + "\u2026"
-
-
-def split_rows(grid, rows, *, pad=2, square=True, columns=None):
-    """Tiles of a picture laid out by :func:`guided_diffusion_vae.images.image_grid`:
-    ``rows`` lists of (h, w, 3) uint8 tiles, or None when the picture does not divide.
-
-    The tile height follows from ``rows``; the width from ``columns``, else
-    the tiles are taken as square.
-    """
-    grid = np.asarray(grid)
-    if grid.ndim == 2:
-        grid = grid[..., None]
-    if grid.shape[-1] == 1:
-        grid = np.repeat(grid, 3, axis=-1)
-    grid = grid[..., :3]
-    height, width = grid.shape[:2]
-    tile_h, rest = divmod(height - pad, rows)
-    tile_h -= pad
-    if rest or tile_h < 1:
-        return None
-    if columns:
-        tile_w, rest = divmod(width - pad, columns)
-        tile_w -= pad
-    elif square:
-        tile_w = tile_h
-        columns, rest = divmod(width - pad, tile_h + pad)
-    if rest or tile_w < 1 or columns < 1:
-        return None
-    return [[grid[pad + r * (tile_h + pad):pad + r * (tile_h + pad) + tile_h,
-                  pad + c * (tile_w + pad):pad + c * (tile_w + pad) + tile_w] for c in range(columns)]
-            for r in range(rows)]
