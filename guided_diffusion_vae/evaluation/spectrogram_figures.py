@@ -17,8 +17,10 @@ import numpy as np
 
 METADATA_FILE = "metadata.json"  # written by guided_diffusion_vae.simulate beside user_XX/
 DPI = 100
-TILE_TARGET_PX = 100  # tiles are shown at a whole multiple of their pixels, about this tall
-FONT = 8
+TILE_PX = 90  # every tile is drawn this tall: 4 + 4 tiles and their labels fit the page's 1,120 px
+FONT = 9
+LABEL_CHARS = 22  # a longer row label is cut (an ellipsis) before it runs into the tiles
+CHAR_W = 0.095  # inches per character of a row label, about (bold, FONT + 1 points)
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,6 @@ def read_extent(folders):
     return None
 
 
-def _tile_scale(height):
-    return max(1, round(TILE_TARGET_PX / max(height, 1)))
-
-
 def _axis_labels(extent):
     if extent is None:
         return "time (pixels)", "Doppler (pixels)"
@@ -126,13 +124,14 @@ def spectrogram_table(rows, extent, *, row_labels, group_titles=None, tile_title
 
     first = next(t for row in rows for group in row for t in group if t is not None)
     h, w = first.shape[:2]
-    scale = _tile_scale(h)
-    tile_w, tile_h = w * scale / DPI, h * scale / DPI  # inches
+    tile_w, tile_h = TILE_PX * w / h / DPI, TILE_PX / DPI  # inches
     places = [max(len(row[g]) for row in rows) for g in range(len(rows[0]))]
-    label_w = 1.7 if any(row_labels) else 0.2
+    longest = max((len(str(line)) + (2 if i == 0 else 0) for lines in row_labels for i, line in enumerate(lines)),
+                  default=0)
+    label_w = min(LABEL_CHARS * CHAR_W, longest * CHAR_W) + 0.25 if longest else 0.2
     axis_w, group_gap, tile_gap = 0.55, 0.65, 0.06
     row_gap = 0.25 if tile_titles else 0.1
-    top_h = 0.35 + (0.2 if tile_titles else 0.0)
+    top_h = (0.35 if group_titles else 0.12) + (0.2 if tile_titles else 0.0)
     bottom_h = 0.5
     group_w = [n * tile_w + (n - 1) * tile_gap for n in places]
     width = label_w + axis_w + sum(group_w) + group_gap * (len(places) - 1) + 0.25
@@ -206,7 +205,7 @@ def _draw_row_label(fig, lines, centre, width, height, *, red):
         return
     y = centre - 0.09 * (len(lines) - 1)
     for k, line in enumerate(lines):
-        text = ("\u25bc " if red and k == 0 else "") + _fit(str(line), 22 if k == 0 else 26)
+        text = _fit(("\u25bc " if red and k == 0 else "") + str(line), LABEL_CHARS)
         fig.text(0.08 / width, 1 - (y + 0.18 * k) / height, text, ha="left", va="center",
                  fontsize=FONT + 1 if k == 0 else FONT, fontweight="bold" if k == 0 else "normal",
                  color="#b00000" if red else ("#000000" if k == 0 else "#555555"))
