@@ -17,6 +17,9 @@ from PIL import Image
 
 from guided_diffusion_vae.errors import UserError
 from guided_diffusion_vae.evaluation.report import report_defaults, write_report
+from guided_diffusion_vae.evaluation.spectrogram_figures import read_extent, spectrogram_figure
+from guided_diffusion_vae.evaluation.verdict import CAVEATS, NOT_JUDGED, NOT_USABLE, USABLE, verdict, verdict_text
+from guided_diffusion_vae.images import grid_tiles, image_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVIL = "eve<script>alert(1)"  # a person folder whose name must come out escaped
@@ -100,7 +103,9 @@ def make_inputs(tmp_path, generated_as_npz=False):
     vae.mkdir()
     (vae / "metrics.json").write_text(json.dumps({"psnr": 27.5, "ssim": 0.81, "l1": 0.04, "trtr": 0.9,
                                                   "rcas": 0.85, "latent_scale": 0.48, "split": "heldout"}))
-    Image.fromarray(np.concatenate([spectrogram(1), spectrogram(2)])).save(vae / "reconstructions.png")
+    # Laid out as the VAE and the evaluation write them (image_grid): the report splits them into tiles.
+    pair = np.stack([spectrogram(k)[..., None] for k in (1, 2, 3, 4)])
+    Image.fromarray(image_grid(pair, columns=2)[..., 0]).save(vae / "reconstructions.png")
 
     real, gen = tmp_path / "real", tmp_path / "gen"
     gen_images, gen_labels = [], []
@@ -118,7 +123,7 @@ def make_inputs(tmp_path, generated_as_npz=False):
 
     ev = tmp_path / "eval"
     ev.mkdir()
-    Image.fromarray(np.concatenate([spectrogram(5), spectrogram(6)])).save(ev / "nearest_pairs.png")
+    Image.fromarray(image_grid(pair, columns=2)[..., 0]).save(ev / "nearest_pairs.png")
     result = {
         "trtr": 0.84, "cas": 0.79, "rcas": 0.63, "tstr": None,
         "augmentation_gain": {"4": {"real_only": 0.34, "augmented": 0.76, "gain": 0.42, "generated_per_class": 10}},
@@ -169,6 +174,8 @@ def test_report_page_holds_every_section_escaped_and_embedded(tmp_path):
                     "Nearest training neighbours", "Configuration", "Stage times"):
         assert heading in headings, heading
     assert str(run.resolve()) in text or str(run) in text
+    # No metadata.json beside the real images: every spectrogram figure says its axes count pixels.
+    assert text.count("the axes count pixels") == 3
 
     # Metric values with their ceilings and floors.
     for value in ("0.840", "0.790", "0.630", "+0.420", "3.57", "5.43"):
@@ -244,3 +251,185 @@ def test_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (run / "report.html").is_file() and (run / "report_files" / "real_vs_generated.png").is_file()
     assert html.escape(EVIL) in (run / "report.html").read_text()
+
+
+# ---------------------------------------------------------------- the verdict
+
+
+def good_result(**changes):
+    """Metrics that pass every check of the verdict; ``changes`` replace keys (None deletes one)."""
+    result = {
+        "trtr": 0.90, "cas": 0.88, "rcas": 0.86, "tstr": 0.80, "fd": 8.0, "fd_floor": 7.3,
+        "memorised": 0, "memorised_gu": 0, "variety": {"ratio": 1.01, "generated": 0.088, "real": 0.087},
+        "augmentation_gain": {"16": {"real_only": 0.65, "augmented": 0.82, "gain": 0.17, "generated_per_class": 100},
+                              "all": {"real_only": 0.90, "augmented": 0.92, "gain": 0.02, "generated_per_class": 100}},
+        "memorisation": {"threshold": 0.5}, "counts": {"real_train": 2976, "real_test": 992, "generated": 3100},
+        "notes": {},
+    }
+    for key, value in changes.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = value
+    return result
+
+
+def test_verdict_of_a_good_result_is_usable_with_its_numbers():
+    headline, paragraph = verdict(good_result())
+    assert headline == USABLE
+    assert paragraph.startswith("Usable for augmentation (TRTR 0.900).")
+    for number in ("CAS 0.880 = 0.98 \u00d7 TRTR", "rCAS 0.860", "+0.020 (0.900 \u2192 0.920)", "1.10 \u00d7",
+                   "0 of 3,100 samples memorised"):
+        assert number in paragraph, number
+    assert "Not measured" not in paragraph
+    assert verdict_text(good_result()) == "Verdict: " + paragraph
+
+
+def test_verdict_names_copied_walks_with_their_count():
+    headline, paragraph = verdict(good_result(memorised=98, memorised_gu=12))
+    assert headline == CAVEATS
+    assert "Samples copy training walks: 98 of 3,100 samples memorised" in paragraph
+    assert "12 of 3,100 samples far closer to one training walk" in paragraph
+    assert paragraph.count("copy training walks") == 1  # one reason, both counts
+
+
+def test_verdict_says_when_the_vae_caps_identity_before_the_wrong_person():
+    headline, paragraph = verdict(good_result(rcas=0.60, cas=0.55))
+    assert headline == NOT_USABLE  # CAS < 0.9 x TRTR blocks
+    vae = paragraph.index("The VAE caps identity: rCAS 0.600 = 0.67 \u00d7 TRTR")
+    person = paragraph.index("not the right person: CAS 0.550 = 0.61 \u00d7 TRTR")
+    assert vae < person  # the cause before its effect
+    headline, paragraph = verdict(good_result(rcas=0.60))
+    assert headline == CAVEATS and "The VAE caps identity" in paragraph
+
+
+def test_verdict_reads_the_gain_with_all_real_data_else_the_largest_k():
+    hurt = good_result(augmentation_gain={
+        "8": {"real_only": 0.50, "augmented": 0.84, "gain": 0.34, "generated_per_class": 100},
+        "all": {"real_only": 0.90, "augmented": 0.87, "gain": -0.03, "generated_per_class": 100}})
+    headline, paragraph = verdict(hurt)
+    assert headline == NOT_USABLE
+    assert "hurt the classifier: adding 100 generated per person to all real training data" in paragraph
+    assert "-0.030" in paragraph
+    gains = {k: {"real_only": 0.5, "augmented": 0.5 + g, "gain": g, "generated_per_class": 10}
+             for k, g in (("8", 0.3), ("32", -0.01), ("16", 0.1))}
+    headline, paragraph = verdict(good_result(augmentation_gain=gains))
+    assert headline == NOT_USABLE and "to 32 real per person" in paragraph
+
+
+def test_verdict_of_little_variety_and_a_weak_tstr():
+    headline, paragraph = verdict(good_result(variety={"ratio": 0.9, "generated": 0.08, "real": 0.089}, tstr=0.6,
+                                              fd=20.0))
+    assert headline == CAVEATS
+    assert "little variety: within-person nearest-neighbour distance of the samples 0.90 \u00d7" in paragraph
+    assert "2.74 \u00d7 the real-vs-real floor" in paragraph
+    assert "TSTR 0.600 = 0.67 \u00d7 TRTR" in paragraph
+
+
+def test_verdict_survives_missing_and_null_keys():
+    assert verdict({})[0] == NOT_JUDGED
+    assert verdict(None)[0] == NOT_JUDGED
+    headline, paragraph = verdict({"trtr": 0.9, "rcas": 0.85})  # a VAE-only evaluation
+    assert headline == NOT_JUDGED and "no CAS" in paragraph
+    # An evaluation older than memorised_gu / variety / "all" / spread, or one that left them null.
+    for old in (good_result(memorised_gu=None, variety=None, spread=None),
+                {**good_result(), "memorised_gu": None, "variety": None, "spread": None,
+                 "augmentation_gain": {"all": None, "16": {"gain": None}}}):
+        headline, paragraph = verdict(old)
+        assert headline in (USABLE, CAVEATS), paragraph
+    headline, paragraph = verdict({"trtr": 0.9, "cas": 0.85, "tstr": None, "augmentation_gain": {},
+                                   "notes": {"tstr": "every person needs at least 2 generated samples"}})
+    assert headline == CAVEATS  # nothing failed, but no gain was measured
+    assert "augmentation gain was not measured" in paragraph
+    assert "Not measured: rCAS (no VAE given); memorisation; Frechet distance; augmentation gain; " \
+           "TSTR: every person needs at least 2 generated samples." in paragraph
+
+
+def test_verdict_shows_the_spread_over_classifier_seeds():
+    spread = {"cas": {"mean": 0.88, "std": 0.012, "values": [0.87, 0.89]}, "trtr": {"mean": 0.9, "std": 0.01,
+                                                                                   "values": [0.89, 0.91]}}
+    paragraph = verdict(good_result(spread=spread))[1]
+    assert "(TRTR 0.900 \u00b1 0.010)" in paragraph and "CAS 0.880 \u00b1 0.012 = 0.98" in paragraph
+
+
+def test_report_leads_with_the_verdict(tmp_path):
+    _, _, eval_json, result = make_inputs(tmp_path)
+    page, parser, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json))
+    box = page.index("<div class=\"verdict")
+    assert box < page.index("<nav>") and box < page.index("<h2")
+    assert page.index("<h1>") < box and page[:box].count("<p") == 0  # nothing but the title above it
+    headline, paragraph = verdict(result)
+    assert headline == CAVEATS and f"class=\"verdict verdict-caveats\"" in page
+    assert "Verdict: " + paragraph in text
+    assert "<strong>Usable for augmentation, with caveats</strong>" in page
+    # No evaluation: the box says so.
+    (tmp_path / "other").mkdir()
+    run, _, _, _ = make_inputs(tmp_path / "other")
+    page, _, text = parse(write_report(tmp_path / "x.html", run_dir=run))
+    assert "verdict-none" in page and "Verdict: <strong>Not judged</strong>: no evaluation JSON given" in page
+
+
+# ---------------------------------------------------------------- spectrogram axes
+
+
+def simulated(tmp_path):
+    """A tiny simulated data set: its metadata.json is the simulator's own."""
+    from guided_diffusion_vae.simulate import simulate_dataset
+
+    return simulate_dataset(tmp_path / "sim", num_users=2, samples_per_user=2, image_size=32, seed=0)
+
+
+def test_the_simulators_metadata_gives_the_axes_in_seconds_and_metres_per_second(tmp_path):
+    folder = simulated(tmp_path)
+    extent = read_extent([str(folder / "user_01"), str(folder)])  # a person folder's parent counts too
+    assert extent.time_s == (0.0, 3.0) and extent.velocity_mps == (-1.5, 7.5)
+    assert extent.doppler_hz[0] == pytest.approx(-240.2, abs=0.5) and extent.source == str(folder / "metadata.json")
+    assert read_extent([str(tmp_path), ""]) is None
+
+    tile = np.asarray(Image.open(folder / "user_01" / "000.png").convert("RGB"))
+    fig = spectrogram_figure([[[tile, tile], [tile, None]], [[tile, tile], [tile]]], extent,
+                             row_labels=[["user_01"], ["user_02"]], group_titles=["real", "generated"])
+    axes = fig.axes
+    assert len(axes) == 4  # one per row and group
+    assert all(ax.get_ylabel() == "v (m/s)" for ax in axes)
+    assert [ax.get_xlabel() for ax in axes] == ["", "", "time (s)", "time (s)"]
+    bottom = [t.get_text() for t in axes[2].get_xticklabels()]
+    assert bottom == ["0", "1", "2"] * 2  # each tile its own 0..3 s
+    assert axes[0].get_xticklabels() == []
+    assert {t.get_text() for t in axes[0].get_yticklabels()} >= {"0.0", "2.5", "5.0", "7.5"}
+    assert axes[0].get_ylim() == (-1.5, 7.5)
+
+    fig = spectrogram_figure([[[tile]]], None, row_labels=[[]])
+    assert fig.axes[0].get_xlabel() == "time (pixels)" and fig.axes[0].get_ylabel() == "Doppler (pixels)"
+    assert fig.axes[0].get_ylim() == (31.5, -0.5)  # row 0 at the top
+
+
+def test_report_figures_carry_the_datas_axes(tmp_path):
+    folder = simulated(tmp_path)
+    _, _, eval_json, result = make_inputs(tmp_path)
+    result["inputs"].update(real_test=str(folder), real_train=str(folder), generated=str(folder))
+    result["per_class"] = {"user_01": {"trtr": 1.0, "cas": 1.0}, "user_02": {"trtr": 1.0, "cas": 0.5}}
+    eval_json.write_text(json.dumps(result))
+    page, parser, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json))
+    caption = ("3 s of walking left to right; radial velocity -1.5 to 7.5 m/s bottom to top "
+               "(positive = towards the radar), i.e. Doppler -240 to 1201 Hz")
+    assert text.count(caption) == 3  # real vs generated, nearest pairs, VAE reconstructions
+    assert "axes count pixels" not in text and "not a grid" not in text
+
+    # A picture that is not a grid of tiles is still shown, whole, in pixels.
+    Image.fromarray(np.concatenate([spectrogram(1), spectrogram(2)])).save(tmp_path / "vae" / "reconstructions.png")
+    page, parser, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json))
+    assert text.count(caption) == 2 and "not a grid of tiles: drawn whole, its axes in pixels" in text
+    assert len(decode_images(parser)) == 3
+
+
+def test_grid_pictures_are_split_back_into_tiles_or_left_whole():
+    tiles = np.random.default_rng(0).integers(0, 255, (6, 5, 7, 1), dtype=np.uint8)
+    grid = image_grid(tiles, columns=3)
+    rows = grid_tiles(grid, 2, columns=3)
+    assert [len(r) for r in rows] == [3, 3]
+    assert all((rows[i // 3][i % 3] == tiles[i]).all() for i in range(6))
+    square = np.random.default_rng(1).integers(0, 255, (4, 6, 6, 3), dtype=np.uint8)
+    assert len(grid_tiles(image_grid(square, columns=2), 2)[0]) == 2  # square tiles: columns found
+    assert grid_tiles(grid[:, :-1], 2, columns=3) is None  # does not divide
+    assert grid_tiles(np.zeros((32, 16), np.uint8), 2, columns=2) is None  # gutters not background

@@ -100,9 +100,16 @@ def _axis_labels(extent):
     return "time (s)", "v (m/s)"
 
 
-def spectrogram_table(rows, extent, *, row_labels, group_titles=None, tile_titles=None, highlight_rows=(),
-                      highlight_tiles=()):
-    """PNG bytes of spectrogram tiles laid out in rows and groups, with axes.
+def spectrogram_table(rows, extent, **labels):
+    """PNG bytes of :func:`spectrogram_figure`."""
+    buf = io.BytesIO()
+    spectrogram_figure(rows, extent, **labels).savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
+
+
+def spectrogram_figure(rows, extent, *, row_labels, group_titles=None, tile_titles=None, highlight_rows=(),
+                       highlight_tiles=()):
+    """A matplotlib figure of spectrogram tiles laid out in rows and groups, with axes.
 
     :param rows: one entry per row: a list of groups, each a list of (H, W, 3)
         uint8 tiles (or None: an empty, grey place). Every tile has the first
@@ -184,9 +191,7 @@ def spectrogram_table(rows, extent, *, row_labels, group_titles=None, tile_title
             left += group_w[g] + group_gap
         _draw_row_label(fig, row_labels[r] if r < len(row_labels) else [], top + tile_h / 2, width, height,
                         red=r in set(highlight_rows))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
-    return buf.getvalue()
+    return fig
 
 
 def _ticks(low, high, integer, *, open_end=False):

@@ -104,7 +104,7 @@ def _checks(result):
 def _copy_checks(result):
     memorised = result.get("memorised")
     generated = _num(_dict(result.get("counts")).get("generated"))
-    of = f" of {int(generated)}" if generated else ""
+    of = f" of {int(generated):,}" if generated else ""
     out = []
     if _num(memorised) is None:
         out.append(("copies", False, None, "memorisation"))
