@@ -1,6 +1,7 @@
 """The one-command quickstart: every stage, its outputs, the report, and a
 rerun that skips finished stages."""
 
+import html
 import json
 import os
 import re
@@ -61,6 +62,10 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, printed):
     pictures = re.findall(r"<img[^>]*src=[\"']([^\"']+)", page)
     assert len(pictures) >= 4 and all(p.startswith("data:image/png;base64,") for p in pictures)
     assert "TRTR" in page and "CAS" in page and "user_03" in page
+    # It leads with the verdict, also the last line printed; spectrogram axes in seconds and m/s (the data's metadata).
+    assert page.index("<div class=\"verdict") < page.index("<nav>")
+    assert lines[-1].startswith("Verdict: ") and lines[-1] in html.unescape(re.sub(r"<[^>]+>", "", page))
+    assert page.count("s of walking left to right; radial velocity -1.5 to 7.5 m/s") == 3
     # Log files hold plain lines: no progress-bar redraws or cursor codes.
     logs = sorted(run.rglob("log.txt"))
     assert len(logs) >= 3

@@ -309,6 +309,7 @@ def test_verdict_reads_the_gain_with_all_real_data_else_the_largest_k():
         "all": {"real_only": 0.90, "augmented": 0.87, "gain": -0.03, "generated_per_class": 100}})
     headline, paragraph = verdict(hurt)
     assert headline == NOT_USABLE
+    assert paragraph.startswith("Not usable for augmentation: the generated data hurt the classifier (TRTR 0.900).")
     assert "hurt the classifier: adding 100 generated per person to all real training data" in paragraph
     assert "-0.030" in paragraph
     gains = {k: {"real_only": 0.5, "augmented": 0.5 + g, "gain": g, "generated_per_class": 10}

@@ -201,7 +201,9 @@ def verdict(result):
     else:
         headline = USABLE
 
-    parts = [_sentence(f"{headline} (TRTR {_with_spread(result, 'trtr', trtr)})")]
+    decisive = [FAILED[name] for name, blocking, _, _ in failed if blocking]
+    because = f": {' and '.join(decisive)}" if decisive else ""
+    parts = [_sentence(f"{headline}{because} (TRTR {_with_spread(result, 'trtr', trtr)})")]
     seen = set()
     for name, _, _, text in failed:
         opening = FAILED[name]
