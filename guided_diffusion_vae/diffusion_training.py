@@ -15,6 +15,7 @@ from . import dist_util, logger, script_util
 from .config import write_resolved_config
 from .files import undone_on_failure
 from .errors import UserError
+from .augment import Augmenter, augment_dim, check_augment_config
 from .labels import normalize_label_map, null_class_index, people, with_null_class
 from .resample import create_named_schedule_sampler
 from .image_datasets import image_batch_stream
@@ -100,6 +101,7 @@ def model_flags(config, data):
         raise UserError(f"only square inputs are supported, got {height}x{width}")
     flags["image_size"] = height
     flags["in_channels"] = channels
+    flags["augment_dim"] = augment_dim(config.get("augment", "none"))
     if flags["class_cond"]:
         if not data.label_map:
             raise UserError(
@@ -159,6 +161,7 @@ def run_training(config, build_data):
     returns; returns the path of the last model checkpoint."""
     # Bad numbers and an unusable log folder are refused before any work.
     check_training_numbers(config)
+    check_augment_config({**training_defaults(), **config})
     # Data, model and resume are checked before the first step; if one fails,
     # the log folder keeps nothing of this start.
     with undone_on_failure(config.get("log_dir") if dist_util.is_main() else None, before_undo=logger.close):
@@ -247,6 +250,7 @@ def _prepare_training(config, build_data):
         cuda_graph=config["cuda_graph"],
         seed=config["seed"],
         keep_checkpoints=config["keep_checkpoints"],
+        augment=Augmenter.from_config(config),
     )
     return loop, sample_fn
 

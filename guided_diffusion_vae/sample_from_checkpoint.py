@@ -36,6 +36,7 @@ from .guidance import (
     classifier_cond_fn,
     classifier_free_model,
     load_classifier,
+    parse_guidance_interval,
 )
 from .labels import default_label_map, normalize_label_map, null_class_index, people, resolve_user_ids
 from .images import to_uint8_images
@@ -72,6 +73,7 @@ def sample_defaults():
         "classifier_path": "",
         "classifier_scale": 1.0,
         "guidance_scale": 1.0,
+        "guidance_interval": "",
         "keep_going": False,
         "save_npy": False,
         "timestep_spacing": "auto",
@@ -112,6 +114,8 @@ FLAG_HELP = {
                        "their person",
     "classifier_scale": "strength of classifier guidance",
     "guidance_scale": "classifier-free guidance (1: none); needs a model trained with --class_dropout_prob",
+    "guidance_interval": "LOW,HIGH: apply classifier-free guidance only at timesteps in this range (original "
+                         "numbering, e.g. 100,600; '' = every step), as Kynkaanniemi et al. 2024",
     "keep_going": "when some samples come out NaN/Inf, write the finite ones and count the others instead of "
                   "stopping",
     "timestep_spacing": "where the steps of dpmpp_2m, unipc, euler, euler_a and heun lie: trailing starts at the "
@@ -280,6 +284,9 @@ def check_sampling_config(config):
         raise UserError(f"num_images_per_user must be >= 0 (0: --num_samples with random classes), "
                         f"got {config['num_images_per_user']}")
     resolve_sampler(config["sampler"], config["use_ddim"])
+    parse_guidance_interval(config["guidance_interval"])
+    if config["guidance_interval"] and float(config["guidance_scale"]) == 1.0:
+        raise UserError("--guidance_interval needs --guidance_scale other than 1")
     resolve_timestep_spacing(config["timestep_spacing"], {})
     if config["precision"] not in SAMPLING_PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {config['precision']!r}")
@@ -360,9 +367,12 @@ def run_sampling(config):
         # Guidance alone makes an unconditional model class-specific.
         label_map, class_cond, model = classifier_labels, True, _drop_labels(model)
     if float(config["guidance_scale"]) != 1.0:
-        logger.log(f"classifier-free guidance, scale {config['guidance_scale']}")
+        interval = parse_guidance_interval(config["guidance_interval"], meta["diffusion"]["steps"])
+        logger.log(f"classifier-free guidance, scale {config['guidance_scale']}"
+                   + (f", at timesteps {interval[0]}..{interval[1]}" if interval else ""))
         model = classifier_free_model(model, null_label=null_class_index(label_map),
-                                      scale=config["guidance_scale"], out_channels=meta["model"].get("in_channels", 3))
+                                      scale=config["guidance_scale"], out_channels=meta["model"].get("in_channels", 3),
+                                      interval=interval)
     if class_cond:
         labels = choose_labels(config, label_map)
     elif config["user_ids"]:

@@ -222,7 +222,7 @@ def attention_downsample_rates(attention_resolutions, image_size, channel_mult, 
 _UNET_PASSTHROUGH = (
     "image_size", "in_channels", "num_res_blocks", "dropout", "use_checkpoint", "use_fp16",
     "num_heads", "num_head_channels", "num_heads_upsample", "use_scale_shift_norm",
-    "resblock_updown", "use_new_attention_order",
+    "resblock_updown", "use_new_attention_order", "augment_dim",
 )
 
 
@@ -245,6 +245,7 @@ def create_model(
     use_new_attention_order=False,
     in_channels=3,
     num_classes=NUM_CLASSES,
+    augment_dim=0,
 ):
     """A :class:`UNetModel` predicting ``in_channels`` values per pixel (twice
     that with ``learn_sigma``: the second half parameterises the variance)."""

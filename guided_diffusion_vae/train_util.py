@@ -25,6 +25,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from . import dist_util, logger
 from .array_datasets import data_folder_defaults
+from .augment import augment_defaults
 from .ema import ema_decay
 from .errors import UserError, check_number
 from .fp16_util import MixedPrecisionTrainer
@@ -66,6 +67,7 @@ def training_defaults():
         "tensorboard": True,
         "class_dropout_prob": 0.0,
         "keep_checkpoints": 3,
+        **augment_defaults(),
         # data_dir: how labels are read, how .npy/.npz values map to [-1, 1]
         **data_folder_defaults(),
         **dist_util.threads_defaults(),
@@ -246,7 +248,9 @@ class TrainLoop:
     checkpoint (model, diffusion, data, vae, train configuration: see
     docs/ARCHITECTURE.md). ``sample_fn(model, step)`` draws preview samples.
     With ``class_dropout_prob`` > 0 that share of labels becomes
-    ``null_label`` (classifier-free guidance training). ``keep_checkpoints``
+    ``null_label`` (classifier-free guidance training). ``augment`` (an
+    :class:`augment.Augmenter`) changes each batch on the device and hands
+    the network its description as ``augment``. ``keep_checkpoints``
     N > 0 deletes all but the newest N checkpoints after each save
     (``checkpoint.prune_checkpoints``); 0, the default here, keeps every one
     as the original does (the flag's default is 3).
@@ -285,6 +289,7 @@ class TrainLoop:
         cuda_graph=False,
         seed=0,
         keep_checkpoints=0,
+        augment=None,
     ):
         check_training_numbers(dict(
             batch_size=batch_size, microbatch=microbatch, lr=lr, weight_decay=weight_decay,
@@ -304,6 +309,7 @@ class TrainLoop:
         self.checkpoint_dir = checkpoint_dir or logger.get_dir() or "."
         self.metadata = dict(metadata or {})
         self.batch_transform = batch_transform
+        self.augment = augment
         self.class_dropout_prob = float(class_dropout_prob)
         self.null_label = null_label
         if self.class_dropout_prob > 0 and null_label is None:
@@ -533,6 +539,9 @@ class TrainLoop:
         if self.batch_transform is not None:
             with torch.no_grad():
                 batch = self.batch_transform(batch)
+        if self.augment is not None:
+            batch, labels = self.augment(batch)
+            cond = {**cond, "augment": labels}
         if self.class_dropout_prob > 0 and "y" in cond:
             # Classifier-free guidance learns the unconditional model as one more class.
             dropped = torch.rand(cond["y"].shape, device=cond["y"].device) < self.class_dropout_prob

@@ -590,10 +590,14 @@ class UNetModel(_EncoderBody):
         use_scale_shift_norm=False,
         resblock_updown=False,
         use_new_attention_order=False,
+        augment_dim=0,
     ):
         super().__init__(_constructor_settings(locals()))
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, self._block_settings["emb_dim"])
+        if augment_dim:
+            # What was done to a training sample (augment.py); absent when sampling.
+            self.augment_emb = nn.Linear(augment_dim, self._block_settings["emb_dim"], bias=False)
 
         # Decoder: mirror the encoder, consuming its skip connections last-in first-out.
         skips = list(self._skip_channels)
@@ -622,12 +626,14 @@ class UNetModel(_EncoderBody):
     def _trunk_modules(self):
         return [self.input_blocks, self.middle_block, self.output_blocks]
 
-    def forward(self, x: torch.Tensor, timesteps, y=None):
+    def forward(self, x: torch.Tensor, timesteps, y=None, augment=None):
         """Predict from a noisy batch.
 
         :param x: (N, in_channels, *spatial) input (any memory format).
         :param timesteps: (N,) timesteps, integer or float (a scalar is broadcast).
         :param y: (N,) integer labels, required iff the model is class-conditional.
+        :param augment: (N, augment_dim) description of the augmentation each
+            training sample went through; None (sampling) means none.
         :return: (N, out_channels, *spatial).
         """
         if (y is None) != (self.num_classes is None):
@@ -637,6 +643,10 @@ class UNetModel(_EncoderBody):
             if y.shape != (x.shape[0],):
                 raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
             emb = emb + self.label_emb(y)
+        if augment is not None:
+            if not self.augment_dim:
+                raise ValueError("this model takes no augment condition (built with augment_dim=0)")
+            emb = emb + self.augment_emb(augment.to(emb.dtype))
 
         h = x.to(self.dtype)
         skips = []

@@ -24,7 +24,8 @@ from guided_diffusion_vae.evaluation.evaluate import run_evaluation
 from guided_diffusion_vae.sample_io import save_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = dict(classifier_steps=250, classifier_embed_dim=24, augment_k="4", augment_generated=8, num_pairs=4)
+FAST = dict(classifier_steps=250, classifier_embed_dim=24, augment_k="4", augment_generated=8, num_pairs=4,
+            classifier_seeds=1)
 
 
 def _simulator():
@@ -55,8 +56,10 @@ def baseline(real, tmp_path_factory):
     extra = load_folder(str(real / "extra"), image_size=32, channels=1)
     out = tmp_path_factory.mktemp("eval_baseline")
     _as_generated(out / "generated", extra.images, extra.labels, extra.class_names)
+    # Two classifier seeds and every real image: the spread and the full-data gain are exercised once.
     result = run_evaluation(dict(real_train=str(real / "train"), real_test=str(real / "test"),
-                                 generated=str(out / "generated"), output_json=str(out / "metrics.json"), **FAST))
+                                 generated=str(out / "generated"), output_json=str(out / "metrics.json"),
+                                 **{**FAST, "augment_k": "4,all", "classifier_seeds": 2}))
     return out, result
 
 
@@ -67,11 +70,19 @@ def test_real_samples_score_like_real_held_out(baseline):
     assert result["tstr"] > 0.75 * result["trtr"]
     assert result["fd"] < 1.5 * result["fd_floor"]
     assert result["precision"] > 0.7 and result["recall"] > 0.7
-    assert result["memorised"] == 0
+    assert result["memorised"] == 0 and result["memorised_gu"] == 0
+    # Real walks of the same people are as varied as the real held-out walks.
+    assert 0.9 < result["variety"]["ratio"] < 1.1 and result["variety"]["classes"] == 8
+    # TSTR and the gains are means over the seeds, each seed's value kept.
+    assert len(result["spread"]["tstr"]["values"]) == 2
+    assert result["tstr"] == pytest.approx(np.mean(result["spread"]["tstr"]["values"]))
+    everything = result["augmentation_gain"]["all"]
+    assert everything["gain"] == pytest.approx(np.mean(result["spread"]["augmentation_gain_all"]["values"]))
+    assert everything["real_only"] > result["augmentation_gain"]["4"]["real_only"]  # 30 real per person beat 4
     # The JSON on disk is the returned dict, with the documented keys.
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("trtr", "cas", "rcas", "tstr", "augmentation_gain", "fd", "fd_floor", "precision", "recall",
-                "memorised", "per_class"):
+                "memorised", "memorised_gu", "variety", "spread", "per_class"):
         assert key in saved
     assert saved["cas"] == result["cas"] and saved["rcas"] is None
     assert sorted(saved["per_class"]) == [f"user_{i:02d}" for i in range(1, 9)]
@@ -119,11 +130,61 @@ def test_copies_of_training_images_are_memorised(real, baseline, tmp_path):
     labels = np.concatenate([train.labels[copies], extra.labels])
     np.savez(tmp_path / "samples.npz", arr_0=images.transpose(0, 2, 3, 1), arr_1=labels)  # the .npz input path
     result = _rerun(real, baseline, tmp_path, tmp_path / "samples.npz")
-    assert result["memorised"] == 10
+    assert result["memorised"] == 10 and result["memorised_gu"] == 10
     closest = result["memorisation"]["closest"]
     assert all(pair["flagged"] and pair["ratio"] == 0 for pair in closest)
     flagged_train = {os.path.basename(p["train"]) for p in closest}
     assert flagged_train <= {os.path.basename(train.files[i]) for i in copies}
+
+
+def test_time_shifted_training_walks_are_new_walks_not_copies(real, baseline, tmp_path):
+    """A walk that starts at another phase of the gait is a new walk: circular
+    shifts of training spectrograms along time are flagged by neither test."""
+    train = load_folder(str(real / "train"), image_size=32, channels=1)
+    picked = np.concatenate([np.flatnonzero(train.labels == c)[:16] for c in range(8)])
+    shifts = np.random.default_rng(0).integers(6, 27, len(picked))  # a fifth of the window or more
+    shifted = np.stack([np.roll(train.images[i], s, axis=-1) for i, s in zip(picked, shifts)])
+    _as_generated(tmp_path / "gen", shifted, train.labels[picked], train.class_names)
+    result = _rerun(real, baseline, tmp_path, tmp_path / "gen")
+    assert result["memorised"] == 0 and result["memorised_gu"] == 0
+    assert result["memorisation"]["min_copy_ratio"] > 1 / 3
+
+
+def test_copies_of_few_walks_have_little_variety(real, baseline, tmp_path):
+    """Samples that repeat two walks per person score far below real variety
+    (exact repeats are at distance 0 from each other)."""
+    extra = load_folder(str(real / "extra"), image_size=32, channels=1)
+    rows = np.concatenate([np.repeat(np.flatnonzero(extra.labels == c)[:2], 8) for c in range(8)])
+    _as_generated(tmp_path / "gen", extra.images[rows], extra.labels[rows], extra.class_names)
+    result = _rerun(real, baseline, tmp_path, tmp_path / "gen")
+    assert result["variety"]["ratio"] < 0.05
+    assert result["memorised_gu"] == 0  # repeats of unseen walks copy no training image
+
+
+def test_second_nearest_ratio_and_variety_on_known_points():
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (20, 1, 8, 8), dtype=np.uint8)
+    exact = train[:3]
+    fresh = rng.integers(0, 256, (5, 1, 8, 8), dtype=np.uint8)
+    out = metrics.memorisation_by_second_nearest(np.concatenate([exact, fresh]), train)
+    assert list(out["flagged"]) == [0, 1, 2] and list(out["train_index"][:3]) == [0, 1, 2]
+    assert np.all(out["ratio"][3:] > 0.6)  # random points: nearest and second nearest alike
+    doubled = np.concatenate([train, train[:1]])  # a duplicated training image: both neighbours at 0
+    assert metrics.memorisation_by_second_nearest(train[:1], doubled)["ratio"][0] == 0
+    labels = np.repeat(np.arange(2), 10)
+    same = metrics.within_class_variety(train, labels, train, labels, rng)
+    assert same["ratio"] == pytest.approx(1.0) and same["classes"] == 2
+    assert metrics.within_class_variety(train[:1], labels[:1], train, labels, rng) is None
+    assert metrics.spread([1.0, 3.0]) == {"mean": 2.0, "std": pytest.approx(np.sqrt(2)), "values": [1.0, 3.0]}
+
+
+def test_augment_k_lists_counts_and_all():
+    from guided_diffusion_vae.evaluation.evaluate import parse_augment_k
+
+    assert parse_augment_k("8, 16,all") == [8, 16, "all"] and parse_augment_k("") == []
+    for bad in ("0", "x", "8,-1"):
+        with pytest.raises(UserError, match="augment_k"):
+            parse_augment_k(bad)
 
 
 def test_too_few_samples_are_reported_not_scored(real, baseline, tmp_path):

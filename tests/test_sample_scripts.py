@@ -247,6 +247,23 @@ def test_guidance_is_one_batched_forward_and_guides_only_epsilon():
                           model(x, t, y=y))
 
 
+def test_guidance_interval_guides_only_the_timesteps_inside_it():
+    from guided_diffusion_vae.guidance import classifier_free_model, parse_guidance_interval
+
+    def model(x, t, y=None):
+        return y.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()  # eps = label value
+
+    guided = classifier_free_model(model, null_label=0, scale=3.0, out_channels=1,
+                                   interval=parse_guidance_interval("100,600", 1000))
+    t = torch.tensor([0, 99, 100, 350, 600, 601, 999])
+    out = guided(torch.zeros(7, 1, 2, 2), t, y=torch.full((7,), 2))[:, 0, 0, 0]
+    assert out.tolist() == [2.0, 2.0, 6.0, 6.0, 6.0, 2.0, 2.0]  # 0 + 3 * (2 - 0) inside, the label outside
+    assert parse_guidance_interval("") is None
+    for bad in ("600,100", "a,b", "-1,5", "0,1000"):
+        with pytest.raises(UserError, match="guidance_interval"):
+            parse_guidance_interval(bad, 1000)
+
+
 def test_sampling_flags_are_checked_before_loading(tmp_path):
     path = _checkpoint(tmp_path / "m.safetensors", {"0": "a"})
     for kw, message in (({"sampler": "plms"}, "must be one of"), ({"guidance_scale": float("nan")}, "finite"),

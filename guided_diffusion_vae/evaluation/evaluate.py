@@ -7,7 +7,12 @@
                                                     precision / recall
     generated ──train──▶ fresh classifier ──▶ TSTR (real held-out)
     k real (+ N generated) per person ──▶ augmentation gain
-    generated vs real_train pixels ──▶ memorised samples
+    generated vs real_train pixels ──▶ memorised samples (two tests)
+    generated vs real held-out, per person ──▶ within-person variety
+
+The metrics that train a classifier of their own (TSTR, augmentation gain)
+are repeated over ``classifier_seeds`` seeds; the JSON gives their mean and,
+under ``spread``, each one's values and standard deviation.
 
 ``run_evaluation(config)`` (flags: ``evaluate_defaults()``) returns the result
 dict and writes it as JSON (keys documented in README.md), plus a picture of
@@ -54,10 +59,12 @@ def evaluate_defaults():
         "device": "auto",
         "seed": 0,
         **clf.classifier_defaults(),
-        "augment_k": "8,16,32",
+        "augment_k": "8,16,32,all",
         "augment_generated": 100,
+        "classifier_seeds": 3,
         "pr_k": 3,
         "memorisation_threshold": 0.5,
+        "copy_ratio_threshold": 1 / 3,
         "num_pairs": 8,
         "inception_weights": "",
         # real .npy/.npz folders: dB -> [-1, 1] (auto: --vae_path's range, else real_train's min and max)
@@ -81,11 +88,16 @@ FLAG_HELP = {
     "image_size": "evaluate at this square size (0 = the size of the real training images); others are resized",
     "device": DEVICE_HELP,
     "seed": "seed of every classifier and random subset",
-    "augment_k": "comma-separated real images per person for the augmentation-gain experiment",
+    "augment_k": "comma-separated real images per person for the augmentation-gain experiment ('all': every "
+                 "real training image)",
+    "classifier_seeds": "seeds of the classifiers trained for TSTR and the augmentation gain: their mean is "
+                        "reported, with the spread",
     "augment_generated": "generated images per person added in the augmentation-gain experiment",
     "pr_k": "k of the k-nearest-neighbour manifolds of precision and recall",
     "memorisation_threshold": "flag a sample whose nearest-training distance is below this share of the typical "
                               "real held-out one",
+    "copy_ratio_threshold": "flag a sample whose nearest training image is closer than this share of its "
+                            "second-nearest (Gu et al. 2025)",
     "num_pairs": "closest generated/training pairs shown in nearest_pairs.png",
     "inception_weights": "optional: Inception weights file on disk for FID/KID via torch-fidelity (never downloaded)",
 }
@@ -99,21 +111,18 @@ def check_evaluation_config(config):
     if not config["generated"] and not config["vae_path"]:
         raise UserError("nothing to evaluate: give --generated (samples) and/or --vae_path (reconstructions)")
     check_threads(config["threads"])
-    for key in ("classifier_steps", "classifier_batch_size", "classifier_width", "classifier_embed_dim", "pr_k"):
+    for key in ("classifier_steps", "classifier_batch_size", "classifier_width", "classifier_embed_dim", "pr_k",
+                "classifier_seeds"):
         if int(config[key]) < 1:
             raise UserError(f"--{key} must be >= 1, got {config[key]}")
     if not config["classifier_lr"] > 0:
         raise UserError(f"--classifier_lr must be positive, got {config['classifier_lr']}")
     if int(config["augment_generated"]) < 0 or int(config["num_pairs"]) < 0:
         raise UserError("--augment_generated and --num_pairs must be >= 0")
-    if not 0 < config["memorisation_threshold"] < 1:
-        raise UserError(f"--memorisation_threshold must lie in (0, 1), got {config['memorisation_threshold']}")
-    try:
-        ks = [int(k) for k in str(config["augment_k"]).split(",") if k.strip()]
-    except ValueError:
-        raise UserError(f"--augment_k must be comma-separated integers, got {config['augment_k']!r}") from None
-    if any(k < 1 for k in ks):
-        raise UserError(f"--augment_k values must be >= 1, got {config['augment_k']!r}")
+    for key in ("memorisation_threshold", "copy_ratio_threshold"):
+        if not 0 < config[key] < 1:
+            raise UserError(f"--{key} must lie in (0, 1), got {config[key]}")
+    ks = parse_augment_k(config["augment_k"])
     parse_db_range(config["db_range"])
     if config["vae_path"]:
 
@@ -127,6 +136,26 @@ def check_evaluation_config(config):
         raise UserError(f"--output_json {config['output_json']} is a folder; name a .json file")
     # Created once the inputs have loaded: a failed start leaves no folder.
     check_writable_target(os.path.dirname(os.path.abspath(config["output_json"])), "--output_json")
+    return ks
+
+
+def parse_augment_k(text):
+    """``"8,16,all"`` -> ``[8, 16, "all"]``: real images per person in the
+    augmentation-gain experiment."""
+    ks = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        if part == "all":
+            ks.append(part)
+            continue
+        try:
+            k = int(part)
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise UserError(f"--augment_k must list integers >= 1 or 'all', got {text!r}")
+        ks.append(k)
     return ks
 
 
@@ -146,6 +175,15 @@ class Evaluation:
 
     def accuracy(self, model, data: LabelledImages):
         return clf.accuracy(clf.predict(model, data.images, self.device), data.labels)
+
+    def seeds(self):
+        """Offsets of the repeated classifier seeds (far apart: the
+        experiments add small offsets of their own)."""
+        return [1000 * i for i in range(int(self.config["classifier_seeds"]))]
+
+    def accuracy_over_seeds(self, train: LabelledImages, test: LabelledImages, seed_offset):
+        """Held-out accuracy of a classifier trained on ``train``, once per seed."""
+        return [self.accuracy(self.train(train, seed_offset=seed_offset + s), test) for s in self.seeds()]
 
     def note(self, key, reason):
         self.notes[key] = reason
@@ -195,8 +233,9 @@ def _fd_and_floor(ev, real_feats, gen_feats, rng):
     return metrics.frechet_distance(g, b), metrics.frechet_distance(a, b)
 
 
-def _augmentation_gain(ev, train, generated, test, ks):
-    """Held-out accuracy with k real per person, and with k real + N generated."""
+def _augmentation_gain(ev, train, generated, test, ks, spreads):
+    """Held-out accuracy with k real per person (or all of them), and with
+    k real + N generated, averaged over the classifier seeds."""
     per_class = int(ev.config["augment_generated"])
     gen_counts = generated.counts()
     n_gen = int(min(per_class, gen_counts.min())) if len(gen_counts) else 0
@@ -206,18 +245,24 @@ def _augmentation_gain(ev, train, generated, test, ks):
     extra = generated.subset(per_class_first(generated, n_gen))
     result = {}
     for k in ks:
-        if train.counts().min() < k:
+        if k == "all":
+            few, offset = train, 100
+        elif train.counts().min() < k:
             ev.note(f"augmentation_gain_{k}", f"a person has fewer than {k} real training images")
             continue
-        few = train.subset(per_class_first(train, k))
+        else:
+            few, offset = train.subset(per_class_first(train, k)), 100 + k
         mixed = LabelledImages(np.concatenate([few.images, extra.images]), np.concatenate([few.labels, extra.labels]),
                                train.class_names, "mixed")
-        real_only = ev.accuracy(ev.train(few, seed_offset=100 + k), test)
-        augmented = ev.accuracy(ev.train(mixed, seed_offset=100 + k), test)
-        result[str(k)] = {"real_only": real_only, "augmented": augmented, "gain": augmented - real_only,
-                          "generated_per_class": n_gen}
-        logger.log(f"  k={k} real per person: {real_only:.3f}; plus {n_gen} generated: {augmented:.3f} "
-                   f"({augmented - real_only:+.3f})")
+        real_only = ev.accuracy_over_seeds(few, test, offset)
+        augmented = ev.accuracy_over_seeds(mixed, test, offset)
+        gains = [a - r for a, r in zip(augmented, real_only)]
+        spreads[f"augmentation_gain_{k}"] = metrics.spread(gains)
+        result[str(k)] = {"real_only": float(np.mean(real_only)), "augmented": float(np.mean(augmented)),
+                          "gain": float(np.mean(gains)), "generated_per_class": n_gen}
+        logger.log(f"  k={k} real per person: {np.mean(real_only):.3f}; plus {n_gen} generated: "
+                   f"{np.mean(augmented):.3f} ({np.mean(gains):+.3f} +- {spreads[f'augmentation_gain_{k}']['std']:.3f} "
+                   f"over {len(gains)} seed(s))")
     return result
 
 
@@ -359,7 +404,8 @@ def run_evaluation(config):
                f"{channels}x{image_size}px; device {device}")
     model, classifier_file = _reference_classifier(ev, train, image_size, channels)
     result = {"trtr": None, "cas": None, "rcas": None, "tstr": None, "augmentation_gain": {}, "fd": None,
-              "fd_floor": None, "precision": None, "recall": None, "memorised": None}
+              "fd_floor": None, "precision": None, "recall": None, "memorised": None, "memorised_gu": None,
+              "variety": None, "spread": {}}
     test_pred = clf.predict(model, test.images, device)
     result["trtr"] = clf.accuracy(test_pred, test.labels)
     per_class = {"trtr": per_class_accuracy(test_pred, test.labels, num_classes)}
@@ -406,9 +452,11 @@ def _generated_metrics(ev, result, per_class, model, train, test, generated, ks,
     if counts.min() < 2:
         ev.note("tstr", f"every person needs at least 2 generated samples (the fewest: {int(counts.min())})")
     else:
-        result["tstr"] = ev.accuracy(ev.train(generated, seed_offset=1), test)
-        logger.log(f"TSTR (trained on generated, tested on real held-out): {result['tstr']:.3f}")
-    result["augmentation_gain"] = _augmentation_gain(ev, train, generated, test, ks)
+        result["spread"]["tstr"] = metrics.spread(ev.accuracy_over_seeds(generated, test, seed_offset=1))
+        result["tstr"] = result["spread"]["tstr"]["mean"]
+        logger.log(f"TSTR (trained on generated, tested on real held-out): {result['tstr']:.3f} "
+                   f"+- {result['spread']['tstr']['std']:.3f}")
+    result["augmentation_gain"] = _augmentation_gain(ev, train, generated, test, ks, result["spread"])
 
     real_feats = clf.embed(model, test.images, ev.device)
     gen_feats = clf.embed(model, generated.images, ev.device)
@@ -431,6 +479,15 @@ def _generated_metrics(ev, result, per_class, model, train, test, generated, ks,
         "real_min_ratio": memo["real_min_ratio"], "min_ratio": float(memo["ratio"].min()),
         "closest": _pairs_picture(pairs_path, generated, train, memo, int(config["num_pairs"])),
         "picture": PAIRS_FILE if config["num_pairs"] else None}
+    if len(train) >= 2:
+        gu = metrics.memorisation_by_second_nearest(generated.images, train.images, config["copy_ratio_threshold"])
+        result["memorised_gu"] = int(len(gu["flagged"]))
+        result["memorisation"].update(copy_ratio_threshold=config["copy_ratio_threshold"],
+                                      min_copy_ratio=float(gu["ratio"].min()))
+    result["variety"] = metrics.within_class_variety(generated.images, generated.labels, test.images, test.labels,
+                                                     rng)
+    if result["variety"] is None:
+        ev.note("variety", "no person has two generated and two real held-out images")
     if config["inception_weights"]:
         result["inception"] = _inception_metrics(config["inception_weights"], test, generated)
 
@@ -451,9 +508,18 @@ def format_table(result):
     for key, label in (("rcas", "rCAS (VAE reconstructions)"), ("cas", "CAS (generated)"),
                        ("tstr", "TSTR (train on generated)")):
         lines.append(f"{label:<28}{_fmt(result[key]):>10}{rel(result[key])}")
+    spreads = result.get("spread") or {}
+
+    def pm(key):
+        s = spreads.get(key)
+        return f" +- {s['std']:.3f} ({len(s['values'])} seeds)" if s and len(s["values"]) > 1 else ""
+
+    if pm("tstr"):
+        lines[-1] += "  " + pm("tstr").strip()
     for k, g in result["augmentation_gain"].items():
         lines.append(f"{'aug. gain, ' + k + ' real/person':<28}{g['gain']:>+10.3f}   "
-                     f"{g['real_only']:.3f} -> {g['augmented']:.3f} with {g['generated_per_class']} generated")
+                     f"{g['real_only']:.3f} -> {g['augmented']:.3f} with {g['generated_per_class']} generated"
+                     + pm(f"augmentation_gain_{k}"))
     fd, floor = result["fd"], result["fd_floor"]
     lines.append(f"{'Frechet distance':<28}{_fmt(fd, 2):>10}   floor (real vs real) {_fmt(floor, 2)}"
                  + (f", {fd / floor:.2f} x floor" if fd is not None and floor else ""))
@@ -462,6 +528,14 @@ def format_table(result):
         memo = result["memorisation"]
         lines.append(f"{'memorised samples':<28}{result['memorised']:>10}   closest ratio {memo['min_ratio']:.2f} "
                      f"(real held-out: {memo['real_min_ratio']:.2f}; flagged below {memo['threshold']})")
+    if result.get("memorised_gu") is not None:
+        memo = result["memorisation"]
+        lines.append(f"{'copies (nearest/2nd < 1/3)':<28}{result['memorised_gu']:>10}   closest ratio "
+                     f"{memo['min_copy_ratio']:.2f} (Gu et al. 2025)")
+    if result.get("variety"):
+        v = result["variety"]
+        lines.append(f"{'within-person variety':<28}{v['ratio']:>10.3f}   x real held-out (nearest-neighbour "
+                     f"RMS {v['generated']:.4f} vs {v['real']:.4f})")
     if "inception" in result:
         lines.append(f"{'Inception FID / KID':<28}{result['inception']['fid']:>10.2f}   KID "
                      f"{result['inception']['kid']:.4f}")
