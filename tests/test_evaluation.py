@@ -21,6 +21,7 @@ from guided_diffusion_vae.evaluation import classifier as clf
 from guided_diffusion_vae.evaluation import metrics
 from guided_diffusion_vae.evaluation.data import load_folder
 from guided_diffusion_vae.evaluation.evaluate import run_evaluation
+from guided_diffusion_vae.evaluation.verdict import CAVEATS, NOT_USABLE, USABLE, verdict
 from guided_diffusion_vae.sample_io import save_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,6 +94,21 @@ def test_real_samples_score_like_real_held_out(baseline):
     assert (out / "nearest_pairs.png").stat().st_size > 100 and (out / "reference_classifier.safetensors").exists()
 
 
+def test_verdict_reads_an_evaluation_as_written(baseline):
+    """The verdict of a real evaluation JSON: every key found, the seeds' spread shown."""
+    out, _ = baseline
+    result = json.loads((out / "metrics.json").read_text())
+    headline, paragraph = verdict(result)
+    assert headline in (USABLE, CAVEATS, NOT_USABLE)
+    assert f"CAS {result['cas']:.3f} = " in paragraph and "0 of 128 samples memorised" in paragraph
+    gain = result["augmentation_gain"]["all"]["gain"]
+    std = result["spread"]["augmentation_gain_all"]["std"]
+    assert f"to all real training data changes held-out accuracy by {gain:+.3f} \u00b1 {std:.3f}" in paragraph
+    assert f"TSTR {result['tstr']:.3f} \u00b1 {result['spread']['tstr']['std']:.3f}" in paragraph
+    assert "within-person nearest-neighbour distance" in paragraph
+    assert "Not measured: rCAS (no VAE given)." in paragraph
+
+
 def _rerun(real, baseline, tmp_path, generated, **kw):
     out, _ = baseline
     config = dict(real_train=str(real / "train"), real_test=str(real / "test"), generated=str(generated),
@@ -131,6 +147,10 @@ def test_copies_of_training_images_are_memorised(real, baseline, tmp_path):
     np.savez(tmp_path / "samples.npz", arr_0=images.transpose(0, 2, 3, 1), arr_1=labels)  # the .npz input path
     result = _rerun(real, baseline, tmp_path, tmp_path / "samples.npz")
     assert result["memorised"] == 10 and result["memorised_gu"] == 10
+    # The report's verdict names both copy counts.
+    paragraph = verdict(result)[1]
+    assert "Samples copy training walks: 10 of 138 samples memorised" in paragraph
+    assert "10 of 138 samples far closer to one training walk than to any other" in paragraph
     closest = result["memorisation"]["closest"]
     assert all(pair["flagged"] and pair["ratio"] == 0 for pair in closest)
     flagged_train = {os.path.basename(p["train"]) for p in closest}

@@ -286,10 +286,12 @@ def test_verdict_of_a_good_result_is_usable_with_its_numbers():
 
 
 def test_verdict_names_copied_walks_with_their_count():
-    headline, paragraph = verdict(good_result(memorised=98, memorised_gu=12))
+    headline, paragraph = verdict(good_result(memorised=98, memorised_gu=12,
+                                              memorisation={"threshold": 0.5, "copy_ratio_threshold": 0.25}))
     assert headline == CAVEATS
     assert "Samples copy training walks: 98 of 3,100 samples memorised" in paragraph
-    assert "12 of 3,100 samples far closer to one training walk" in paragraph
+    assert "12 of 3,100 samples far closer to one training walk than to any other (nearest / second-nearest " \
+           "distance < 0.25)" in paragraph
     assert paragraph.count("copy training walks") == 1  # one reason, both counts
 
 
@@ -333,11 +335,14 @@ def test_verdict_survives_missing_and_null_keys():
     headline, paragraph = verdict({"trtr": 0.9, "rcas": 0.85})  # a VAE-only evaluation
     assert headline == NOT_JUDGED and "no CAS" in paragraph
     # An evaluation older than memorised_gu / variety / "all" / spread, or one that left them null.
-    for old in (good_result(memorised_gu=None, variety=None, spread=None),
-                {**good_result(), "memorised_gu": None, "variety": None, "spread": None,
-                 "augmentation_gain": {"all": None, "16": {"gain": None}}}):
-        headline, paragraph = verdict(old)
-        assert headline in (USABLE, CAVEATS), paragraph
+    older = good_result(memorised_gu=None, variety=None, spread=None)  # keys absent
+    assert verdict(older)[0] == USABLE and "Not measured" not in verdict(older)[1]
+    nulls = {**good_result(), "memorised_gu": None, "variety": None, "spread": None,
+             "augmentation_gain": {"all": None, "16": {"gain": None}}, "notes": {"variety": "too few images"}}
+    headline, paragraph = verdict(nulls)  # keys present but null: named as not measured
+    assert headline == CAVEATS
+    assert "Not measured: the second-nearest copy test; within-person variety: too few images; augmentation " \
+           "gain." in paragraph
     headline, paragraph = verdict({"trtr": 0.9, "cas": 0.85, "tstr": None, "augmentation_gain": {},
                                    "notes": {"tstr": "every person needs at least 2 generated samples"}})
     assert headline == CAVEATS  # nothing failed, but no gain was measured
@@ -347,10 +352,12 @@ def test_verdict_survives_missing_and_null_keys():
 
 
 def test_verdict_shows_the_spread_over_classifier_seeds():
-    spread = {"cas": {"mean": 0.88, "std": 0.012, "values": [0.87, 0.89]}, "trtr": {"mean": 0.9, "std": 0.01,
-                                                                                   "values": [0.89, 0.91]}}
+    spread = {"cas": {"mean": 0.88, "std": 0.012, "values": [0.87, 0.89]},
+              "trtr": {"mean": 0.9, "std": 0.01, "values": [0.89, 0.91]},
+              "augmentation_gain_all": {"mean": 0.02, "std": 0.004, "values": [0.016, 0.024]}}
     paragraph = verdict(good_result(spread=spread))[1]
     assert "(TRTR 0.900 \u00b1 0.010)" in paragraph and "CAS 0.880 \u00b1 0.012 = 0.98" in paragraph
+    assert "by +0.020 \u00b1 0.004 (0.900" in paragraph
 
 
 def test_report_leads_with_the_verdict(tmp_path):

@@ -52,10 +52,11 @@ def _dict(value):
     return value if isinstance(value, dict) else {}
 
 
-def _with_spread(result, key, value, digits=3):
-    """``0.812`` or ``0.812 +- 0.010`` when the evaluation repeated the metric over classifier seeds."""
+def _with_spread(result, key, value, digits=3, signed=False):
+    """``0.812`` or ``0.812 +- 0.010`` when the evaluation repeated the metric
+    over classifier seeds (``spread[key]``; the gains are ``augmentation_gain_K``)."""
     std = _num(_dict(_dict(result.get("spread")).get(key)).get("std"))
-    text = f"{value:.{digits}f}"
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
     return f"{text} \u00b1 {std:.{digits}f}" if std is not None else text
 
 
@@ -70,17 +71,17 @@ def _ratio_check(result, key, label, minimum, trtr):
 
 
 def augmentation_entry(result):
-    """(label, gain dict) of the augmentation experiment the verdict reads:
+    """(k, label, gain dict) of the augmentation experiment the verdict reads:
     all real data (key ``"all"``) when present, else the largest k; None if none measured."""
     gains = {str(k): _dict(v) for k, v in _dict(result.get("augmentation_gain")).items()
              if _num(_dict(v).get("gain")) is not None}
     if "all" in gains:
-        return "all real training data", gains["all"]
+        return "all", "all real training data", gains["all"]
     ks = [k for k in gains if k.isdigit()]
     if not ks:
         return None
     k = max(ks, key=int)
-    return f"{k} real per person", gains[k]
+    return k, f"{k} real per person", gains[k]
 
 
 def _checks(result):
@@ -113,10 +114,14 @@ def _copy_checks(result):
         rule = f" (nearest-training distance below {threshold} \u00d7 the typical held-out one)" if threshold else ""
         out.append(("copies", False, memorised == 0, f"{int(memorised)}{of} samples memorised{rule}"))
     gu = result.get("memorised_gu")
-    if _num(gu) is not None:  # absent or null: an older evaluation, not a failed check
+    if _num(gu) is not None:
+        limit = _num(_dict(result.get("memorisation")).get("copy_ratio_threshold"))
+        limit = f"{limit:.2g}" if limit is not None else "1/3"
         out.append(("copies_gu", False, gu == 0,
                     f"{int(gu)}{of} samples far closer to one training walk than to any other "
-                    f"(nearest / second-nearest distance < 1/3)"))
+                    f"(nearest / second-nearest distance < {limit})"))
+    elif "memorised_gu" in result:  # null: not computed; absent: an evaluation older than the test
+        out.append(("copies_gu", False, None, "the second-nearest copy test"))
     return out
 
 
@@ -124,6 +129,8 @@ def _variety_checks(result):
     out = []
     variety = _dict(result.get("variety"))
     ratio = _num(variety.get("ratio"))
+    if ratio is None and "variety" in result:
+        out.append(("variety", False, None, "within-person variety"))
     if ratio is not None:
         gen, real = _num(variety.get("generated")), _num(variety.get("real"))
         detail = f"{gen:.3g} vs {real:.3g}; " if gen is not None and real is not None else ""
@@ -144,14 +151,15 @@ def _gain_check(result):
     entry = augmentation_entry(result)
     if entry is None:
         return ("gain", True, None, "augmentation gain")
-    label, g = entry
+    k, label, g = entry
     gain = _num(g.get("gain"))
     before, after = _num(g.get("real_only")), _num(g.get("augmented"))
     extra = g.get("generated_per_class")
     added = f"{extra} generated per person" if extra is not None else "generated samples"
     change = f" ({before:.3f} \u2192 {after:.3f})" if before is not None and after is not None else ""
     return ("gain", True, gain >= GAIN_MIN,
-            f"adding {added} to {label} changes held-out accuracy by {gain:+.3f}{change}")
+            f"adding {added} to {label} changes held-out accuracy by "
+            f"{_with_spread(result, f'augmentation_gain_{k}', gain, signed=True)}{change}")
 
 
 # The sentence that opens each failed check, by check name.
@@ -168,8 +176,8 @@ FAILED = {
 
 
 # The evaluation's ``notes`` key that says why a check's metric is null.
-NOTE_KEYS = {"vae": "rcas", "cas": "cas", "copies": "memorised", "fd": "fd", "gain": "augmentation_gain",
-             "tstr": "tstr"}
+NOTE_KEYS = {"vae": "rcas", "cas": "cas", "copies": "memorised", "copies_gu": "memorised_gu", "variety": "variety",
+             "fd": "fd", "gain": "augmentation_gain", "tstr": "tstr"}
 
 
 def _unmeasured(result, name, text):
