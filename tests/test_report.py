@@ -441,3 +441,17 @@ def test_grid_pictures_are_split_back_into_tiles_or_left_whole():
     assert len(grid_tiles(image_grid(square, columns=2), 2)[0]) == 2  # square tiles: columns found
     assert grid_tiles(grid[:, :-1], 2, columns=3) is None  # does not divide
     assert grid_tiles(np.zeros((32, 16), np.uint8), 2, columns=2) is None  # gutters not background
+
+
+def test_metric_table_shows_the_copy_test_and_variety_when_present(tmp_path):
+    _, _, eval_json, result = make_inputs(tmp_path)
+    result.update(memorised_gu=3, variety={"ratio": 0.91, "generated": 0.081, "real": 0.089})
+    result["memorisation"].update(copy_ratio_threshold=0.333, min_copy_ratio=0.12)
+    eval_json.write_text(json.dumps(result))
+    _, _, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json))
+    assert "copies (nearest / second-nearest training distance) 3 flagged below 0.333; closest ratio 0.12" in text
+    assert "within-person variety (generated / real) 0.910" in text
+    result.update(variety=None, notes={"variety": "no person has two generated and two real held-out images"})
+    eval_json.write_text(json.dumps(result))
+    _, _, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json))
+    assert "within-person variety not computed: no person has two generated" in text

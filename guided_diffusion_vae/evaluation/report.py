@@ -272,6 +272,20 @@ def _metrics_section(result):
         memo_ref = (f"closest ratio {_fmt(memo.get('min_ratio'), 2)} (real held-out: "
                     f"{_fmt(memo.get('real_min_ratio'), 2)}); flagged below {_e(memo.get('threshold', '?'))}")
     row("memorised samples", "memorised", memo_ref, digits=0)
+    # The newer checks: shown when the evaluation has them (an older JSON lacks the keys).
+    if "memorised_gu" in result:
+        row("copies (nearest / second-nearest training distance)", "memorised_gu",
+            f"flagged below {_e(memo.get('copy_ratio_threshold', '1/3'))}; closest ratio "
+            f"{_fmt(memo.get('min_copy_ratio'), 2)}", digits=0)
+    if "variety" in result:
+        variety = _dict(result.get("variety"))
+        if _num(variety.get("ratio")) is None:
+            rows.append(f"<tr><th>within-person variety</th>{_value_cells(result, 'variety', '')}</tr>")
+        else:
+            rows.append(f"<tr><th>within-person variety (generated / real)</th>"
+                        f"<td class=\"num\">{_fmt(variety.get('ratio'), 3)}</td><td>1 is as varied as real walks; "
+                        f"nearest-neighbour distance {_fmt(variety.get('generated'), 4)} vs "
+                        f"{_fmt(variety.get('real'), 4)}</td></tr>")
 
     inception = _dict(result.get("inception"))
     if inception:
