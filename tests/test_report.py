@@ -334,6 +334,10 @@ def test_verdict_survives_missing_and_null_keys():
     assert verdict(None)[0] == NOT_JUDGED
     headline, paragraph = verdict({"trtr": 0.9, "rcas": 0.85})  # a VAE-only evaluation
     assert headline == NOT_JUDGED and "no CAS" in paragraph
+    # A reference classifier at chance: ratios to it mean nothing.
+    headline, paragraph = verdict(good_result(trtr=0.34, cas=0.34, chance=1 / 3))
+    assert headline == NOT_JUDGED and "barely tells the people apart (TRTR 0.340, chance 0.333" in paragraph
+    assert verdict(good_result(chance=1 / 31))[0] == USABLE
     # An evaluation older than memorised_gu / variety / "all" / spread, or one that left them null.
     older = good_result(memorised_gu=None, variety=None, spread=None)  # keys absent
     assert verdict(older)[0] == USABLE and "Not measured" not in verdict(older)[1]

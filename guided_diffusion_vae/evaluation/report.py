@@ -275,7 +275,7 @@ def _metrics_section(result):
     # The newer checks: shown when the evaluation has them (an older JSON lacks the keys).
     if "memorised_gu" in result:
         row("copies (nearest / second-nearest training distance)", "memorised_gu",
-            f"flagged below {_e(memo.get('copy_ratio_threshold', '1/3'))}; closest ratio "
+            f"flagged below {_fmt(memo.get('copy_ratio_threshold'), 3)}; closest ratio "
             f"{_fmt(memo.get('min_copy_ratio'), 2)}", digits=0)
     if "variety" in result:
         variety = _dict(result.get("variety"))

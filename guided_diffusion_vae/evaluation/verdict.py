@@ -20,8 +20,9 @@ TSTR low                     TSTR < 0.8 x TRTR                           caveat
 
 Headline: "not usable" when a blocking check fails; "usable with caveats"
 when only caveats fail or the augmentation gain was not measured; "usable"
-otherwise. Without TRTR or CAS (no generated samples evaluated) nothing is
-judged. Metrics that are absent or null are skipped and named as not
+otherwise. Nothing is judged without TRTR or CAS (no generated samples
+evaluated), or when TRTR is less than a quarter of the way from chance to 1
+(a reference classifier that cannot tell the people apart). Metrics that are absent or null are skipped and named as not
 measured; no key is required.
 """
 
@@ -33,6 +34,9 @@ VARIETY_MIN = 0.97  # generated / real within-person nearest-neighbour distance
 FD_MAX = 1.5  # x the real-vs-real floor
 TSTR_MIN = 0.8  # x TRTR
 GAIN_MIN = 0.0  # accuracy points: below, adding generated data makes the classifier worse
+# TRTR must get this share of the way from chance to 1; below, the reference
+# classifier barely tells the people apart and ratios to it mean nothing.
+SKILL_MIN = 0.25
 
 USABLE = "usable for augmentation"
 CAVEATS = "usable for augmentation, with caveats"
@@ -198,6 +202,12 @@ def verdict(result):
         missing = "TRTR" if trtr is None else "CAS (no generated samples were evaluated)"
         return NOT_JUDGED, _sentence(f"{NOT_JUDGED}: the evaluation has no {missing}, so the generated "
                                      "spectrograms cannot be judged for augmentation")
+    chance = _num(result.get("chance"))
+    if chance is not None and chance < 1 and (trtr - chance) / (1 - chance) < SKILL_MIN:
+        return NOT_JUDGED, _sentence(
+            f"{NOT_JUDGED}: the reference classifier barely tells the people apart (TRTR {trtr:.3f}, chance "
+            f"{chance:.3f}; it needs to get {SKILL_MIN:g} of the way from chance to 1), so no metric measured "
+            "against it says whether the samples show the right person; train it longer or on more data")
     checks = _checks(result)
     failed = [c for c in checks if c[2] is False]
     unmeasured = [_unmeasured(result, name, text) for name, _, passed, text in checks if passed is None]
