@@ -250,6 +250,8 @@ def test_cli(tmp_path):
                            "--per_person", "2"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (run / "report.html").is_file() and (run / "report_files" / "real_vs_generated.png").is_file()
+    # The verdict is also the last line printed.
+    assert proc.stdout.strip().splitlines()[-1] == verdict_text(json.loads(eval_json.read_text()))
     assert html.escape(EVIL) in (run / "report.html").read_text()
 
 
