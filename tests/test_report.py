@@ -17,7 +17,7 @@ from PIL import Image
 
 from guided_diffusion_vae.errors import UserError
 from guided_diffusion_vae.evaluation.report import report_defaults, write_report
-from guided_diffusion_vae.evaluation.spectrogram_figures import read_extent, spectrogram_figure
+from guided_diffusion_vae.evaluation.spectrogram_figures import extent_from_metadata, read_extent, spectrogram_figure
 from guided_diffusion_vae.evaluation.verdict import CAVEATS, NOT_JUDGED, NOT_USABLE, USABLE, verdict, verdict_text
 from guided_diffusion_vae.images import grid_tiles, image_grid
 
@@ -461,3 +461,14 @@ def test_metric_table_shows_the_copy_test_and_variety_when_present(tmp_path):
     eval_json.write_text(json.dumps(result))
     _, _, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json))
     assert "within-person variety not computed: no person has two generated" in text
+
+
+def test_other_metadata_files_give_no_units(tmp_path):
+    meta = {"format": "microdoppler-image-folder/1", "walk": {"duration_s": 2.5},
+            "spectrogram": {"velocity_band_mps": [-2, 6], "doppler_band_hz": [-320, 960]}}
+    assert extent_from_metadata(meta).time_s == (0.0, 2.5)
+    for broken in ({**meta, "format": "someone-else/3"}, {**meta, "walk": {"duration_s": 0}},
+                   {**meta, "spectrogram": {"velocity_band_mps": [6, -2]}}, {**meta, "walk": None}, [], None):
+        assert extent_from_metadata(broken) is None, broken
+    (tmp_path / "metadata.json").write_text("{not json")
+    assert read_extent([str(tmp_path)]) is None

@@ -13,9 +13,9 @@ import math
 import os
 from dataclasses import dataclass
 
-import numpy as np
 
 METADATA_FILE = "metadata.json"  # written by guided_diffusion_vae.simulate beside user_XX/
+METADATA_FORMAT = "microdoppler-image-folder/"  # its "format", followed by a version
 DPI = 100
 TILE_PX = 90  # every tile is drawn this tall: 4 + 4 tiles and their labels fit the page's 1,120 px
 FONT = 9
@@ -45,7 +45,7 @@ class SpectrogramExtent:
 
 
 UNKNOWN_EXTENT_NOTE = ("No spectrogram metadata (the simulator's metadata.json) beside the real images: the axes count "
-                       "pixels (columns are time, rows Doppler with the highest at the top).")
+                       "pixels (pixel row 0 at the top), in no physical unit.")
 
 
 def _pair(value):
@@ -60,8 +60,8 @@ def _pair(value):
 
 def extent_from_metadata(meta, source=""):
     """The extent a simulator ``metadata.json`` (a dict) describes, or None."""
-    if not isinstance(meta, dict):
-        return None
+    if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith(METADATA_FORMAT):
+        return None  # another tool's metadata.json: its keys may mean something else
     walk, spec = meta.get("walk"), meta.get("spectrogram")
     if not isinstance(walk, dict) or not isinstance(spec, dict):
         return None

@@ -22,8 +22,9 @@ Headline: "not usable" when a blocking check fails; "usable with caveats"
 when only caveats fail or the augmentation gain was not measured; "usable"
 otherwise. Nothing is judged without TRTR or CAS (no generated samples
 evaluated), or when TRTR is less than a quarter of the way from chance to 1
-(a reference classifier that cannot tell the people apart). Metrics that are absent or null are skipped and named as not
-measured; no key is required.
+(a reference classifier that cannot tell the people apart). No key is
+required: a metric that is null is named as not measured; one that is absent
+(an evaluation older than the check) is skipped.
 """
 
 import math
@@ -185,7 +186,7 @@ NOTE_KEYS = {"vae": "rcas", "cas": "cas", "copies": "memorised", "copies_gu": "m
 
 
 def _unmeasured(result, name, text):
-    """``TSTR (every person needs ...)``: the metric and, when recorded, why it is null."""
+    """``TSTR: every person needs ...``: the metric and, when recorded, why it is null."""
     note = _dict(result.get("notes")).get(NOTE_KEYS.get(name, name))
     return f"{text}: {note}" if note else text
 
