@@ -17,6 +17,11 @@ those of every later stage, and redoes them.
 Run directory: ``data/train``, ``data/test`` (PERSON/NNN.png), ``vae/``,
 ``latents/``, ``diffusion/`` (the training run), ``samples/``, ``eval/``
 (metrics.json, nearest_pairs.png, the reference classifier), ``report.html``.
+
+A preset whose diffusion stage sets ``eval_interval`` evaluates the model
+during training on ``data/train`` and ``data/test`` (``diffusion/eval/``);
+with ``keep_best`` the samples stage draws from the best evaluated weights
+(``diffusion/best/``) rather than the last ones.
 """
 
 import json
@@ -37,6 +42,7 @@ from .checkpoint import parse_step
 from .diffusion_training import run_training
 from .sample_from_checkpoint import run_sampling, sample_defaults
 from .evaluation.evaluate import evaluate_defaults, run_evaluation
+from .evaluation.monitor import BEST_DIR, build_monitor
 from .evaluation.report import write_report
 
 # The stages in order: what each does, and where it writes (under the run directory).
@@ -88,7 +94,11 @@ PRESETS = {
         # The network of configs/microdoppler_small.yaml, trained for the
         # preset's time budget; eager (a compile per resumed piece costs more
         # than it saves in a run this short).
-        "diffusion": {"config": "configs/microdoppler_small.yaml", "lr_anneal_steps": 5000, "compile": False},
+        "diffusion": {"config": "configs/microdoppler_small.yaml", "lr_anneal_steps": 5000, "compile": False,
+                      # Evaluated every 1,000 steps on 310 samples (more than the
+                      # classifier's 128 embedding dimensions, so FD is defined);
+                      # the samples stage draws from the step of the lowest FD.
+                      "eval_interval": 1000, "eval_samples_per_class": 10, "keep_best": "fd"},
         "sampling": {"num_images_per_user": 100, "timestep_respacing": "ddim50", "batch_size": 256},
         "evaluate": {"classifier_steps": 1500, "augment_k": "32,all", "augment_generated": 100,
                      "classifier_seeds": 3},
@@ -301,6 +311,9 @@ def _diffusion_config(run_dir, preset, seed):
         image_size=preset["image_size"], class_cond=True, seed=seed, resume_checkpoint="auto",
         learn_sigma=True, noise_schedule="cosine",
     )
+    if config["eval_interval"]:
+        config.update(eval_real_train=os.path.join(run_dir, "data", "train"),
+                      eval_real_test=os.path.join(run_dir, "data", "test"))
     return config
 
 
@@ -308,12 +321,24 @@ def _train_diffusion(run_dir, preset, seed):
     """Train; False when a stop signal ended training early (saved, not finished)."""
 
     config = _diffusion_config(run_dir, preset, seed)
-    path = run_training(config, latent_training_data)
+    path = run_training(config, latent_training_data, build_monitor)
     return parse_step(path) >= int(config["lr_anneal_steps"])
 
 
+def sampled_weights(run_dir, preset):
+    """The folder the samples stage draws from: the best evaluated weights
+    when the diffusion stage keeps them, else the training run's last."""
+    run = os.path.join(run_dir, "diffusion")
+    if preset["diffusion"].get("keep_best"):
+        best = os.path.join(run, BEST_DIR)
+        if os.path.isdir(best) and any(name.startswith("model") for name in os.listdir(best)):
+            return best
+        logger.log(f"no best weights in {best} (no evaluation gave a value): sampling the last ones")
+    return run
+
+
 def _sample(run_dir, preset, seed):
-    config = {**sample_defaults(), **preset["sampling"], "model_path": os.path.join(run_dir, "diffusion"),
+    config = {**sample_defaults(), **preset["sampling"], "model_path": sampled_weights(run_dir, preset),
               "output_dir": os.path.join(run_dir, "samples"), "use_ddim": True, "seed": seed,
               "clip_denoised": "none"}
     run_sampling(config)

@@ -216,3 +216,27 @@ def test_two_processes_evaluate_on_rank_0_only_and_finish(real, tmp_path, mpiexe
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert [int(row["step"]) for row in _rows(run / "eval" / "metrics.csv")] == [2, 4]
     assert (run / "best" / "best.json").exists() and list((run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_the_gpu_quickstart_evaluates_and_samples_the_best_weights(tmp_path):
+    from guided_diffusion_vae import quickstart
+    from guided_diffusion_vae.evaluation.monitor_flags import check_monitor_flags
+
+    gpu, tiny = quickstart.PRESETS["gpu"], quickstart.PRESETS["tiny"]
+    config = quickstart._diffusion_config(str(tmp_path), gpu, 0)
+    assert (config["eval_interval"], config["keep_best"]) == (1000, "fd")
+    assert (config["eval_real_train"], config["eval_real_test"]) == (str(tmp_path / "data" / "train"),
+                                                                      str(tmp_path / "data" / "test"))
+    for split in ("train", "test"):
+        (tmp_path / "data" / split).mkdir(parents=True)
+    check_monitor_flags(config)
+    # 31 people x 10 samples: more than the reference classifier's embedding, so FD is defined.
+    assert gpu["num_users"] * config["eval_samples_per_class"] > clf.classifier_defaults()["classifier_embed_dim"]
+    assert not quickstart._diffusion_config(str(tmp_path), tiny, 0)["eval_interval"]  # CPU time
+
+    run = tmp_path / "diffusion"
+    assert quickstart.sampled_weights(str(tmp_path), gpu) == str(run)  # nothing kept: the last weights
+    (run / "best").mkdir(parents=True)
+    (run / "best" / "model001000.safetensors").write_bytes(b"")
+    assert quickstart.sampled_weights(str(tmp_path), gpu) == str(run / "best")
+    assert quickstart.sampled_weights(str(tmp_path), tiny) == str(run)
