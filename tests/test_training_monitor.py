@@ -240,3 +240,20 @@ def test_the_gpu_quickstart_evaluates_and_samples_the_best_weights(tmp_path):
     (run / "best" / "model001000.safetensors").write_bytes(b"")
     assert quickstart.sampled_weights(str(tmp_path), gpu) == str(run / "best")
     assert quickstart.sampled_weights(str(tmp_path), tiny) == str(run)
+
+
+def test_a_latent_run_evaluates_decoded_samples(real, tmp_path):
+    """Latent diffusion: samples are decoded by the VAE before they are measured."""
+    sys.path.insert(0, os.path.join(REPO, "tests"))
+    from helpers.vae_helpers import make_tiny_vae
+    from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
+
+    vae = make_tiny_vae(tmp_path / "vae", in_channels=1)
+    run = tmp_path / "run"
+    config = {**latent_train_defaults(), **_config(real, run, lr_anneal_steps=2, eval_interval=2, keep_best="cas"),
+              "vae_path": vae, "latent_scale": "1.0", "attention_resolutions": "2", "in_channels": 4}
+    run_training(config, latent_training_data, build_monitor)
+    rows = _rows(run / "eval" / "metrics.csv")
+    assert [int(row["step"]) for row in rows] == [2] and float(rows[0]["fd"]) >= 0.0
+    _, meta = ckpt.load_weights(str(run / "best" / "ema_0.99_000002.safetensors"))
+    assert meta["vae"] and meta["step"] == 2
