@@ -152,6 +152,7 @@ def _never_build(config):
     ({"eval_samples_per_class": 0}, r"^eval_samples_per_class must be an integer >= 1"),
     ({"eval_classifier": "/nonexistent/c.safetensors"}, r"^--eval_classifier /nonexistent/c.safetensors: no such"),
     ({"eval_respacing": "ddim40"}, r"^eval_respacing 'ddim40' cannot be met"),
+    ({"class_cond": False}, r"^--eval_interval needs a class-conditional model"),
 ])
 def test_bad_eval_flags_are_refused_before_any_work(real, tmp_path, changes, message):
     run = tmp_path / "run"
@@ -257,3 +258,15 @@ def test_a_latent_run_evaluates_decoded_samples(real, tmp_path):
     assert [int(row["step"]) for row in rows] == [2] and float(rows[0]["fd"]) >= 0.0
     _, meta = ckpt.load_weights(str(run / "best" / "ema_0.99_000002.safetensors"))
     assert meta["vae"] and meta["step"] == 2
+
+
+def test_a_class_missing_from_the_real_images_is_refused_before_training(real, tmp_path):
+    root, _ = real
+    data = tmp_path / "data"
+    _walks(data, 2, seed=3)
+    os.rename(data / "bob", data / "carol")
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^--eval_real_train .* lacks the class\(es\) carol of the training data$"):
+        run_training(_config(real, run, data_dir=str(data), lr_anneal_steps=2, eval_interval=1),
+                     pixel_training_data, build_monitor)
+    assert not run.exists()

@@ -93,10 +93,10 @@ class TrainingMonitor:
         os.makedirs(self.eval_dir, exist_ok=True)
         eval_config = self._evaluation_config(config, data)
         self.train, self.test, _, self.image_size, self.channels = load_sets(eval_config, self.device)
+        self.labels, self.eval_labels = self._sample_labels(data.label_map, int(config["eval_samples_per_class"]))
         self.classifier, _ = reference_classifier(Evaluation(eval_config, self.device), self.train,
                                                   self.image_size, self.channels)
         self.real_features = clf.embed(self.classifier, self.test.images, self.device)
-        self.labels, self.eval_labels = self._sample_labels(data.label_map, int(config["eval_samples_per_class"]))
         self._fd_note = self._fd_unavailable(len(self.labels))
         if self.keep_best == "fd" and self._fd_note:
             raise UserError(f"keep_best fd: {self._fd_note}")
@@ -115,17 +115,14 @@ class TrainingMonitor:
         saved = os.path.join(self.eval_dir, CLASSIFIER_FILE)
         classifier = config.get("eval_classifier") or (saved if os.path.isfile(saved) else "")
         return {**evaluate_defaults(), "real_train": config["eval_real_train"], "real_test": config["eval_real_test"],
-                "classifier_path": classifier, "save_classifier": saved,
-                "output_json": os.path.join(self.eval_dir, "unused.json"), "image_size": data.image_size,
+                "classifier_path": classifier, "save_classifier": saved, "image_size": data.image_size,
                 "vae_path": config.get("vae_path", ""), "db_range": config.get("db_range", "auto"),
                 "seed": self.seed}
 
     def _sample_labels(self, label_map, per_class):
         """The model's class of each sample, and the same class in the
         evaluation's (real folder) order, matched by name."""
-        persons = people(label_map) if label_map else {}
-        if not persons:
-            raise UserError("--eval_interval needs a class-conditional model (--class_cond True with class folders)")
+        persons = people(label_map)
         missing = sorted(name for name in persons.values() if name not in self.train.class_names)
         if missing:
             raise UserError(f"--eval_real_train {self.train.source} lacks the class(es) "

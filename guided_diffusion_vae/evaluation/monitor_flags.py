@@ -63,6 +63,9 @@ def check_monitor_flags(config):
         if keep_best:
             raise UserError("keep_best needs evaluations: set --eval_interval (steps between them)")
         return
+    if not config.get("class_cond", True):
+        raise UserError("--eval_interval needs a class-conditional model (--class_cond True): every metric is "
+                        "read per class")
     for key in ("eval_real_train", "eval_real_test"):
         if not config.get(key):
             raise UserError(f"--eval_interval needs --{key}: a folder of real images with one sub-folder per class")
