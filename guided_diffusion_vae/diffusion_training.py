@@ -196,8 +196,11 @@ def run_training(config, build_data, build_monitor=None):
     path = loop.run_loop()
     if sample_fn is not None and loop.step % config["sample_interval"]:
         sample_fn(loop.ema_model_for_sampling(), loop.step)
-    if loop.eval_fn is not None and loop.step % loop.eval_interval:
-        loop.evaluate()  # the final weights are evaluated too
+    # The final weights are evaluated too, unless a stop signal ended the run
+    # early: then exiting soon matters more, and resuming evaluates later.
+    finished = bool(config["lr_anneal_steps"]) and loop.step >= config["lr_anneal_steps"]
+    if loop.eval_fn is not None and loop.step % loop.eval_interval and finished:
+        loop.evaluate()
     logger.log(f"done: {path}")
     return path
 
