@@ -353,6 +353,9 @@ def _geometry(config):
 
 
 def load_sets(config, device):
+    """The real training and held-out sets (and the generated one, if
+    given) of ``config``, at one geometry: ``(train, test, generated or
+    None, image size, channels)``. Also used by the training monitor."""
     image_size, channels = _geometry(config)
     arrays = any(is_array_folder(config[key]) for key in ("real_train", "real_test"))
     db_range = _array_range(config) if arrays else None
@@ -367,6 +370,9 @@ def load_sets(config, device):
 
 
 def reference_classifier(ev, train, image_size, channels):
+    """``(model, file)``: ``classifier_path`` loaded (refused unless it fits
+    ``train``'s classes and the geometry), else one trained on ``train`` with
+    ``ev``'s recipe and saved (``save_classifier``, else beside the JSON)."""
     config = ev.config
     if config["classifier_path"]:
         model, info = clf.load_classifier(config["classifier_path"], ev.device)
