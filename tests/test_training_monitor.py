@@ -173,7 +173,7 @@ def test_image_train_vae_exits_2_with_one_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "scripts", "image_train_vae.py"), "--latent_cache", str(tmp_path),
-         "--eval_interval", "100", "--log_dir", str(tmp_path / "run")],
+         "--class_cond", "True", "--eval_interval", "100", "--log_dir", str(tmp_path / "run")],
         env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.strip().splitlines() == [
