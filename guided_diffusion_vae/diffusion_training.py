@@ -16,6 +16,7 @@ from .config import write_resolved_config
 from .files import undone_on_failure
 from .errors import UserError
 from .augment import Augmenter, augment_dim, check_augment_config
+from .evaluation.monitor_flags import check_monitor_flags
 from .labels import normalize_label_map, null_class_index, people, with_null_class
 from .resample import create_named_schedule_sampler
 from .image_datasets import image_batch_stream
@@ -117,6 +118,26 @@ def model_flags(config, data):
 PREVIEW_STEPS = 25
 
 
+def scripts_clip_mode(data):
+    """The sampling scripts' ``--clip_denoised auto`` for this data: clamp
+    pixels to [-1, 1], leave latents alone."""
+    return "none" if data.vae_meta else "pixel"
+
+
+def draw_images(*, model, diffusion, data, labels, num_samples, precision, seed=0, on_nonfinite=None):
+    """uint8 NHWC images of ``model`` drawn as the sampling scripts draw them
+    (DDIM on the respaced ``diffusion``, their clipping default, decoded by
+    ``data.decode_fn``); the previews and the training-time evaluation use it.
+    Returns the images and the labels of the samples kept."""
+    images, kept_labels, _ = generate_samples(
+        model=model, diffusion=diffusion, sample_shape=data.sample_shape,
+        num_samples=num_samples, batch_size=min(num_samples, 256), labels=labels, sampler="ddim",
+        clipper=DenoisedClipper(scripts_clip_mode(data)), decode_fn=data.decode_fn, seed=seed,
+        device=dist_util.dev(), precision=precision, progress=False, on_nonfinite=on_nonfinite,
+    )
+    return images, kept_labels
+
+
 def preview_sampler(*, diffusion_config, data, num_samples, precision):
     """A ``sample_fn(model, step)`` that draws a grid with the same function
     and the same defaults as the sampling scripts (EMA of the largest rate,
@@ -131,19 +152,14 @@ def preview_sampler(*, diffusion_config, data, num_samples, precision):
         labels = [i % len(persons) for i in range(num_samples)]
         selection = (f"--user_ids {','.join(persons[str(i)] for i in labels)} --num_images_per_user 1"
                      if num_samples <= len(persons) else "")
-    clip_mode = "none" if data.vae_meta else "pixel"  # the scripts' "auto"
     again = (f"--sampler ddim --timestep_respacing {respacing} --precision {precision} --seed 0 "
-             f"--clip_denoised {clip_mode} {selection}") if selection else None
+             f"--clip_denoised {scripts_clip_mode(data)} {selection}") if selection else None
 
     def sample_fn(model, step):
         if not dist_util.is_main():
             return
-        images, _, _ = generate_samples(
-            model=model, diffusion=preview_diffusion, sample_shape=data.sample_shape,
-            num_samples=num_samples, batch_size=num_samples, labels=labels, sampler="ddim",
-            clipper=DenoisedClipper(clip_mode), decode_fn=data.decode_fn, seed=0, device=dist_util.dev(),
-            precision=precision, progress=False,
-        )
+        images, _ = draw_images(model=model, diffusion=preview_diffusion, data=data, labels=labels,
+                                num_samples=num_samples, precision=precision)
         grid = image_grid(images)
         path = os.path.join(logger.get_dir() or ".", "samples", f"preview_{step:06d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -156,12 +172,19 @@ def preview_sampler(*, diffusion_config, data, num_samples, precision):
     return sample_fn
 
 
-def run_training(config, build_data):
+def run_training(config, build_data, build_monitor=None):
     """Train with ``config`` (resolved flags) on the data ``build_data(config)``
-    returns; returns the path of the last model checkpoint."""
+    returns; returns the path of the last model checkpoint.
+
+    ``build_monitor(config=, data=, diffusion_config=, precision=)`` makes
+    the ``eval_fn`` of ``--eval_interval`` (``evaluation.monitor.build_monitor``,
+    passed in by the programs: the evaluation sits above this module)."""
     # Bad numbers and an unusable log folder are refused before any work.
     check_training_numbers(config)
     check_augment_config({**training_defaults(), **config})
+    check_monitor_flags(config)
+    if config.get("eval_interval") and build_monitor is None:
+        raise UserError("--eval_interval is not available in this program (it cannot evaluate during training)")
     # Data, model and resume are checked before the first step; if one fails,
     # the log folder keeps nothing of this start.
     with undone_on_failure(config.get("log_dir") if dist_util.is_main() else None, before_undo=logger.close):
@@ -172,15 +195,20 @@ def run_training(config, build_data):
         dist_util.set_threads(config["threads"], logger.log)
         if dist_util.is_main():
             write_resolved_config(config, logger.get_dir())
-        loop, sample_fn = _prepare_training(config, build_data)
+        loop, sample_fn = _prepare_training(config, build_data, build_monitor)
     path = loop.run_loop()
     if sample_fn is not None and loop.step % config["sample_interval"]:
         sample_fn(loop.ema_model_for_sampling(), loop.step)
+    # The final weights are evaluated too, unless a stop signal ended the run
+    # early: then exiting soon matters more, and resuming evaluates later.
+    finished = bool(config["lr_anneal_steps"]) and loop.step >= config["lr_anneal_steps"]
+    if loop.eval_fn is not None and loop.step % loop.eval_interval and finished:
+        loop.evaluate()
     logger.log(f"done: {path}")
     return path
 
 
-def _prepare_training(config, build_data):
+def _prepare_training(config, build_data, build_monitor=None):
     """The data, model and :class:`TrainLoop` of ``config`` (resumed if asked),
     and the preview sampler (or None)."""
     torch.manual_seed(config["seed"])
@@ -219,6 +247,9 @@ def _prepare_training(config, build_data):
             diffusion_config=diffusion_config, data=data,
             num_samples=config["num_preview_samples"], precision=precision,
         )
+    eval_fn = None
+    if config.get("eval_interval"):
+        eval_fn = build_monitor(config=config, data=data, diffusion_config=diffusion_config, precision=precision)
     loop = TrainLoop(
         model=model,
         diffusion=diffusion,
@@ -251,6 +282,8 @@ def _prepare_training(config, build_data):
         seed=config["seed"],
         keep_checkpoints=config["keep_checkpoints"],
         augment=Augmenter.from_config(config),
+        eval_interval=config.get("eval_interval", 0),
+        eval_fn=eval_fn,
     )
     return loop, sample_fn
 

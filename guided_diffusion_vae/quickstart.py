@@ -17,6 +17,11 @@ those of every later stage, and redoes them.
 Run directory: ``data/train``, ``data/test`` (PERSON/NNN.png), ``vae/``,
 ``latents/``, ``diffusion/`` (the training run), ``samples/``, ``eval/``
 (metrics.json, nearest_pairs.png, the reference classifier), ``report.html``.
+
+A preset whose diffusion stage sets ``eval_interval`` evaluates the model
+during training on ``data/train`` and ``data/test`` (``diffusion/eval/``);
+with ``keep_best`` the samples stage draws from the best evaluated weights
+(``diffusion/best/``) rather than the last ones.
 """
 
 import json
@@ -37,6 +42,7 @@ from .checkpoint import parse_step
 from .diffusion_training import run_training
 from .sample_from_checkpoint import run_sampling, sample_defaults
 from .evaluation.evaluate import evaluate_defaults, run_evaluation
+from .evaluation.monitor import BEST_DIR, build_monitor
 from .evaluation.report import write_report
 from .evaluation.verdict import verdict_text
 
@@ -79,7 +85,8 @@ PRESETS = {
                      "augment_generated": 16, "classifier_seeds": 1},
     },
     "gpu": {
-        "about": "one GPU, 64x64, the configs/microdoppler_small.yaml network (6.8 min on an H100)",
+        "about": "one GPU, 64x64, the configs/microdoppler_small.yaml network with augmentation (about 8 min on "
+                 "an H200)",
         "num_users": 31, "train_per_user": 96, "test_per_user": 32, "image_size": 64,
         # Measured on an H100 (docs/QUALITY.md): the small VAE with 8 latent
         # channels at lr 1e-3 keeps identity (rCAS 0.98 x TRTR after 5,000
@@ -89,7 +96,12 @@ PRESETS = {
         # The network of configs/microdoppler_small.yaml, trained for the
         # preset's time budget; eager (a compile per resumed piece costs more
         # than it saves in a run this short).
-        "diffusion": {"config": "configs/microdoppler_small.yaml", "lr_anneal_steps": 5000, "compile": False},
+        # Non-leaking augmentation (docs/QUALITY.md, H200 sweep of 2026-12-03):
+        # copied training walks 69 -> 4 of 3,100, within-person variety 0.86 ->
+        # 0.91 x real, gain with all real data -3.7 -> -2.6 points; CAS fell
+        # 0.97 -> 0.92 x TRTR and FD rose 4.3 -> 5.5 x floor.
+        "diffusion": {"config": "configs/microdoppler_small.yaml", "lr_anneal_steps": 5000, "compile": False,
+                      "augment": "time_shift,doppler_scale"},
         "sampling": {"num_images_per_user": 100, "timestep_respacing": "ddim50", "batch_size": 256},
         "evaluate": {"classifier_steps": 1500, "augment_k": "32,all", "augment_generated": 100,
                      "classifier_seeds": 3},
@@ -302,6 +314,9 @@ def _diffusion_config(run_dir, preset, seed):
         image_size=preset["image_size"], class_cond=True, seed=seed, resume_checkpoint="auto",
         learn_sigma=True, noise_schedule="cosine",
     )
+    if config["eval_interval"]:
+        config.update(eval_real_train=os.path.join(run_dir, "data", "train"),
+                      eval_real_test=os.path.join(run_dir, "data", "test"))
     return config
 
 
@@ -309,12 +324,24 @@ def _train_diffusion(run_dir, preset, seed):
     """Train; False when a stop signal ended training early (saved, not finished)."""
 
     config = _diffusion_config(run_dir, preset, seed)
-    path = run_training(config, latent_training_data)
+    path = run_training(config, latent_training_data, build_monitor)
     return parse_step(path) >= int(config["lr_anneal_steps"])
 
 
+def sampled_weights(run_dir, preset):
+    """The folder the samples stage draws from: the best evaluated weights
+    when the diffusion stage keeps them, else the training run's last."""
+    run = os.path.join(run_dir, "diffusion")
+    if preset["diffusion"].get("keep_best"):
+        best = os.path.join(run, BEST_DIR)
+        if os.path.isdir(best) and any(name.startswith("model") for name in os.listdir(best)):
+            return best
+        logger.log(f"no best weights in {best} (no evaluation gave a value): sampling the last ones")
+    return run
+
+
 def _sample(run_dir, preset, seed):
-    config = {**sample_defaults(), **preset["sampling"], "model_path": os.path.join(run_dir, "diffusion"),
+    config = {**sample_defaults(), **preset["sampling"], "model_path": sampled_weights(run_dir, preset),
               "output_dir": os.path.join(run_dir, "samples"), "use_ddim": True, "seed": seed,
               "clip_denoised": "none"}
     run_sampling(config)

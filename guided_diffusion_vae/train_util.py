@@ -28,6 +28,7 @@ from .array_datasets import data_folder_defaults
 from .augment import augment_defaults
 from .ema import ema_decay
 from .errors import UserError, check_number
+from .evaluation.monitor_flags import monitor_defaults
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import SCHEDULE_SAMPLERS, LossAwareSampler, UniformSampler
@@ -71,6 +72,8 @@ def training_defaults():
         # data_dir: how labels are read, how .npy/.npz values map to [-1, 1]
         **data_folder_defaults(),
         **dist_util.threads_defaults(),
+        # training-time evaluation (evaluation.monitor)
+        **monitor_defaults(),
     }
 
 
@@ -246,7 +249,9 @@ class TrainLoop:
     ``batch_transform`` (optional) runs on the device before the loss, e.g. a
     VAE encoding whole image batches on the GPU. ``metadata`` is stored in every
     checkpoint (model, diffusion, data, vae, train configuration: see
-    docs/ARCHITECTURE.md). ``sample_fn(model, step)`` draws preview samples.
+    docs/ARCHITECTURE.md). ``sample_fn(model, step)`` draws preview samples;
+    ``eval_fn(model, step, write_weights)`` evaluates every ``eval_interval``
+    steps (rank 0; see :meth:`evaluate`).
     With ``class_dropout_prob`` > 0 that share of labels becomes
     ``null_label`` (classifier-free guidance training). ``augment`` (an
     :class:`augment.Augmenter`) changes each batch on the device and hands
@@ -290,6 +295,8 @@ class TrainLoop:
         seed=0,
         keep_checkpoints=0,
         augment=None,
+        eval_interval=0,
+        eval_fn=None,
     ):
         check_training_numbers(dict(
             batch_size=batch_size, microbatch=microbatch, lr=lr, weight_decay=weight_decay,
@@ -316,6 +323,7 @@ class TrainLoop:
             raise ValueError("class_dropout_prob needs the index of the null class (null_label)")
         self.grad_clip, self.max_nonfinite_steps = grad_clip, max_nonfinite_steps
         self.sample_interval, self.sample_fn = sample_interval, sample_fn
+        self.eval_interval, self.eval_fn = eval_interval, eval_fn
         self.seed = seed
         self.keep_checkpoints = keep_checkpoints
         self.device = dist_util.dev()
@@ -484,6 +492,8 @@ class TrainLoop:
                     last_saved = self.save()
                 if self.sample_interval and self.sample_fn and self.step % self.sample_interval == 0:
                     self.sample_fn(self.ema_model_for_sampling(), self.step)
+                if self.eval_interval and self.eval_fn and self.step % self.eval_interval == 0:
+                    self.evaluate()
                 if self._should_stop():
                     logger.log(f"{self._stop.signal_name or 'stop signal'} received: saving at step {self.step} and exiting")
                     break
@@ -706,15 +716,29 @@ class TrainLoop:
             model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
         return model.eval()
 
+    def evaluate(self):
+        """``eval_fn(ema_model, step, write_weights)`` on rank 0 only; it
+        must enter no collective (the other ranks go on to the next step)."""
+        if dist_util.is_main():
+            self.eval_fn(self.ema_model_for_sampling(), self.step, self.write_weights)
+
+    def write_weights(self, folder):
+        """Write the model and EMA weight files of the current step into
+        ``folder`` (this rank, no training state); returns their paths."""
+        paths = [ckpt.model_path(folder, self.step)]
+        ckpt.save_weights(paths[0], self.model_state_dict(), self._meta("model"))
+        for i, rate in enumerate(self.ema_rates):
+            paths.append(ckpt.ema_path(folder, rate, self.step))
+            ckpt.save_weights(paths[-1], self.ema_state_dict(i), self._meta(f"ema_{rate}"))
+        return paths
+
     def save(self):
         """Write model, EMA and training state for the current step (rank 0);
         returns the model checkpoint path."""
         folder = self.checkpoint_dir
         model_file = ckpt.model_path(folder, self.step)
         if dist_util.is_main():
-            ckpt.save_weights(model_file, self.model_state_dict(), self._meta("model"))
-            for i, rate in enumerate(self.ema_rates):
-                ckpt.save_weights(ckpt.ema_path(folder, rate, self.step), self.ema_state_dict(i), self._meta(f"ema_{rate}"))
+            self.write_weights(folder)
             # The training state goes last: a model file counts as resumable
             # only once its state file exists.
             ckpt.save_training_state(ckpt.state_path(folder, self.step), self._training_state())

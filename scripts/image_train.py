@@ -6,12 +6,13 @@
 
 from guided_diffusion_vae.config import parse_with_config
 from guided_diffusion_vae.errors import run_main
+from guided_diffusion_vae.evaluation.monitor import build_monitor
 from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
 
 
 def main():
     config = parse_with_config(pixel_train_defaults(), description=__doc__)
-    run_training(config, pixel_training_data)
+    run_training(config, pixel_training_data, build_monitor)
 
 
 if __name__ == "__main__":

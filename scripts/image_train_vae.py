@@ -9,13 +9,14 @@ is in pixels and the network is built for the VAE's latent size.
 
 from guided_diffusion_vae.config import parse_with_config
 from guided_diffusion_vae.errors import run_main
+from guided_diffusion_vae.evaluation.monitor import build_monitor
 from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
 from guided_diffusion_vae.diffusion_training import run_training
 
 
 def main():
     config = parse_with_config(latent_train_defaults(), description=__doc__)
-    run_training(config, latent_training_data)
+    run_training(config, latent_training_data, build_monitor)
 
 
 if __name__ == "__main__":

@@ -277,7 +277,7 @@ def test_cli_writes_json_and_refuses_bad_input(real, tmp_path):
 def test_latent_cache_as_real_data(real, tmp_path):
     """A latent cache (with its VAE) stands in for an image folder: its images are
     the VAE's decodings, labelled through the cache's label map."""
-    from guided_diffusion_vae.evaluation.evaluate import _load_sets, evaluate_defaults
+    from guided_diffusion_vae.evaluation.evaluate import load_sets, evaluate_defaults
     from guided_diffusion_vae.latent_datasets import build_latent_cache, encode_latents_defaults
     from helpers.vae_helpers import make_tiny_vae
 
@@ -287,7 +287,7 @@ def test_latent_cache_as_real_data(real, tmp_path):
                           "random_flip": True, "num_workers": 0, "progress": False})
     config = dict(evaluate_defaults(), real_train=str(real / "train"), real_test=str(tmp_path / "cache"),
                   vae_path=vae, output_json=str(tmp_path / "m.json"))
-    train, test, _, size, channels = _load_sets(config, torch.device("cpu"))
+    train, test, _, size, channels = load_sets(config, torch.device("cpu"))
     folder = load_folder(str(real / "test"), image_size=32, channels=1)
     assert (size, channels) == (32, 1) and test.images.shape == folder.images.shape  # mirrored copies left out
     assert np.array_equal(test.labels, folder.labels) and test.class_names == train.class_names

@@ -352,7 +352,10 @@ def _geometry(config):
     return int(config["image_size"]) or int(meta["image_size"]), channels
 
 
-def _load_sets(config, device):
+def load_sets(config, device):
+    """The real training and held-out sets (and the generated one, if
+    given) of ``config``, at one geometry: ``(train, test, generated or
+    None, image size, channels)``. Also used by the training monitor."""
     image_size, channels = _geometry(config)
     arrays = any(is_array_folder(config[key]) for key in ("real_train", "real_test"))
     db_range = _array_range(config) if arrays else None
@@ -366,7 +369,10 @@ def _load_sets(config, device):
     return train, test, generated, image_size, channels
 
 
-def _reference_classifier(ev, train, image_size, channels):
+def reference_classifier(ev, train, image_size, channels):
+    """``(model, file)``: ``classifier_path`` loaded (refused unless it fits
+    ``train``'s classes and the geometry), else one trained on ``train`` with
+    ``ev``'s recipe and saved (``save_classifier``, else beside the JSON)."""
     config = ev.config
     if config["classifier_path"]:
         model, info = clf.load_classifier(config["classifier_path"], ev.device)
@@ -396,13 +402,13 @@ def run_evaluation(config):
     device = pick_device(config["device"])
     ev = Evaluation(config, device)
     rng = np.random.default_rng(config["seed"])
-    train, test, generated, image_size, channels = _load_sets(config, device)
+    train, test, generated, image_size, channels = load_sets(config, device)
     os.makedirs(os.path.dirname(os.path.abspath(config["output_json"])), exist_ok=True)
     num_classes = len(train.class_names)
     logger.log(f"real train {len(train)}, real held-out {len(test)}, generated "
                f"{len(generated) if generated is not None else 0}; {num_classes} classes, "
                f"{channels}x{image_size}px; device {device}")
-    model, classifier_file = _reference_classifier(ev, train, image_size, channels)
+    model, classifier_file = reference_classifier(ev, train, image_size, channels)
     result = {"trtr": None, "cas": None, "rcas": None, "tstr": None, "augmentation_gain": {}, "fd": None,
               "fd_floor": None, "precision": None, "recall": None, "memorised": None, "memorised_gu": None,
               "variety": None, "spread": {}}
