@@ -545,6 +545,21 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _hostile_configs(root):
+    """YAML files an outside probe used (issue 21): a billion-laughs alias
+    bomb (393 bytes that once took 65 s and 5.5 GB), a repeated key, Latin-1
+    bytes, a nesting deeper than any config, a value of 50,000 characters."""
+    levels = ["a: &a [" + ",".join(['"lol"'] * 9) + "]"]
+    for prev, name in zip("abcdefg", "bcdefgh"):
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    levels.append("lr: [" + ",".join(["*h"] * 9) + "]")
+    (root / "alias_bomb.yaml").write_text("\n".join(levels) + "\n")
+    (root / "repeated_key.yaml").write_text("lr: 1.0e-4\nbatch_size: 2\nlr: 3.0\n")
+    (root / "latin1.yaml").write_bytes("lr: 1.0e-4\n# caf\u00e9\n".encode("latin-1"))
+    (root / "deep.yaml").write_text("lr: " + "[" * 5000 + "]" * 5000 + "\n")
+    (root / "long_value.yaml").write_text("lr: " + "9" * 50_000 + "x\n")
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
     """The files the table of bad inputs points at."""
@@ -574,6 +589,7 @@ def bad_inputs(tmp_path_factory):
     _hand_cache(root / "cache_label", np.zeros((4, 4, 2, 2)), [0, 1, 5, 1], label_map={"0": "a", "1": "b"})
     (root / "tagged.yaml").write_text("lr: !!python/object/apply:os.system ['touch PWNED']\n")
     (root / "misspelt.yaml").write_text("learning_rate: 1.0e-4\n")
+    _hostile_configs(root)
     (root / "a_file").write_text("not a folder")
     # Spectrogram arrays: good ones, and one fault per folder.
     for person in ("user_01", "user_02"):
@@ -694,7 +710,16 @@ BAD_INPUTS = [
                            "--output_dir", "{out}"], "threads"),
     ("interpolate.py", ["--model_path", "{root}/no_such_run", "--output_dir", "{out}"], "no_such_run"),
     ("diagnose.py", ["--model_path", "{root}/no_such_run", "--output_json", "{out}/d.json"], "no_such_run"),
+    # issue 21, part A: hostile config files
+    (TRAIN, ["--config", "{root}/alias_bomb.yaml", "--log_dir", "{out}"], "alias_bomb.yaml: its aliases"),
+    (TRAIN, ["--config", "{root}/repeated_key.yaml", "--log_dir", "{out}"], "key 'lr' appears twice"),
+    (TRAIN, ["--config", "{root}/latin1.yaml", "--log_dir", "{out}"], "latin1.yaml: not UTF-8"),
+    (TRAIN, ["--config", "{root}/deep.yaml", "--log_dir", "{out}"], "deep.yaml: nested deeper"),
+    (TRAIN, ["--config", "{root}/long_value.yaml", "--log_dir", "{out}"], "key 'lr' must be a number"),
 ]
+
+# An error line repeats at most this much of a user's value (errors.shown).
+LONGEST_ERROR_LINE = 1000
 
 
 def test_every_bad_input_gets_one_line_naming_the_culprit_and_writes_nothing(bad_inputs, tmp_path):
@@ -724,6 +749,8 @@ def test_every_bad_input_gets_one_line_naming_the_culprit_and_writes_nothing(bad
             problems.append(f"{what}: not one 'error:' line: {result['stderr'][-500:]}")
         elif culprit not in lines[0]:
             problems.append(f"{what}: the message does not name {culprit!r}: {lines[0]}")
+        elif len(lines[0]) > LONGEST_ERROR_LINE:
+            problems.append(f"{what}: a line of {len(lines[0])} characters: {lines[0][:200]}...")
         if out.exists():
             problems.append(f"{what}: wrote {out}")
     assert not problems, "\n".join(problems)
