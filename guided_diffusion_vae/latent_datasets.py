@@ -38,7 +38,7 @@ import torch
 
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
-from .files import atomic_write, atomic_write_npy
+from .files import atomic_write, atomic_write_npy, check_outside
 from .errors import UserError, check_number
 from .labels import normalize_label_map
 from .vae_wrapper import DTYPES as VAE_DTYPES
@@ -278,6 +278,7 @@ def _check_cache_settings(data_dir, vae_path, output_dir, batch_size, chunk_size
     if cache_dtype not in CACHE_DTYPES:
         raise UserError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
     check_input_range(input_range)
+    check_outside(output_dir, "output_dir", data_dir, "data_dir")
 
 
 def _cache_plan(vae, dataset, labels, *, image_size, random_flip, input_range, sample_posterior, scale_spec,

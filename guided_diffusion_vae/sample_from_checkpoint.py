@@ -29,7 +29,7 @@ from . import dist_util, logger, script_util
 from .dist_util import pick_device
 from .errors import UserError
 from .array_datasets import parse_db_range, to_db
-from .files import check_writable_target
+from .files import check_outside, check_writable_target, undone_on_failure
 from .guidance import (
     check_classifier_fits,
     check_guidance_scale,
@@ -331,11 +331,24 @@ def run_sampling(config):
     sampler = resolve_sampler(config["sampler"], config["use_ddim"])
     dist_util.setup_dist()
     dist_util.set_threads(config["threads"], logger.log)
-    if not config["output_dir"]:  # the original writes to the logger's folder
-        logger.configure()
-        config = {**config, "output_dir": logger.get_dir()}
+    if config["output_dir"]:
+        return _draw_and_save(config, sampler)
+    # The original writes into the logger's folder ($OPENAI_LOGDIR, else a
+    # new temporary one); a run that fails leaves nothing there, not even the
+    # folder or its log.
+    log_dir, named = logger.choose_dir(None)
+    check_writable_target(log_dir, named)
+    with undone_on_failure(log_dir if dist_util.is_main() else None, before_undo=logger.close):
+        logger.configure(dir=log_dir)
+        return _draw_and_save({**config, "output_dir": log_dir}, sampler)
+
+
+def _draw_and_save(config, sampler):
+    """:func:`run_sampling` once the output folder is settled."""
     device = pick_device(config["device"]) if not dist_util.is_distributed() else dist_util.dev()
     model, diffusion_config, meta, path = load_sampling_model(config, device)
+    check_outside(config["output_dir"], "output_dir", (meta.get("data") or {}).get("data_dir"),
+                  f"data_dir (the training data of {path})")
     db_range = (meta.get("data") or {}).get("db_range")
     if config["save_npy"] and db_range is None:
         raise UserError(f"save_npy writes samples in dB, but {path} was not trained on .npy/.npz data "

@@ -344,6 +344,7 @@ class TrainLoop:
         self._lr_now = lr
         self._nonfinite_now = torch.zeros((), dtype=torch.bool, device=self.device)
         self._nonfinite_run = torch.zeros((), device=self.device)
+        self._nonfinite_seen = _LaggedReader(self._nonfinite_run)
         if training_state is not None:
             self._load_training_state(training_state)
         if self._graph_mode:
@@ -474,6 +475,7 @@ class TrainLoop:
                 self.step += 1
                 if self.step % self.log_interval == 0:
                     self._log(total)
+                self._stop_if_diverged()
                 if self.save_interval and self.step % self.save_interval == 0:
                     last_saved = self.save()
                 if self.sample_interval and self.sample_fn and self.step % self.sample_interval == 0:
@@ -645,15 +647,23 @@ class TrainLoop:
         if total_steps:
             line += f"  ETA {_duration(eta)}"
         logger.log(line)
-        if self.mp_trainer is None:
-            in_a_row = int(self._nonfinite_run.item())
-            if self.max_nonfinite_steps and in_a_row >= self.max_nonfinite_steps:
-                self.save()
-                raise UserError(
-                    f"training stopped: {in_a_row} steps in a row had a non-finite loss or gradient "
-                    f"(step {self.step}); try a lower lr (now {self.lr}), grad_clip (e.g. 1.0), "
-                    f"precision fp32, or check the data/latent scale for NaN or huge values"
-                )
+
+    def _stop_if_diverged(self):
+        """Save and stop once ``max_nonfinite_steps`` steps in a row had a
+        non-finite loss or gradient. Checked every step (a check at log steps
+        only let a run with log_interval 1000 go on for up to 1000 such
+        steps); on a GPU the count is read one step late, so the host never
+        waits for the step it has just queued (:class:`_LaggedReader`)."""
+        if not self.max_nonfinite_steps or self.mp_trainer is not None:
+            return  # the original fp16 scheme skips and rescales on its own
+        in_a_row = self._nonfinite_seen.read()
+        if in_a_row is not None and in_a_row >= self.max_nonfinite_steps:
+            self.save()
+            raise UserError(
+                f"training stopped: {in_a_row} steps in a row had a non-finite loss or gradient "
+                f"(step {self.step}); try a lower lr (now {self.lr}), grad_clip (e.g. 1.0), "
+                f"precision fp32, or check the data/latent scale for NaN or huge values"
+            )
 
     def check_ranks_agree(self):
         """Compare a digest of the weights across ranks; diverged ranks (a
@@ -717,6 +727,33 @@ class TrainLoop:
                            f"(keep_checkpoints {self.keep_checkpoints})")
         dist_util.barrier()
         return model_file
+
+
+class _LaggedReader:
+    """Reads a 0-dim device tensor on the host without stalling a GPU: each
+    ``read()`` returns the value copied at the previous call (None at the
+    first) and starts a non-blocking copy of the current one. On the CPU it
+    returns the current value. Every rank reads at the same steps, so ranks
+    stop together."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self.lagged = tensor.device.type == "cuda"
+        if self.lagged:
+            self.host = torch.zeros((), dtype=tensor.dtype).pin_memory()
+            self.copied = None  # the CUDA event of the copy in flight
+
+    def read(self):
+        if not self.lagged:
+            return int(self.tensor.item())
+        value = None
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copy: long done, normally
+            value = int(self.host.item())
+        self.host.copy_(self.tensor, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        return value
 
 
 def _duration(seconds):

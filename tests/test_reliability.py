@@ -581,6 +581,9 @@ def bad_inputs(tmp_path_factory):
     _checkpoint(root / "unknown_key" / "model000000.safetensors", model_meta={**model_meta, "num_chanels": 32})
     _checkpoint(root / "list_labels" / "model000000.safetensors", data_meta={"image_size": 8, "label_map": ["a", "b"]})
     _checkpoint(root / "huge" / "model000000.safetensors", model_meta={**model_meta, "num_channels": 4096})
+    _checkpoint(root / "odd_heads" / "model000000.safetensors", model_meta={**model_meta, "num_head_channels": 7})
+    _checkpoint(root / "trained_on_images" / "model000000.safetensors",
+                data_meta={"image_size": 8, "label_map": {"0": "a", "1": "b"}, "data_dir": str(root / "images")})
     torch.save({"w": _Evil(root / "PWNED")}, str(root / "model000001.pt"))
     nan_latents = np.zeros((4, 4, 2, 2), np.float32)
     nan_latents[2, 0, 0, 0] = float("nan")
@@ -716,6 +719,33 @@ BAD_INPUTS = [
     (TRAIN, ["--config", "{root}/latin1.yaml", "--log_dir", "{out}"], "latin1.yaml: not UTF-8"),
     (TRAIN, ["--config", "{root}/deep.yaml", "--log_dir", "{out}"], "deep.yaml: nested deeper"),
     (TRAIN, ["--config", "{root}/long_value.yaml", "--log_dir", "{out}"], "key 'lr' must be a number"),
+    # issue 21, part A: network geometry, checked before anything is written
+    (TRAIN, ["--data_dir", "{root}/images", "--num_channels", "0", "--log_dir", "{out}"], "num_channels"),
+    (TRAIN, ["--data_dir", "{root}/images", "--num_channels", "48", "--channel_mult", "1,2", "--log_dir", "{out}"],
+     "num_channels 48"),
+    (TRAIN, ["--data_dir", "{root}/images", "--image_size", "16", "--num_channels", "48", "--log_dir", "{out}"],
+     "num_channels 48"),  # the default channel_mult: checked once the data give the input side
+    (TRAIN, ["--data_dir", "{root}/images", "--num_res_blocks", "-1", "--log_dir", "{out}"], "num_res_blocks"),
+    (TRAIN, ["--data_dir", "{root}/images", "--num_head_channels", "7", "--channel_mult", "1,2", "--log_dir",
+             "{out}"], "num_head_channels 7"),
+    (TRAIN, ["--data_dir", "{root}/images", "--channel_mult", "1,0", "--log_dir", "{out}"], "channel_mult '1,0'"),
+    (TRAIN, ["--data_dir", "{root}/images", "--dropout", "1.5", "--log_dir", "{out}"], "dropout"),
+    (TRAIN, ["--data_dir", "{root}/images", "--image_size", "16", "--num_channels", "32", "--channel_mult", "1,2",
+             "--attention_resolutions", "3", "--log_dir", "{out}"], "attention_resolutions"),
+    (SAMPLE, ["--model_path", "{root}/odd_heads", "--use_ema", "False", "--output_dir", "{out}"],
+     "num_head_channels 7"),
+    # issue 21, part A: an output folder inside the data folder
+    ("vae_train.py", ["--data_dir", "{root}/images", "--output_dir", "{root}/images/vae"], "lies inside data_dir"),
+    ("vae_train.py", ["--data_dir", "{root}/images", "--output_dir", "{out}", "--checkpoint_dir",
+                      "{root}/images/state"], "checkpoint_dir"),
+    ("encode_latents.py", ["--data_dir", "{root}/images", "--vae_path", "{root}/vae", "--output_dir",
+                           "{root}/images/cache"], "lies inside data_dir"),
+    (SAMPLE, ["--model_path", "{root}/trained_on_images", "--use_ema", "False", "--output_dir",
+              "{root}/images/samples"], "lies inside data_dir"),
+    # issue 21, part A: starts that failed once left log.txt/progress.csv
+    ("classifier_train.py", ["--latent_cache", "{root}/cache_label", "--log_dir", "{out}"], "label 5"),
+    ("evaluate.py", ["--real_train", "{root}/images", "--real_test", "{root}/images", "--generated",
+                     "{root}/a_file", "--output_json", "{out}/m.json"], "a_file"),
 ]
 
 # An error line repeats at most this much of a user's value (errors.shown).
