@@ -202,6 +202,111 @@ def test_unusable_log_dir(where, tmp_path):
     assert message.startswith(f"log_dir {str(log_dir)!r}")
 
 
+def test_an_openai_logdir_that_is_a_file_is_one_line(tmp_path, monkeypatch):
+    """Issue 21: without --log_dir/--output_dir the logger's folder comes from
+    $OPENAI_LOGDIR; a file there was a traceback from os.makedirs."""
+    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, run_training
+    from guided_diffusion_vae.sample_from_checkpoint import run_sampling, sample_defaults
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("OPENAI_LOGDIR", str(blocker))
+    with pytest.raises(UserError) as err:
+        run_training({**pixel_train_defaults(), "data_dir": str(tmp_path)}, _never_build)
+    assert _one_line(err).startswith(f"OPENAI_LOGDIR {str(blocker)!r}")
+    with pytest.raises(UserError) as err:
+        run_sampling({**sample_defaults(), "model_path": str(tmp_path / "no_such_run")})
+    assert _one_line(err).startswith(f"OPENAI_LOGDIR {str(blocker)!r}")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_failed_sampling_run_without_output_dir_creates_nothing(tmp_path, monkeypatch):
+    """Issue 21: sampling into the logger's folder left log.txt and
+    progress.csv there, or a new /tmp/openai-* folder, when it then failed."""
+    import tempfile
+
+    from guided_diffusion_vae.sample_from_checkpoint import run_sampling, sample_defaults
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
+    config = {**sample_defaults(), "model_path": str(tmp_path / "no_such_run")}
+    with pytest.raises(UserError, match="no_such_run"):
+        run_sampling(config)
+    assert os.listdir(temp) == []
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "logs"))
+    with pytest.raises(UserError, match="no_such_run"):
+        run_sampling(config)
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused_and_a_stale_lock_is_not(tmp_path):
+    """Issue 21: two trainers on one --log_dir resumed from each other's
+    checkpoints. A folder whose .lock another process holds (flock) is refused
+    naming the folder and that PID, by every trainer, touching nothing there;
+    a lock file whose process is gone blocks nothing."""
+    import fcntl
+
+    from guided_diffusion_vae.classifier_training import classifier_train_defaults, train_classifier
+    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, run_training
+    from guided_diffusion_vae.vae_training import train_vae
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "progress.csv").write_text("step\n1\n")
+    holder = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run's lock (flock: per open file)
+        os.write(holder, b"4242\n")
+        starts = [
+            lambda: run_training({**pixel_train_defaults(), "data_dir": str(tmp_path), "log_dir": str(run)},
+                                 _never_build),
+            lambda: train_classifier({**classifier_train_defaults(), "latent_cache": str(tmp_path / "no_cache"),
+                                      "log_dir": str(run)}),
+            lambda: train_vae({"data_dir": str(tmp_path / "no_data"), "output_dir": str(tmp_path / "vae"),
+                               "checkpoint_dir": str(run)}),
+        ]
+        for start in starts:
+            with pytest.raises(UserError) as err:
+                start()
+            message = _one_line(err)
+            assert f"{str(run)!r} is in use by another run (PID 4242" in message, message
+            assert sorted(os.listdir(run)) == [".lock", "progress.csv"]
+    finally:
+        os.close(holder)  # as the kernel does when a process dies
+    with pytest.raises(AssertionError, match="the data was built"):  # past the lock
+        run_training({**pixel_train_defaults(), "data_dir": str(tmp_path), "log_dir": str(run)}, _never_build)
+    logger.reset()
+
+
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path):
+    """Issue 21: a resume refused for other settings rewrote config.yaml with
+    them and left a TensorBoard event file."""
+    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
+
+    data = _pixel_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    base = {**pixel_train_defaults(), "image_size": 8, "num_channels": 32, "num_res_blocks": 1,
+            "channel_mult": "1,2", "attention_resolutions": "4", "diffusion_steps": 40, "class_cond": True,
+            "data_dir": str(data), "batch_size": 2, "num_workers": 0, "precision": "fp32", "lr_anneal_steps": 1,
+            "log_dir": str(run), "tensorboard": True}
+    run_training(base, pixel_training_data)
+    logger.reset()
+
+    def contents():  # log.txt aside: it records the refused attempt
+        return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*")
+                if p.is_file() and p.name != "log.txt"}
+
+    before = contents()
+    assert "config.yaml" in before and any(name.startswith("tb/") for name in before)
+    with pytest.raises(UserError, match="does not fit the model"):
+        run_training({**base, "num_channels": 64, "resume_checkpoint": "auto", "lr_anneal_steps": 2},
+                     pixel_training_data)
+    logger.reset()
+    assert contents() == before
+
+
 def _hand_cache(folder, latents, labels, label_map=None, meta_text=None):
     """A latent cache written directly (no VAE): meta.json, latents.npy, labels.npy."""
     from guided_diffusion_vae import latent_datasets as ld
