@@ -6,6 +6,7 @@ given the permissions the umask allows, and renamed into place.
 """
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -148,9 +149,14 @@ def lock_folder(folder, flag):
     """Take an exclusive lock on ``folder/.lock`` for the rest of this
     process's life, or raise :class:`FolderInUse` naming ``flag``, the folder
     and the PID that holds it: two trainers in one folder once resumed from
-    each other's checkpoints and interleaved progress.csv. The kernel drops a
-    ``flock`` when its process dies, so a lock file left by a killed run never
-    blocks. Call on rank 0 only; ``folder`` must exist."""
+    each other's checkpoints and interleaved progress.csv. Call on rank 0
+    only; ``folder`` must exist.
+
+    A POSIX record lock (``lockf``), not ``flock``: the kernel drops it when
+    its process dies, and unlike a ``flock`` it is not shared with forked
+    children, so data-loader workers outliving a killed trainer for a moment
+    do not block its restart. (Closing any descriptor of the lock file would
+    drop it too; nothing else opens it.)"""
     import fcntl
 
     path = os.path.join(os.path.abspath(folder), LOCK_FILE)
@@ -161,19 +167,19 @@ def lock_folder(folder, flag):
                 return path  # this process holds it already (a second run in one process)
         os.close(held)  # the file was removed and replaced: lock the new one
         del _held_locks[path]
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            # A file system without locks (some network mounts): run unguarded
+            # rather than refuse every start.
+            os.close(fd)
+            return path
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
         raise FolderInUse(f"{flag} {folder!r} is in use by another run (PID {holder}, which holds {path}); "
                           "wait for it to finish or use another folder") from None
-    except OSError:
-        # A file system without locks (some network mounts): run unguarded
-        # rather than refuse every start.
-        os.close(fd)
-        return path
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held_locks[path] = fd

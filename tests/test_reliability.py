@@ -2,6 +2,7 @@
 (a UserError; the scripts print it and exit 2), never a traceback, a hang or
 a silent exit 0. See docs/RELIABILITY.md for what each test guarantees."""
 
+import contextlib
 import json
 import os
 import re
@@ -241,13 +242,27 @@ def test_a_failed_sampling_run_without_output_dir_creates_nothing(tmp_path, monk
     assert not (tmp_path / "logs").exists()
 
 
+# A trainer's stand-in: takes the folder's lock, then forks a child that
+# lives on (as a data-loader worker may for a moment after a SIGKILL).
+_HOLD_LOCK = """
+import os, sys, time
+from guided_diffusion_vae.files import lock_folder
+lock_folder(sys.argv[1], "log_dir")
+child = os.fork()
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
 def test_a_second_run_in_a_folder_in_use_is_refused_and_a_stale_lock_is_not(tmp_path):
     """Issue 21: two trainers on one --log_dir resumed from each other's
-    checkpoints. A folder whose .lock another process holds (flock) is refused
+    checkpoints. A folder whose .lock another live process holds is refused
     naming the folder and that PID, by every trainer, touching nothing there;
-    a lock file whose process is gone blocks nothing."""
-    import fcntl
-
+    once that process is killed its lock file blocks nothing, even while a
+    child it forked lives on."""
     from guided_diffusion_vae.classifier_training import classifier_train_defaults, train_classifier
     from guided_diffusion_vae.diffusion_training import pixel_train_defaults, run_training
     from guided_diffusion_vae.vae_training import train_vae
@@ -255,10 +270,11 @@ def test_a_second_run_in_a_folder_in_use_is_refused_and_a_stale_lock_is_not(tmp_
     run = tmp_path / "run"
     run.mkdir()
     (run / "progress.csv").write_text("step\n1\n")
-    holder = os.open(run / ".lock", os.O_RDWR | os.O_CREAT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    child = int(holder.stdout.readline())
     try:
-        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another run's lock (flock: per open file)
-        os.write(holder, b"4242\n")
         starts = [
             lambda: run_training({**pixel_train_defaults(), "data_dir": str(tmp_path), "log_dir": str(run)},
                                  _never_build),
@@ -271,12 +287,18 @@ def test_a_second_run_in_a_folder_in_use_is_refused_and_a_stale_lock_is_not(tmp_
             with pytest.raises(UserError) as err:
                 start()
             message = _one_line(err)
-            assert f"{str(run)!r} is in use by another run (PID 4242" in message, message
+            assert f"{str(run)!r} is in use by another run (PID {holder.pid}," in message, message
             assert sorted(os.listdir(run)) == [".lock", "progress.csv"]
+        holder.kill()
+        holder.wait()
+        with pytest.raises(AssertionError, match="the data was built"):  # past the lock
+            run_training({**pixel_train_defaults(), "data_dir": str(tmp_path), "log_dir": str(run)}, _never_build)
+        os.kill(child, 0)  # the child was alive all along
     finally:
-        os.close(holder)  # as the kernel does when a process dies
-    with pytest.raises(AssertionError, match="the data was built"):  # past the lock
-        run_training({**pixel_train_defaults(), "data_dir": str(tmp_path), "log_dir": str(run)}, _never_build)
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        holder.wait()
     logger.reset()
 
 
