@@ -29,6 +29,18 @@ def shown(value, limit=SHOWN_CHARS):
     return text if len(text) <= limit else f"{text[:limit]}..."
 
 
+# The longest error line run_main prints: the backstop for a message that
+# repeats a user's value without :func:`shown` (a 1 MiB config value, a
+# path with a newline in it).
+MAX_MESSAGE_CHARS = 2000
+
+
+def one_line(message, limit=MAX_MESSAGE_CHARS):
+    """``message`` as a single line of at most about ``limit`` characters."""
+    text = " ".join(str(message).splitlines())
+    return text if len(text) <= limit else f"{text[:limit]}... (cut from {len(text)} characters)"
+
+
 _main_failed = False
 _debug = False
 
@@ -54,7 +66,7 @@ def run_main(main_fn):
         _main_failed = True
         if _debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except BaseException:
         _main_failed = True

@@ -203,6 +203,23 @@ def test_unusable_log_dir(where, tmp_path):
     assert message.startswith(f"log_dir {str(log_dir)!r}")
 
 
+def test_run_main_prints_one_bounded_line_whatever_the_message(capsys, monkeypatch):
+    """The backstop behind errors.shown: a message holding a newline (a path
+    may) or a megabyte of a value is still one line of bounded length."""
+    from guided_diffusion_vae.errors import MAX_MESSAGE_CHARS, run_main
+
+    monkeypatch.setattr("guided_diffusion_vae.errors._main_failed", False)  # restored after the test
+
+    def fail():
+        raise UserError("data_dir 'a\nb' is " + "x" * 1_000_000)
+
+    with pytest.raises(SystemExit) as exit_:
+        run_main(fail)
+    lines = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: data_dir 'a b' is xxx") and len(lines[0]) < MAX_MESSAGE_CHARS + 100
+
+
 def test_an_openai_logdir_that_is_a_file_is_one_line(tmp_path, monkeypatch):
     """Issue 21: without --log_dir/--output_dir the logger's folder comes from
     $OPENAI_LOGDIR; a file there was a traceback from os.makedirs."""
@@ -685,6 +702,7 @@ def _hostile_configs(root):
     (root / "latin1.yaml").write_bytes("lr: 1.0e-4\n# caf\u00e9\n".encode("latin-1"))
     (root / "deep.yaml").write_text("lr: " + "[" * 5000 + "]" * 5000 + "\n")
     (root / "long_value.yaml").write_text("lr: " + "9" * 50_000 + "x\n")
+    (root / "long_sampler.yaml").write_text("sampler: " + "d" * 50_000 + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -846,6 +864,8 @@ BAD_INPUTS = [
     (TRAIN, ["--config", "{root}/latin1.yaml", "--log_dir", "{out}"], "latin1.yaml: not UTF-8"),
     (TRAIN, ["--config", "{root}/deep.yaml", "--log_dir", "{out}"], "deep.yaml: nested deeper"),
     (TRAIN, ["--config", "{root}/long_value.yaml", "--log_dir", "{out}"], "key 'lr' must be a number"),
+    (SAMPLE, ["--config", "{root}/long_sampler.yaml", "--model_path", "{root}/good", "--output_dir", "{out}"],
+     "sampler 'ddddd"),
     # issue 21, part A: network geometry, checked before anything is written
     (TRAIN, ["--data_dir", "{root}/images", "--num_channels", "0", "--log_dir", "{out}"], "num_channels"),
     (TRAIN, ["--data_dir", "{root}/images", "--num_channels", "48", "--channel_mult", "1,2", "--log_dir", "{out}"],
