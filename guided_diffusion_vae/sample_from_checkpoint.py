@@ -27,7 +27,7 @@ import torch
 from . import checkpoint as ckpt
 from . import dist_util, logger, script_util
 from .dist_util import pick_device
-from .errors import UserError
+from .errors import UserError, shown
 from .array_datasets import parse_db_range, to_db
 from .files import check_outside, check_writable_target, undone_on_failure
 from .guidance import (
@@ -282,7 +282,7 @@ def check_sampling_config(config):
     resolve_sampler(config["sampler"], config["use_ddim"])
     resolve_timestep_spacing(config["timestep_spacing"], {})
     if config["precision"] not in SAMPLING_PRECISIONS:
-        raise UserError(f"precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {config['precision']!r}")
+        raise UserError(f"precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {shown(config['precision'])}")
     if config["output_dir"]:
         check_writable_target(config["output_dir"], "output_dir")
 
@@ -299,7 +299,7 @@ def resolve_timestep_spacing(spacing, meta):
     """``--timestep_spacing``: ``auto`` is ``leading`` where a start at t=T-1
     is a risk (:func:`_blind_start_risk`), else ``trailing``."""
     if spacing not in ("auto", *TIMESTEP_SPACINGS):
-        raise UserError(f"timestep_spacing must be one of auto, {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
+        raise UserError(f"timestep_spacing must be one of auto, {', '.join(TIMESTEP_SPACINGS)}, got {shown(spacing)}")
     if spacing == "auto":
         return "leading" if _blind_start_risk(meta) else "trailing"
     return spacing

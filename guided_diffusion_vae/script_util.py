@@ -185,7 +185,7 @@ def parse_channel_mult(channel_mult, image_size):
     try:
         return tuple(float(part) if "." in part else int(part) for part in channel_mult.split(","))
     except ValueError:
-        raise UserError(f"channel_mult {channel_mult!r} is not a comma-separated list of numbers")
+        raise UserError(f"channel_mult {shown(channel_mult)} is not a comma-separated list of numbers")
 
 
 def attention_downsample_rates(attention_resolutions, image_size, channel_mult, flag="attention_resolutions"):
@@ -202,7 +202,7 @@ def attention_downsample_rates(attention_resolutions, image_size, channel_mult, 
         try:
             resolutions = [int(r) for r in text.split(",")] if text else []
         except ValueError:
-            raise UserError(f"{flag} {attention_resolutions!r} is not a comma-separated list of integers")
+            raise UserError(f"{flag} {shown(attention_resolutions)} is not a comma-separated list of integers")
     deepest = 2 ** (len(channel_mult) - 1)
     reachable = [image_size // 2**level for level in range(len(channel_mult))]
     rates = []
@@ -313,7 +313,7 @@ def create_model(
     check_model_geometry(dict(locals()), image_size)
     mult = parse_channel_mult(channel_mult, image_size)
     if class_cond and (num_classes is None or int(num_classes) < 1):
-        raise UserError(f"class_cond needs num_classes >= 1, got {num_classes!r}")
+        raise UserError(f"class_cond needs num_classes >= 1, got {shown(num_classes)}")
     settings = {k: v for k, v in locals().items() if k in _UNET_PASSTHROUGH}
     return UNetModel(
         **settings,

@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import dist_util, logger
 from .array_datasets import data_folder_defaults
 from .ema import ema_decay
-from .errors import UserError, check_number
+from .errors import UserError, check_number, shown
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import SCHEDULE_SAMPLERS, LossAwareSampler, UniformSampler
@@ -175,7 +175,7 @@ def parse_ema_rates(ema_rate):
     try:
         rates = [float(r) for r in text.split(",")] if text else []
     except ValueError:
-        raise UserError(f"ema_rate {ema_rate!r} is not a comma-separated list of numbers")
+        raise UserError(f"ema_rate {shown(ema_rate)} is not a comma-separated list of numbers")
     for rate in rates:
         if not 0.0 < rate < 1.0:
             raise UserError(f"ema_rate {rate} must lie strictly between 0 and 1")
@@ -185,7 +185,7 @@ def parse_ema_rates(ema_rate):
 def resolve_precision(precision, device):
     """``auto`` is bf16 autocast on GPUs that support it, else float32."""
     if precision not in PRECISIONS:
-        raise UserError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
+        raise UserError(f"precision {shown(precision)} must be one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         cuda = torch.device(device).type == "cuda"
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"

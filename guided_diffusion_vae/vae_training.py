@@ -50,7 +50,7 @@ from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
 from .cuda_graphs import ReplayedStep, graphs_usable
 from .ema import EMA, ema_decay
-from .errors import UserError, check_number
+from .errors import UserError, check_number, shown
 from .files import check_outside, lock_folder, undone_on_failure
 from .array_datasets import ArrayFolderDataset, data_folder_defaults, parse_db_range
 from .image_datasets import ImageDataset, data_files, detect_channels
@@ -174,14 +174,14 @@ def resolve_architecture(config, in_channels):
     """``AutoencoderKL`` keyword arguments for ``config`` (UserError on bad values)."""
     size = config["vae_size"]
     if size not in PRESETS:
-        raise UserError(f"vae_size must be one of {', '.join(PRESETS)}, got {size!r}")
+        raise UserError(f"vae_size must be one of {', '.join(PRESETS)}, got {shown(size)}")
     arch = dict(PRESETS[size])
     text = str(config.get("block_out_channels") or "").strip()
     if text:
         try:
             arch["block_out_channels"] = tuple(int(c) for c in text.split(","))
         except ValueError:
-            raise UserError(f"block_out_channels must be comma-separated integers, got {text!r}") from None
+            raise UserError(f"block_out_channels must be comma-separated integers, got {shown(text)}") from None
     for key in ("layers_per_block", "norm_num_groups"):
         if int(config.get(key) or 0) > 0:
             arch[key] = int(config[key])
