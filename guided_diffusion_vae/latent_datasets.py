@@ -231,6 +231,7 @@ def build_latent_cache(
                           input_range, num_workers, seed, channels)
     parse_db_range(db_range)
     scale_spec = parse_latent_scale(latent_scale)
+    check_outside(output_dir, "output_dir", data_dir, "data_dir")
     dist_util.setup_dist()
     dist_util.set_threads(threads, logger.log)
     device = dist_util.dev() if device is None else torch.device(device)
@@ -278,7 +279,6 @@ def _check_cache_settings(data_dir, vae_path, output_dir, batch_size, chunk_size
     if cache_dtype not in CACHE_DTYPES:
         raise UserError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {shown(cache_dtype)}")
     check_input_range(input_range)
-    check_outside(output_dir, "output_dir", data_dir, "data_dir")
 
 
 def _cache_plan(vae, dataset, labels, *, image_size, random_flip, input_range, sample_posterior, scale_spec,
