@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import UserError
+from .errors import UserError, shown
 from .images import resize_short_side
 from .labels import LABEL_SOURCES, class_names_from_paths
 
@@ -96,9 +96,9 @@ def parse_db_range(value):
     try:
         low, high = (float(p) for p in parts)
     except (TypeError, ValueError):
-        raise UserError(f"db_range must be auto or LOW,HIGH (e.g. -60,0), got {value!r}") from None
+        raise UserError(f"db_range must be auto or LOW,HIGH (e.g. -60,0), got {shown(value)}") from None
     if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise UserError(f"db_range must be two finite numbers LOW,HIGH with LOW < HIGH, got {value!r}")
+        raise UserError(f"db_range must be two finite numbers LOW,HIGH with LOW < HIGH, got {shown(value)}")
     return low, high
 
 
@@ -250,7 +250,7 @@ class ArrayDataset(torch.utils.data.Dataset):
     def __init__(self, values, names, classes=None, *, channels=1, shard=0, num_shards=1, label_map=None):
         super().__init__()
         if channels not in (1, 3):
-            raise UserError(f"channels must be 1 or 3, got {channels!r}")
+            raise UserError(f"channels must be 1 or 3, got {shown(channels)}")
         self.values = values
         self.channels = channels
         self.label_map = dict(label_map) if label_map is not None else None

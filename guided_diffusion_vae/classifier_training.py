@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import dist_util, logger, script_util, train_util
 from .errors import UserError
+from .files import lock_folder, undone_on_failure
 from .guidance import CLASSIFIER_KIND
 from .labels import normalize_label_map
 from .latent_training import latent_classifier_kwargs
@@ -107,78 +108,86 @@ def train_classifier(config):
     check_training_numbers(config, CLASSIFIER_LIMITS)
     dist_util.setup_dist()
     dist_util.set_threads(config["threads"], logger.log)  # before the log folder exists
-    check_output_dir(config.get("log_dir"), "log_dir")
-    logger.configure(dir=config.get("log_dir") or None, format_strs="stdout,log,csv")
-    torch.manual_seed(int(config["seed"]))
-    device = dist_util.dev()
+    log_dir, named = logger.choose_dir(config.get("log_dir"))
+    main = dist_util.is_main()
+    # The cache, the network and a resume state are checked before the first
+    # step; a start that fails leaves nothing in the log folder, not even the log.
+    with undone_on_failure(log_dir if main else None, before_undo=logger.close):
+        if main or config.get("log_dir"):  # a new temporary folder is rank 0's alone
+            check_output_dir(log_dir, named)
+        if main:
+            lock_folder(log_dir, named)
+        logger.configure(dir=log_dir, format_strs="stdout,log,csv")
+        torch.manual_seed(int(config["seed"]))
+        device = dist_util.dev()
 
-    stream = load_latent_data(
-        cache_dir=config["latent_cache"], batch_size=config["batch_size"], seed=config["seed"],
-        class_cond=True, device=device,
-    )
-    cache = stream.cache
-    label_map = _label_map(stream)
-    pixel_size = int(config["image_size"])
-    cached_size = cache.meta.get("image_size")
-    if cached_size is not None and int(cached_size) != pixel_size:
-        raise UserError(
-            f"{config['latent_cache']}: image_size is {cached_size} in the cache but {pixel_size} in the configuration"
+        stream = load_latent_data(
+            cache_dir=config["latent_cache"], batch_size=config["batch_size"], seed=config["seed"],
+            class_cond=True, device=device,
         )
-    vae_meta = {**cache.vae_description, "latent_scale": cache.latent_scale}
-    flags = {key: config[key] for key in _classifier_flag_names()}
-    classifier_kwargs = latent_classifier_kwargs(vae_meta, pixel_size, len(label_map), flags)
-    model = script_util.create_classifier(**classifier_kwargs)
-    if tuple(cache.shape) != (classifier_kwargs["in_channels"], classifier_kwargs["image_size"],
-                              classifier_kwargs["image_size"]):
-        raise UserError(f"{config['latent_cache']}: latents of shape {cache.shape} do not fit {classifier_kwargs}")
-    if config["timestep_respacing"]:
-        raise UserError(
-            "timestep_respacing must be empty for classifier training: the classifier learns every "
-            "original timestep (respaced samplers pass original timesteps to it)"
+        cache = stream.cache
+        label_map = _label_map(stream)
+        pixel_size = int(config["image_size"])
+        cached_size = cache.meta.get("image_size")
+        if cached_size is not None and int(cached_size) != pixel_size:
+            raise UserError(
+                f"{config['latent_cache']}: image_size is {cached_size} in the cache but {pixel_size} in the configuration"
+            )
+        vae_meta = {**cache.vae_description, "latent_scale": cache.latent_scale}
+        flags = {key: config[key] for key in _classifier_flag_names()}
+        classifier_kwargs = latent_classifier_kwargs(vae_meta, pixel_size, len(label_map), flags)
+        model = script_util.create_classifier(**classifier_kwargs)
+        if tuple(cache.shape) != (classifier_kwargs["in_channels"], classifier_kwargs["image_size"],
+                                  classifier_kwargs["image_size"]):
+            raise UserError(f"{config['latent_cache']}: latents of shape {cache.shape} do not fit {classifier_kwargs}")
+        if config["timestep_respacing"]:
+            raise UserError(
+                "timestep_respacing must be empty for classifier training: the classifier learns every "
+                "original timestep (respaced samplers pass original timesteps to it)"
+            )
+        diffusion_kwargs = script_util.diffusion_kwargs(config)
+        diffusion = script_util.create_gaussian_diffusion(**diffusion_kwargs)
+        sampler = UniformSampler(diffusion)
+        model.to(device)
+        if classifier_kwargs["classifier_use_fp16"]:
+            model.convert_to_fp16()
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+        precision = resolve_precision(config["precision"], device)
+
+        metadata = {
+            "kind": CLASSIFIER_KIND,
+            "classifier": classifier_kwargs,
+            "diffusion": diffusion_kwargs,
+            "data": {"label_map": label_map, "image_size": pixel_size,
+                     "latent_cache": os.path.abspath(config["latent_cache"])},
+            "vae": vae_meta,
+            "train": {k: config[k] for k in ("lr", "weight_decay", "batch_size", "iterations", "noised", "seed")},
+        }
+        logger.log(
+            f"classifier: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, input "
+            f"{tuple(cache.shape)}, {len(label_map)} classes, {len(cache)} latents; "
+            f"{dist_util.world_size()} process(es), {precision}"
         )
-    diffusion_kwargs = script_util.diffusion_kwargs(config)
-    diffusion = script_util.create_gaussian_diffusion(**diffusion_kwargs)
-    sampler = UniformSampler(diffusion)
-    model.to(device)
-    if classifier_kwargs["classifier_use_fp16"]:
-        model.convert_to_fp16()
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    precision = resolve_precision(config["precision"], device)
-
-    metadata = {
-        "kind": CLASSIFIER_KIND,
-        "classifier": classifier_kwargs,
-        "diffusion": diffusion_kwargs,
-        "data": {"label_map": label_map, "image_size": pixel_size,
-                 "latent_cache": os.path.abspath(config["latent_cache"])},
-        "vae": vae_meta,
-        "train": {k: config[k] for k in ("lr", "weight_decay", "batch_size", "iterations", "noised", "seed")},
-    }
-    logger.log(
-        f"classifier: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, input "
-        f"{tuple(cache.shape)}, {len(label_map)} classes, {len(cache)} latents; "
-        f"{dist_util.world_size()} process(es), {precision}"
-    )
-
-    means = DeviceMeans()
-    folder = logger.get_dir()
-    iterations, last = int(config["iterations"]), None
-    settings = {"classifier": classifier_kwargs, "diffusion": diffusion_kwargs, "batch_size": config["batch_size"],
-                "seed": config["seed"], "noised": config["noised"],
-                "latent_cache": os.path.abspath(config["latent_cache"])}
-    first = 1
-    found = load_latest_state(folder, "classifier", settings) if config["resume"] else None
-    if found:
-        state, path = found
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["data"])
-        torch.set_rng_state(state["torch_rng"])
-        if device.type == "cuda" and "cuda_rng" in state:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        first = int(state["step"]) + 1
-        logger.log(f"resumed from {path} at step {first - 1}")
+        means = DeviceMeans()
+        folder = logger.get_dir()
+        iterations, last = int(config["iterations"]), None
+        settings = {"classifier": classifier_kwargs, "diffusion": diffusion_kwargs, "batch_size": config["batch_size"],
+                    "seed": config["seed"], "noised": config["noised"],
+                    "latent_cache": os.path.abspath(config["latent_cache"])}
+        first = 1
+        found = load_latest_state(folder, "classifier", settings) if config["resume"] else None
+        if found:
+            state, path = found
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            stream.load_state_dict(state["data"])
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+            first = int(state["step"]) + 1
+            logger.log(f"resumed from {path} at step {first - 1}")
     # DDP copies rank 0's weights to the others when it wraps the model.
     net = wrap_for_processes(model, device)
     def save_all(step):

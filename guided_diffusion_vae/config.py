@@ -14,7 +14,7 @@ import sys
 
 import yaml
 
-from .errors import UserError, set_debug
+from .errors import UserError, set_debug, shown
 from .flag_help import help_lines
 from .script_util import str2bool
 from .files import atomic_write_bytes
@@ -69,17 +69,97 @@ def coerce_value(key, value, default, source):
     else:
         return value
     raise UserError(
-        f"{source}: key '{key}' must be {_type_name(default)}, got {value!r} ({type(value).__name__})"
+        f"{source}: key {shown(key)} must be {_type_name(default)}, got {shown(value)} ({type(value).__name__})"
     )
 
 
-def load_yaml_config(path, defaults):
-    """Read ``path`` (``yaml.safe_load``) and check every key and value."""
+# Bounds on a config file: a flag file is a few hundred bytes; these leave
+# room for any real one and stop hostile ones (a billion-laughs alias bomb of
+# 393 bytes once expanded to gigabytes, a deep nesting overflowed the stack).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_NODES = 100_000  # values after expanding every alias
+
+
+class _Refused(Exception):
+    """A config file our loader will not read; the message names why."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only, no tags that run code) that also
+    refuses a repeated key (YAML would let the last one win silently), a
+    nesting deeper than MAX_CONFIG_DEPTH and a document whose aliases expand
+    to more than MAX_CONFIG_NODES values."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _Refused(f"nested deeper than {MAX_CONFIG_DEPTH} levels (line {self.peek_event().start_mark.line + 1})")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        if _expanded_size(node, {}) > MAX_CONFIG_NODES:
+            raise _Refused(f"its aliases (*name) expand to more than {MAX_CONFIG_NODES} values")
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key is refused by SafeLoader itself
+            if key in seen:
+                raise _Refused(f"key {shown(key)} appears twice (again on line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node, sizes):
+    """How many values ``node`` holds once every alias is copied out; each
+    shared node is counted once (``sizes``), so this is quick even when the
+    answer is astronomical."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+    else:
+        size = 1
+    sizes[id(node)] = size
+    return size
+
+
+def _read_config_text(path):
+    """The text of ``path``: at most MAX_CONFIG_BYTES, UTF-8."""
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; a config file holds flags")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})") from None
+
+
+def load_yaml_config(path, defaults):
+    """Read ``path`` (plain YAML data, bounded: :class:`_ConfigLoader`) and
+    check every key and value."""
+    text = _read_config_text(path)
+    try:
+        data = yaml.load(text, Loader=_ConfigLoader)
+    except _Refused as why:
+        raise UserError(f"{path}: {why}") from None
     except yaml.YAMLError as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"{path}: not valid YAML ({first_line})")
@@ -90,7 +170,7 @@ def load_yaml_config(path, defaults):
     checked = {}
     for key, value in data.items():
         if key not in defaults:
-            raise UserError(f"{path}: unknown key '{key}'{_suggest(str(key), defaults)}")
+            raise UserError(f"{path}: unknown key {shown(key)}{_suggest(str(key)[:200], defaults)}")
         checked[key] = coerce_value(key, value, defaults[key], path)
     return checked
 

@@ -13,7 +13,7 @@ import torch
 
 from . import dist_util, logger, script_util
 from .config import write_resolved_config
-from .files import undone_on_failure
+from .files import lock_folder, undone_on_failure
 from .errors import UserError
 from .augment import Augmenter, augment_dim, check_augment_config
 from .evaluation.monitor_flags import check_monitor_flags
@@ -185,17 +185,27 @@ def run_training(config, build_data, build_monitor=None):
     check_monitor_flags(config)
     if config.get("eval_interval") and build_monitor is None:
         raise UserError("--eval_interval is not available in this program (it cannot evaluate during training)")
+    script_util.check_model_geometry(config)  # the rest once the data give the input side
+    log_dir, named = logger.choose_dir(config.get("log_dir"))
+    main = dist_util.is_main()
     # Data, model and resume are checked before the first step; if one fails,
     # the log folder keeps nothing of this start.
-    with undone_on_failure(config.get("log_dir") if dist_util.is_main() else None, before_undo=logger.close):
-        check_output_dir(config.get("log_dir"), "log_dir")
+    with undone_on_failure(log_dir if main else None, before_undo=logger.close):
+        if main or config.get("log_dir"):  # a new temporary folder is rank 0's alone
+            check_output_dir(log_dir, named)
+        if main:
+            lock_folder(log_dir, named)
         dist_util.setup_dist()
-        formats = "stdout,log,csv" + (",tensorboard" if config.get("tensorboard", True) else "")
-        logger.configure(dir=config.get("log_dir") or None, format_strs=formats)
+        logger.configure(dir=log_dir, format_strs="stdout,log,csv")
         dist_util.set_threads(config["threads"], logger.log)
-        if dist_util.is_main():
-            write_resolved_config(config, logger.get_dir())
         loop, sample_fn = _prepare_training(config, build_data, build_monitor)
+        # Only an accepted start (its data, model and resume checked) replaces
+        # the folder's config.yaml and opens TensorBoard: a refused resume
+        # once left its rejected settings there and an event file.
+        if main:
+            write_resolved_config(config, log_dir)
+        if config.get("tensorboard", True):
+            logger.add_outputs("tensorboard")
     path = loop.run_loop()
     if sample_fn is not None and loop.step % config["sample_interval"]:
         sample_fn(loop.ema_model_for_sampling(), loop.step)

@@ -52,7 +52,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import UserError, check_number, main_failed
+from .errors import UserError, check_number, main_failed, shown
 
 __all__ = [
     "setup_dist",
@@ -604,7 +604,7 @@ def pick_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
+        raise UserError(f"device {shown(name)} is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but CUDA is not available here")
+        raise UserError(f"device {shown(name)} asked for, but CUDA is not available here")
     return device

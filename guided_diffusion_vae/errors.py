@@ -2,12 +2,43 @@
 
 import math
 import numbers
+import reprlib
 import sys
 import traceback
 
 
 class UserError(ValueError):
     """Bad input (a path, a key, a value, an id); scripts print it and exit 2."""
+
+
+# The most characters of a user's value an error message repeats: enough to
+# recognise it, never the megabytes a hostile config can expand to.
+SHOWN_CHARS = 100
+
+
+def shown(value, limit=SHOWN_CHARS):
+    """``repr(value)`` for an error message, cut to about ``limit`` characters
+    (a cut ends in ``...``). Containers are cut while they are written, so a
+    value whose full repr would not fit in memory costs no more than a short one."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = short.maxlong = limit
+    # At most 10 items a level, 3 levels deep: a thousand items visited at worst.
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = short.maxfrozenset = 10
+    short.maxlevel = 3
+    text = short.repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+# The longest error line run_main prints: the backstop for a message that
+# repeats a user's value without :func:`shown` (a 1 MiB config value, a
+# path with a newline in it).
+MAX_MESSAGE_CHARS = 2000
+
+
+def one_line(message, limit=MAX_MESSAGE_CHARS):
+    """``message`` as a single line of at most about ``limit`` characters."""
+    text = " ".join(str(message).splitlines())
+    return text if len(text) <= limit else f"{text[:limit]}... (cut from {len(text)} characters)"
 
 
 _main_failed = False
@@ -35,7 +66,7 @@ def run_main(main_fn):
         _main_failed = True
         if _debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except BaseException:
         _main_failed = True
@@ -52,5 +83,5 @@ def check_number(name, value, minimum, *, integer=False, exclusive=False, note="
     if integer and is_number and not isinstance(value, numbers.Integral):
         is_number = math.isfinite(value) and float(value).is_integer()
     if not is_number or not math.isfinite(value) or value < minimum or (exclusive and value == minimum):
-        raise UserError(f"{name} must be {kind} {bound}{note}, got {value!r}")
+        raise UserError(f"{name} must be {kind} {bound}{note}, got {shown(value)}")
     return value

@@ -6,6 +6,7 @@ given the permissions the umask allows, and renamed into place.
 """
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -121,13 +122,78 @@ def check_writable_target(path, flag):
     return path
 
 
+def check_outside(path, flag, data_dir, data_flag):
+    """Refuse an output folder ``path`` that lies in (or is) the data folder
+    ``data_dir``: what a run writes there (samples, a cache, a VAE) would be
+    read as data by the next run. Symlinks are resolved; creates nothing."""
+    if not path or not data_dir:
+        return
+    out, data = os.path.realpath(path), os.path.realpath(data_dir)
+    if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
+        raise UserError(f"{flag} {path!r} lies inside {data_flag} {data_dir!r}: what is written there would be "
+                        "read as data by the next run; choose a folder outside it")
+
+
+LOCK_FILE = ".lock"
+
+
+class FolderInUse(UserError):
+    """Another live process holds the folder's lock (:func:`lock_folder`)."""
+
+
+# lock file path -> the descriptor holding its lock, open for the process's life.
+_held_locks = {}
+
+
+def lock_folder(folder, flag):
+    """Take an exclusive lock on ``folder/.lock`` for the rest of this
+    process's life, or raise :class:`FolderInUse` naming ``flag``, the folder
+    and the PID that holds it: two trainers in one folder once resumed from
+    each other's checkpoints and interleaved progress.csv. Call on rank 0
+    only; ``folder`` must exist.
+
+    A POSIX record lock (``lockf``), not ``flock``: the kernel drops it when
+    its process dies, and unlike a ``flock`` it is not shared with forked
+    children, so data-loader workers outliving a killed trainer for a moment
+    do not block its restart. (Closing any descriptor of the lock file would
+    drop it too; nothing else opens it.)"""
+    import fcntl
+
+    path = os.path.join(os.path.abspath(folder), LOCK_FILE)
+    held = _held_locks.get(path)
+    if held is not None:
+        with contextlib.suppress(OSError):
+            if os.fstat(held).st_ino == os.stat(path).st_ino:
+                return path  # this process holds it already (a second run in one process)
+        os.close(held)  # the file was removed and replaced: lock the new one
+        del _held_locks[path]
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            # A file system without locks (some network mounts): run unguarded
+            # rather than refuse every start.
+            os.close(fd)
+            return path
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise FolderInUse(f"{flag} {folder!r} is in use by another run (PID {holder}, which holds {path}); "
+                          "wait for it to finish or use another folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_locks[path] = fd
+    return path
+
+
 @contextlib.contextmanager
 def undone_on_failure(folder, before_undo=None):
     """Run the start of a job that writes into ``folder`` (logs, configs);
     if the block raises, remove what it created there, and ``folder`` itself
     if it was new: a job that fails to start leaves nothing behind. Entries
-    that existed before are never touched. ``before_undo()`` runs first (to
-    close open log files). ``folder`` None or "": no undo."""
+    that existed before are never touched, nor anything when the folder
+    turns out to be another run's (:class:`FolderInUse`). ``before_undo()``
+    runs first (to close open log files). ``folder`` None or "": no undo."""
     if not folder:
         yield
         return
@@ -135,6 +201,8 @@ def undone_on_failure(folder, before_undo=None):
     before = set(os.listdir(folder)) if existed else set()
     try:
         yield
+    except FolderInUse:
+        raise  # the folder is another run's: nothing in it is ours to remove
     except BaseException:
         if before_undo is not None:
             before_undo()

@@ -39,7 +39,7 @@ import csv
 import os
 import re
 
-from .errors import UserError
+from .errors import UserError, shown
 
 # The extra class of a model trained for classifier-free guidance
 # (``--class_dropout_prob``): the last index, under this name.
@@ -132,7 +132,7 @@ def resolve_user_ids(tokens, label_map):
                 raise UserError(f"no class name ends in the number {token}; {_candidates(by_name, by_number)}")
             index = by_name[names[0]]
         else:
-            raise UserError(f"unknown user id {token!r}; {_candidates(by_name, by_number)}")
+            raise UserError(f"unknown user id {shown(token)}; {_candidates(by_name, by_number)}")
         if index not in chosen:
             chosen.append(index)
     return chosen

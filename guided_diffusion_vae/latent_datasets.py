@@ -38,8 +38,8 @@ import torch
 
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
-from .files import atomic_write, atomic_write_npy
-from .errors import UserError, check_number
+from .files import atomic_write, atomic_write_npy, check_outside
+from .errors import UserError, check_number, shown
 from .labels import normalize_label_map
 from .vae_wrapper import DTYPES as VAE_DTYPES
 from .vae_wrapper import (
@@ -231,6 +231,7 @@ def build_latent_cache(
                           input_range, num_workers, seed, channels)
     parse_db_range(db_range)
     scale_spec = parse_latent_scale(latent_scale)
+    check_outside(output_dir, "output_dir", data_dir, "data_dir")
     dist_util.setup_dist()
     dist_util.set_threads(threads, logger.log)
     device = dist_util.dev() if device is None else torch.device(device)
@@ -274,9 +275,9 @@ def _check_cache_settings(data_dir, vae_path, output_dir, batch_size, chunk_size
     check_number("num_workers", num_workers, 0, integer=True)
     check_number("seed", seed, 0, integer=True)
     if channels not in (0, 1, 3):
-        raise UserError(f"channels must be 0 (the VAE's), 1 or 3, got {channels!r}")
+        raise UserError(f"channels must be 0 (the VAE's), 1 or 3, got {shown(channels)}")
     if cache_dtype not in CACHE_DTYPES:
-        raise UserError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {cache_dtype!r}")
+        raise UserError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {shown(cache_dtype)}")
     check_input_range(input_range)
 
 
@@ -320,7 +321,7 @@ def _finished_cache(output_dir, plan):
         logger.log(f"latent cache {output_dir} is complete already ({meta['count']} latents)")
         return meta
     key, old, new = diff
-    raise UserError(f"{output_dir} already holds a latent cache made with {key}={old!r} (now {new!r}); "
+    raise UserError(f"{output_dir} already holds a latent cache made with {key}={shown(old)} (now {shown(new)}); "
                     "choose another output_dir or delete it")
 
 

@@ -66,7 +66,7 @@ DISABLED = 50
 
 __all__ = [
     "DEBUG", "INFO", "WARN", "ERROR", "DISABLED",
-    "configure", "reset", "close", "scoped_configure", "quiet_configure", "get_current", "get_dir", "set_level",
+    "configure", "choose_dir", "add_outputs", "reset", "close", "scoped_configure", "quiet_configure", "get_current", "get_dir", "set_level",
     "set_comm",
     "logkv", "logkv_mean", "logkvs", "logkvs_mean", "dumpkvs", "getkvs",
     "record_tabular", "dump_tabular",
@@ -537,14 +537,25 @@ def quiet_configure():
         _announce_dirs = before
 
 
+def choose_dir(dir: Optional[str] = None, flag: str = "log_dir") -> tuple:
+    """``(folder, what named it)``: the folder :func:`configure` would log
+    into, without creating it: ``dir``, else ``$OPENAI_LOGDIR``, else a new
+    time-stamped folder in the system temp directory. The second item names
+    the source for error messages (``flag``, ``OPENAI_LOGDIR`` or ``the new
+    log folder``), so a caller can check the folder before anything is written."""
+    if dir:
+        source = flag
+    elif os.environ.get("OPENAI_LOGDIR"):
+        dir, source = os.environ["OPENAI_LOGDIR"], "OPENAI_LOGDIR"
+    else:
+        stamp = datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f")
+        dir, source = os.path.join(tempfile.gettempdir(), stamp), "the new log folder"
+    return os.path.abspath(os.path.expanduser(os.fspath(dir))), source
+
+
 def _build_logger(dir: Optional[str], format_strs: Any, comm: Any, log_suffix: str,
                   all_ranks: bool) -> Logger:
-    if dir is None:
-        dir = os.environ.get("OPENAI_LOGDIR") or None
-    if dir is None:
-        stamp = datetime.datetime.now().strftime("openai-%Y-%m-%d-%H-%M-%S-%f")
-        dir = os.path.join(tempfile.gettempdir(), stamp)
-    dir = os.path.abspath(os.path.expanduser(os.fspath(dir)))
+    dir, _ = choose_dir(dir)
 
     r = dist_util.rank()
     if r == 0:
@@ -577,6 +588,15 @@ def configure(dir: Optional[str] = None, format_strs: Any = None, comm: Any = No
     if previous is not None and previous is not Logger.DEFAULT:
         previous.close()
     return Logger.CURRENT
+
+
+def add_outputs(format_strs: Any) -> None:
+    """Add outputs (e.g. ``"tensorboard"``) to the configured logger on rank 0:
+    a trainer opens them only once its start is accepted, so a refused start
+    leaves no event file behind."""
+    current = get_current()
+    if current.rank == 0 and current.dir is not None:
+        current.output_formats += [make_output_format(name, current.dir) for name in _parse_formats(format_strs)]
 
 
 def reset() -> None:

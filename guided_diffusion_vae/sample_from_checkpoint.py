@@ -27,9 +27,9 @@ import torch
 from . import checkpoint as ckpt
 from . import dist_util, logger, script_util
 from .dist_util import pick_device
-from .errors import UserError
+from .errors import UserError, shown
 from .array_datasets import parse_db_range, to_db
-from .files import check_writable_target
+from .files import check_outside, check_writable_target, undone_on_failure
 from .guidance import (
     check_classifier_fits,
     check_guidance_scale,
@@ -289,7 +289,7 @@ def check_sampling_config(config):
         raise UserError("--guidance_interval needs --guidance_scale other than 1")
     resolve_timestep_spacing(config["timestep_spacing"], {})
     if config["precision"] not in SAMPLING_PRECISIONS:
-        raise UserError(f"precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {config['precision']!r}")
+        raise UserError(f"precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {shown(config['precision'])}")
     if config["output_dir"]:
         check_writable_target(config["output_dir"], "output_dir")
 
@@ -306,7 +306,7 @@ def resolve_timestep_spacing(spacing, meta):
     """``--timestep_spacing``: ``auto`` is ``leading`` where a start at t=T-1
     is a risk (:func:`_blind_start_risk`), else ``trailing``."""
     if spacing not in ("auto", *TIMESTEP_SPACINGS):
-        raise UserError(f"timestep_spacing must be one of auto, {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
+        raise UserError(f"timestep_spacing must be one of auto, {', '.join(TIMESTEP_SPACINGS)}, got {shown(spacing)}")
     if spacing == "auto":
         return "leading" if _blind_start_risk(meta) else "trailing"
     return spacing
@@ -338,11 +338,24 @@ def run_sampling(config):
     sampler = resolve_sampler(config["sampler"], config["use_ddim"])
     dist_util.setup_dist()
     dist_util.set_threads(config["threads"], logger.log)
-    if not config["output_dir"]:  # the original writes to the logger's folder
-        logger.configure()
-        config = {**config, "output_dir": logger.get_dir()}
+    if config["output_dir"]:
+        return _draw_and_save(config, sampler)
+    # The original writes into the logger's folder ($OPENAI_LOGDIR, else a
+    # new temporary one); a run that fails leaves nothing there, not even the
+    # folder or its log.
+    log_dir, named = logger.choose_dir(None)
+    check_writable_target(log_dir, named)
+    with undone_on_failure(log_dir if dist_util.is_main() else None, before_undo=logger.close):
+        logger.configure(dir=log_dir)
+        return _draw_and_save({**config, "output_dir": log_dir}, sampler)
+
+
+def _draw_and_save(config, sampler):
+    """:func:`run_sampling` once the output folder is settled."""
     device = pick_device(config["device"]) if not dist_util.is_distributed() else dist_util.dev()
     model, diffusion_config, meta, path = load_sampling_model(config, device)
+    check_outside(config["output_dir"], "output_dir", (meta.get("data") or {}).get("data_dir"),
+                  f"data_dir (the training data of {path})")
     db_range = (meta.get("data") or {}).get("db_range")
     if config["save_npy"] and db_range is None:
         raise UserError(f"save_npy writes samples in dB, but {path} was not trained on .npy/.npz data "

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, shown
 from .progress import progress as progress_bar
 
 CORE_SAMPLERS = ("ddpm", "ddim")
@@ -207,7 +207,7 @@ def resolve_sampler(sampler, use_ddim=False):
     if not sampler:
         return "ddim" if use_ddim else "ddpm"
     if sampler not in SAMPLERS:
-        raise UserError(f"sampler {sampler!r} must be one of {', '.join(SAMPLER_NAMES)}")
+        raise UserError(f"sampler {shown(sampler)} must be one of {', '.join(SAMPLER_NAMES)}")
     if use_ddim and sampler != "ddim":
         raise UserError(f"--use_ddim True contradicts --sampler {sampler}; give one of them")
     return sampler

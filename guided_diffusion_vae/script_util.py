@@ -10,7 +10,7 @@ import argparse
 import inspect
 
 from . import gaussian_diffusion as gd
-from .errors import UserError
+from .errors import UserError, check_number, shown
 from .flag_help import help_lines
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import POOLS, EncoderUNetModel, SuperResModel, UNetModel
@@ -185,7 +185,7 @@ def parse_channel_mult(channel_mult, image_size):
     try:
         return tuple(float(part) if "." in part else int(part) for part in channel_mult.split(","))
     except ValueError:
-        raise UserError(f"channel_mult {channel_mult!r} is not a comma-separated list of numbers")
+        raise UserError(f"channel_mult {shown(channel_mult)} is not a comma-separated list of numbers")
 
 
 def attention_downsample_rates(attention_resolutions, image_size, channel_mult, flag="attention_resolutions"):
@@ -202,7 +202,7 @@ def attention_downsample_rates(attention_resolutions, image_size, channel_mult, 
         try:
             resolutions = [int(r) for r in text.split(",")] if text else []
         except ValueError:
-            raise UserError(f"{flag} {attention_resolutions!r} is not a comma-separated list of integers")
+            raise UserError(f"{flag} {shown(attention_resolutions)} is not a comma-separated list of integers")
     deepest = 2 ** (len(channel_mult) - 1)
     reachable = [image_size // 2**level for level in range(len(channel_mult))]
     rates = []
@@ -216,6 +216,68 @@ def attention_downsample_rates(attention_resolutions, image_size, channel_mult, 
             )
         rates.append(rate)
     return tuple(rates)
+
+
+# nn.normalization is a 32-group GroupNorm: every width it sees must be a
+# multiple of this.
+NORM_GROUPS = 32
+
+
+def check_model_geometry(flags, image_size=None):
+    """Refuse UNet flags (``create_model``'s names) that cannot build a
+    network, naming the flag: counts below their minimum, a dropout outside
+    [0, 1), a width GroupNorm cannot split into 32 groups, heads that do not
+    divide an attention layer's width, an image side the levels cannot halve.
+    With ``image_size`` (the network's input side) the default channel_mult
+    and the attention resolutions are checked too; without it (a latent run
+    before its data is opened) what does not depend on it. Training calls it
+    before anything is written, ``create_model`` (and so checkpoint loading)
+    before anything is built."""
+    for flag, minimum in (("num_channels", 1), ("num_res_blocks", 0), ("num_heads", 1)):
+        check_number(flag, flags[flag], minimum, integer=True)
+    check_number("dropout", flags["dropout"], 0.0, note=" and below 1")
+    if flags["dropout"] >= 1:
+        raise UserError(f"dropout must be a finite number >= 0.0 and below 1, got {shown(flags['dropout'])}")
+    for flag in ("num_head_channels", "num_heads_upsample"):
+        if flags[flag] != -1:
+            check_number(flag, flags[flag], 1, integer=True, note=" (or -1)")
+    if image_size is None and flags["channel_mult"] in ("", None):
+        return  # the default channel_mult depends on the input side
+    mult = parse_channel_mult(flags["channel_mult"], image_size)
+    widths = []
+    for m in mult:
+        width = int(flags["num_channels"] * m) if isinstance(m, (int, float)) and m > 0 else 0
+        if width < 1:
+            raise UserError(f"channel_mult {shown(flags['channel_mult'])}: every factor must give at least one "
+                            f"channel, got {m} (num_channels {flags['num_channels']})")
+        if width % NORM_GROUPS:
+            flag = "num_channels" if m == 1 else "channel_mult"
+            raise UserError(f"{flag} {shown(flags[flag])}: a level of num_channels {flags['num_channels']} x "
+                            f"{m} = {width} channels; GroupNorm needs a multiple of {NORM_GROUPS}")
+        widths.append(width)
+    attended = {widths[-1]}  # the middle block always attends
+    if image_size is not None:
+        check_number("image_size", image_size, 1, integer=True)
+        if image_size % 2 ** (len(mult) - 1):
+            raise UserError(f"image_size {image_size} (the network's input side) cannot be halved "
+                            f"{len(mult) - 1} times for {len(mult)} channel_mult levels")
+        rates = attention_downsample_rates(flags["attention_resolutions"], image_size, mult)
+        attended |= {widths[rate.bit_length() - 1] for rate in rates}
+    _check_heads(flags, sorted(attended))
+
+
+def _check_heads(flags, widths):
+    """Each attention layer splits its width into heads: ``num_head_channels``
+    wide, else ``num_heads`` of them (``num_heads_upsample`` on the way up)."""
+    if flags["num_head_channels"] != -1:
+        flags_used = ("num_head_channels",)
+    else:
+        flags_used = ("num_heads",) + (("num_heads_upsample",) if flags["num_heads_upsample"] != -1 else ())
+    for flag in flags_used:
+        for width in widths:
+            if width % flags[flag]:
+                raise UserError(f"{flag} {shown(flags[flag])} does not divide the {width} channels of an "
+                                "attention layer")
 
 
 # create_model flags handed to UNetModel under the same name.
@@ -249,9 +311,10 @@ def create_model(
 ):
     """A :class:`UNetModel` predicting ``in_channels`` values per pixel (twice
     that with ``learn_sigma``: the second half parameterises the variance)."""
+    check_model_geometry(dict(locals()), image_size)
     mult = parse_channel_mult(channel_mult, image_size)
     if class_cond and (num_classes is None or int(num_classes) < 1):
-        raise UserError(f"class_cond needs num_classes >= 1, got {num_classes!r}")
+        raise UserError(f"class_cond needs num_classes >= 1, got {shown(num_classes)}")
     settings = {k: v for k, v in locals().items() if k in _UNET_PASSTHROUGH}
     return UNetModel(
         **settings,

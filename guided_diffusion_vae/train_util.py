@@ -27,7 +27,7 @@ from . import dist_util, logger
 from .array_datasets import data_folder_defaults
 from .augment import augment_defaults
 from .ema import ema_decay
-from .errors import UserError, check_number
+from .errors import UserError, check_number, shown
 from .evaluation.monitor_flags import monitor_defaults
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
@@ -180,7 +180,7 @@ def parse_ema_rates(ema_rate):
     try:
         rates = [float(r) for r in text.split(",")] if text else []
     except ValueError:
-        raise UserError(f"ema_rate {ema_rate!r} is not a comma-separated list of numbers")
+        raise UserError(f"ema_rate {shown(ema_rate)} is not a comma-separated list of numbers")
     for rate in rates:
         if not 0.0 < rate < 1.0:
             raise UserError(f"ema_rate {rate} must lie strictly between 0 and 1")
@@ -190,7 +190,7 @@ def parse_ema_rates(ema_rate):
 def resolve_precision(precision, device):
     """``auto`` is bf16 autocast on GPUs that support it, else float32."""
     if precision not in PRECISIONS:
-        raise UserError(f"precision {precision!r} must be one of {', '.join(PRECISIONS)}")
+        raise UserError(f"precision {shown(precision)} must be one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         cuda = torch.device(device).type == "cuda"
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
@@ -358,6 +358,7 @@ class TrainLoop:
         self._lr_now = lr
         self._nonfinite_now = torch.zeros((), dtype=torch.bool, device=self.device)
         self._nonfinite_run = torch.zeros((), device=self.device)
+        self._nonfinite_seen = _LaggedReader(self._nonfinite_run)
         if training_state is not None:
             self._load_training_state(training_state)
         if self._graph_mode:
@@ -488,6 +489,7 @@ class TrainLoop:
                 self.step += 1
                 if self.step % self.log_interval == 0:
                     self._log(total)
+                self._stop_if_diverged()
                 if self.save_interval and self.step % self.save_interval == 0:
                     last_saved = self.save()
                 if self.sample_interval and self.sample_fn and self.step % self.sample_interval == 0:
@@ -664,15 +666,23 @@ class TrainLoop:
         if total_steps:
             line += f"  ETA {_duration(eta)}"
         logger.log(line)
-        if self.mp_trainer is None:
-            in_a_row = int(self._nonfinite_run.item())
-            if self.max_nonfinite_steps and in_a_row >= self.max_nonfinite_steps:
-                self.save()
-                raise UserError(
-                    f"training stopped: {in_a_row} steps in a row had a non-finite loss or gradient "
-                    f"(step {self.step}); try a lower lr (now {self.lr}), grad_clip (e.g. 1.0), "
-                    f"precision fp32, or check the data/latent scale for NaN or huge values"
-                )
+
+    def _stop_if_diverged(self):
+        """Save and stop once ``max_nonfinite_steps`` steps in a row had a
+        non-finite loss or gradient. Checked every step (a check at log steps
+        only let a run with log_interval 1000 go on for up to 1000 such
+        steps); on a GPU the count is read one step late, so the host never
+        waits for the step it has just queued (:class:`_LaggedReader`)."""
+        if not self.max_nonfinite_steps or self.mp_trainer is not None:
+            return  # the original fp16 scheme skips and rescales on its own
+        in_a_row = self._nonfinite_seen.read()
+        if in_a_row is not None and in_a_row >= self.max_nonfinite_steps:
+            self.save()
+            raise UserError(
+                f"training stopped: {in_a_row} steps in a row had a non-finite loss or gradient "
+                f"(step {self.step}); try a lower lr (now {self.lr}), grad_clip (e.g. 1.0), "
+                f"precision fp32, or check the data/latent scale for NaN or huge values"
+            )
 
     def check_ranks_agree(self):
         """Compare a digest of the weights across ranks; diverged ranks (a
@@ -750,6 +760,33 @@ class TrainLoop:
                            f"(keep_checkpoints {self.keep_checkpoints})")
         dist_util.barrier()
         return model_file
+
+
+class _LaggedReader:
+    """Reads a 0-dim device tensor on the host without stalling a GPU: each
+    ``read()`` returns the value copied at the previous call (None at the
+    first) and starts a non-blocking copy of the current one. On the CPU it
+    returns the current value. Every rank reads at the same steps, so ranks
+    stop together."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+        self.lagged = tensor.device.type == "cuda"
+        if self.lagged:
+            self.host = torch.zeros((), dtype=tensor.dtype).pin_memory()
+            self.copied = None  # the CUDA event of the copy in flight
+
+    def read(self):
+        if not self.lagged:
+            return int(self.tensor.item())
+        value = None
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copy: long done, normally
+            value = int(self.host.item())
+        self.host.copy_(self.tensor, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        return value
 
 
 def _duration(seconds):

@@ -50,13 +50,13 @@ from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
 from .cuda_graphs import ReplayedStep, graphs_usable
 from .ema import EMA, ema_decay
-from .errors import UserError, check_number
-from .files import undone_on_failure
+from .errors import UserError, check_number, shown
+from .files import check_outside, lock_folder, undone_on_failure
 from .array_datasets import ArrayFolderDataset, data_folder_defaults, parse_db_range
 from .image_datasets import ImageDataset, data_files, detect_channels
 from .labels import class_names_from_paths
 from .images import image_grid, to_uint8_images
-from .train_util import PRECISIONS, resolve_precision
+from .train_util import PRECISIONS, check_output_dir, resolve_precision
 from .training_parts import (
     StopRequests, autocast, compile_module, load_latest_state, save_state, settings_text, state_files,
     wrap_for_processes,
@@ -174,14 +174,14 @@ def resolve_architecture(config, in_channels):
     """``AutoencoderKL`` keyword arguments for ``config`` (UserError on bad values)."""
     size = config["vae_size"]
     if size not in PRESETS:
-        raise UserError(f"vae_size must be one of {', '.join(PRESETS)}, got {size!r}")
+        raise UserError(f"vae_size must be one of {', '.join(PRESETS)}, got {shown(size)}")
     arch = dict(PRESETS[size])
     text = str(config.get("block_out_channels") or "").strip()
     if text:
         try:
             arch["block_out_channels"] = tuple(int(c) for c in text.split(","))
         except ValueError:
-            raise UserError(f"block_out_channels must be comma-separated integers, got {text!r}") from None
+            raise UserError(f"block_out_channels must be comma-separated integers, got {shown(text)}") from None
     for key in ("layers_per_block", "norm_num_groups"):
         if int(config.get(key) or 0) > 0:
             arch[key] = int(config[key])
@@ -245,6 +245,8 @@ def _check_config(config):
     if config["channels"] not in (0, 1, 3):
         raise UserError(f"channels must be 0 (auto), 1 or 3, got {config['channels']}")
     parse_db_range(config["db_range"])
+    check_outside(config["output_dir"], "output_dir", config["data_dir"], "data_dir")
+    check_outside(*_checkpoint_dir(config), config["data_dir"], "data_dir")
 
 
 # --------------------------------------------------------------------------- #
@@ -518,11 +520,14 @@ def train_vae(config):
     dist_util.setup_dist()
     rank, world, device = dist_util.rank(), dist_util.world_size(), dist_util.dev()
     dist_util.set_threads(config["threads"], logger.log)  # before the log folder exists
-    checkpoint_dir = config["checkpoint_dir"] or os.path.abspath(config["output_dir"]).rstrip("/") + "_train"
+    checkpoint_dir, named = _checkpoint_dir(config)
     with contextlib.ExitStack() as logging:
         # A start that fails (bad data, a state made with other settings)
         # leaves nothing new in checkpoint_dir, not even the log.
         with undone_on_failure(checkpoint_dir if rank == 0 else None, before_undo=logging.close):
+            check_output_dir(checkpoint_dir, named)
+            if rank == 0:
+                lock_folder(checkpoint_dir, named)
             logging.enter_context(logger.scoped_configure(checkpoint_dir, format_strs=None if rank == 0 else ""))
             data, vae, run = _start(config, checkpoint_dir, rank, world, device)
         if not run.train():
@@ -530,6 +535,13 @@ def train_vae(config):
         labels = _class_labels(config, data, data.local_paths, data.heldout_paths[: config["max_eval_images"]])
         return _finish(config, vae, run.ema, data.images, data.heldout, run.step, rank, device, labels,
                        data.db_range)
+
+
+def _checkpoint_dir(config):
+    """``(folder, flag naming it)``: where training state and logs go."""
+    if config["checkpoint_dir"]:
+        return config["checkpoint_dir"], "checkpoint_dir"
+    return os.path.abspath(config["output_dir"]).rstrip("/") + "_train", "checkpoint_dir (output_dir + _train)"
 
 
 def _start(config, checkpoint_dir, rank, world, device):

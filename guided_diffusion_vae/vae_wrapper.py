@@ -24,7 +24,7 @@ from contextlib import nullcontext
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, shown
 from . import dist_util
 from .files import read_json_object
 
@@ -44,7 +44,7 @@ WEIGHT_FILES = (
 def check_input_range(value):
     """Return ``value`` if it is a known input range, else raise UserError."""
     if value not in INPUT_RANGES:
-        raise UserError(f"input_range must be one of {', '.join(INPUT_RANGES)}, got {value!r}")
+        raise UserError(f"input_range must be one of {', '.join(INPUT_RANGES)}, got {shown(value)}")
     return value
 
 
@@ -173,9 +173,9 @@ def parse_latent_scale(value):
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise UserError(f"latent_scale must be a number, 'measured' or 'stored', got {value!r}") from None
+        raise UserError(f"latent_scale must be a number, 'measured' or 'stored', got {shown(value)}") from None
     if isinstance(value, bool) or not (math.isfinite(number) and number > 0):
-        raise UserError(f"latent_scale must be a positive finite number, 'measured' or 'stored', got {value!r}")
+        raise UserError(f"latent_scale must be a positive finite number, 'measured' or 'stored', got {shown(value)}")
     return number
 
 
@@ -238,7 +238,7 @@ class VAEInterface:
         self.path = os.path.abspath(path)
         self.input_range = check_input_range(input_range)
         if dtype not in DTYPES:
-            raise UserError(f"VAE dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            raise UserError(f"VAE dtype must be one of {', '.join(DTYPES)}, got {shown(dtype)}")
         self.dtype = DTYPES[dtype]
         if int(max_batch) < 1:
             raise UserError(f"VAE max_batch must be >= 1, got {max_batch}")
@@ -299,7 +299,7 @@ class VAEInterface:
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise UserError(f"latent_scale must be a number, got {value!r}") from None
+            raise UserError(f"latent_scale must be a number, got {shown(value)}") from None
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"latent_scale must be a positive finite number, got {value}")
         self.latent_scale = value

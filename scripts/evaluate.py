@@ -21,15 +21,19 @@ from guided_diffusion_vae import errors  # noqa: E402
 
 def main(argv=None):
     from guided_diffusion_vae import logger
+    from guided_diffusion_vae.files import undone_on_failure
     from guided_diffusion_vae.config import parse_with_config
     from guided_diffusion_vae.evaluation.evaluate import check_evaluation_config, evaluate_defaults, run_evaluation
 
     defaults = evaluate_defaults()
     config = parse_with_config(defaults, argv, description=__doc__)
     check_evaluation_config({key: config[key] for key in defaults})  # before the log folder exists
-    logger.configure(dir=os.path.dirname(os.path.abspath(config["output_json"])) if config["output_json"] else None,
-                     format_strs="stdout,log")
-    run_evaluation({key: config[key] for key in defaults})
+    folder = os.path.dirname(os.path.abspath(config["output_json"]))  # required: checked above
+    # An evaluation that fails (unreadable samples, a bad classifier) leaves
+    # nothing of its own beside the JSON, not even log.txt.
+    with undone_on_failure(folder, before_undo=logger.close):
+        logger.configure(dir=folder, format_strs="stdout,log")
+        run_evaluation({key: config[key] for key in defaults})
 
 
 if __name__ == "__main__":

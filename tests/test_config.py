@@ -67,3 +67,20 @@ def test_a_value_starting_with_a_minus_sign_belongs_to_its_flag(tmp_path):
     assert parse_with_config(defaults, ["--db_range=-60,0"])["db_range"] == "-60,0"
     (tmp_path / "c.yaml").write_text("db_range: [-80, 0]\n")
     assert parse_with_config(defaults, ["--config", str(tmp_path / "c.yaml")])["db_range"] == "-80,0"
+
+
+def test_hostile_yaml_is_refused_quickly_in_one_short_line(tmp_path):
+    """Issue 21: an oversized file, and an alias bomb whose values a wrong
+    type would echo, are one short line each, in well under a second of work."""
+    import time
+
+    from guided_diffusion_vae.config import MAX_CONFIG_BYTES
+
+    path = _write(tmp_path, "# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(UserError, match=r"c\.yaml: larger than 1024 KiB"):
+        parse_with_config(pixel_train_defaults(), ["--config", path])
+    # A wrong type echoes at most errors.SHOWN_CHARS of the value.
+    path = _write(tmp_path, "num_heads: [" + ",".join(["123456789"] * 20_000) + "]\n")
+    with pytest.raises(UserError) as err:
+        parse_with_config(pixel_train_defaults(), ["--config", path])
+    assert "'num_heads' must be an integer, got [123456789" in str(err.value) and len(str(err.value)) < 300

@@ -2,6 +2,7 @@
 (a UserError; the scripts print it and exit 2), never a traceback, a hang or
 a silent exit 0. See docs/RELIABILITY.md for what each test guarantees."""
 
+import contextlib
 import json
 import os
 import re
@@ -200,6 +201,149 @@ def test_unusable_log_dir(where, tmp_path):
         run_training(config, _never_build)
     message = _one_line(err)
     assert message.startswith(f"log_dir {str(log_dir)!r}")
+
+
+def test_run_main_prints_one_bounded_line_whatever_the_message(capsys, monkeypatch):
+    """The backstop behind errors.shown: a message holding a newline (a path
+    may) or a megabyte of a value is still one line of bounded length."""
+    from guided_diffusion_vae.errors import MAX_MESSAGE_CHARS, run_main
+
+    monkeypatch.setattr("guided_diffusion_vae.errors._main_failed", False)  # restored after the test
+
+    def fail():
+        raise UserError("data_dir 'a\nb' is " + "x" * 1_000_000)
+
+    with pytest.raises(SystemExit) as exit_:
+        run_main(fail)
+    lines = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: data_dir 'a b' is xxx") and len(lines[0]) < MAX_MESSAGE_CHARS + 100
+
+
+def test_an_openai_logdir_that_is_a_file_is_one_line(tmp_path, monkeypatch):
+    """Issue 21: without --log_dir/--output_dir the logger's folder comes from
+    $OPENAI_LOGDIR; a file there was a traceback from os.makedirs."""
+    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, run_training
+    from guided_diffusion_vae.sample_from_checkpoint import run_sampling, sample_defaults
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("OPENAI_LOGDIR", str(blocker))
+    with pytest.raises(UserError) as err:
+        run_training({**pixel_train_defaults(), "data_dir": str(tmp_path)}, _never_build)
+    assert _one_line(err).startswith(f"OPENAI_LOGDIR {str(blocker)!r}")
+    with pytest.raises(UserError) as err:
+        run_sampling({**sample_defaults(), "model_path": str(tmp_path / "no_such_run")})
+    assert _one_line(err).startswith(f"OPENAI_LOGDIR {str(blocker)!r}")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_a_failed_sampling_run_without_output_dir_creates_nothing(tmp_path, monkeypatch):
+    """Issue 21: sampling into the logger's folder left log.txt and
+    progress.csv there, or a new /tmp/openai-* folder, when it then failed."""
+    import tempfile
+
+    from guided_diffusion_vae.sample_from_checkpoint import run_sampling, sample_defaults
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
+    config = {**sample_defaults(), "model_path": str(tmp_path / "no_such_run")}
+    with pytest.raises(UserError, match="no_such_run"):
+        run_sampling(config)
+    assert os.listdir(temp) == []
+    monkeypatch.setenv("OPENAI_LOGDIR", str(tmp_path / "logs"))
+    with pytest.raises(UserError, match="no_such_run"):
+        run_sampling(config)
+    assert not (tmp_path / "logs").exists()
+
+
+# A trainer's stand-in: takes the folder's lock, then forks a child that
+# lives on (as a data-loader worker may for a moment after a SIGKILL).
+_HOLD_LOCK = """
+import os, sys, time
+from guided_diffusion_vae.files import lock_folder
+lock_folder(sys.argv[1], "log_dir")
+child = os.fork()
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused_and_a_stale_lock_is_not(tmp_path):
+    """Issue 21: two trainers on one --log_dir resumed from each other's
+    checkpoints. A folder whose .lock another live process holds is refused
+    naming the folder and that PID, by every trainer, touching nothing there;
+    once that process is killed its lock file blocks nothing, even while a
+    child it forked lives on."""
+    from guided_diffusion_vae.classifier_training import classifier_train_defaults, train_classifier
+    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, run_training
+    from guided_diffusion_vae.vae_training import train_vae
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "progress.csv").write_text("step\n1\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    child = int(holder.stdout.readline())
+    try:
+        starts = [
+            lambda: run_training({**pixel_train_defaults(), "data_dir": str(tmp_path), "log_dir": str(run)},
+                                 _never_build),
+            lambda: train_classifier({**classifier_train_defaults(), "latent_cache": str(tmp_path / "no_cache"),
+                                      "log_dir": str(run)}),
+            lambda: train_vae({"data_dir": str(tmp_path / "no_data"), "output_dir": str(tmp_path / "vae"),
+                               "checkpoint_dir": str(run)}),
+        ]
+        for start in starts:
+            with pytest.raises(UserError) as err:
+                start()
+            message = _one_line(err)
+            assert f"{str(run)!r} is in use by another run (PID {holder.pid}," in message, message
+            assert sorted(os.listdir(run)) == [".lock", "progress.csv"]
+        holder.kill()
+        holder.wait()
+        with pytest.raises(AssertionError, match="the data was built"):  # past the lock
+            run_training({**pixel_train_defaults(), "data_dir": str(tmp_path), "log_dir": str(run)}, _never_build)
+        os.kill(child, 0)  # the child was alive all along
+    finally:
+        holder.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        holder.wait()
+    logger.reset()
+
+
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path):
+    """Issue 21: a resume refused for other settings rewrote config.yaml with
+    them and left a TensorBoard event file."""
+    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
+
+    data = _pixel_folder(tmp_path / "images")
+    run = tmp_path / "run"
+    base = {**pixel_train_defaults(), "image_size": 8, "num_channels": 32, "num_res_blocks": 1,
+            "channel_mult": "1,2", "attention_resolutions": "4", "diffusion_steps": 40, "class_cond": True,
+            "data_dir": str(data), "batch_size": 2, "num_workers": 0, "precision": "fp32", "lr_anneal_steps": 1,
+            "log_dir": str(run), "tensorboard": True}
+    run_training(base, pixel_training_data)
+    logger.reset()
+
+    def contents():  # log.txt aside: it records the refused attempt
+        return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*")
+                if p.is_file() and p.name != "log.txt"}
+
+    before = contents()
+    assert "config.yaml" in before and any(name.startswith("tb/") for name in before)
+    with pytest.raises(UserError, match="does not fit the model"):
+        run_training({**base, "num_channels": 64, "resume_checkpoint": "auto", "lr_anneal_steps": 2},
+                     pixel_training_data)
+    logger.reset()
+    assert contents() == before
 
 
 def _hand_cache(folder, latents, labels, label_map=None, meta_text=None):
@@ -545,6 +689,22 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _hostile_configs(root):
+    """YAML files an outside probe used (issue 21): a billion-laughs alias
+    bomb (393 bytes that once took 65 s and 5.5 GB), a repeated key, Latin-1
+    bytes, a nesting deeper than any config, a value of 50,000 characters."""
+    levels = ["a: &a [" + ",".join(['"lol"'] * 9) + "]"]
+    for prev, name in zip("abcdefg", "bcdefgh"):
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    levels.append("lr: [" + ",".join(["*h"] * 9) + "]")
+    (root / "alias_bomb.yaml").write_text("\n".join(levels) + "\n")
+    (root / "repeated_key.yaml").write_text("lr: 1.0e-4\nbatch_size: 2\nlr: 3.0\n")
+    (root / "latin1.yaml").write_bytes("lr: 1.0e-4\n# caf\u00e9\n".encode("latin-1"))
+    (root / "deep.yaml").write_text("lr: " + "[" * 5000 + "]" * 5000 + "\n")
+    (root / "long_value.yaml").write_text("lr: " + "9" * 50_000 + "x\n")
+    (root / "long_sampler.yaml").write_text("sampler: " + "d" * 50_000 + "\n")
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
     """The files the table of bad inputs points at."""
@@ -566,6 +726,9 @@ def bad_inputs(tmp_path_factory):
     _checkpoint(root / "unknown_key" / "model000000.safetensors", model_meta={**model_meta, "num_chanels": 32})
     _checkpoint(root / "list_labels" / "model000000.safetensors", data_meta={"image_size": 8, "label_map": ["a", "b"]})
     _checkpoint(root / "huge" / "model000000.safetensors", model_meta={**model_meta, "num_channels": 4096})
+    _checkpoint(root / "odd_heads" / "model000000.safetensors", model_meta={**model_meta, "num_head_channels": 7})
+    _checkpoint(root / "trained_on_images" / "model000000.safetensors",
+                data_meta={"image_size": 8, "label_map": {"0": "a", "1": "b"}, "data_dir": str(root / "images")})
     torch.save({"w": _Evil(root / "PWNED")}, str(root / "model000001.pt"))
     nan_latents = np.zeros((4, 4, 2, 2), np.float32)
     nan_latents[2, 0, 0, 0] = float("nan")
@@ -574,6 +737,7 @@ def bad_inputs(tmp_path_factory):
     _hand_cache(root / "cache_label", np.zeros((4, 4, 2, 2)), [0, 1, 5, 1], label_map={"0": "a", "1": "b"})
     (root / "tagged.yaml").write_text("lr: !!python/object/apply:os.system ['touch PWNED']\n")
     (root / "misspelt.yaml").write_text("learning_rate: 1.0e-4\n")
+    _hostile_configs(root)
     (root / "a_file").write_text("not a folder")
     # Spectrogram arrays: good ones, and one fault per folder.
     for person in ("user_01", "user_02"):
@@ -694,7 +858,45 @@ BAD_INPUTS = [
                            "--output_dir", "{out}"], "threads"),
     ("interpolate.py", ["--model_path", "{root}/no_such_run", "--output_dir", "{out}"], "no_such_run"),
     ("diagnose.py", ["--model_path", "{root}/no_such_run", "--output_json", "{out}/d.json"], "no_such_run"),
+    # issue 21, part A: hostile config files
+    (TRAIN, ["--config", "{root}/alias_bomb.yaml", "--log_dir", "{out}"], "alias_bomb.yaml: its aliases"),
+    (TRAIN, ["--config", "{root}/repeated_key.yaml", "--log_dir", "{out}"], "key 'lr' appears twice"),
+    (TRAIN, ["--config", "{root}/latin1.yaml", "--log_dir", "{out}"], "latin1.yaml: not UTF-8"),
+    (TRAIN, ["--config", "{root}/deep.yaml", "--log_dir", "{out}"], "deep.yaml: nested deeper"),
+    (TRAIN, ["--config", "{root}/long_value.yaml", "--log_dir", "{out}"], "key 'lr' must be a number"),
+    (SAMPLE, ["--config", "{root}/long_sampler.yaml", "--model_path", "{root}/good", "--output_dir", "{out}"],
+     "sampler 'ddddd"),
+    # issue 21, part A: network geometry, checked before anything is written
+    (TRAIN, ["--data_dir", "{root}/images", "--num_channels", "0", "--log_dir", "{out}"], "num_channels"),
+    (TRAIN, ["--data_dir", "{root}/images", "--num_channels", "48", "--channel_mult", "1,2", "--log_dir", "{out}"],
+     "num_channels 48"),
+    (TRAIN, ["--data_dir", "{root}/images", "--image_size", "16", "--num_channels", "48", "--log_dir", "{out}"],
+     "num_channels 48"),  # the default channel_mult: checked once the data give the input side
+    (TRAIN, ["--data_dir", "{root}/images", "--num_res_blocks", "-1", "--log_dir", "{out}"], "num_res_blocks"),
+    (TRAIN, ["--data_dir", "{root}/images", "--num_head_channels", "7", "--channel_mult", "1,2", "--log_dir",
+             "{out}"], "num_head_channels 7"),
+    (TRAIN, ["--data_dir", "{root}/images", "--channel_mult", "1,0", "--log_dir", "{out}"], "channel_mult '1,0'"),
+    (TRAIN, ["--data_dir", "{root}/images", "--dropout", "1.5", "--log_dir", "{out}"], "dropout"),
+    (TRAIN, ["--data_dir", "{root}/images", "--image_size", "16", "--num_channels", "32", "--channel_mult", "1,2",
+             "--attention_resolutions", "3", "--log_dir", "{out}"], "attention_resolutions"),
+    (SAMPLE, ["--model_path", "{root}/odd_heads", "--use_ema", "False", "--output_dir", "{out}"],
+     "num_head_channels 7"),
+    # issue 21, part A: an output folder inside the data folder
+    ("vae_train.py", ["--data_dir", "{root}/images", "--output_dir", "{root}/images/vae"], "lies inside data_dir"),
+    ("vae_train.py", ["--data_dir", "{root}/images", "--output_dir", "{out}", "--checkpoint_dir",
+                      "{root}/images/state"], "checkpoint_dir"),
+    ("encode_latents.py", ["--data_dir", "{root}/images", "--vae_path", "{root}/vae", "--output_dir",
+                           "{root}/images/cache"], "lies inside data_dir"),
+    (SAMPLE, ["--model_path", "{root}/trained_on_images", "--use_ema", "False", "--output_dir",
+              "{root}/images/samples"], "lies inside data_dir"),
+    # issue 21, part A: starts that failed once left log.txt/progress.csv
+    ("classifier_train.py", ["--latent_cache", "{root}/cache_label", "--log_dir", "{out}"], "label 5"),
+    ("evaluate.py", ["--real_train", "{root}/images", "--real_test", "{root}/images", "--generated",
+                     "{root}/a_file", "--output_json", "{out}/m.json"], "a_file"),
 ]
+
+# An error line repeats at most this much of a user's value (errors.shown).
+LONGEST_ERROR_LINE = 1000
 
 
 def test_every_bad_input_gets_one_line_naming_the_culprit_and_writes_nothing(bad_inputs, tmp_path):
@@ -724,6 +926,8 @@ def test_every_bad_input_gets_one_line_naming_the_culprit_and_writes_nothing(bad
             problems.append(f"{what}: not one 'error:' line: {result['stderr'][-500:]}")
         elif culprit not in lines[0]:
             problems.append(f"{what}: the message does not name {culprit!r}: {lines[0]}")
+        elif len(lines[0]) > LONGEST_ERROR_LINE:
+            problems.append(f"{what}: a line of {len(lines[0])} characters: {lines[0][:200]}...")
         if out.exists():
             problems.append(f"{what}: wrote {out}")
     assert not problems, "\n".join(problems)

@@ -112,6 +112,25 @@ def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, tiny_model_f
     assert loop.step <= 4
 
 
+def test_non_finite_steps_stop_training_between_log_steps(tmp_path, tiny_model_flags):
+    """Issue 21: the count of non-finite steps in a row was read only at log
+    steps, so with log_interval 1000 a run went on far past the limit."""
+    logger.configure(dir=str(tmp_path), format_strs="log")
+    loop = _loop(tiny_model_flags, tmp_path, 50, max_nonfinite_steps=3)
+    loop.log_interval = 1000
+    real = loop.diffusion.training_losses
+
+    def losses(model, x, t, model_kwargs=None, noise=None):
+        out = real(model, x, t, model_kwargs=model_kwargs, noise=noise)
+        return {k: v * float("nan") for k, v in out.items()}
+
+    loop.diffusion.training_losses = losses
+    with pytest.raises(UserError, match=r"3 steps in a row had a non-finite loss .*\(step 3\)"):
+        loop.run_loop()
+    assert loop.step == 3
+    assert os.path.exists(ckpt.model_path(str(tmp_path), 3))  # saved before stopping
+
+
 def test_strict_loading_names_parameters_and_config(tmp_path, tiny_model_flags):
     model, _ = script_util.create_model_and_diffusion(**tiny_model_flags)
     model_config, _ = split_flags(tiny_model_flags)
