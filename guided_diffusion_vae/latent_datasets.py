@@ -559,6 +559,7 @@ class LatentCache:
         except (TypeError, ValueError) as err:
             raise UserError(f"latent cache file {meta_path!r} has a malformed count, shape, latent_scale "
                             f"or vae: {err}") from None
+        self._check_latent_dtype()
         if self.latents.shape != expected or self.labels.shape != (expected[0],):
             raise UserError(
                 f"latent cache {cache_dir!r} is damaged: latents {self.latents.shape}, "
@@ -567,6 +568,14 @@ class LatentCache:
         self.label_map = self.meta.get("label_map")
         self._check_labels(meta_path)
         check_finite_rows(self.latents, os.path.join(cache_dir, LATENTS_FILE))
+
+    def _check_latent_dtype(self):
+        """Latents are real floats; a complex or integer array would be cast
+        silently (complex loses its imaginary part) and train on garbage."""
+        if self.latents.dtype.kind != "f":
+            path = os.path.join(self.cache_dir, LATENTS_FILE)
+            raise UserError(f"latent cache file {path!r} holds {self.latents.dtype} values; latents must be real "
+                            f"floats ({' or '.join(CACHE_DTYPES)}): rebuild the cache")
 
     def _check_labels(self, meta_path):
         """Labels must be integers naming entries of the label map (0 without one)."""
