@@ -600,7 +600,52 @@ def bad_inputs(tmp_path_factory):
     (root / "quickstart_run").mkdir()
     (root / "quickstart_run" / "stages.json").write_text(json.dumps(
         {"layout": LAYOUT, "data": {"seconds": 1.0, "settings": tiny["data"]}}))
+    _hostile_inputs_part_b(root, good)
     return root
+
+
+def _resaved(src, dst, **meta_changes):
+    """The checkpoint ``src`` saved again as ``dst`` with parts of its metadata replaced."""
+    state, meta = ckpt.load_weights(str(src))
+    ckpt.save_weights(str(dst), state, {**meta, **meta_changes})
+
+
+def _hostile_inputs_part_b(root, good):
+    """Issue 21, part B: what an outside probe sent."""
+    import io
+    import zipfile
+
+    from guided_diffusion_vae import latent_datasets as ld
+    from guided_diffusion_vae.script_util import split_flags
+
+    # A label map of 10,000 names on a 2-class model.
+    _, meta = ckpt.load_weights(good)
+    _resaved(good, root / "many_labels" / "model000000.safetensors",
+             data={**meta["data"], "label_map": {str(i): f"p{i}" for i in range(10000)}})
+    # A model without attention (its tensors do not depend on image_size)
+    # whose metadata claims another side than its data, or a huge one.
+    flags = script_util.model_and_diffusion_defaults()
+    flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="",
+                 diffusion_steps=40, in_channels=3)
+    model_config, diffusion_config = split_flags(flags)
+    torch.manual_seed(0)
+    plain = root / "plain" / "model000000.safetensors"
+    ckpt.save_weights(str(plain), script_util.create_model(**model_config).state_dict(),
+                      {"step": 0, "weights": "model", "model": model_config, "diffusion": diffusion_config,
+                       "vae": None, "data": {"image_size": 8}, "train": {}})
+    _resaved(plain, root / "side_16" / "model000000.safetensors", model={**model_config, "image_size": 16})
+    _resaved(plain, root / "side_1024" / "model000000.safetensors",
+             model={**model_config, "image_size": 1024}, data={"image_size": 1024})
+    # A latent cache of complex numbers.
+    cache = _hand_cache(root / "cache_complex", np.zeros((4, 4, 2, 2)), [0, 1, 0, 1], label_map={"0": "a", "1": "b"})
+    np.save(os.path.join(cache, ld.LATENTS_FILE), np.zeros((4, 4, 2, 2), np.complex64))
+    # An .npz whose member's header claims 12 GB (a zip bomb's, without the data).
+    (root / "arr_bomb").mkdir()
+    np.save(root / "arr_bomb" / "a_1.npy", np.zeros((16, 16), np.float32))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (1, 40000, 40000)})
+    with zipfile.ZipFile(root / "arr_bomb" / "a_2.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(64))
 
 
 TRAIN, TRAIN_VAE, SAMPLE, SAMPLE_VAE = "image_train.py", "image_train_vae.py", "image_sample.py", "image_sample_vae.py"
@@ -694,6 +739,16 @@ BAD_INPUTS = [
                            "--output_dir", "{out}"], "threads"),
     ("interpolate.py", ["--model_path", "{root}/no_such_run", "--output_dir", "{out}"], "no_such_run"),
     ("diagnose.py", ["--model_path", "{root}/no_such_run", "--output_json", "{out}/d.json"], "no_such_run"),
+    # issue 21, part B (_hostile_inputs_part_b)
+    (SAMPLE, ["--model_path", "{root}/many_labels", "--use_ema", "False", "--output_dir", "{out}"],
+     "'data.label_map' names 10000 classes, but the model has num_classes=2"),
+    (SAMPLE, ["--model_path", "{root}/side_16", "--use_ema", "False", "--num_images_per_user", "1",
+              "--timestep_respacing", "4", "--output_dir", "{out}"],
+     "'model.image_size' is 16, but the model was trained on 8-pixel images"),
+    (SAMPLE, ["--model_path", "{root}/side_1024", "--use_ema", "False", "--num_images_per_user", "1",
+              "--timestep_respacing", "4", "--output_dir", "{out}"], "'model.image_size' must be an integer 1..512"),
+    (TRAIN_VAE, ["--latent_cache", "{root}/cache_complex", "--log_dir", "{out}"], "latents.npy' holds complex64"),
+    (TRAIN, ["--data_dir", "{root}/arr_bomb", "--log_dir", "{out}"], "a_2.npz[x] claims shape (1, 40000, 40000)"),
 ]
 
 
