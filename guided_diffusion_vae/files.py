@@ -122,12 +122,13 @@ def check_writable_target(path, flag):
 
 
 @contextlib.contextmanager
-def undone_on_failure(folder, before_undo=None):
+def undone_on_failure(folder, before_undo=None, errors=BaseException):
     """Run the start of a job that writes into ``folder`` (logs, configs);
-    if the block raises, remove what it created there, and ``folder`` itself
-    if it was new: a job that fails to start leaves nothing behind. Entries
-    that existed before are never touched. ``before_undo()`` runs first (to
-    close open log files). ``folder`` None or "": no undo."""
+    if the block raises (one of ``errors``), remove what it created there,
+    and ``folder`` itself if it was new: a job that fails to start leaves
+    nothing behind. Entries that existed before are never touched.
+    ``before_undo()`` runs first (to close open log files). ``folder`` None
+    or "": no undo."""
     if not folder:
         yield
         return
@@ -135,7 +136,7 @@ def undone_on_failure(folder, before_undo=None):
     before = set(os.listdir(folder)) if existed else set()
     try:
         yield
-    except BaseException:
+    except errors:
         if before_undo is not None:
             before_undo()
         if not existed:
