@@ -255,8 +255,8 @@ def detect_channels(paths, max_files=16):
                 rgb = np.asarray(img.convert("RGB"))
         except Exception as err:  # whatever Pillow or the file system throws: the file is bad
             raise UserError(f"cannot read image {path}: {_one_line(err)}") from None
-            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
-                return 3
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+            return 3
     return 1
 
 
