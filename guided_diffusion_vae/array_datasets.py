@@ -20,7 +20,10 @@ What is accepted
     Row 0 is drawn at the top and columns run left to right, as a PNG of the
     array would show it (time along the columns: ``random_flip`` reverses
     time, as for images). Files holding Python objects are never unpickled
-    (``allow_pickle=False``): they are refused.
+    (``allow_pickle=False``): they are refused. Every array's ``.npy`` header
+    (each member's, in a ``.npz``) is checked before its data are read or
+    decompressed: more than ``MAX_ARRAY_BYTES`` (2 GiB), a wrong number of
+    dimensions or another spectrogram shape is refused unread (a zip bomb).
 
     A spectrogram is named ``FILE`` (a 2-D ``.npy``), ``FILE[i]`` (entry i of
     a stack), ``FILE[key]`` or ``FILE[key][i]`` (a ``.npz``); its class comes
@@ -202,9 +205,9 @@ def _load(path, folder_shape):
     """:func:`_members` of ``path``, read errors as one line naming it."""
     try:
         yield from _members(path, folder_shape)
+    except UserError:
+        raise
     except ValueError as err:
-        if isinstance(err, UserError):
-            raise
         if "pickle" in str(err).lower():
             # numpy says "pickle" for object arrays and for files without the .npy header alike
             raise UserError(f"{path} holds pickled Python objects or is no NumPy file; pickles are never loaded "
