@@ -20,7 +20,10 @@ What is accepted
     Row 0 is drawn at the top and columns run left to right, as a PNG of the
     array would show it (time along the columns: ``random_flip`` reverses
     time, as for images). Files holding Python objects are never unpickled
-    (``allow_pickle=False``): they are refused.
+    (``allow_pickle=False``): they are refused. Every array's ``.npy`` header
+    (each member's, in a ``.npz``) is checked before its data are read or
+    decompressed: more than ``MAX_ARRAY_BYTES`` (2 GiB), a wrong number of
+    dimensions or another spectrogram shape is refused unread (a zip bomb).
 
     A spectrogram is named ``FILE`` (a 2-D ``.npy``), ``FILE[i]`` (entry i of
     a stack), ``FILE[key]`` or ``FILE[key][i]`` (a ``.npz``); its class comes
@@ -143,13 +146,67 @@ def to_db(images, db_range):
 # --------------------------------------------------------------------------- #
 
 
-def _load(path):
-    """``[(key, array), ...]`` of one file ("" for a ``.npy``)."""
+# One array may hold at most this many bytes once decompressed: a .npz
+# member's header can claim any shape, and a few MB of zeros inflate to GBs.
+MAX_ARRAY_BYTES = 2 << 30
+
+_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _read_header(handle, name):
+    """``(shape, dtype)`` from the ``.npy`` header at ``handle``, read without
+    touching the data."""
     try:
-        if path.lower().endswith(".npy"):
-            return [("", np.load(path, allow_pickle=False))]
-        with np.load(path, allow_pickle=False) as archive:
-            return [(key, archive[key]) for key in sorted(archive.files)]
+        version = np.lib.format.read_magic(handle)
+        reader = _HEADER_READERS.get(version)
+        if reader is None:
+            raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+        shape, _, dtype = reader(handle)
+    except ValueError as err:
+        raise UserError(f"{name} is no readable NumPy array: {str(err).splitlines()[0]}") from None
+    return tuple(shape), dtype
+
+
+def _check_header(name, shape, dtype, folder_shape):
+    """Refuse, before any data is read or decompressed, an array whose
+    header claims what the folder cannot take: object values (pickles), a
+    wrong number of dimensions, too many bytes, or spectrograms of another
+    shape than the folder's first."""
+    if dtype.hasobject:
+        raise UserError(f"{name} holds pickled Python objects; pickles are never loaded (allow_pickle=False): "
+                        "store plain numeric arrays")
+    if len(shape) not in (2, 3):
+        raise UserError(f"{name} is {len(shape)}-D {shape}; expected one spectrogram (H, W) or a stack (N, H, W)")
+    size = math.prod(shape) * dtype.itemsize
+    if size > MAX_ARRAY_BYTES:
+        raise UserError(f"{name} claims shape {shape} of {dtype}, {size / 2**30:.1f} GiB once read (the limit is "
+                        f"{MAX_ARRAY_BYTES / 2**30:g} GiB per array): split it into smaller files")
+    folder_shape.check(name, shape[-2:])
+
+
+def _members(path, folder_shape):
+    """Yield ``(key, array)`` of one file ("" for a ``.npy``), each header
+    checked (:func:`_check_header`) before its data are read."""
+    if path.lower().endswith(".npy"):
+        with open(path, "rb") as handle:
+            _check_header(path, *_read_header(handle, path), folder_shape)
+        yield "", np.load(path, allow_pickle=False)
+        return
+    with np.load(path, allow_pickle=False) as archive:
+        members = set(archive.zip.namelist())
+        for key in sorted(archive.files):
+            name = f"{path}[{key}]"
+            with archive.zip.open(key + ".npy" if key + ".npy" in members else key) as handle:
+                _check_header(name, *_read_header(handle, name), folder_shape)
+            yield key, archive[key]
+
+
+def _load(path, folder_shape):
+    """:func:`_members` of ``path``, read errors as one line naming it."""
+    try:
+        yield from _members(path, folder_shape)
+    except UserError:
+        raise
     except ValueError as err:
         if "pickle" in str(err).lower():
             # numpy says "pickle" for object arrays and for files without the .npy header alike
@@ -160,16 +217,14 @@ def _load(path):
         raise UserError(f"cannot read {path}: {err}") from None
 
 
-def _spectrograms(path):
+def _spectrograms(path, folder_shape):
     """Yield ``(name, 2-D array)`` for every spectrogram of ``path``, checked
-    for dimensions, type and finiteness (one-line errors naming it)."""
-    for key, array in _load(path):
+    for dimensions, type, finiteness and the folder's shape (one-line errors
+    naming it)."""
+    for key, array in _load(path, folder_shape):
         name = f"{path}[{key}]" if key else path
         if array.dtype.kind not in "iuf":
             raise UserError(f"{name} holds {array.dtype} values; spectrograms must be real numbers (e.g. float32 dB)")
-        if array.ndim not in (2, 3):
-            raise UserError(f"{name} is {array.ndim}-D {tuple(array.shape)}; expected one spectrogram (H, W) "
-                            "or a stack (N, H, W)")
         if 0 in array.shape:
             raise UserError(f"{name} is empty {tuple(array.shape)}")
         stack = array[None] if array.ndim == 2 else array
@@ -194,16 +249,15 @@ def _square(values, size):
 def measure_range(files):
     """``(min, max)`` over every value of every spectrogram of ``files``
     (which are checked on the way)."""
-    shape, first = None, None
+    folder_shape = _FolderShape()
     low, high = math.inf, -math.inf
     for path in files:
-        for name, spectrogram in _spectrograms(path):
-            shape, first = _same_shape(name, spectrogram.shape, shape, first)
+        for _, spectrogram in _spectrograms(path, folder_shape):
             low, high = min(low, float(spectrogram.min())), max(high, float(spectrogram.max()))
-    if first is None:
+    if folder_shape.first is None:
         raise UserError(f"no spectrograms in {', '.join(files[:3])}")
     if not low < high:
-        raise UserError(f"every value of {first} and the other arrays is {low:g}: there is no range to map; "
+        raise UserError(f"every value of {folder_shape.first} and the other arrays is {low:g}: there is no range to map; "
                         "give --db_range LOW,HIGH")
     return low, high
 
@@ -214,26 +268,30 @@ def read_arrays(files, image_size, db_range="measure"):
     the files' own minimum and maximum (a first pass)."""
     if db_range == "measure":
         db_range = measure_range(files)
-    shape, first = None, None
+    folder_shape = _FolderShape()
     names, sources, values = [], [], []
     for path in files:
-        for name, spectrogram in _spectrograms(path):
-            shape, first = _same_shape(name, spectrogram.shape, shape, first)
+        for name, spectrogram in _spectrograms(path, folder_shape):
             names.append(name)
             sources.append(path)
             values.append(_square(to_unit_range(spectrogram, db_range), int(image_size)))
     if not values:
         raise UserError(f"no spectrograms in {', '.join(files[:3])}")
-    return names, sources, np.stack(values), (float(db_range[0]), float(db_range[1])), shape
+    return names, sources, np.stack(values), (float(db_range[0]), float(db_range[1])), folder_shape.shape
 
 
-def _same_shape(name, found, shape, first):
-    if shape is None:
-        return tuple(found), name
-    if tuple(found) != shape:
-        raise UserError(f"{name} is {found[0]}x{found[1]}, but {first} is {shape[0]}x{shape[1]}: "
-                        "every spectrogram of a folder must have the same shape")
-    return shape, first
+class _FolderShape:
+    """The ``(H, W)`` of a folder's first spectrogram, which every other must share."""
+
+    def __init__(self):
+        self.shape, self.first = None, None
+
+    def check(self, name, found):
+        if self.shape is None:
+            self.shape, self.first = tuple(found), name
+        elif tuple(found) != self.shape:
+            raise UserError(f"{name} is {found[0]}x{found[1]}, but {self.first} is {self.shape[0]}x{self.shape[1]}: "
+                            "every spectrogram of a folder must have the same shape")
 
 
 # --------------------------------------------------------------------------- #

@@ -247,6 +247,11 @@ def latest_model_checkpoint(folder):
 _EMA_NAME = re.compile(r"ema_[0-9.eE+-]+_(\d+)\.safetensors")
 
 
+def is_ema_file(path):
+    """Whether ``path`` is named as an EMA file (``ema_<rate>_<step>``, ours or the original's)."""
+    return re.fullmatch(r"ema_[0-9.eE+-]+_\d+\.(safetensors|pt)", os.path.basename(path)) is not None
+
+
 def prune_checkpoints(folder, keep, current_step):
     """Delete the model, EMA and training-state files of old steps, keeping
     the newest ``keep`` complete checkpoints up to ``current_step`` (the save

@@ -1,8 +1,10 @@
 """A classifier of noisy latents, for classifier guidance per person.
 
 The classifier sees latents from a latent cache, noised by the same forward
-process as the diffusion model it will guide (so the noise schedule flags must
-match that model's), and learns to name the person at every timestep. At
+process as the diffusion model it will guide (``--model_path`` takes that
+model's noise schedule; without it the schedule flags must match it, and
+sampling refuses a classifier whose schedule differs), and learns to name the
+person at every timestep. At
 sampling time ``guidance.classifier_cond_fn`` turns it into the gradient of
 ``log p(y | x_t)`` that the samplers add to the model's mean (or score).
 
@@ -23,6 +25,8 @@ from .files import lock_folder, undone_on_failure
 from .guidance import CLASSIFIER_KIND
 from .labels import normalize_label_map
 from .latent_training import latent_classifier_kwargs
+from .sample_from_checkpoint import resolve_weights_file
+from .vae_wrapper import latent_shape_of
 from .resample import UniformSampler
 from .training_parts import StopRequests, autocast, load_latest_state, save_state, settings_text, wrap_for_processes
 from .train_util import TRAINING_LIMITS, DeviceMeans, check_output_dir, check_training_numbers, resolve_precision
@@ -35,8 +39,11 @@ def classifier_train_defaults():
     the network is built for the VAE's latent size."""
     return {
         **script_util.classifier_defaults(),
+        # The original's 32,16,8 suits pixels; latents are 4-8x smaller.
+        "classifier_attention_resolutions": "auto",
         **script_util.diffusion_defaults(),
         "latent_cache": "",
+        "model_path": "",
         "lr": 3e-4,
         "weight_decay": 0.05,
         "batch_size": 64,
@@ -56,6 +63,11 @@ FLAG_HELP = {
     **{flag: train_util.FLAG_HELP[flag] for flag in ("lr", "weight_decay", "log_interval", "precision")},
     "image_size": "side of the cache's images in pixels; the network is built for the VAE's latent size",
     "latent_cache": "the latent cache the diffusion model trains on (scripts/encode_latents.py)",
+    "model_path": "the diffusion model to guide (a checkpoint or run folder): the classifier learns its noise "
+                  "schedule ('' = the schedule flags)",
+    "classifier_attention_resolutions": "comma-separated resolutions of the classifier's attention layers, read "
+                                        "at the latent size; auto: half, a quarter and an eighth of the latent "
+                                        "side, those the network reaches",
     "batch_size": "latents per optimizer step on each process",
     "iterations": "optimizer steps",
     "noised": "train on latents noised at random timesteps as the guided sampler will show them (False: clean "
@@ -98,6 +110,47 @@ def _save(folder, step, model, metadata):
     return path
 
 
+def auto_attention_resolutions(side):
+    """``classifier_attention_resolutions auto`` for a latent ``side``: the
+    original's choice for its pixel sizes (32,16,8 at 64 px: half, a quarter,
+    an eighth of the side), keeping those the network reaches."""
+    levels = len(script_util.parse_channel_mult("", side))
+    reached = {side // 2**level for level in range(levels) if side % 2**level == 0}
+    return ",".join(str(side // k) for k in (2, 4, 8) if side % k == 0 and side // k in reached)
+
+
+def _classifier_flags(config, vae_meta, pixel_size):
+    flags = {key: config[key] for key in _classifier_flag_names()}
+    if flags["classifier_attention_resolutions"] == "auto":
+        side = latent_shape_of(vae_meta, pixel_size)[1]
+        flags["classifier_attention_resolutions"] = auto_attention_resolutions(side)
+    return flags
+
+
+def classifier_diffusion(config):
+    """The ``create_gaussian_diffusion`` arguments the classifier is trained
+    with: those of the model at ``model_path`` (a schedule flag set to
+    something else is refused), else the flags'."""
+    flags = script_util.diffusion_kwargs(config)
+    if not config.get("model_path"):
+        return flags
+    path = resolve_weights_file(config["model_path"], use_ema=False)
+    meta = ckpt.read_metadata(path)
+    if not meta or not isinstance(meta.get("diffusion"), dict):
+        raise UserError(f"{path} is no checkpoint of ours: its noise schedule is unknown; leave model_path empty "
+                        "and give the schedule flags")
+    ckpt.check_build_kwargs(script_util.create_gaussian_diffusion, meta["diffusion"], path, "diffusion")
+    model = {**meta["diffusion"], "timestep_respacing": ""}
+    defaults = script_util.diffusion_kwargs(script_util.diffusion_defaults())
+    for key, value in flags.items():
+        if value != defaults.get(key) and value != model.get(key):
+            flag = "diffusion_steps" if key == "steps" else key
+            raise UserError(f"{flag} {value!r} differs from {model.get(key)!r}, the noise schedule of {path}, "
+                            "which the classifier must learn: leave it unset")
+    logger.log(f"noise schedule of {path}: {model['noise_schedule']}, {model['steps']} steps")
+    return model
+
+
 def train_classifier(config):
     """Train a noisy-latent classifier on ``config["latent_cache"]``; returns
     the path of the last checkpoint (on every rank), or None when a stop
@@ -134,8 +187,8 @@ def train_classifier(config):
                 f"{config['latent_cache']}: image_size is {cached_size} in the cache but {pixel_size} in the configuration"
             )
         vae_meta = {**cache.vae_description, "latent_scale": cache.latent_scale}
-        flags = {key: config[key] for key in _classifier_flag_names()}
-        classifier_kwargs = latent_classifier_kwargs(vae_meta, pixel_size, len(label_map), flags)
+        classifier_kwargs = latent_classifier_kwargs(vae_meta, pixel_size, len(label_map),
+                                                     _classifier_flags(config, vae_meta, pixel_size))
         model = script_util.create_classifier(**classifier_kwargs)
         if tuple(cache.shape) != (classifier_kwargs["in_channels"], classifier_kwargs["image_size"],
                                   classifier_kwargs["image_size"]):
@@ -145,7 +198,7 @@ def train_classifier(config):
                 "timestep_respacing must be empty for classifier training: the classifier learns every "
                 "original timestep (respaced samplers pass original timesteps to it)"
             )
-        diffusion_kwargs = script_util.diffusion_kwargs(config)
+        diffusion_kwargs = classifier_diffusion(config)
         diffusion = script_util.create_gaussian_diffusion(**diffusion_kwargs)
         sampler = UniformSampler(diffusion)
         model.to(device)

@@ -187,13 +187,14 @@ def lock_folder(folder, flag):
 
 
 @contextlib.contextmanager
-def undone_on_failure(folder, before_undo=None):
+def undone_on_failure(folder, before_undo=None, errors=BaseException):
     """Run the start of a job that writes into ``folder`` (logs, configs);
-    if the block raises, remove what it created there, and ``folder`` itself
-    if it was new: a job that fails to start leaves nothing behind. Entries
-    that existed before are never touched, nor anything when the folder
-    turns out to be another run's (:class:`FolderInUse`). ``before_undo()``
-    runs first (to close open log files). ``folder`` None or "": no undo."""
+    if the block raises (one of ``errors``), remove what it created there,
+    and ``folder`` itself if it was new: a job that fails to start leaves
+    nothing behind. Entries that existed before are never touched, nor
+    anything when the folder turns out to be another run's
+    (:class:`FolderInUse`). ``before_undo()`` runs first (to close open log
+    files). ``folder`` None or "": no undo."""
     if not folder:
         yield
         return
@@ -203,7 +204,7 @@ def undone_on_failure(folder, before_undo=None):
         yield
     except FolderInUse:
         raise  # the folder is another run's: nothing in it is ours to remove
-    except BaseException:
+    except errors:
         if before_undo is not None:
             before_undo()
         if not existed:

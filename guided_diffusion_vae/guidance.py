@@ -67,6 +67,9 @@ def check_classifier_fits(classifier_meta, model_meta, path):
         ("input size", classifier_meta["classifier"]["image_size"], model_meta["model"]["image_size"]),
         ("noise_schedule", classifier_meta["diffusion"]["noise_schedule"], model_meta["diffusion"]["noise_schedule"]),
         ("diffusion steps", classifier_meta["diffusion"]["steps"], model_meta["diffusion"]["steps"]),
+        # the timesteps the classifier was shown: 0..T-1, or rescaled to 0..1000
+        ("rescale_timesteps", bool(classifier_meta["diffusion"].get("rescale_timesteps")),
+         bool(model_meta["diffusion"].get("rescale_timesteps"))),
     ]
     model_labels = people((model_meta.get("data") or {}).get("label_map"))
     classifier_labels = (classifier_meta.get("data") or {}).get("label_map")

@@ -248,12 +248,15 @@ def open_data_folder(
 def detect_channels(paths, max_files=16):
     """1 if the first ``max_files`` images are all gray (R == G == B), else 3."""
     for path in paths[:max_files]:
-        with Image.open(path) as img:
-            if img.mode in ("L", "I", "I;16", "F", "1"):
-                continue
-            rgb = np.asarray(img.convert("RGB"))
-            if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
-                return 3
+        try:
+            with Image.open(path) as img:
+                if img.mode in ("L", "I", "I;16", "F", "1"):
+                    continue
+                rgb = np.asarray(img.convert("RGB"))
+        except Exception as err:  # whatever Pillow or the file system throws: the file is bad
+            raise UserError(f"cannot read image {path}: {_one_line(err)}") from None
+        if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+            return 3
     return 1
 
 
@@ -522,6 +525,20 @@ def _collate(samples):
     pixels = torch.from_numpy(np.stack([sample[0] for sample in samples]))
     cond = default_collate([sample[1] for sample in samples])
     return pixels, cond, skipped, None
+
+
+def pixel_batches(dataset, **loader_kwargs):
+    """Yield the pixel batches (float32 tensors) a DataLoader over ``dataset``
+    (anything with ``fetch``) reads with ``loader_kwargs``. A file that cannot
+    be read is a one-line UserError naming it, raised here: raised in a
+    loader worker it came back as the worker's whole traceback."""
+    workers = loader_kwargs.get("num_workers", 0)
+    loader = DataLoader(_Reporting(dataset), collate_fn=_collate,
+                        worker_init_fn=ignore_stop_signals if workers > 0 else None, **loader_kwargs)
+    for pixels, _, _, problem in loader:
+        if problem is not None:
+            raise UserError(problem)
+        yield pixels
 
 
 def _default_workers() -> int:

@@ -38,7 +38,7 @@ import torch
 
 from . import dist_util, logger
 from .batching import BatchStream, ShardedBatchSampler
-from .files import atomic_write, atomic_write_npy, check_outside
+from .files import atomic_write, atomic_write_npy, check_outside, undone_on_failure
 from .errors import UserError, check_number, shown
 from .labels import normalize_label_map
 from .vae_wrapper import DTYPES as VAE_DTYPES
@@ -46,7 +46,7 @@ from .vae_wrapper import (
     INPUT_RANGES, LATENT_SCALE_WORDS, VAEInterface, check_input_range, parse_latent_scale, scale_from_moments,
 )
 from .array_datasets import data_folder_defaults, parse_db_range, same_range
-from .image_datasets import open_data_folder
+from .image_datasets import open_data_folder, pixel_batches
 from .progress import progress as progress_bar
 
 FORMAT_VERSION = 1
@@ -170,19 +170,6 @@ FLAG_CHOICES = {
 }
 
 
-class _Pixels(torch.utils.data.Dataset):
-    """Only the pixels of an ImageDataset item (labels are known up front)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        return torch.from_numpy(self.dataset[index][0])
-
-
 def _gather_errors(message):
     """Every rank's error message (None for success), so all ranks stop together."""
     if not dist_util.is_distributed():
@@ -254,9 +241,13 @@ def build_latent_cache(
     finished = _finished_cache(output_dir, plan)
     if finished is not None:
         return finished
-    mine = _claim_chunks(output_dir, plan, cache_dtype)
-    _encode_my_chunks(vae, dataset, output_dir, plan, mine, batch_size=batch_size, random_flip=random_flip,
-                      seed=seed, num_workers=num_workers, progress=progress)
+    # A fresh build that stops on bad input (an unreadable image) leaves
+    # nothing, so the same command runs once the input is fixed (a kept plan
+    # would refuse the changed file); what an earlier run left stays.
+    with undone_on_failure(output_dir if dist_util.rank() == 0 else None, errors=UserError):
+        mine = _claim_chunks(output_dir, plan, cache_dtype)
+        _encode_my_chunks(vae, dataset, output_dir, plan, mine, batch_size=batch_size, random_flip=random_flip,
+                          seed=seed, num_workers=num_workers, progress=progress)
     meta = None
     if dist_util.rank() == 0:
         num_chunks = math.ceil(plan["num_images"] / plan["chunk_size"])
@@ -358,7 +349,7 @@ def _encode_my_chunks(vae, dataset, output_dir, plan, mine, *, batch_size, rando
     try:
         store = np.load(os.path.join(output_dir, PARTIAL_FILE), mmap_mode="r+")
         _encode_chunks(
-            vae, _Pixels(dataset), store, mine, num_images=num_images, chunk_size=chunk_size,
+            vae, dataset, store, mine, num_images=num_images, chunk_size=chunk_size,
             batch_size=int(batch_size), random_flip=random_flip, seed=int(seed),
             num_workers=int(num_workers), cache_dir=output_dir,
             bar=progress_bar(total=count, desc=f"encoding (rank {dist_util.rank()})", unit="img",
@@ -405,9 +396,9 @@ def _prepare_partial(cache_dir, plan, plan_keys, latent_shape, count, cache_dtyp
     return set()
 
 
-def _encode_chunks(vae, pixels, store, chunks, *, num_images, chunk_size, batch_size,
+def _encode_chunks(vae, dataset, store, chunks, *, num_images, chunk_size, batch_size,
                    random_flip, seed, num_workers, cache_dir, bar):
-    """Encode ``chunks`` (image index ranges) into ``store``; mark each when flushed."""
+    """Encode ``chunks`` (image index ranges of ``dataset``) into ``store``; mark each when flushed."""
     batches = []
     for chunk in chunks:
         start, stop = chunk * chunk_size, min((chunk + 1) * chunk_size, num_images)
@@ -415,10 +406,8 @@ def _encode_chunks(vae, pixels, store, chunks, *, num_images, chunk_size, batch_
     if not batches:
         bar.close()
         return
-    loader = torch.utils.data.DataLoader(
-        pixels, batch_sampler=batches, num_workers=num_workers,
-        pin_memory=vae.device.type == "cuda",
-    )
+    loader = pixel_batches(dataset, batch_sampler=batches, num_workers=num_workers,
+                           pin_memory=vae.device.type == "cuda")
     generators = {}
     for indices, images in zip(batches, loader):
         chunk = indices[0] // chunk_size
@@ -560,6 +549,7 @@ class LatentCache:
         except (TypeError, ValueError) as err:
             raise UserError(f"latent cache file {meta_path!r} has a malformed count, shape, latent_scale "
                             f"or vae: {err}") from None
+        self._check_latent_dtype()
         if self.latents.shape != expected or self.labels.shape != (expected[0],):
             raise UserError(
                 f"latent cache {cache_dir!r} is damaged: latents {self.latents.shape}, "
@@ -568,6 +558,14 @@ class LatentCache:
         self.label_map = self.meta.get("label_map")
         self._check_labels(meta_path)
         check_finite_rows(self.latents, os.path.join(cache_dir, LATENTS_FILE))
+
+    def _check_latent_dtype(self):
+        """Latents are real floats; a complex or integer array would be cast
+        silently (complex loses its imaginary part) and train on garbage."""
+        if self.latents.dtype.kind != "f":
+            path = os.path.join(self.cache_dir, LATENTS_FILE)
+            raise UserError(f"latent cache file {path!r} holds {self.latents.dtype} values; latents must be real "
+                            f"floats ({' or '.join(CACHE_DTYPES)}): rebuild the cache")
 
     def _check_labels(self, meta_path):
         """Labels must be integers naming entries of the label map (0 without one)."""

@@ -359,7 +359,7 @@ def _report(run_dir, stages):
     return write_report(os.path.join(run_dir, "report.html"), eval_json=os.path.join(run_dir, "eval", "metrics.json"),
                         run_dir=os.path.join(run_dir, "diffusion"), vae_dir=os.path.join(run_dir, "vae"),
                         stage_times={k: v["seconds"] for k, v in stages.done.items()},
-                        title="guided-diffusion-vae quickstart report")
+                        title="guided-diffusion-vae quickstart report", read_dirs=[run_dir])
 
 
 def run_quickstart(config, preset=None):

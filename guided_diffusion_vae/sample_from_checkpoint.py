@@ -43,7 +43,7 @@ from .images import to_uint8_images
 from .sample_io import save_samples
 from .sample_loop import CLIP_MODES, SAMPLING_PRECISIONS, DenoisedClipper, NonFiniteSamples, generate_samples
 from .samplers import CORE_SAMPLERS, SAMPLER_NAMES, TIMESTEP_SPACINGS, build_scheduler, resolve_sampler, sampler_steps
-from .vae_wrapper import vae_from_description
+from .vae_wrapper import latent_shape_of, vae_from_description
 
 # The original's boolean --clip_denoised, as our clipping modes.
 CLIP_ALIASES = {"true": "pixel", "false": "none"}
@@ -171,12 +171,60 @@ def check_sampling_metadata(meta, source):
     data = meta.get("data")
     if data is not None and not isinstance(data, dict):
         raise UserError(f"{source}: metadata 'data' must be an object, got {type(data).__name__}")
-    normalize_label_map((data or {}).get("label_map"), source)
+    label_map = normalize_label_map((data or {}).get("label_map"), source)
+    check_class_count(meta["model"], label_map, source)
+    check_sample_geometry(meta["model"], data or {}, meta.get("vae"), source)
     if (data or {}).get("db_range") is not None:
         try:
             parse_db_range(data["db_range"])
         except UserError as err:
             raise UserError(f"{source}: metadata 'data.db_range': {err}") from None
+
+
+# The largest side (pixels, or latents for a VAE model) a checkpoint may ask
+# us to sample: metadata is not trusted to pick the cost of a run. 512 is the
+# original's largest pixel model; a 1024 side once ran > 120 s and 3.2 GB on CPU.
+MAX_SAMPLE_SIDE = 512
+
+
+def check_class_count(model_meta, label_map, source):
+    """A class-conditional model's label map names exactly its classes (a
+    longer one once sampled labels past the embedding: an IndexError)."""
+    if not model_meta.get("class_cond") or label_map is None:
+        return
+    count = model_meta.get("num_classes")
+    if isinstance(count, bool) or not isinstance(count, int) or len(label_map) != count:
+        raise UserError(f"{source}: metadata 'data.label_map' names {len(label_map)} classes, but the model has "
+                        f"num_classes={count!r}")
+
+
+def check_sample_geometry(model_meta, data_meta, vae_meta, source):
+    """The side the model samples at is within :data:`MAX_SAMPLE_SIDE` and is
+    what its training data made of ``data.image_size`` (the pixel side;
+    through the VAE's downsampling factor for a latent model)."""
+    side = model_meta.get("image_size")
+    if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_SAMPLE_SIDE:
+        raise UserError(f"{source}: metadata 'model.image_size' must be an integer 1..{MAX_SAMPLE_SIDE}, "
+                        f"got {side!r}")
+    pixels = data_meta.get("image_size")
+    if pixels is None:
+        return
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or pixels < 1:
+        raise UserError(f"{source}: metadata 'data.image_size' must be a positive integer, got {pixels!r}")
+    if vae_meta:
+        try:
+            channels, expected, _ = latent_shape_of(vae_meta, pixels)
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{source}: metadata 'vae' does not describe a VAE ({err})") from None
+        made_of = f"{pixels}-pixel images through a VAE that downsamples by {vae_meta['downsample_factor']}"
+        if model_meta.get("in_channels") != channels:
+            raise UserError(f"{source}: metadata 'model.in_channels' is {model_meta.get('in_channels')!r}, but "
+                            f"the VAE makes {channels}-channel latents")
+    else:
+        expected, made_of = pixels, f"{pixels}-pixel images"
+    if side != expected:
+        raise UserError(f"{source}: metadata 'model.image_size' is {side}, but the model was trained on {made_of} "
+                        f"(side {expected})")
 
 
 def load_sampling_model(config, device):

@@ -242,6 +242,48 @@ class DeviceMeans:
         return {k: s / c for k, (s, c) in zip(names, rows) if c > 0}
 
 
+def is_bare_optimizer_state(state):
+    """A plain ``optimizer.state_dict()`` (what the original saves as ``optNNNNNN.pt``)."""
+    return isinstance(state, dict) and set(state) == {"state", "param_groups"}
+
+
+# What a checkpoint's metadata says about the data that a resumed run must
+# share: other people's classes or another latent scale would silently
+# change what the weights mean.
+RESUME_DATA_KEYS = (("data", "label_map"), ("data", "db_range"), ("vae", "fingerprint"), ("vae", "latent_scale"),
+                    ("vae", "latent_channels"), ("vae", "downsample_factor"))
+
+
+def check_resume_data(saved, current, path):
+    """Refuse to resume from ``path`` (metadata ``saved``) with data whose
+    metadata ``current`` differs in a :data:`RESUME_DATA_KEYS` entry. Entries
+    an older checkpoint lacks are not compared."""
+    for section, key in RESUME_DATA_KEYS:
+        old, new = (saved.get(section) or {}).get(key), (current.get(section) or {}).get(key)
+        if old is None or _same_value(old, new):
+            continue
+        raise UserError(f"resume: {path} was trained with {section}.{key} {_difference(old, new)}; resume with "
+                        "the same data (cache, VAE, scale), or train in a new log_dir")
+
+
+def _same_value(old, new):
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)):
+        return abs(float(old) - float(new)) <= 1e-6 * max(abs(float(old)), abs(float(new)))
+    if isinstance(old, list) and isinstance(new, (list, tuple)) and len(old) == len(new):
+        return all(_same_value(a, b) for a, b in zip(old, new))
+    return old == new
+
+
+def _difference(old, new):
+    """A short account of how two values differ (label maps by their first difference)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        if len(old) != len(new):
+            return f"{len(old)} classes, this run's data has {len(new)}"
+        key = next(k for k in old if old[k] != new.get(k))
+        return f"class {key} = {old[key]!r}, this run's data has {new.get(key)!r}"
+    return f"{old!r}, this run's data has {new!r}"
+
+
 class TrainLoop:
     """Trains ``model`` on ``diffusion`` from an endless iterator ``data`` of
     ``(batch, {"y": labels, ...})``.
@@ -330,6 +372,7 @@ class TrainLoop:
         self.use_fp16 = use_fp16
         self.precision = "fp16-master" if use_fp16 else resolve_precision(precision, self.device)
         self.step = 0
+        self._opt_file = None
         self.metrics = DeviceMeans()
         self._images_seen_at_log = (0, time.time())
 
@@ -403,17 +446,27 @@ class TrainLoop:
             if path is None:
                 logger.log(f"no checkpoint in {self.checkpoint_dir} to resume from; starting fresh")
                 return None
+        if ckpt.is_ema_file(path):
+            raise UserError(f"resume_checkpoint {path} is an EMA file; a resume starts from the model file of "
+                            "that step (modelNNNNNN.safetensors), which brings its EMA files along")
         data = dist_util.read_file_once(path)
         state, meta = ckpt.load_weights(path, data=data)
         ckpt.load_state_strict(
             self.model, state, path,
             checkpoint_config=(meta or {}).get("model"), model_config=self.metadata.get("model"),
         )
+        if meta:
+            check_resume_data(meta, self.metadata, path)
         self.step = meta["step"] if meta else ckpt.parse_step(path)
         folder = os.path.dirname(path)
         logger.log(f"resuming from {path} at step {self.step}")
         for i, rate in enumerate(self.ema_rates):
             ema_file = self._find_ema_file(folder, rate, path)
+            if ema_file is None and meta is None:
+                # The original's bare .pt: its EMA starts from the weights, as the original does.
+                logger.warn(f"resume: no EMA weights for rate {rate} beside {path}; the EMA starts from them")
+                self.ema_params[i] = [p.detach().clone().float() for p in self.params]
+                continue
             if ema_file is None:
                 raise UserError(
                     f"resume: no EMA weights for rate {rate} beside {path} "
@@ -424,6 +477,7 @@ class TrainLoop:
             self.ema_params[i] = [ema_state[n].to(self.device).float() for n in names]
         opt_file = ckpt.state_path(folder, self.step)
         if os.path.exists(opt_file):
+            self._opt_file = opt_file
             return ckpt.load_training_state(opt_file)
         logger.warn(f"resume: no optimizer state {opt_file}; the optimizer starts afresh")
         return None
@@ -454,7 +508,16 @@ class TrainLoop:
         return state
 
     def _load_training_state(self, state):
-        self.opt.load_state_dict(state["optimizer"])
+        if is_bare_optimizer_state(state):
+            # The original's opt file: the optimizer's state dict alone.
+            self._load_optimizer(state)
+            logger.warn(f"resume: {self._opt_file} is the original guided-diffusion's optimizer state; random "
+                        "states and the data order start afresh")
+            return
+        if not isinstance(state, dict) or "optimizer" not in state:
+            raise UserError(f"resume: {self._opt_file} is neither a training state of ours nor an optimizer "
+                            "state dict; move it away to resume with a fresh optimizer")
+        self._load_optimizer(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(_numpy_state_from_tensors(state["numpy_rng"]))
         random.setstate(_tuples(state["python_rng"]))
@@ -468,6 +531,13 @@ class TrainLoop:
             logger.warn("resume: the data order could not be restored; batches will differ from the original run")
         if "schedule_sampler" in state and hasattr(self.schedule_sampler, "load_state_dict"):
             self.schedule_sampler.load_state_dict(state["schedule_sampler"])
+
+    def _load_optimizer(self, opt_state):
+        try:
+            self.opt.load_state_dict(opt_state)
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"resume: the optimizer state in {self._opt_file} does not fit this model: "
+                            f"{str(err).splitlines()[0]}") from None
 
     # -------------------------------------------------------------------- loop
 

@@ -53,7 +53,7 @@ from .ema import EMA, ema_decay
 from .errors import UserError, check_number, shown
 from .files import check_outside, lock_folder, undone_on_failure
 from .array_datasets import ArrayFolderDataset, data_folder_defaults, parse_db_range
-from .image_datasets import ImageDataset, data_files, detect_channels
+from .image_datasets import ImageDataset, data_files, detect_channels, pixel_batches
 from .labels import class_names_from_paths
 from .images import image_grid, to_uint8_images
 from .train_util import PRECISIONS, check_output_dir, resolve_precision
@@ -268,27 +268,16 @@ def split_holdout(paths, data_dir, fraction):
     return [p for p in paths if p not in heldout], [p for p in paths if p in heldout]
 
 
-class _Uint8(torch.utils.data.Dataset):
-    """ImageDataset items back as uint8 (they were uint8 / 127.5 - 1: exact)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        pixels = self.dataset[index][0]
-        return torch.from_numpy(np.rint((pixels + 1.0) * 127.5).astype(np.uint8))
-
-
 def load_images(paths, image_size, channels, num_workers=0, desc="loading images", progress=False):
     """All of ``paths`` as one uint8 tensor ``(N, channels, S, S)`` (decoded once)."""
     if not paths:
         return torch.zeros((0, channels, image_size, image_size), dtype=torch.uint8)
     dataset = ImageDataset(image_size, paths, channels=channels, random_flip=False, random_crop=False)
-    loader = torch.utils.data.DataLoader(_Uint8(dataset), batch_size=64, num_workers=num_workers)
-    parts = [batch for batch in progress_bar(loader, desc=desc, disable=not progress, leave=False)]
+    batches = pixel_batches(dataset, batch_size=64, num_workers=num_workers)
+    # back to uint8: the pixels were uint8 / 127.5 - 1, so this is exact
+    parts = [torch.round((batch + 1.0) * 127.5).to(torch.uint8)
+             for batch in progress_bar(batches, total=math.ceil(len(paths) / 64), desc=desc, disable=not progress,
+                                       leave=False)]
     return torch.cat(parts)
 
 

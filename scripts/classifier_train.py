@@ -1,7 +1,10 @@
 """Train a classifier of noisy latents for classifier guidance per person.
 
     mpiexec -n 2 python scripts/classifier_train.py --latent_cache CACHE_DIR --image_size 64 \\
-        --log_dir CLS_RUN   # plus the diffusion model's noise schedule flags, if not the defaults
+        --model_path RUN_DIR --log_dir CLS_RUN
+
+--model_path names the diffusion model to guide: the classifier learns its
+noise schedule (without it, give that model's schedule flags).
 
 image_size is in pixels (the cache's); the network is built for the VAE's
 latent size. Checkpoints: CLS_RUN/classifierNNNNNN.safetensors, loaded with

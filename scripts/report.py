@@ -1,7 +1,7 @@
 """One self-contained HTML page per run: metrics, loss curves, samples, configuration.
 
     python scripts/report.py --run_dir RUN [--eval_json eval/metrics.json] [--vae_dir VAE_DIR] \\
-        [--output RUN/report.html]
+        [--read_dirs REAL_DIR,SAMPLES_DIR] [--output RUN/report.html]
 
 Writes one HTML file with every picture embedded (open it anywhere, nothing else
 needed) and the same figures as PNG files in <html stem>_files/ beside it. It
@@ -11,7 +11,9 @@ ceilings and floors, one row per person with the worst CAS marked, the training
 loss by quartile of the diffusion timestep (progress.csv), real and generated
 spectrograms of every person side by side, the generated samples closest to a
 training image, and the run's configuration and VAE metrics. Inputs that are
-missing leave a one-line note in their section. See README.md, "Evaluation".
+missing leave a one-line note in their section. Only the folders given here
+(run, evaluation JSON's, VAE, --read_dirs) are read: a folder the evaluation
+JSON names elsewhere is left out with a note. See README.md, "Evaluation".
 """
 
 import os
@@ -45,7 +47,8 @@ def main(argv=None):
         raise errors.UserError("nothing to report: give --run_dir, --eval_json or both")
     path = write_report(default_output(config), eval_json=config["eval_json"] or None,
                         run_dir=config["run_dir"] or None, vae_dir=config["vae_dir"] or None,
-                        title=config["title"], people=config["people"] or None, per_person=config["per_person"])
+                        title=config["title"], people=config["people"] or None, per_person=config["per_person"],
+                        read_dirs=config["read_dirs"])
     print(f"wrote {path}")
     if config["eval_json"]:
         print(verdict_text(read_json_object(config["eval_json"])))

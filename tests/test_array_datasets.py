@@ -208,3 +208,26 @@ def test_npy_folder_trains_end_to_end_in_one_channel(tmp_path):
                   "attention_resolutions": "8", "db_range": "-60,0", "log_dir": str(tmp_path / "pixels")}, pixel_training_data)
     pixel_meta = ckpt.read_metadata(str(tmp_path / "pixels" / "model000002.safetensors"))
     assert pixel_meta["data"]["db_range"] == [-60.0, 0.0] and pixel_meta["model"]["in_channels"] == 1
+
+
+def _npz_claiming(path, shape, payload=b"\0" * 64):
+    """A .npz whose member ``x`` has a header claiming ``shape`` (float64) but
+    holds only ``payload``: what a zip bomb's headers look like, without the GBs."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", header.getvalue() + payload)
+
+
+def test_npz_headers_are_checked_before_anything_is_decompressed(tmp_path):
+    np.save(tmp_path / "a_1.npy", np.zeros((16, 16), np.float32))
+    _npz_claiming(tmp_path / "a_2.npz", (1, 40000, 40000))  # 12 GB once read
+    with pytest.raises(UserError, match=r"a_2.npz\[x\] claims shape \(1, 40000, 40000\) of float64, 11.9 GiB"):
+        open_data_folder(tmp_path, 16, channels=1, db_range="-60,0")
+    # A small member of another shape is refused from its header too, not read.
+    _npz_claiming(tmp_path / "a_2.npz", (16, 20))
+    with pytest.raises(UserError, match=r"a_2.npz\[x\] is 16x20, but .*a_1.npy is 16x16"):
+        open_data_folder(tmp_path, 16, channels=1, db_range="-60,0")

@@ -263,3 +263,60 @@ def test_sigterm_saves_the_classifier_and_a_rerun_resumes(real_cache, tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {log_dir / states[-1]} at step {step}" in rerun.stdout + rerun.stderr
     assert (log_dir / f"classifier{step + 2:06d}.safetensors").exists()
+
+
+def _run_script(name, argv, monkeypatch):
+    """A script's ``main`` in this process, as its command line would run it."""
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    try:
+        runpy.run_path(os.path.join(SCRIPTS, name), run_name="__main__")
+    finally:
+        logger.reset()
+
+
+def test_the_readme_classifier_guidance_commands_run(real_cache, tmp_path, monkeypatch):
+    """Issue 21: README's two commands failed as written: the default
+    classifier_attention_resolutions (32,16,8) exceed the latent side, and the
+    classifier learned the default linear schedule beside a cosine model. Here
+    they run as written, with tiny sizes and step counts added."""
+    from guided_diffusion_vae.diffusion_training import run_training
+    from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
+
+    cache, run, clf = str(real_cache / "cache"), str(tmp_path / "run"), str(tmp_path / "clf")
+    config = {**latent_train_defaults(), "latent_cache": cache, "image_size": 32, "num_channels": 32,
+              "channel_mult": "1,2", "attention_resolutions": "4", "num_head_channels": 16, "class_cond": True,
+              "noise_schedule": "cosine", "learn_sigma": True, "diffusion_steps": 50, "batch_size": 4,
+              "lr_anneal_steps": 2, "log_dir": run, "compile": False, "num_workers": 0, "tensorboard": False}
+    try:
+        run_training(config, latent_training_data)
+    finally:
+        logger.reset()
+    _run_script("classifier_train.py", ["--latent_cache", cache, "--image_size", "32", "--model_path", run,
+                                        "--log_dir", clf,
+                                        "--classifier_width", "32", "--classifier_depth", "1", "--iterations", "2",
+                                        "--batch_size", "6"], monkeypatch)
+    _, meta = load_classifier(os.path.join(clf, "classifier000002.safetensors"), "cpu")
+    assert meta["diffusion"]["noise_schedule"] == "cosine" and meta["diffusion"]["steps"] == 50
+    assert meta["classifier"]["classifier_attention_resolutions"] == "4"  # auto at the 8x8 latents
+    _run_script("image_sample_vae.py", ["--model_path", run, "--classifier_path",
+                                        os.path.join(clf, "classifier000002.safetensors"),
+                                        "--classifier_scale", "2.0", "--user_ids", "1", "2", "--output_dir",
+                                        str(tmp_path / "out_guided"), "--use_ddim", "True",
+                                        "--timestep_respacing", "ddim10"], monkeypatch)
+    assert len(os.listdir(tmp_path / "out_guided" / "user_02")) == 5
+    # A schedule flag that contradicts the model is refused, naming both.
+    with pytest.raises(UserError, match=r"diffusion_steps 100 differs from 50, the noise schedule of .*run"):
+        _train(cache, tmp_path / "clf2", model_path=run, diffusion_steps=100)
+
+
+def test_sampling_refuses_a_classifier_of_another_schedule():
+    from guided_diffusion_vae.guidance import check_classifier_fits
+
+    model = {"model": {"in_channels": 4, "image_size": 8},
+             "diffusion": {"noise_schedule": "cosine", "steps": 50, "rescale_timesteps": False}}
+    classifier = {"classifier": {"in_channels": 4, "image_size": 8}, "diffusion": dict(model["diffusion"])}
+    check_classifier_fits(classifier, model, "c.safetensors")
+    for key, other in (("noise_schedule", "linear"), ("steps", 100), ("rescale_timesteps", True)):
+        bad = {**classifier, "diffusion": {**model["diffusion"], key: other}}
+        with pytest.raises(UserError, match=r"classifier c.safetensors does not fit the model: .* there, .* here"):
+            check_classifier_fits(bad, model, "c.safetensors")

@@ -45,7 +45,9 @@ def _checkpoint(path, class_cond=True, in_channels=1, image_size=8, vae=None):
         for p in model.parameters():
             if not p.any():
                 p.normal_(0, 0.05)
-    data = {"image_size": image_size, "label_map": LABELS if class_cond else None}
+    # data.image_size is in pixels, as training writes it (sampling checks it against the model's side)
+    pixels = image_size * vae["downsample_factor"] if vae else image_size
+    data = {"image_size": pixels, "label_map": LABELS if class_cond else None}
     save_weights(str(path), model.state_dict(), {"step": 0, "weights": "model", "model": model_config,
                                                  "diffusion": diffusion_config, "vae": vae, "data": data,
                                                  "train": {}})

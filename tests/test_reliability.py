@@ -764,7 +764,74 @@ def bad_inputs(tmp_path_factory):
     (root / "quickstart_run").mkdir()
     (root / "quickstart_run" / "stages.json").write_text(json.dumps(
         {"layout": LAYOUT, "data": {"seconds": 1.0, "settings": tiny["data"]}}))
+    _hostile_inputs_part_b(root, good)
     return root
+
+
+def _png_header(width, height):
+    """The bytes of a PNG that has only a header (8-bit gray ``width`` x ``height``) and its end."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) \
+        + chunk(b"IEND", b"")
+
+
+def _resaved(src, dst, **meta_changes):
+    """The checkpoint ``src`` saved again as ``dst`` with parts of its metadata replaced."""
+    state, meta = ckpt.load_weights(str(src))
+    ckpt.save_weights(str(dst), state, {**meta, **meta_changes})
+
+
+def _hostile_inputs_part_b(root, good):
+    """Issue 21, part B: what an outside probe sent."""
+    import io
+    import zipfile
+
+    from guided_diffusion_vae import latent_datasets as ld
+    from guided_diffusion_vae.script_util import split_flags
+
+    # A label map of 10,000 names on a 2-class model.
+    _, meta = ckpt.load_weights(good)
+    _resaved(good, root / "many_labels" / "model000000.safetensors",
+             data={**meta["data"], "label_map": {str(i): f"p{i}" for i in range(10000)}})
+    # A model without attention (its tensors do not depend on image_size)
+    # whose metadata claims another side than its data, or a huge one.
+    flags = script_util.model_and_diffusion_defaults()
+    flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="",
+                 diffusion_steps=40, in_channels=3)
+    model_config, diffusion_config = split_flags(flags)
+    torch.manual_seed(0)
+    plain = root / "plain" / "model000000.safetensors"
+    ckpt.save_weights(str(plain), script_util.create_model(**model_config).state_dict(),
+                      {"step": 0, "weights": "model", "model": model_config, "diffusion": diffusion_config,
+                       "vae": None, "data": {"image_size": 8}, "train": {}})
+    _resaved(plain, root / "side_16" / "model000000.safetensors", model={**model_config, "image_size": 16})
+    _resaved(plain, root / "side_1024" / "model000000.safetensors",
+             model={**model_config, "image_size": 1024}, data={"image_size": 1024})
+    # A latent cache of complex numbers.
+    cache = _hand_cache(root / "cache_complex", np.zeros((4, 4, 2, 2)), [0, 1, 0, 1], label_map={"0": "a", "1": "b"})
+    np.save(os.path.join(cache, ld.LATENTS_FILE), np.zeros((4, 4, 2, 2), np.complex64))
+    # Image folders with one bad file each: cut short, empty, not an image, a
+    # dangling symlink, and a PNG header claiming 900 megapixels (Pillow's bomb check).
+    bad_images = {"img_truncated": lambda p: p.write_bytes(p.read_bytes()[:60]),
+                  "img_empty": lambda p: p.write_bytes(b""),
+                  "img_text": lambda p: p.write_text("not an image"),
+                  "img_dangling": lambda p: (p.unlink(), os.symlink("gone.png", p)),
+                  "img_bomb": lambda p: p.write_bytes(_png_header(30000, 30000))}
+    for name, damage in bad_images.items():
+        make_image_folder(root / name, classes=("user_01", "user_02"), per_class=2, size=16, channels=1)
+        damage(root / name / "user_02" / "user_02_001.png")
+    # An .npz whose member's header claims 12 GB (a zip bomb's, without the data).
+    (root / "arr_bomb").mkdir()
+    np.save(root / "arr_bomb" / "a_1.npy", np.zeros((16, 16), np.float32))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (1, 40000, 40000)})
+    with zipfile.ZipFile(root / "arr_bomb" / "a_2.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", header.getvalue() + bytes(64))
 
 
 TRAIN, TRAIN_VAE, SAMPLE, SAMPLE_VAE = "image_train.py", "image_train_vae.py", "image_sample.py", "image_sample_vae.py"
@@ -893,6 +960,21 @@ BAD_INPUTS = [
     ("classifier_train.py", ["--latent_cache", "{root}/cache_label", "--log_dir", "{out}"], "label 5"),
     ("evaluate.py", ["--real_train", "{root}/images", "--real_test", "{root}/images", "--generated",
                      "{root}/a_file", "--output_json", "{out}/m.json"], "a_file"),
+    # issue 21, part B (_hostile_inputs_part_b)
+    (SAMPLE, ["--model_path", "{root}/many_labels", "--use_ema", "False", "--output_dir", "{out}"],
+     "'data.label_map' names 10000 classes, but the model has num_classes=2"),
+    (SAMPLE, ["--model_path", "{root}/side_16", "--use_ema", "False", "--num_images_per_user", "1",
+              "--timestep_respacing", "4", "--output_dir", "{out}"],
+     "'model.image_size' is 16, but the model was trained on 8-pixel images"),
+    (SAMPLE, ["--model_path", "{root}/side_1024", "--use_ema", "False", "--num_images_per_user", "1",
+              "--timestep_respacing", "4", "--output_dir", "{out}"], "'model.image_size' must be an integer 1..512"),
+    (TRAIN_VAE, ["--latent_cache", "{root}/cache_complex", "--log_dir", "{out}"], "latents.npy' holds complex64"),
+    (TRAIN, ["--data_dir", "{root}/arr_bomb", "--log_dir", "{out}"], "a_2.npz[x] claims shape (1, 40000, 40000)"),
+    *[("encode_latents.py", ["--data_dir", f"{{root}}/{name}", "--vae_path", "{root}/vae", "--image_size", "16",
+                             "--output_dir", "{out}"], f"cannot read image {{root}}/{name}/user_02/user_02_001.png")
+      for name in ("img_truncated", "img_empty", "img_dangling", "img_bomb")],
+    *[("vae_train.py", ["--data_dir", f"{{root}}/{name}", "--image_size", "16", "--output_dir", "{out}"],
+       f"cannot read image {{root}}/{name}/user_02/user_02_001.png") for name in ("img_truncated", "img_text")],
 ]
 
 # An error line repeats at most this much of a user's value (errors.shown).
@@ -924,7 +1006,7 @@ def test_every_bad_input_gets_one_line_naming_the_culprit_and_writes_nothing(bad
             problems.append(f"{what}: exit {result['code']}: {result['stderr'][-500:]}")
         elif len(lines) != 1 or not lines[0].startswith("error: "):
             problems.append(f"{what}: not one 'error:' line: {result['stderr'][-500:]}")
-        elif culprit not in lines[0]:
+        elif culprit.format(root=root) not in lines[0]:
             problems.append(f"{what}: the message does not name {culprit!r}: {lines[0]}")
         elif len(lines[0]) > LONGEST_ERROR_LINE:
             problems.append(f"{what}: a line of {len(lines[0])} characters: {lines[0][:200]}...")
@@ -937,3 +1019,24 @@ def test_every_bad_input_gets_one_line_naming_the_culprit_and_writes_nothing(bad
     assert not (root / "PWNED").exists() and not (tmp_path / "PWNED").exists()  # no pickle or YAML tag ran
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == before  # inputs untouched
     assert (root / "a_file").read_text() == "not a folder"
+
+
+def test_a_cache_build_stopped_by_a_bad_image_leaves_nothing_and_reruns_once_it_is_fixed(tiny_vae, tmp_path):
+    """Issue 21 B5: an image cut short stopped encoding with a loader worker's
+    traceback and left latents.partial.npy, whose plan then refused the same
+    command after the image was fixed."""
+    from guided_diffusion_vae.latent_datasets import build_latent_cache
+
+    paths = make_image_folder(tmp_path / "images", per_class=3, size=16, channels=1)
+    good = open(paths[4], "rb").read()
+    with open(paths[4], "wb") as f:
+        f.write(good[:60])
+    settings = dict(data_dir=str(tmp_path / "images"), vae_path=tiny_vae, output_dir=str(tmp_path / "cache"),
+                    image_size=16, batch_size=2, chunk_size=2, num_workers=1, progress=False, device="cpu")
+    with pytest.raises(UserError) as err:
+        build_latent_cache(**settings)
+    assert _one_line(err).startswith(f"cannot read image {paths[4]}: ")
+    assert not (tmp_path / "cache").exists()
+    with open(paths[4], "wb") as f:
+        f.write(good)
+    assert build_latent_cache(**settings)["count"] == 12

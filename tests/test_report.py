@@ -152,7 +152,7 @@ def test_report_page_holds_every_section_escaped_and_embedded(tmp_path):
     run, vae, eval_json, result = make_inputs(tmp_path)
     out = tmp_path / "site" / "report.html"
     path = write_report(out, eval_json=eval_json, run_dir=run, vae_dir=vae, stage_times={"vae": 12.5, "diffusion":
-                        {"seconds": 75.0}})
+                        {"seconds": 75.0}}, read_dirs=[tmp_path / "real", tmp_path / "gen"])
     assert path == str(out)
     page, parser, text = parse(path)
 
@@ -199,7 +199,7 @@ def test_report_from_npz_without_run_folder_notes_what_is_missing(tmp_path):
     _, _, eval_json, result = make_inputs(tmp_path, generated_as_npz=True)
     os.remove(eval_json.parent / "nearest_pairs.png")
     out = write_report(tmp_path / "r.html", eval_json=eval_json, vae_dir=tmp_path / "nowhere", per_person=2,
-                       people=["bob", EVIL, "carol"])
+                       people=["bob", EVIL, "carol"], read_dirs=f"{tmp_path / 'real'},{result['inputs']['generated']}")
     page, parser, text = parse(out)
     pngs = decode_images(parser)
     assert len(pngs) == 1 and os.listdir(tmp_path / "r_files") == ["real_vs_generated.png"]
@@ -247,7 +247,8 @@ def test_cli(tmp_path):
 
     run, _, eval_json, _ = make_inputs(tmp_path)
     proc = subprocess.run([sys.executable, script, "--run_dir", str(run), "--eval_json", str(eval_json),
-                           "--per_person", "2"], capture_output=True, text=True, env=env, timeout=120)
+                           "--per_person", "2", "--read_dirs", f"{tmp_path / 'real'},{tmp_path / 'gen'}"],
+                          capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (run / "report.html").is_file() and (run / "report_files" / "real_vs_generated.png").is_file()
     # The verdict is also the last line printed.
@@ -424,7 +425,8 @@ def test_report_figures_carry_the_datas_axes(tmp_path):
     result["inputs"].update(real_test=str(folder), real_train=str(folder), generated=str(folder))
     result["per_class"] = {"user_01": {"trtr": 1.0, "cas": 1.0}, "user_02": {"trtr": 1.0, "cas": 0.5}}
     eval_json.write_text(json.dumps(result))
-    page, parser, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json))
+    # The data and the VAE lie outside the evaluation's folder: named, they may be read.
+    page, parser, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json, read_dirs=str(tmp_path)))
     caption = ("3 s of walking left to right; radial velocity -1.5 to 7.5 m/s bottom to top "
                "(positive = towards the radar), i.e. Doppler -240 to 1201 Hz")
     assert text.count(caption) == 3  # real vs generated, nearest pairs, VAE reconstructions
@@ -432,7 +434,7 @@ def test_report_figures_carry_the_datas_axes(tmp_path):
 
     # A picture that is not a grid of tiles is still shown, whole, in pixels.
     Image.fromarray(np.concatenate([spectrogram(1), spectrogram(2)])).save(tmp_path / "vae" / "reconstructions.png")
-    page, parser, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json))
+    page, parser, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json, read_dirs=str(tmp_path)))
     assert text.count(caption) == 2 and "not a grid of tiles: drawn whole, its axes in pixels" in text
     assert len(decode_images(parser)) == 3
 
@@ -472,3 +474,27 @@ def test_other_metadata_files_give_no_units(tmp_path):
         assert extent_from_metadata(broken) is None, broken
     (tmp_path / "metadata.json").write_text("{not json")
     assert read_extent([str(tmp_path)]) is None
+def test_only_the_folders_given_are_read(tmp_path):
+    """Issue 21 B2: an evaluation JSON naming a private folder once put that
+    folder's pictures, base64, into the page meant to be shared."""
+    run, vae, eval_json, result = make_inputs(tmp_path)
+    private = tmp_path / "private"
+    private.mkdir()
+    secret = spectrogram(999)
+    Image.fromarray(secret).save(private / "secret.png")
+    for person in PEOPLE:
+        (private / person).mkdir()
+        Image.fromarray(secret).save(private / person / "000.png")
+    os.symlink(private, run / "samples")  # a link inside the run folder leads out of it too
+    result["inputs"] = {**result["inputs"], "real_test": str(private), "generated": str(private),
+                        "vae_path": str(private)}
+    result["memorisation"]["picture"] = "../private/secret.png"
+    eval_json.write_text(json.dumps(result))
+    page, parser, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json, run_dir=run))
+    assert len(decode_images(parser)) == 1  # the loss curves, from the run folder
+    for what in ("real folder", "generated samples", "pairs picture", "VAE folder"):
+        assert f"{what} {private}" in text and "lies outside the folders given" in text, what
+    # Named on the command line, the same folder is read.
+    page, parser, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json, run_dir=run,
+                                            read_dirs=str(private)))
+    assert "lies outside" not in text and len(decode_images(parser)) == 3  # loss, side by side, pairs

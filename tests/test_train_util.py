@@ -32,7 +32,7 @@ def _stream(seed=0, n=24, batch=4, interrupt_at=None):
     return BatchStream(ShardedBatchSampler(n, batch, seed=seed), batches)
 
 
-def _loop(flags, folder, steps, resume="", interrupt_at=None, save_interval=0, **kw):
+def _loop(flags, folder, steps, resume="", interrupt_at=None, save_interval=0, extra_meta=None, **kw):
     torch.manual_seed(0)
     model, diffusion = script_util.create_model_and_diffusion(**flags)
     model_config, diffusion_config = split_flags(flags)
@@ -40,7 +40,8 @@ def _loop(flags, folder, steps, resume="", interrupt_at=None, save_interval=0, *
         model=model, diffusion=diffusion, data=_stream(interrupt_at=interrupt_at), batch_size=4, microbatch=2, lr=1e-3,
         ema_rate="0.9,0.99", log_interval=2, save_interval=save_interval, resume_checkpoint=resume,
         lr_anneal_steps=steps, checkpoint_dir=str(folder), weight_decay=0.01, grad_clip=1.0,
-        metadata={"model": model_config, "diffusion": diffusion_config, "data": {"label_map": {"0": "a", "1": "b", "2": "c"}}},
+        metadata={"model": model_config, "diffusion": diffusion_config, "data": {"label_map": {"0": "a", "1": "b", "2": "c"}},
+                  **(extra_meta or {})},
         **kw,
     )
     return loop
@@ -187,6 +188,52 @@ def test_bare_pt_state_dicts_load_without_unpickling_code(tmp_path, tiny_model_f
     torch.save({"w": Evil()}, str(tmp_path / "evil.pt"))
     with pytest.raises(UserError, match="cannot read checkpoint .*evil.pt"):
         ckpt.load_weights(str(tmp_path / "evil.pt"))
+
+
+def test_resume_refuses_other_data_a_latent_scale_and_an_ema_file(tmp_path, tiny_model_flags):
+    """Issue 21 B8: resuming with other people's classes or another latent
+    scale, or from an EMA file, is refused naming the difference."""
+    logger.configure(dir=str(tmp_path / "log"), format_strs="log")
+    vae = {"latent_scale": 0.18, "fingerprint": "f"}
+    path = _loop(tiny_model_flags, tmp_path, 2, extra_meta={"vae": vae}).run_loop()
+    others = {"label_map": {"0": "a", "1": "x", "2": "c"}}
+    with pytest.raises(UserError, match=r"trained with data.label_map class 1 = 'b', this run's data has 'x'"):
+        _loop(tiny_model_flags, tmp_path, 4, resume=path, extra_meta={"vae": vae, "data": others})
+    with pytest.raises(UserError, match=r"trained with vae.latent_scale 0.18, this run's data has 0.2"):
+        _loop(tiny_model_flags, tmp_path, 4, resume=path, extra_meta={"vae": {**vae, "latent_scale": 0.2}})
+    ema = ckpt.ema_path(str(tmp_path), 0.9, 2)
+    with pytest.raises(UserError, match=r"ema_0.9_000002.safetensors is an EMA file; a resume starts from the model"):
+        _loop(tiny_model_flags, tmp_path, 4, resume=ema, extra_meta={"vae": vae})
+    assert _loop(tiny_model_flags, tmp_path, 4, resume=path, extra_meta={"vae": vae}).step == 2
+
+
+@pytest.mark.parametrize("with_opt", [True, False])
+def test_an_original_pt_checkpoint_resumes(with_opt, tmp_path, tiny_model_flags):
+    """The original guided-diffusion's files: a bare ``modelNNNNNN.pt`` and,
+    maybe, its ``optNNNNNN.pt`` (a plain optimizer state dict) once gave
+    ``KeyError: 'optimizer'``; now weights and optimizer state are taken."""
+    logger.configure(dir=str(tmp_path / "log"), format_strs="log")
+    trained = _loop(tiny_model_flags, tmp_path / "ours", 2)
+    trained.run_loop()
+    original = tmp_path / "original"
+    original.mkdir()
+    torch.save(trained.model.state_dict(), original / "model000002.pt")
+    if with_opt:  # the original's whole set: EMA files and the optimizer's state dict
+        for i, rate in enumerate(("0.9", "0.99")):
+            torch.save(trained.ema_state_dict(i), original / f"ema_{rate}_000002.pt")
+        torch.save(trained.opt.state_dict(), original / "opt000002.pt")
+    resumed = _loop(tiny_model_flags, tmp_path / "run", 3, resume=str(original / "model000002.pt"))
+    assert resumed.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), trained.model.parameters()))
+    ema = trained.ema_params[0] if with_opt else [p.float() for p in trained.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.ema_params[0], ema))
+    moments = [resumed.opt.state.get(p, {}).get("exp_avg") for p in resumed.params]
+    if with_opt:
+        assert all(torch.equal(m, trained.opt.state[q]["exp_avg"]) for m, q in zip(moments, trained.params))
+    else:
+        assert all(m is None for m in moments)
+    resumed.run_loop()
+    assert resumed.step == 3
 
 
 def test_device_means_average_without_host_values():

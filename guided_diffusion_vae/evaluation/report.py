@@ -23,6 +23,12 @@ generated samples) and/or ``run_dir``: a training folder (``progress.csv``,
 ``config.yaml``) or a quickstart run folder (``diffusion/``, ``vae/``,
 ``data/``, ``samples/``). A missing optional input leaves a one-line note in
 its section; a missing eval JSON or run folder is a :class:`UserError`.
+
+What is read: only files inside the folders the caller names (the run
+folder, the evaluation JSON's folder, the VAE folder and ``read_dirs``;
+symlinks resolved). A path the evaluation JSON names elsewhere is not read
+and leaves a one-line note: the page is made to be shared, and a JSON (maybe
+someone else's) must not pull a private folder's pictures into it.
 """
 
 import base64
@@ -88,6 +94,7 @@ def report_defaults():
         "output": "",
         "per_person": 4,
         "people": "",
+        "read_dirs": "",
         "title": "guided-diffusion-vae report",
     }
 
@@ -102,6 +109,8 @@ FLAG_HELP = {
               "<stem>_files/ beside it",
     "per_person": "real and generated spectrograms shown per person",
     "people": "comma-separated person names shown side by side ('' = everyone)",
+    "read_dirs": "comma-separated folders the report may read besides the run folder, the evaluation JSON's "
+                 "folder and the VAE folder (e.g. the real and generated images the evaluation JSON names)",
     "title": "page title",
 }
 
@@ -152,6 +161,22 @@ class _Figures:
 
 
 # ---------------------------------------------------------------- inputs
+
+
+class _Readable:
+    """The folders a report may read (see the module docstring)."""
+
+    def __init__(self, folders):
+        self.roots = [os.path.realpath(f) for f in folders if f]
+
+    def allows(self, path):
+        real = os.path.realpath(path)
+        return any(os.path.commonpath([real, root]) == root for root in self.roots)
+
+    def refusal(self, what, path):
+        """The one-line note for a path the report will not read."""
+        return (f"{what} {path} lies outside the folders given (run folder, evaluation folder, VAE folder, "
+                f"--read_dirs): not read; pass --read_dirs {path} to show it")
 
 
 def _load_eval(path):
@@ -482,14 +507,20 @@ def _padded(tiles, count):
     return list(tiles) + [None] * (count - len(tiles))
 
 
-def _samples_section(result, run_dir, figures, people, per_person, extent):
+def _samples_section(result, run_dir, figures, people, per_person, extent, readable):
     inputs = _dict(result.get("inputs")) if result is not None else {}
-    real_dir, gen_path = inputs.get("real_test") or "", inputs.get("generated") or ""
+    real_dir, gen_path = str(inputs.get("real_test") or ""), str(inputs.get("generated") or "")
     notes = []
     if not real_dir and run_dir and os.path.isdir(os.path.join(run_dir, "data")):
         real_dir = os.path.join(run_dir, "data")
     if not gen_path and run_dir and os.path.isdir(os.path.join(run_dir, "samples")):
         gen_path = os.path.join(run_dir, "samples")
+    if real_dir and not readable.allows(real_dir):
+        notes.append(readable.refusal("real folder", real_dir))
+        real_dir = ""
+    if gen_path and not readable.allows(gen_path):
+        notes.append(readable.refusal("generated samples", gen_path))
+        gen_path = ""
     if real_dir and not os.path.isdir(real_dir):
         notes.append(f"real folder {real_dir} not found")
         real_dir = ""
@@ -578,7 +609,7 @@ def _redrawn_grid(figures, name, png, alt, extent, row_labels, *, columns=None, 
     return _axes_note(extent) + figures.add(name, table, alt)
 
 
-def _memorisation_section(result, eval_json, figures, extent):
+def _memorisation_section(result, eval_json, figures, extent, readable):
     if result is None:
         return _note("No evaluation JSON given: nearest-neighbour pairs omitted.")
     memo = _dict(result.get("memorisation"))
@@ -591,7 +622,11 @@ def _memorisation_section(result, eval_json, figures, extent):
     picture = memo.get("picture")
     closest = [c for c in memo.get("closest") or [] if isinstance(c, dict)]
     if picture:
-        path = os.path.join(os.path.dirname(os.path.abspath(eval_json)), str(picture))
+        path = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(eval_json)), str(picture)))
+        if not readable.allows(path):
+            parts.append(_note(readable.refusal("pairs picture", path) + "."))
+            picture = None
+    if picture:
         try:
             with open(path, "rb") as f:
                 png = f.read()
@@ -605,7 +640,7 @@ def _memorisation_section(result, eval_json, figures, extent):
                                          tile_titles=titles, highlight_tiles=flagged))
         except (OSError, ValueError) as err:
             parts.append(_note(f"Cannot read the pairs picture {path}: {err}."))
-    else:
+    elif not memo.get("picture"):
         parts.append(_note("The evaluation wrote no pairs picture."))
     if closest:
         rows = []
@@ -634,7 +669,7 @@ def _value_text(value):
     return str(value)
 
 
-def _config_section(run_dir, vae_dir, figures, extent):
+def _config_section(run_dir, vae_dir, figures, extent, vae_note=None):
     import yaml
 
     parts = []
@@ -668,7 +703,7 @@ def _config_section(run_dir, vae_dir, figures, extent):
 
     parts.append("<h3>VAE</h3>")
     if not vae_dir:
-        parts.append(_note("No VAE folder given: VAE metrics omitted."))
+        parts.append(_note((vae_note or "No VAE folder given") + ": VAE metrics omitted."))
     elif not os.path.isdir(vae_dir):
         parts.append(_note(f"VAE folder {vae_dir} not found: VAE metrics omitted."))
     else:
@@ -735,14 +770,14 @@ def _stage_times_section(stage_times):
 # ---------------------------------------------------------------- the page
 
 
-def _data_extent(result, run_dir):
+def _data_extent(result, run_dir, readable):
     """What the real spectrograms span (the simulator's metadata.json beside
     them); the generated ones and the VAE's share it. None: unknown."""
     inputs = _dict(result.get("inputs")) if result is not None else {}
     folders = [inputs.get("real_test"), inputs.get("real_train")]
     if run_dir:
         folders += [os.path.join(run_dir, "data", "test"), os.path.join(run_dir, "data", "train")]
-    return read_extent([str(f) for f in folders if f])
+    return read_extent([str(f) for f in folders if f and readable.allows(str(f))])
 
 
 VERDICT_STYLE = {USABLE: "verdict-good", CAVEATS: "verdict-caveats", NOT_USABLE: "verdict-bad"}
@@ -762,17 +797,18 @@ def _verdict_box(result):
             f"<p>Verdict: {body}</p></div>")
 
 
-def _people_list(people):
-    if people is None:
+def _comma_list(items):
+    """A list or comma-separated text as a list of non-empty strings (None for none)."""
+    if items is None:
         return None
-    if isinstance(people, str):
-        people = people.split(",")
-    chosen = [str(p).strip() for p in people if str(p).strip()]
+    if isinstance(items, str):
+        items = items.split(",")
+    chosen = [str(p).strip() for p in items if str(p).strip()]
     return chosen or None
 
 
 def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, stage_times=None,
-                 title="guided-diffusion-vae report", people=None, per_person=4) -> str:
+                 title="guided-diffusion-vae report", people=None, per_person=4, read_dirs=()) -> str:
     """Write the HTML report and its figures; returns ``output_html``.
 
     :param eval_json: an evaluation JSON of ``scripts/evaluate.py``.
@@ -785,6 +821,9 @@ def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, sta
     :param people: person names (a list or comma-separated text) shown in the
         side-by-side; None shows everyone.
     :param per_person: real and generated images per person in it.
+    :param read_dirs: more folders the report may read (a list or
+        comma-separated text); nothing outside them, ``run_dir``, the
+        evaluation JSON's folder and ``vae_dir`` is read.
     """
     eval_json = os.fspath(eval_json) if eval_json else None
     run_dir = os.fspath(run_dir) if run_dir else None
@@ -803,14 +842,19 @@ def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, sta
         raise UserError(f"per_person must be at least 1, got {per_person}")
     if os.path.isdir(output_html):
         raise UserError(f"report output {output_html} is a folder; name an .html file")
-    people = _people_list(people)
+    people = _comma_list(people)
+    readable = _Readable([run_dir, vae_dir, eval_json and os.path.dirname(os.path.abspath(eval_json)),
+                          *(_comma_list(read_dirs) or [])])
+    vae_note = None
     if vae_dir is None:
         if run_dir and os.path.isdir(os.path.join(run_dir, "vae")):
             vae_dir = os.path.join(run_dir, "vae")
         elif result and _dict(result.get("inputs")).get("vae_path"):
             vae_dir = str(result["inputs"]["vae_path"])
+            if not readable.allows(vae_dir):
+                vae_note, vae_dir = readable.refusal("VAE folder", vae_dir), None
 
-    extent = _data_extent(result, run_dir)
+    extent = _data_extent(result, run_dir, readable)
     stem = os.path.splitext(os.path.basename(output_html))[0] or "report"
     figures = _Figures(os.path.join(os.path.dirname(os.path.abspath(output_html)), f"{stem}_files"))
     sections = []
@@ -822,10 +866,10 @@ def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, sta
                                                      "(run scripts/evaluate.py, then pass --eval_json).")))
     sections.append(("loss", "Training loss by timestep quartile", _loss_section(run_dir, figures)))
     sections.append(("samples", "Real and generated spectrograms",
-                     _samples_section(result, run_dir, figures, people, per_person, extent)))
+                     _samples_section(result, run_dir, figures, people, per_person, extent, readable)))
     sections.append(("memorisation", "Nearest training neighbours",
-                     _memorisation_section(result, eval_json, figures, extent)))
-    sections.append(("config", "Configuration", _config_section(run_dir, vae_dir, figures, extent)))
+                     _memorisation_section(result, eval_json, figures, extent, readable)))
+    sections.append(("config", "Configuration", _config_section(run_dir, vae_dir, figures, extent, vae_note)))
     if stage_times:
         sections.append(("stages", "Stage times", _stage_times_section(stage_times)))
 
