@@ -15,7 +15,7 @@ import re
 import torch
 
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write_safetensors, atomic_write_torch
 
 META_KEY = "guided_diffusion_vae"
 FORMAT_VERSION = 1
@@ -23,11 +23,9 @@ FORMAT_VERSION = 1
 
 def save_weights(path, state_dict, metadata):
     """Store ``state_dict`` as safetensors with ``metadata`` (a JSON-able dict)."""
-    from safetensors.torch import save_file
-
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state_dict.items()}
     header = {META_KEY: json.dumps({"format": FORMAT_VERSION, **metadata}, sort_keys=True)}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return atomic_write_safetensors(path, tensors, header)
 
 
 def read_metadata(path):
@@ -199,7 +197,7 @@ def check_state_fits(model, state_dict, source, checkpoint_config=None, model_co
 def save_training_state(path, state):
     """Optimizer, loss scaler, step and random states; tensors, numbers,
     strings, lists, tuples and dicts only, so ``weights_only`` loading works."""
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return atomic_write_torch(path, state)
 
 
 def load_training_state(path):

@@ -39,7 +39,7 @@ from .guidance import (
 )
 from .labels import default_label_map, normalize_label_map, null_class_index, people, resolve_user_ids
 from .images import to_uint8_images
-from .sample_io import save_samples
+from .sample_io import check_sample_folder, save_samples, save_samples_whole
 from .sample_loop import CLIP_MODES, SAMPLING_PRECISIONS, DenoisedClipper, NonFiniteSamples, generate_samples
 from .samplers import CORE_SAMPLERS, SAMPLER_NAMES, TIMESTEP_SPACINGS, build_scheduler, resolve_sampler, sampler_steps
 from .vae_wrapper import vae_from_description
@@ -285,6 +285,7 @@ def check_sampling_config(config):
         raise UserError(f"precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {config['precision']!r}")
     if config["output_dir"]:
         check_writable_target(config["output_dir"], "output_dir")
+        check_sample_folder(config["output_dir"])
 
 
 def _blind_start_risk(meta):
@@ -331,7 +332,8 @@ def run_sampling(config):
     sampler = resolve_sampler(config["sampler"], config["use_ddim"])
     dist_util.setup_dist()
     dist_util.set_threads(config["threads"], logger.log)
-    if not config["output_dir"]:  # the original writes to the logger's folder
+    into_log_dir = not config["output_dir"]
+    if into_log_dir:  # the original writes to the logger's folder
         logger.configure()
         config = {**config, "output_dir": logger.get_dir()}
     device = pick_device(config["device"]) if not dist_util.is_distributed() else dist_util.dev()
@@ -420,7 +422,9 @@ def run_sampling(config):
     if config["save_npy"]:  # float samples: dB from them, PNGs from their 8-bit rounding
         db_values = to_db(images.mean(axis=-1), parse_db_range(db_range))
         images = to_uint8_images(torch.from_numpy(images).permute(0, 3, 1, 2))
-    paths = save_samples(config["output_dir"], images, labels_out, label_map if class_cond else None,
-                         db_values=db_values)
+    # A folder of our own is replaced whole; the logger's folder (no
+    # --output_dir) also holds the log, so there samples are written beside it.
+    write = save_samples if into_log_dir else save_samples_whole
+    paths = write(config["output_dir"], images, labels_out, label_map if class_cond else None, db_values=db_values)
     logger.log(f"wrote {len(images)} samples to {config['output_dir']} (grid: {paths['grid']})")
     return paths
