@@ -129,13 +129,26 @@ def latent_sample_defaults():
     return {**sample_defaults(), "num_images_per_user": 5}
 
 
-def newest_checkpoint(folder, use_ema):
-    """The weights file a run folder stands for: its newest step, the EMA
-    with the largest rate (the slowest average) unless ``use_ema`` is False."""
+def _newest_model_file(folder):
+    """The model file of the newest complete step (``checkpoint.complete_steps``:
+    a save cut off before its training state never counts); a folder without
+    any training state (weights copied alone) stands for its newest model."""
     found = [n for n in os.listdir(folder) if re.fullmatch(r"model\d+\.(safetensors|pt)", n)]
     if not found:
         raise UserError(f"{folder} holds no modelNNNNNN.safetensors checkpoint")
-    newest = max(found, key=ckpt.parse_step)
+    complete = ckpt.complete_model_files(folder)
+    if complete:
+        return complete[-1]
+    if any(re.fullmatch(r"opt\d+\.pt", n) for n in os.listdir(folder)):
+        raise UserError(f"{folder}: no step has all its files (model, EMA and opt); the newest saves were cut off")
+    return max(found, key=ckpt.parse_step)
+
+
+def newest_checkpoint(folder, use_ema):
+    """The weights file a run folder stands for: its newest complete step
+    (:func:`_newest_model_file`), the EMA with the largest rate (the slowest
+    average) unless ``use_ema`` is False."""
+    newest = _newest_model_file(folder)
     if not use_ema:
         return os.path.join(folder, newest)
     step, suffix = ckpt.parse_step(newest), os.path.splitext(newest)[1]
