@@ -213,19 +213,31 @@ def folder_written_whole(path):
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def check_writable_target(path, flag):
+def check_writable_target(path, flag, named=None):
     """Refuse, before long work, an output folder that could not be written
     later: a file in the way, a path below a file, or a folder this user may
-    not write to. Creates nothing (a failed run leaves no empty folder)."""
+    not write to. Creates nothing (a failed run leaves no empty folder).
+    ``named``: the path the message names (default ``path``)."""
+    named = path if named is None else named
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path!r} exists and is not a folder")
+        raise UserError(f"{flag} {named!r} exists and is not a folder")
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path!r} lies below {parent!r}, which is a file")
+        raise UserError(f"{flag} {named!r} lies below {parent!r}, which is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path!r}: {parent!r} is not writable")
+        raise UserError(f"{flag} {named!r}: {parent!r} is not writable")
+    return path
+
+
+def check_writable_file(path, flag):
+    """Refuse, before long work, an output file that could not be written
+    later: a folder in the way, or a folder this user may not write to
+    (:func:`atomic_write` needs the folder, not the file). Creates nothing."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a folder; name a file")
+    check_writable_target(os.path.dirname(os.path.abspath(path)), flag, named=path)
     return path
 
 

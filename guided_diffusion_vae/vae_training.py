@@ -50,7 +50,7 @@ from .batching import BatchStream, ShardedBatchSampler
 from .cuda_graphs import ReplayedStep, graphs_usable
 from .ema import EMA, ema_decay
 from .errors import UserError, check_number
-from .files import folder_written_whole, undone_on_failure
+from .files import check_writable_target, folder_written_whole, undone_on_failure
 from .array_datasets import ArrayFolderDataset, data_folder_defaults, parse_db_range
 from .image_datasets import ImageDataset, data_files, detect_channels
 from .labels import class_names_from_paths
@@ -244,6 +244,13 @@ def _check_config(config):
     if config["channels"] not in (0, 1, 3):
         raise UserError(f"channels must be 0 (auto), 1 or 3, got {config['channels']}")
     parse_db_range(config["db_range"])
+    check_writable_target(config["output_dir"], "output_dir")
+    check_writable_target(_checkpoint_dir(config), "checkpoint_dir")
+
+
+def _checkpoint_dir(config):
+    """``--checkpoint_dir``, by default ``OUTPUT_DIR_train``."""
+    return config["checkpoint_dir"] or os.path.abspath(config["output_dir"]).rstrip("/") + "_train"
 
 
 # --------------------------------------------------------------------------- #
@@ -508,7 +515,7 @@ def train_vae(config):
     dist_util.setup_dist()
     rank, world, device = dist_util.rank(), dist_util.world_size(), dist_util.dev()
     dist_util.set_threads(config["threads"], logger.log)  # before the log folder exists
-    checkpoint_dir = config["checkpoint_dir"] or os.path.abspath(config["output_dir"]).rstrip("/") + "_train"
+    checkpoint_dir = _checkpoint_dir(config)
     with contextlib.ExitStack() as logging:
         # A start that fails (bad data, a state made with other settings)
         # leaves nothing new in checkpoint_dir, not even the log.

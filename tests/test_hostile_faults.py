@@ -359,3 +359,80 @@ def test_sigterm_to_mpiexec_alone_never_leaves_an_incomplete_step_to_sample(tmp_
     assert os.path.exists(ckpt.state_path(run, step)) and os.path.exists(ckpt.model_path(run, step))
     assert ckpt.parse_step(ckpt.latest_model_checkpoint(run)) == step
     ckpt.load_weights(chosen)
+
+
+# --------------------------------------------------------------------------- #
+# 20. read-only output folders, as a user who may not write there
+# --------------------------------------------------------------------------- #
+
+
+def _unprivileged(cmd):
+    """``cmd`` run as a user bound by file modes. Root writes anywhere, so as
+    root the command loses the capabilities that let it (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH): a root without them obeys a folder's mode like any
+    user, while still reading this interpreter and pytest's folders (0700 to
+    other users, so ``runuser`` to another account could not even start it)."""
+    if os.geteuid() != 0:
+        return cmd
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search", "--", *cmd]
+
+
+READ_ONLY_CASES = [
+    # (script, argv, what the line must name); {ro} is a read-only folder.
+    ("diagnose.py", ["--model_path", "{model}", "--output_json", "{ro}/diagnosis.json", "--device", "cpu",
+                     "--sampling_steps", "2", "--num_samples", "1"], "{ro}/diagnosis.json"),
+    ("vae_train.py", ["--data_dir", "{images}", "--image_size", "8", "--output_dir", "{ro}/vae", "--vae_size", "tiny",
+                      "--lr_anneal_steps", "1", "--batch_size", "2", "--num_workers", "0"], "{ro}/vae"),
+    ("interpolate.py", ["--model_path", "{model}", "--output_dir", "{ro}/frames", "--device", "cpu"], "{ro}/frames"),
+    ("image_train.py", ["--data_dir", "{images}", *TINY, "--batch_size", "2", "--lr_anneal_steps", "1",
+                        "--num_workers", "0", "--log_dir", "{ro}/run"], "{ro}/run"),
+    ("image_sample.py", ["--model_path", "{model}", "--output_dir", "{ro}/samples", "--timestep_respacing", "2"],
+     "{ro}/samples"),
+    ("benchmark.py", ["--quick", "True", "--device", "cpu", "--output_json", "{ro}/bench.json"], "{ro}/bench.json"),
+    ("report.py", ["--run_dir", "{root}", "--output", "{ro}/report.html"], "{ro}/report.html"),
+    ("quickstart.py", ["--run_dir", "{ro}/quick"], "{ro}/quick"),
+]
+
+
+def test_read_only_output_folders_are_one_line_before_any_work(tmp_path):
+    import json
+
+    root = tmp_path
+    model = _checkpoint(root / "model.safetensors")
+    images = _pixel_folder(root / "images")
+    ro = root / "read_only"
+    ro.mkdir()
+    ro.chmod(0o555)
+    fill = {"root": str(root), "model": model, "images": str(images), "ro": str(ro)}
+    cases = [{"script": f"{SCRIPTS}/{script}", "argv": [a.format(**fill) for a in argv]}
+             for script, argv, _ in READ_ONLY_CASES]
+    (root / "cases.json").write_text(json.dumps(cases))
+    started = time.time()
+    result = subprocess.run(_unprivileged([sys.executable, f"{REPO}/tests/helpers/run_cases.py",
+                                           str(root / "cases.json"), str(root / "results.json")]),
+                            env=_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((root / "results.json").read_text())
+    for (script, _, named), got in zip(READ_ONLY_CASES, results):
+        lines = got["stderr"].strip().splitlines()
+        assert got["code"] == 2 and len(lines) == 1 and lines[0].startswith("error: "), (script, got)
+        assert named.format(**fill) in lines[0] and "writable" in lines[0], (script, lines[0])
+    # Refused up front: diagnose printed no report (its sampling ran not once).
+    assert "OK" not in results[0]["stdout"] and "FAIL" not in results[0]["stdout"], results[0]["stdout"]
+    assert time.time() - started < 120
+    assert os.listdir(ro) == []
+
+
+def test_a_folder_made_read_only_mid_run_is_one_line_too(tmp_path, monkeypatch):
+    """What no check up front can see (permissions changed during the run)
+    still ends in one line naming the file, not a traceback."""
+    import contextlib
+
+    def write_denied():
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "late.json"))
+
+    stderr = io.StringIO()
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(stderr):
+        run_main(write_denied)
+    assert stop.value.code == 2
+    assert stderr.getvalue() == f"error: cannot write {tmp_path / 'late.json'}: permission denied\n"

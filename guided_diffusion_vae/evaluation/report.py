@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from ..files import atomic_write_bytes, read_json_object
+from ..files import atomic_write_bytes, check_writable_file, read_json_object
 from ..images import image_grid
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -795,6 +795,7 @@ def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, sta
         raise UserError("nothing to report: give an evaluation JSON (--eval_json) or a run folder (--run_dir)")
     if run_dir and not os.path.isdir(run_dir):
         raise UserError(f"run folder not found: {run_dir}")
+    check_writable_file(output_html, "output_html")
     result = _load_eval(eval_json) if eval_json else None
     try:
         per_person = int(per_person)
