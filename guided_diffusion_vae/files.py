@@ -42,10 +42,21 @@ def is_temporary(name):
     return bool(TEMPORARY.fullmatch(name) or SAFETENSORS_TEMPORARY.fullmatch(name))
 
 
+def _last_change(path):
+    """When ``path``, or for a folder anything directly in it, last changed:
+    a live writer keeps its temporary young however long its file takes."""
+    times = [os.lstat(path).st_mtime]
+    if os.path.isdir(path) and not os.path.islink(path):
+        with os.scandir(path) as entries:
+            times.extend(entry.stat(follow_symlinks=False).st_mtime for entry in entries)
+    return max(times)
+
+
 def remove_stale_temporaries(folder, min_age_s=STALE_AFTER_S):
     """Remove the temporaries (:func:`is_temporary`) in ``folder`` left by a
-    writer that was killed (SIGKILL, power loss). Only older ones: a live
-    writer is never disturbed within its first minute. Returns the names removed."""
+    writer that was killed (SIGKILL, power loss): those unchanged for a
+    minute, so a live writer (another rank writing its own file, say) is
+    never disturbed. Returns the names removed."""
     now = time.time()
     removed = []
     try:
@@ -55,7 +66,7 @@ def remove_stale_temporaries(folder, min_age_s=STALE_AFTER_S):
     for name in names:
         full = os.path.join(folder, name)
         try:
-            if not is_temporary(name) or now - os.lstat(full).st_mtime <= min_age_s:
+            if not is_temporary(name) or now - _last_change(full) <= min_age_s:
                 continue
             if os.path.isdir(full) and not os.path.islink(full):
                 shutil.rmtree(full)

@@ -36,7 +36,11 @@ def _temporaries(folder):
 
 
 def _age(path, seconds=3600):
+    """Make ``path`` (and what lies directly in it) look untouched for ``seconds``."""
     old = time.time() - seconds
+    if os.path.isdir(path):
+        for name in os.listdir(path):
+            os.utime(os.path.join(path, name), (old, old))
     os.utime(path, (old, old))
 
 
@@ -137,14 +141,20 @@ def test_every_writer_reports_a_full_disk_as_one_line_naming_the_file(writer, tm
 def test_stale_temporaries_of_any_file_are_cleared_at_the_next_write(tmp_path):
     """Left by killed writers: another step's training state, safetensors' own
     ``.tmpXXXXXX`` (older versions), a temporary folder holding one. The next
-    write into the folder removes every old one; a young one (a writer that
-    may be alive) and the user's files stay."""
+    write into the folder removes every old one; a young one, an old folder
+    whose file is still being written (a live writer, e.g. another rank) and
+    the user's files stay."""
     stale_state = tmp_path / ".opt000010.pt.k2j4h5g6.tmp"
     stale_safetensors = tmp_path / ".tmpAbC123"
     stale_folder = tmp_path / ".model000010.safetensors.q1w2e3r4.tmp"
     stale_folder.mkdir()
     (stale_folder / ".tmpQwErTy").write_bytes(b"x" * 100)
     young = tmp_path / ".opt000020.pt.z9y8x7w6.tmp"
+    busy = tmp_path / ".latents.npy.a1b2c3d4.tmp"  # made long ago, its file written to now
+    busy.mkdir()
+    (busy / "latents.npy").write_bytes(b"x")
+    _age(busy)
+    os.utime(busy / "latents.npy")  # appended to just now: the folder's own time stays old
     users = [tmp_path / ".notes", tmp_path / "draft.tmp", tmp_path / "model000001.safetensors"]
     for path in (stale_state, stale_safetensors, young, *users):
         path.write_bytes(b"x")
@@ -152,7 +162,7 @@ def test_stale_temporaries_of_any_file_are_cleared_at_the_next_write(tmp_path):
         _age(path)
     ckpt.save_training_state(str(tmp_path / "opt000030.pt"), {"step": 30})
     left = sorted(os.listdir(tmp_path))
-    assert left == sorted([young.name, "opt000030.pt", *(p.name for p in users)]), left
+    assert left == sorted([young.name, busy.name, "opt000030.pt", *(p.name for p in users)]), left
 
 
 _KILLED_SAVER = """
