@@ -34,11 +34,13 @@ _FILE_FAULTS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", 
                 errno.EPERM: "not permitted", errno.EROFS: "read-only file system"}
 
 
-def file_fault_message(err):
-    """One line for an OSError that is a file-system fault naming a file, else None."""
-    if not isinstance(err, OSError) or err.errno not in _FILE_FAULTS or not err.filename:
+def file_fault_message(err, path=None):
+    """One line for an OSError that is a file-system fault while writing
+    ``path`` (default: the file the error names), else None."""
+    path = err.filename if path is None and isinstance(err, OSError) else path
+    if not isinstance(err, OSError) or err.errno not in _FILE_FAULTS or not path:
         return None
-    return f"cannot write {os.fsdecode(err.filename)}: {_FILE_FAULTS[err.errno]}"
+    return f"cannot write {os.fsdecode(path)}: {_FILE_FAULTS[err.errno]}"
 
 
 def run_main(main_fn):

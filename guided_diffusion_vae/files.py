@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 
-from .errors import UserError
+from .errors import UserError, file_fault_message
 
 
 def _current_umask():
@@ -25,10 +25,11 @@ def _current_umask():
 
 
 # Every temporary this project writes is a folder named ``.<file>.<random>.tmp``
-# beside the file it becomes: the writer (ours, torch.save, safetensors, which
-# makes its own ``.tmpXXXXXX`` inside) writes ``<folder>/<file>`` there, and
-# the finished file is renamed out. A killed writer so leaves one entry whose
-# name says it is ours, removed with everything in it at a later start.
+# beside the file (or folder) it becomes: the writer writes ``<folder>/<file>``
+# there, with any temporaries of its own (diffusers' save_pretrained calls
+# safetensors' save_file, which makes a ``.tmpXXXXXX``), and the finished file
+# is renamed out. A killed writer so leaves one entry whose name says it is
+# ours, removed with everything in it at a later start.
 TEMPORARY = re.compile(r"\..+\.[a-z0-9_]+\.tmp")
 # What safetensors' save_file left beside a target before its writes went into
 # our folders (older runs).
@@ -105,20 +106,15 @@ def read_json_object(path):
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def no_space_error(path, err):
-    """The one-line error for ``err`` (ENOSPC/EDQUOT) while writing ``path``."""
-    return UserError(f"cannot write {os.fspath(path)}: disk full ({err.strerror or os.strerror(err.errno)}); "
-                     "the previous file, if any, is unchanged")
-
-
 @contextlib.contextmanager
 def disk_full_as_user_error(path):
-    """Turn a full disk or quota while writing ``path`` into one line."""
+    """Turn a full disk or quota while writing ``path`` into one line naming
+    ``path`` (not the temporary the error names)."""
     try:
         yield
     except OSError as err:
         if err.errno in NO_SPACE:
-            raise no_space_error(path, err) from None
+            raise UserError(f"{file_fault_message(err, path)}; the previous file, if any, is unchanged") from None
         raise
 
 
