@@ -20,6 +20,7 @@ import torch
 
 from . import dist_util, script_util
 from .errors import UserError
+from .files import check_writable_file
 from .sample_loop import generate_samples
 from .samplers import SAMPLER_NAMES
 from .train_util import TrainLoop
@@ -325,6 +326,8 @@ def loss_curves(flags, batch, modes, device, steps):
 def run_benchmark(config):
     """Run every model x mode, print a table, write JSON; returns the result dict."""
     check_benchmark_config(config)
+    if config["output_json"]:  # before the work, not after it
+        check_writable_file(config["output_json"], "output_json")
     if config["quick"]:
         config = {**config, "warmup_steps": min(int(config["warmup_steps"]), 2), "timed_steps": 2,
                   "repeat": min(int(config["repeat"]), 2), "sampling_steps": 2, "sampling_batch": 4,

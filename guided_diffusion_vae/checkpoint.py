@@ -15,7 +15,7 @@ import re
 import torch
 
 from .errors import UserError
-from .files import atomic_write
+from .files import atomic_write_safetensors, atomic_write_torch
 
 META_KEY = "guided_diffusion_vae"
 FORMAT_VERSION = 1
@@ -23,11 +23,9 @@ FORMAT_VERSION = 1
 
 def save_weights(path, state_dict, metadata):
     """Store ``state_dict`` as safetensors with ``metadata`` (a JSON-able dict)."""
-    from safetensors.torch import save_file
-
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state_dict.items()}
     header = {META_KEY: json.dumps({"format": FORMAT_VERSION, **metadata}, sort_keys=True)}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    return atomic_write_safetensors(path, tensors, header)
 
 
 def read_metadata(path):
@@ -199,7 +197,7 @@ def check_state_fits(model, state_dict, source, checkpoint_config=None, model_co
 def save_training_state(path, state):
     """Optimizer, loss scaler, step and random states; tensors, numbers,
     strings, lists, tuples and dicts only, so ``weights_only`` loading works."""
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return atomic_write_torch(path, state)
 
 
 def load_training_state(path):
@@ -231,17 +229,31 @@ def state_path(folder, step):
     return os.path.join(folder, f"opt{step:06d}.pt")
 
 
-def latest_model_checkpoint(folder):
-    """The newest ``modelNNNNNN.safetensors`` in ``folder`` whose training
-    state was also written, or None."""
+_MODEL_NAME = re.compile(r"model(\d+)\.(safetensors|pt)")
+
+
+def complete_model_files(folder):
+    """The model files in ``folder`` (ours and the original's ``.pt``), oldest
+    first, whose step is complete: its training state exists too. A save
+    writes the model, each EMA and then the training state, each atomically,
+    and pruning removes the training state first, so a save cut off by a kill
+    never counts, for resume or for sampling."""
     if not os.path.isdir(folder):
-        return None
-    steps = [
-        parse_step(name)
-        for name in os.listdir(folder)
-        if re.fullmatch(r"model\d+\.safetensors", name) and os.path.exists(state_path(folder, parse_step(name)))
-    ]
-    return model_path(folder, max(steps)) if steps else None
+        return []
+    found = [name for name in os.listdir(folder)
+             if (m := _MODEL_NAME.fullmatch(name)) and os.path.exists(state_path(folder, int(m.group(1))))]
+    return sorted(found, key=parse_step)
+
+
+def complete_steps(folder):
+    """The steps of :func:`complete_model_files` saved by us (safetensors)."""
+    return [parse_step(n) for n in complete_model_files(folder) if n.endswith(".safetensors")]
+
+
+def latest_model_checkpoint(folder):
+    """The newest complete ``modelNNNNNN.safetensors`` in ``folder``, or None."""
+    steps = complete_steps(folder)
+    return model_path(folder, steps[-1]) if steps else None
 
 
 _EMA_NAME = re.compile(r"ema_[0-9.eE+-]+_(\d+)\.safetensors")
@@ -269,7 +281,7 @@ def prune_checkpoints(folder, keep, current_step):
     steps = {parse_step(n) for n in names if re.fullmatch(r"model\d+\.safetensors", n)}
     steps |= {int(m.group(1)) for n in names if (m := _EMA_NAME.fullmatch(n))}
     steps = sorted(s for s in steps if s <= current_step)
-    complete = [s for s in steps if os.path.exists(state_path(folder, s)) and os.path.exists(model_path(folder, s))]
+    complete = [s for s in complete_steps(folder) if s <= current_step]
     kept = set(complete[-int(keep):])
     removed = [s for s in steps if s not in kept]
     for step in removed:

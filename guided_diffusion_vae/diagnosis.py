@@ -50,7 +50,7 @@ from . import checkpoint as ckpt
 from . import script_util
 from .dist_util import pick_device
 from .errors import UserError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, check_writable_file
 from .image_datasets import ImageDataset, list_image_files
 from .labels import default_label_map, people
 from . import sample_from_checkpoint as sampling
@@ -511,6 +511,8 @@ def run_diagnosis(config):
     for key in ("num_samples", "sampling_steps", "num_images"):
         if int(config[key]) < 1:
             raise UserError(f"{key} must be >= 1, got {config[key]}")
+    if config.get("output_json"):  # before the work, not after it
+        check_writable_file(config["output_json"], "output_json")
     path = resolve_weights_file(config["model_path"], config["use_ema"])
     if ckpt.read_metadata(path) is None:
         raise UserError(f"{path} is a bare state dict: it records no model, VAE or training settings to check; "

@@ -46,6 +46,7 @@ from __future__ import annotations
 import atexit
 import io
 import os
+import signal
 import socket
 from typing import Any, Iterable, Optional
 
@@ -295,6 +296,15 @@ def setup_dist(backend: Optional[str] = None) -> torch.device:
             atexit.register(_leave_group_at_exit)
     _state.ready = True
     return dev()
+
+
+# Signals that ask a run to save and stop. SIGTERM: what SLURM, docker and
+# Kubernetes send the whole process group. SIGINT: Ctrl-C. SIGUSR1: what to
+# send Open MPI's mpiexec, which forwards it to every rank and waits; mpiexec
+# answers SIGTERM itself by signalling the ranks SIGCONT, SIGTERM 0.25 s later
+# and SIGKILL 0.25 s after that (PRRTE 3, no setting changes it), too soon
+# for a save. SLURM's ``--signal=USR1@SECONDS`` sends it before a time limit.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 def threads_defaults() -> dict:

@@ -1,7 +1,9 @@
 """Errors that are the user's to fix: one line naming the culprit."""
 
+import errno
 import math
 import numbers
+import os
 import reprlib
 import sys
 import traceback
@@ -57,16 +59,36 @@ def main_failed() -> bool:
     return _main_failed
 
 
+# Faults of the machine or the file system that the user fixes (room,
+# permissions), not bugs: reported in one line like a UserError.
+_FILE_FAULTS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied",
+                errno.EPERM: "not permitted", errno.EROFS: "read-only file system"}
+
+
+def file_fault_message(err, path=None):
+    """One line for an OSError that is a file-system fault while writing
+    ``path`` (default: the file the error names), else None."""
+    path = err.filename if path is None and isinstance(err, OSError) else path
+    if not isinstance(err, OSError) or err.errno not in _FILE_FAULTS or not path:
+        return None
+    return f"cannot write {os.fsdecode(path)}: {_FILE_FAULTS[err.errno]}"
+
+
 def run_main(main_fn):
-    """Call ``main_fn()``; a UserError becomes a one-line message and exit code 2."""
+    """Call ``main_fn()``; a UserError, or a file-system fault that no check
+    caught before (a folder made read-only mid-run, a full disk), becomes a
+    one-line message and exit code 2."""
     global _main_failed
     try:
         return main_fn()
-    except UserError as err:
+    except (UserError, OSError) as err:
+        message = str(err) if isinstance(err, UserError) else file_fault_message(err)
         _main_failed = True
+        if message is None:
+            raise
         if _debug:
             traceback.print_exc()
-        print(f"error: {one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(message)}", file=sys.stderr)
         sys.exit(2)
     except BaseException:
         _main_failed = True

@@ -8,12 +8,14 @@ given the permissions the umask allows, and renamed into place.
 import contextlib
 import errno
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 import time
 
-from .errors import UserError
+from .errors import UserError, file_fault_message
 
 
 def _current_umask():
@@ -22,19 +24,69 @@ def _current_umask():
     return mask
 
 
-def _remove_stale_temporaries(folder, prefix, min_age_s=60.0):
-    """Temporaries of this file left by a writer that was killed (SIGKILL,
-    power loss). Only older ones: a live writer of the same file is unlikely,
-    but never disturbed within its first minute."""
+# Every temporary this project writes is a folder named ``.<file>.<random>.tmp``
+# beside the file (or folder) it becomes: the writer writes ``<folder>/<file>``
+# there, with any temporaries of its own (diffusers' save_pretrained calls
+# safetensors' save_file, which makes a ``.tmpXXXXXX``), and the finished file
+# is renamed out. A killed writer so leaves one entry whose name says it is
+# ours, removed with everything in it at a later start.
+TEMPORARY = re.compile(r"\..+\.[a-z0-9_]+\.tmp")
+# What safetensors' save_file left beside a target before its writes went into
+# our folders (older runs).
+SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
+STALE_AFTER_S = 60.0
+_swept_at = {}  # folder -> time of its last sweep, so a folder is listed once a minute
+
+
+def is_temporary(name):
+    """Whether ``name`` (a folder entry) is a temporary of ours."""
+    return bool(TEMPORARY.fullmatch(name) or SAFETENSORS_TEMPORARY.fullmatch(name))
+
+
+def _last_change(path):
+    """When ``path``, or for a folder anything directly in it, last changed:
+    a live writer keeps its temporary young however long its file takes."""
+    times = [os.lstat(path).st_mtime]
+    if os.path.isdir(path) and not os.path.islink(path):
+        with os.scandir(path) as entries:
+            times.extend(entry.stat(follow_symlinks=False).st_mtime for entry in entries)
+    return max(times)
+
+
+def remove_stale_temporaries(folder, min_age_s=STALE_AFTER_S):
+    """Remove the temporaries (:func:`is_temporary`) in ``folder`` left by a
+    writer that was killed (SIGKILL, power loss): those unchanged for a
+    minute, so a live writer (another rank writing its own file, say) is
+    never disturbed. Returns the names removed."""
     now = time.time()
-    for name in os.listdir(folder):
-        if name.startswith(prefix) and name.endswith(".tmp"):
-            full = os.path.join(folder, name)
-            try:
-                if now - os.path.getmtime(full) > min_age_s:
-                    os.remove(full)
-            except OSError:
-                pass
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        full = os.path.join(folder, name)
+        try:
+            if not is_temporary(name) or now - _last_change(full) <= min_age_s:
+                continue
+            if os.path.isdir(full) and not os.path.islink(full):
+                shutil.rmtree(full)
+            else:
+                os.remove(full)
+            removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def _sweep_now_and_then(folder):
+    """:func:`remove_stale_temporaries` at the first write into ``folder`` and
+    then at most once a minute (a restarted run's temporaries are young at
+    its start, old a minute later)."""
+    now = time.time()
+    if now - _swept_at.get(folder, -math.inf) > STALE_AFTER_S:
+        _swept_at[folder] = now
+        remove_stale_temporaries(folder)
 
 
 def read_json_object(path):
@@ -50,32 +102,47 @@ def read_json_object(path):
     return value
 
 
+# Write errors that mean "no room", a fault of the machine the user can fix.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_full_as_user_error(path):
+    """Turn a full disk or quota while writing ``path`` into one line naming
+    ``path`` (not the temporary the error names)."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in NO_SPACE:
+            raise UserError(f"{file_fault_message(err, path)}; the previous file, if any, is unchanged") from None
+        raise
+
+
 def atomic_write(path, write_fn):
     """Call ``write_fn(tmp_path)`` then move the finished file onto ``path``.
 
-    The temporary file lives in the same folder (so the rename is atomic) and
-    is fsynced first: a crash at any moment leaves either the old file or the
-    complete new one, never a torn file.
+    ``tmp_path`` has ``path``'s name inside a temporary folder beside it (see
+    ``TEMPORARY``), so the rename is atomic and whatever a writer adds
+    there goes with the folder. The file is fsynced first: a crash at any
+    moment leaves either the old file or the complete new one, never a torn
+    file. A full disk is a :class:`UserError` naming ``path``.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    prefix = f".{os.path.basename(path)}."
-    _remove_stale_temporaries(folder, prefix)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        # mkstemp makes 0600 files (and a writer may replace the file); what we
-        # publish respects the umask, as open() would, so collaborators on a
-        # shared cluster can read it.
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with disk_full_as_user_error(path):
+        os.makedirs(folder, exist_ok=True)
+        _sweep_now_and_then(folder)
+        workspace = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+        try:
+            tmp = os.path.join(workspace, os.path.basename(path))
+            write_fn(tmp)
+            # A writer may make 0600 files; what we publish respects the
+            # umask, as open() would, so collaborators on a shared cluster can read it.
+            os.chmod(tmp, 0o666 & ~_current_umask())
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(workspace, ignore_errors=True)
     try:  # make the rename itself durable
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
@@ -95,6 +162,27 @@ def atomic_write_bytes(path, data):
     return atomic_write(path, write)
 
 
+def atomic_write_safetensors(path, tensors, metadata=None):
+    """``tensors`` (a dict of CPU tensors) as a safetensors file, atomically.
+    Serialised here and written by us, not by ``save_file``: that one makes its
+    own temporary and reports a full disk as a bare message without errno."""
+    from safetensors.torch import save
+
+    return atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def atomic_write_torch(path, obj):
+    """``torch.save(obj)`` atomically, through a file object, so a full disk
+    reaches us as an OSError (torch's own path writer reports no errno)."""
+    import torch
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return atomic_write(path, write)
+
+
 def atomic_write_npy(path, array):
     """``np.save`` of ``array`` (never with pickled objects), atomically."""
     import numpy as np
@@ -106,19 +194,57 @@ def atomic_write_npy(path, array):
     return atomic_write(path, write)
 
 
-def check_writable_target(path, flag):
+@contextlib.contextmanager
+def folder_written_whole(path):
+    """Yield an empty staging folder beside ``path`` (a temporary by name);
+    once the block completes, it replaces ``path`` whole: the old folder is
+    renamed aside, the staging folder renamed into place, the old one removed.
+    A run killed or failing before that leaves ``path`` as it was, so a folder
+    never mixes two runs' files (a kill between the two renames leaves no
+    ``path``, both versions lying beside it as temporaries)."""
+    path = os.path.abspath(path)
+    parent, name = os.path.split(path)
+    with disk_full_as_user_error(path):
+        os.makedirs(parent, exist_ok=True)
+        remove_stale_temporaries(parent)
+        staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+        try:
+            yield staging
+            os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes 0700 folders
+            old = f"{staging[:-len('.tmp')]}.old.tmp"
+            if os.path.lexists(path):
+                os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_writable_target(path, flag, named=None):
     """Refuse, before long work, an output folder that could not be written
     later: a file in the way, a path below a file, or a folder this user may
-    not write to. Creates nothing (a failed run leaves no empty folder)."""
+    not write to. Creates nothing (a failed run leaves no empty folder).
+    ``named``: the path the message names (default ``path``)."""
+    named = path if named is None else named
     if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path!r} exists and is not a folder")
+        raise UserError(f"{flag} {named!r} exists and is not a folder")
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise UserError(f"{flag} {path!r} lies below {parent!r}, which is a file")
+        raise UserError(f"{flag} {named!r} lies below {parent!r}, which is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path!r}: {parent!r} is not writable")
+        raise UserError(f"{flag} {named!r}: {parent!r} is not writable")
+    return path
+
+
+def check_writable_file(path, flag):
+    """Refuse, before long work, an output file that could not be written
+    later: a folder in the way, or a folder this user may not write to
+    (:func:`atomic_write` needs the folder, not the file). Creates nothing."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a folder; name a file")
+    check_writable_target(os.path.dirname(os.path.abspath(path)), flag, named=path)
     return path
 
 

@@ -673,10 +673,10 @@ def load_data(
 
 
 def ignore_stop_signals(_worker_id=None):
-    """In data-loader workers: SLURM, docker and Kubernetes signal the whole
-    process group; the workers must live on while the trainer saves."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """In data-loader workers: SLURM, docker, Kubernetes and mpiexec signal the
+    whole process group; the workers must live on while the trainer saves."""
+    for sig in dist_util.STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _kill_loader_workers_at_exit():

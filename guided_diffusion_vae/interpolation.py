@@ -28,7 +28,7 @@ from torch import nn
 from . import logger, script_util
 from .dist_util import pick_device
 from .errors import UserError
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, check_writable_target
 from .images import image_grid, save_png, to_pil, to_uint8_images
 from .labels import class_name, default_label_map, people, resolve_user_ids
 from . import sample_from_checkpoint as sampling
@@ -199,8 +199,7 @@ def check_interpolate_config(config):
         raise UserError("model_path is required: a checkpoint file or a run folder")
     if not config["output_dir"]:
         raise UserError("output_dir is required: the folder for the frames, strip.png and interpolation.gif")
-    if os.path.exists(config["output_dir"]) and not os.path.isdir(config["output_dir"]):
-        raise UserError(f"output_dir {config['output_dir']} exists and is not a folder")
+    check_writable_target(config["output_dir"], "output_dir")
     if int(config["steps"]) < 2:
         raise UserError(f"steps must be >= 2 (the frames, both endpoints included), got {config['steps']}")
     if int(config["batch_size"]) < 1:

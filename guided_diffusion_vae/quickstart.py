@@ -32,7 +32,7 @@ import time
 from . import logger
 from .dist_util import set_threads, threads_defaults
 from .errors import UserError
-from .files import atomic_write_bytes, read_json_object
+from .files import atomic_write_bytes, check_writable_target, read_json_object
 from .simulate import simulate_dataset
 from .vae_training import train_vae, vae_train_defaults
 from .latent_datasets import build_latent_cache, encode_latents_defaults
@@ -374,8 +374,7 @@ def run_quickstart(config, preset=None):
     run_dir = os.path.abspath(config["run_dir"])
     settings = stage_settings(config, preset)
     # Checked before anything is written: a refused rerun leaves the run folder as it was.
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise UserError(f"run_dir {run_dir!r} exists and is not a folder")
+    check_writable_target(run_dir, "run_dir")
     stages = Stages(run_dir)
     change = stages.first_change(settings, config["until"])
     if change and not config.get("overwrite"):

@@ -40,7 +40,7 @@ from .guidance import (
 )
 from .labels import default_label_map, normalize_label_map, null_class_index, people, resolve_user_ids
 from .images import to_uint8_images
-from .sample_io import save_samples
+from .sample_io import check_sample_folder, save_samples, save_samples_whole
 from .sample_loop import CLIP_MODES, SAMPLING_PRECISIONS, DenoisedClipper, NonFiniteSamples, generate_samples
 from .samplers import CORE_SAMPLERS, SAMPLER_NAMES, TIMESTEP_SPACINGS, build_scheduler, resolve_sampler, sampler_steps
 from .vae_wrapper import latent_shape_of, vae_from_description
@@ -133,13 +133,26 @@ def latent_sample_defaults():
     return {**sample_defaults(), "num_images_per_user": 5}
 
 
-def newest_checkpoint(folder, use_ema):
-    """The weights file a run folder stands for: its newest step, the EMA
-    with the largest rate (the slowest average) unless ``use_ema`` is False."""
+def _newest_model_file(folder):
+    """The model file of the newest complete step (``checkpoint.complete_steps``:
+    a save cut off before its training state never counts); a folder without
+    any training state (weights copied alone) stands for its newest model."""
     found = [n for n in os.listdir(folder) if re.fullmatch(r"model\d+\.(safetensors|pt)", n)]
     if not found:
         raise UserError(f"{folder} holds no modelNNNNNN.safetensors checkpoint")
-    newest = max(found, key=ckpt.parse_step)
+    complete = ckpt.complete_model_files(folder)
+    if complete:
+        return complete[-1]
+    if any(re.fullmatch(r"opt\d+\.pt", n) for n in os.listdir(folder)):
+        raise UserError(f"{folder}: no step has all its files (model, EMA and opt); the newest saves were cut off")
+    return max(found, key=ckpt.parse_step)
+
+
+def newest_checkpoint(folder, use_ema):
+    """The weights file a run folder stands for: its newest complete step
+    (:func:`_newest_model_file`), the EMA with the largest rate (the slowest
+    average) unless ``use_ema`` is False."""
+    newest = _newest_model_file(folder)
     if not use_ema:
         return os.path.join(folder, newest)
     step, suffix = ckpt.parse_step(newest), os.path.splitext(newest)[1]
@@ -340,6 +353,7 @@ def check_sampling_config(config):
         raise UserError(f"precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {shown(config['precision'])}")
     if config["output_dir"]:
         check_writable_target(config["output_dir"], "output_dir")
+        check_sample_folder(config["output_dir"])
 
 
 def _blind_start_risk(meta):
@@ -387,7 +401,7 @@ def run_sampling(config):
     dist_util.setup_dist()
     dist_util.set_threads(config["threads"], logger.log)
     if config["output_dir"]:
-        return _draw_and_save(config, sampler)
+        return _draw_and_save(config, sampler, into_log_dir=False)
     # The original writes into the logger's folder ($OPENAI_LOGDIR, else a
     # new temporary one); a run that fails leaves nothing there, not even the
     # folder or its log.
@@ -395,11 +409,12 @@ def run_sampling(config):
     check_writable_target(log_dir, named)
     with undone_on_failure(log_dir if dist_util.is_main() else None, before_undo=logger.close):
         logger.configure(dir=log_dir)
-        return _draw_and_save({**config, "output_dir": log_dir}, sampler)
+        return _draw_and_save({**config, "output_dir": log_dir}, sampler, into_log_dir=True)
 
 
-def _draw_and_save(config, sampler):
-    """:func:`run_sampling` once the output folder is settled."""
+def _draw_and_save(config, sampler, into_log_dir):
+    """:func:`run_sampling` once the output folder is settled (``into_log_dir``:
+    the logger's folder, which also holds the log)."""
     device = pick_device(config["device"]) if not dist_util.is_distributed() else dist_util.dev()
     model, diffusion_config, meta, path = load_sampling_model(config, device)
     check_outside(config["output_dir"], "output_dir", (meta.get("data") or {}).get("data_dir"),
@@ -491,7 +506,9 @@ def _draw_and_save(config, sampler):
     if config["save_npy"]:  # float samples: dB from them, PNGs from their 8-bit rounding
         db_values = to_db(images.mean(axis=-1), parse_db_range(db_range))
         images = to_uint8_images(torch.from_numpy(images).permute(0, 3, 1, 2))
-    paths = save_samples(config["output_dir"], images, labels_out, label_map if class_cond else None,
-                         db_values=db_values)
+    # A folder of our own is replaced whole; the logger's folder (no
+    # --output_dir) also holds the log, so there samples are written beside it.
+    write = save_samples if into_log_dir else save_samples_whole
+    paths = write(config["output_dir"], images, labels_out, label_map if class_cond else None, db_values=db_values)
     logger.log(f"wrote {len(images)} samples to {config['output_dir']} (grid: {paths['grid']})")
     return paths

@@ -4,12 +4,54 @@ models of spectrogram arrays optionally one float32 ``.npy`` per sample in dB.""
 
 import json
 import os
+import re
 
 import numpy as np
 
-from .files import atomic_write, atomic_write_bytes, atomic_write_npy
+from .errors import UserError
+from .files import atomic_write, atomic_write_bytes, atomic_write_npy, folder_written_whole
 from .images import image_grid, save_png
 from .labels import class_name, folder_names
+
+
+# What save_samples writes: a sample folder holds these and nothing else.
+_SAMPLE_FILE = re.compile(r"generated_\d+\.(png|npy)")
+_RUN_FILE = re.compile(r"grid\.png|classes\.json|samples_[0-9x]+\.npz")
+
+
+def _is_sample_entry(folder, name):
+    full = os.path.join(folder, name)
+    if os.path.isdir(full) and not os.path.islink(full):
+        return all(_SAMPLE_FILE.fullmatch(n) for n in os.listdir(full))
+    return bool(_RUN_FILE.fullmatch(name))
+
+
+def check_sample_folder(output_dir, flag="output_dir"):
+    """Refuse an existing ``output_dir`` that holds anything but an earlier
+    sampling run's files: :func:`save_samples_whole` replaces it whole."""
+    if not os.path.isdir(output_dir):
+        return
+    foreign = sorted(n for n in os.listdir(output_dir) if not _is_sample_entry(output_dir, n))
+    if foreign:
+        raise UserError(f"{flag} {output_dir!r} holds files that are not samples (e.g. {foreign[0]!r}), and a "
+                        "sampling run replaces its folder whole: choose a new or empty folder")
+
+
+def save_samples_whole(output_dir, images, labels=None, label_map=None, db_values=None):
+    """:func:`save_samples` into a staging folder that then replaces
+    ``output_dir`` whole (``files.folder_written_whole``): a run stopped while
+    writing leaves the previous run's samples, and a rerun never mixes its
+    samples with older ones (``evaluate.py`` counts every file it finds).
+    Returns the paths as they lie in ``output_dir``."""
+    check_sample_folder(output_dir)
+    with folder_written_whole(output_dir) as staging:
+        paths = save_samples(staging, images, labels, label_map, db_values=db_values)
+
+    def moved(path):
+        return os.path.join(output_dir, os.path.relpath(path, staging))
+
+    return {key: [moved(p) for p in value] if isinstance(value, list) else moved(value)
+            for key, value in paths.items()}
 
 
 def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=None, db_values=None):

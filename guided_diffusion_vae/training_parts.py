@@ -3,8 +3,10 @@ trainer and the noisy-classifier trainer wrap for several processes, run in
 bf16, average weights (``ema``) and resume the same way.
 
 SIGTERM (preemption: SLURM, docker and Kubernetes signal the whole process
-group) and SIGINT (Ctrl-C, a notebook's stop button) ask a trainer to save
-and return (:class:`StopRequests`); data-loader workers ignore both.
+group), SIGINT (Ctrl-C, a notebook's stop button) and SIGUSR1 (to mpiexec,
+which forwards it to the ranks) ask a trainer to save and return
+(:class:`StopRequests`, ``dist_util.STOP_SIGNALS``); data-loader workers
+ignore them.
 
 Resume states are ``<prefix>_state_<step:06d>.pt`` files read with
 ``weights_only=True``; each records the settings it was written with, and a
@@ -98,8 +100,8 @@ def settings_text(settings):
 
 
 class StopRequests:
-    """Records SIGTERM and SIGINT while a trainer runs (``with StopRequests() as stop``);
-    a second SIGINT interrupts at once. ``stop.requested(device, check)`` is
+    """Records the stop signals (``dist_util.STOP_SIGNALS``) while a trainer
+    runs (``with StopRequests() as stop``); a second SIGINT interrupts at once. ``stop.requested(device, check)`` is
     the same on every rank: with several processes it is agreed on only
     when ``check`` is true (e.g. at log steps), as an all-reduce."""
 
@@ -113,7 +115,7 @@ class StopRequests:
 
     def __enter__(self):
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in dist_util.STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._record)
         except ValueError:  # not the main thread: leave signals alone
             self._previous = {}

@@ -39,7 +39,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 
 import numpy as np
@@ -51,7 +50,7 @@ from .batching import BatchStream, ShardedBatchSampler
 from .cuda_graphs import ReplayedStep, graphs_usable
 from .ema import EMA, ema_decay
 from .errors import UserError, check_number, shown
-from .files import check_outside, lock_folder, undone_on_failure
+from .files import check_outside, check_writable_target, folder_written_whole, lock_folder, undone_on_failure
 from .array_datasets import ArrayFolderDataset, data_folder_defaults, parse_db_range
 from .image_datasets import ImageDataset, data_files, detect_channels, pixel_batches
 from .labels import class_names_from_paths
@@ -247,6 +246,8 @@ def _check_config(config):
     parse_db_range(config["db_range"])
     check_outside(config["output_dir"], "output_dir", config["data_dir"], "data_dir")
     check_outside(*_checkpoint_dir(config), config["data_dir"], "data_dir")
+    check_writable_target(config["output_dir"], "output_dir")
+    check_writable_target(*_checkpoint_dir(config))
 
 
 # --------------------------------------------------------------------------- #
@@ -444,34 +445,25 @@ def _save_png(path, array):
 def export_vae(vae, output_dir, *, stats, metrics, grid):
     """Write ``output_dir`` as a whole: save into a temporary sibling folder,
     then rename it into place (an old export is swapped out, then removed)."""
-    output_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(output_dir)}.tmp{os.getpid()}")
-    old = os.path.join(parent, f".{os.path.basename(output_dir)}.old{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # The config then carries our measured scale, for other diffusers users;
-    # our own code never reads scaling_factor (see vae_wrapper).
-    vae.register_to_config(scaling_factor=float(stats["latent_scale"]))
-    vae.save_pretrained(tmp, safe_serialization=True)
-    stats = dict(stats, fingerprint=vae_fingerprint(tmp), input_range="-1,1", sample_posterior=False)
-    metrics = dict(metrics, fingerprint=stats["fingerprint"])
-    for name, obj in ((LATENT_STATS_FILE, stats), (METRICS_FILE, metrics)):
-        with open(os.path.join(tmp, name), "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-    _save_png(os.path.join(tmp, GRID_FILE), grid)
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in os.listdir(tmp):
-        # Temporary-file writers create 0600 files; a model folder is for sharing.
-        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-        with open(os.path.join(tmp, name), "rb") as f:
-            os.fsync(f.fileno())
-    if os.path.exists(output_dir):
-        os.replace(output_dir, old)
-    os.replace(tmp, output_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    with folder_written_whole(output_dir) as tmp:
+        # The config then carries our measured scale, for other diffusers users;
+        # our own code never reads scaling_factor (see vae_wrapper).
+        vae.register_to_config(scaling_factor=float(stats["latent_scale"]))
+        vae.save_pretrained(tmp, safe_serialization=True)
+        stats = dict(stats, fingerprint=vae_fingerprint(tmp), input_range="-1,1", sample_posterior=False)
+        metrics = dict(metrics, fingerprint=stats["fingerprint"])
+        for name, obj in ((LATENT_STATS_FILE, stats), (METRICS_FILE, metrics)):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(obj, f, indent=2, sort_keys=True)
+                f.write("\n")
+        _save_png(os.path.join(tmp, GRID_FILE), grid)
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in os.listdir(tmp):
+            # Temporary-file writers create 0600 files; a model folder is for sharing.
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
     return stats, metrics
 
 

@@ -72,8 +72,6 @@ def test_a_value_starting_with_a_minus_sign_belongs_to_its_flag(tmp_path):
 def test_hostile_yaml_is_refused_quickly_in_one_short_line(tmp_path):
     """Issue 21: an oversized file, and an alias bomb whose values a wrong
     type would echo, are one short line each, in well under a second of work."""
-    import time
-
     from guided_diffusion_vae.config import MAX_CONFIG_BYTES
 
     path = _write(tmp_path, "# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))

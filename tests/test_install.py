@@ -4,6 +4,7 @@ CI installs and tests exactly as the README says."""
 
 import os
 import re
+import site
 import subprocess
 import sys
 import textwrap
@@ -11,12 +12,33 @@ import textwrap
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_non_editable_install_runs_the_quickstart(tmp_path):
-    venv = tmp_path / "venv"
-    # The venv sees this interpreter's packages (torch, diffusers, ...); only
-    # the project itself is installed into it, from a copy-free build.
+def _site_folders():
+    """Where this interpreter finds its packages: the site-packages of the
+    venv pytest may run in, then those of the interpreter it was made from."""
+    folders = [*site.getsitepackages(), site.getusersitepackages()]
+    return [f for f in dict.fromkeys(folders) if os.path.isdir(f)]
+
+
+def _venv_seeing_this_interpreters_packages(venv):
+    """A venv that sees the packages this interpreter sees (torch, diffusers,
+    setuptools, wheel, ...) behind its own. ``--system-site-packages`` alone
+    is not that when pytest runs in a venv: ``venv`` builds on the base
+    interpreter, whose packages may lack setuptools' ``bdist_wheel``."""
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    # Plain lines of a .pth go after the venv's own folder on sys.path (the
+    # installed project wins), and .pth files inside them are not run (an
+    # editable install of the checkout stays out).
+    with open(os.path.join(own, "_test_interpreter_packages.pth"), "w") as f:
+        f.write("".join(folder + "\n" for folder in _site_folders()))
+    return python
+
+
+def test_non_editable_install_runs_the_quickstart(tmp_path):
+    # Only the project itself is installed into the venv, from a copy-free build.
+    python = _venv_seeing_this_interpreters_packages(tmp_path / "venv")
     build = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                             "--no-index", ROOT], capture_output=True, text=True,
                            env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"))

@@ -374,7 +374,7 @@ def test_report_leads_with_the_verdict(tmp_path):
     assert box < page.index("<nav>") and box < page.index("<h2")
     assert page.index("<h1>") < box and page[:box].count("<p") == 0  # nothing but the title above it
     headline, paragraph = verdict(result)
-    assert headline == CAVEATS and f"class=\"verdict verdict-caveats\"" in page
+    assert headline == CAVEATS and "class=\"verdict verdict-caveats\"" in page
     assert "Verdict: " + paragraph in text
     assert "<strong>Usable for augmentation, with caveats</strong>" in page
     # No evaluation: the box says so.

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..files import atomic_write
+from ..files import atomic_write_safetensors
 
 META_KEY = "guided_diffusion_vae_classifier"
 
@@ -168,15 +168,12 @@ def embed(model, images, device, batch_size=256):
 def save_classifier(path, model, info):
     """Write ``model`` and ``info`` (class names, image size, channels, how it
     was trained) as one safetensors file, atomically."""
-    from safetensors.torch import save_file
-
-
     arch = {"num_classes": model.head[2].out_features, "image_size": int(info["image_size"]),
             "in_channels": model.blocks[0][0].in_channels, "width": model.blocks[0][0].out_channels,
             "embed_dim": model.embed[2].out_features}
     meta = {META_KEY: json.dumps({"arch": arch, **info})}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    atomic_write_safetensors(path, state, meta)
     return path
 
 

@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
-from ..files import atomic_write_bytes, read_json_object
+from ..files import atomic_write_bytes, check_writable_file, read_json_object
 from ..images import grid_tiles
 from .spectrogram_figures import UNKNOWN_EXTENT_NOTE, read_extent, spectrogram_table
 from .verdict import CAVEATS, NOT_USABLE, USABLE, verdict
@@ -833,6 +833,7 @@ def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, sta
         raise UserError("nothing to report: give an evaluation JSON (--eval_json) or a run folder (--run_dir)")
     if run_dir and not os.path.isdir(run_dir):
         raise UserError(f"run folder not found: {run_dir}")
+    check_writable_file(output_html, "output_html")
     result = _load_eval(eval_json) if eval_json else None
     try:
         per_person = int(per_person)
