@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import dist_util, logger, script_util, train_util
 from .errors import UserError
-from .files import lock_folder, undone_on_failure
 from .guidance import CLASSIFIER_KIND
 from .labels import normalize_label_map
 from .latent_training import latent_classifier_kwargs
@@ -29,7 +28,7 @@ from .sample_from_checkpoint import resolve_weights_file
 from .vae_wrapper import latent_shape_of
 from .resample import UniformSampler
 from .training_parts import StopRequests, autocast, load_latest_state, save_state, settings_text, wrap_for_processes
-from .train_util import TRAINING_LIMITS, DeviceMeans, check_output_dir, check_training_numbers, resolve_precision
+from .train_util import TRAINING_LIMITS, DeviceMeans, check_training_numbers, resolve_precision, starting_in
 from .latent_datasets import load_latent_data
 
 
@@ -162,14 +161,9 @@ def train_classifier(config):
     dist_util.setup_dist()
     dist_util.set_threads(config["threads"], logger.log)  # before the log folder exists
     log_dir, named = logger.choose_dir(config.get("log_dir"))
-    main = dist_util.is_main()
     # The cache, the network and a resume state are checked before the first
     # step; a start that fails leaves nothing in the log folder, not even the log.
-    with undone_on_failure(log_dir if main else None, before_undo=logger.close):
-        if main or config.get("log_dir"):  # a new temporary folder is rank 0's alone
-            check_output_dir(log_dir, named)
-        if main:
-            lock_folder(log_dir, named)
+    with starting_in(log_dir, named, given=bool(config.get("log_dir"))):
         logger.configure(dir=log_dir, format_strs="stdout,log,csv")
         torch.manual_seed(int(config["seed"]))
         device = dist_util.dev()

@@ -13,7 +13,6 @@ import torch
 
 from . import dist_util, logger, script_util
 from .config import write_resolved_config
-from .files import lock_folder, undone_on_failure
 from .errors import UserError
 from .augment import Augmenter, augment_dim, check_augment_config
 from .evaluation.monitor_flags import check_monitor_flags
@@ -24,9 +23,9 @@ from .images import image_grid, save_png
 from .sample_loop import DenoisedClipper, generate_samples
 from .train_util import (
     TrainLoop,
-    check_output_dir,
     check_training_numbers,
     resolve_precision,
+    starting_in,
     training_defaults,
 )
 
@@ -190,11 +189,7 @@ def run_training(config, build_data, build_monitor=None):
     main = dist_util.is_main()
     # Data, model and resume are checked before the first step; if one fails,
     # the log folder keeps nothing of this start.
-    with undone_on_failure(log_dir if main else None, before_undo=logger.close):
-        if main or config.get("log_dir"):  # a new temporary folder is rank 0's alone
-            check_output_dir(log_dir, named)
-        if main:
-            lock_folder(log_dir, named)
+    with starting_in(log_dir, named, given=bool(config.get("log_dir"))):
         dist_util.setup_dist()
         logger.configure(dir=log_dir, format_strs="stdout,log,csv")
         dist_util.set_threads(config["threads"], logger.log)

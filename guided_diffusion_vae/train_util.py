@@ -29,6 +29,7 @@ from .augment import augment_defaults
 from .ema import ema_decay
 from .errors import UserError, check_number, shown
 from .evaluation.monitor_flags import monitor_defaults
+from .files import lock_folder, undone_on_failure
 from .fp16_util import MixedPrecisionTrainer
 from .nn import update_ema
 from .resample import SCHEDULE_SAMPLERS, LossAwareSampler, UniformSampler
@@ -173,6 +174,23 @@ def check_output_dir(path, flag="log_dir"):
     except OSError as err:
         raise UserError(f"{flag} {path!r} is not a writable folder: {err.strerror or err}") from None
     return path
+
+
+@contextlib.contextmanager
+def starting_in(log_dir, named, given):
+    """The start of a training job in ``log_dir`` (``named``: the flag or
+    variable that chose it; ``given``: the user named it): rank 0 checks the
+    folder is writable and locks it for the process's life; if the block
+    raises, what it created there is removed (the lock file too), so a
+    refused start leaves nothing behind."""
+    main = dist_util.is_main()
+    with undone_on_failure(log_dir if main else None, before_undo=logger.close):
+        if main or given:  # a new temporary folder is rank 0's alone
+            check_output_dir(log_dir, named)
+        if main:
+            lock_folder(log_dir, named)
+        yield
+
 
 def parse_ema_rates(ema_rate):
     """``"0.9999,0.999"`` -> ``[0.9999, 0.999]`` (rates must lie in (0, 1))."""
