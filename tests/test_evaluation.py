@@ -60,7 +60,7 @@ def baseline(real, tmp_path_factory):
     # Two classifier seeds and every real image: the spread and the full-data gain are exercised once.
     result = run_evaluation(dict(real_train=str(real / "train"), real_test=str(real / "test"),
                                  generated=str(out / "generated"), output_json=str(out / "metrics.json"),
-                                 **{**FAST, "augment_k": "4,all", "classifier_seeds": 2}))
+                                 **{**FAST, "augment_k": "all", "classifier_seeds": 2}))
     return out, result
 
 
@@ -79,7 +79,8 @@ def test_real_samples_score_like_real_held_out(baseline):
     assert result["tstr"] == pytest.approx(np.mean(result["spread"]["tstr"]["values"]))
     everything = result["augmentation_gain"]["all"]
     assert everything["gain"] == pytest.approx(np.mean(result["spread"]["augmentation_gain_all"]["values"]))
-    assert everything["real_only"] > result["augmentation_gain"]["4"]["real_only"]  # 30 real per person beat 4
+    # Every real training image, as the reference classifier had (other seeds): about its accuracy.
+    assert abs(everything["real_only"] - result["trtr"]) < 0.15
     # The JSON on disk is the returned dict, with the documented keys.
     saved = json.loads((out / "metrics.json").read_text())
     for key in ("trtr", "cas", "rcas", "tstr", "augmentation_gain", "fd", "fd_floor", "precision", "recall",
@@ -89,7 +90,7 @@ def test_real_samples_score_like_real_held_out(baseline):
     assert sorted(saved["per_class"]) == [f"user_{i:02d}" for i in range(1, 9)]
     assert all(v["n_generated"] == 16 for v in saved["per_class"].values())
     assert saved["counts"] == {"real_train": 240, "real_test": 128, "generated": 128}  # grid.png is not a sample
-    gain = saved["augmentation_gain"]["4"]
+    gain = saved["augmentation_gain"]["all"]
     assert gain["generated_per_class"] == 8 and gain["gain"] == pytest.approx(gain["augmented"] - gain["real_only"])
     assert (out / "nearest_pairs.png").stat().st_size > 100 and (out / "reference_classifier.safetensors").exists()
 

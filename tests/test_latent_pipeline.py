@@ -130,3 +130,26 @@ def test_on_the_fly_training_with_a_measured_scale_under_mpiexec(chain, tmp_path
     assert "measured latent scale" in out and "weights identical on all 2 ranks" in out
     meta = ckpt.read_metadata(str(run / "model000002.safetensors"))
     assert meta["data"]["source"] == "images" and meta["vae"]["latent_scale"] > 0
+
+
+def test_a_model_trained_with_augmentation_samples_from_its_checkpoint(chain, tmp_path):
+    """--augment: the checkpoint records the condition's size, sampling asks for none."""
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    log = run_script([sys.executable, f"{SCRIPTS}/image_train_vae.py", "--latent_cache", str(chain / "cache"),
+                      "--image_size", "16", "--num_channels", "32", "--channel_mult", "1,2",
+                      "--attention_resolutions", "2", "--num_head_channels", "16", "--compile", "False",
+                      "--num_workers", "0", "--diffusion_steps", "100", "--class_cond", "True", "--batch_size", "4",
+                      "--lr_anneal_steps", "2", "--augment", "time_shift,doppler_scale", "--log_dir", str(run)], env)
+    assert "done:" in log
+    meta = ckpt.read_metadata(str(run / "model000002.safetensors"))
+    assert meta["model"]["augment_dim"] == 3 and meta["train"]["augment"] == "time_shift,doppler_scale"
+    state, _ = ckpt.load_weights(str(run / "ema_0.9999_000002.safetensors"))
+    assert state["augment_emb.weight"].shape[1] == 3
+    out = tmp_path / "out"
+    run_script([sys.executable, f"{SCRIPTS}/image_sample_vae.py", "--model_path", str(run), "--user_ids", "1",
+                "--num_images_per_user", "2", "--output_dir", str(out), "--use_ddim", "True",
+                "--timestep_respacing", "ddim10"], env)
+    assert len(list((out / "user_01").glob("generated_*.png"))) == 2
+    with np.load(next(out.glob("samples_*.npz"))) as data:
+        assert np.isfinite(data["arr_0"].astype(float)).all()

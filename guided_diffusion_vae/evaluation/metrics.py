@@ -7,12 +7,13 @@ is known. Features are the reference classifier's embeddings ``(N, D)``.
 import warnings
 
 import numpy as np
-import scipy.linalg
 
 
 def frechet_distance(a, b):
     """Frechet distance between Gaussians fitted to ``a (N, D)`` and ``b (M, D)``:
     ``|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a S_b)^(1/2))``. 0 for equal statistics."""
+    import scipy.linalg  # a quarter of a second: loaded only by the scripts that measure FD
+
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     # A small ridge keeps the product's square root defined when few samples
