@@ -498,3 +498,22 @@ def test_only_the_folders_given_are_read(tmp_path):
     page, parser, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json, run_dir=run,
                                             read_dirs=str(private)))
     assert "lies outside" not in text and len(decode_images(parser)) == 3  # loss, side by side, pairs
+
+
+def test_training_time_evaluations_are_plotted_with_the_kept_step(tmp_path):
+    """--eval_interval's eval/metrics.csv becomes one panel per metric; the
+    step --keep_best kept is named; a run that did not evaluate has no such section."""
+    run, _, eval_json, _ = make_inputs(tmp_path)
+    page, parser, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json, run_dir=run))
+    assert "Evaluated during training" not in text
+    images_before = len(decode_images(parser))
+    (run / "eval").mkdir()
+    (run / "eval" / "metrics.csv").write_text("step,cas,fd,memorised,memorised_gu,variety\n"
+                                              "1000,0.5,40.0,0,0,0.95\n2000,0.8,30.0,3,0,0.9\n3000,0.9,35.0,9,1,\n")
+    (run / "best").mkdir()
+    (run / "best" / "best.json").write_text(json.dumps({"step": 2000, "metric": "fd", "value": 30.0}))
+    page, parser, text = parse(write_report(tmp_path / "r.html", eval_json=eval_json, run_dir=run))
+    assert "Evaluated during training" in text and "3 evaluations during training" in text
+    assert "The best fd was at step 2000: those weights are kept." in text
+    assert len(decode_images(parser)) == images_before + 1
+    assert (tmp_path / "r_files" / "training_evaluations.png").stat().st_size > 1000

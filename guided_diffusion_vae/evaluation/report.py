@@ -463,6 +463,55 @@ def _loss_section(run_dir, figures):
                               display_width=1100)
 
 
+def _eval_curves_section(run_dir, figures):
+    """The training-time evaluations (``--eval_interval``: ``eval/metrics.csv``
+    of the training folder), one panel per metric, the kept best step marked;
+    None when the run did not evaluate during training."""
+    folders = [os.path.join(run_dir, "eval"), os.path.join(run_dir, "diffusion", "eval")] if run_dir else []
+    path = _first_file(folders, "metrics.csv")
+    if path is None:
+        return None
+    try:
+        series, n_rows = _read_progress(path)
+    except (OSError, csv.Error) as err:
+        return _note(f"Cannot read {path}: {err}; evaluation curves omitted.")
+    if not series:
+        return _note(f"{path} holds no values yet ({n_rows} rows): evaluation curves omitted.")
+    best = {}
+    best_file = os.path.join(os.path.dirname(os.path.dirname(path)), "best", "best.json")
+    if os.path.isfile(best_file):
+        try:
+            best = read_json_object(best_file)
+        except UserError:
+            best = {}
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = list(series)
+    fig = Figure(figsize=(2.6 * len(keys), 2.6), dpi=150)
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        ax.plot(*zip(*series[key]), marker="o", ms=3, lw=1.2, color="#1f77b4")
+        if best.get("step") is not None and key == best.get("metric"):
+            ax.axvline(float(best["step"]), color="#d62728", lw=1, ls="--", label="kept")
+            ax.legend(fontsize=7)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    text = (f"<p>From <code>{_e(path)}</code>: {n_rows} evaluations during training, each on the same noise "
+            "(a few samples per person: they rank the steps of this run; the evaluation below is the measure).")
+    if best.get("step") is not None:
+        text += f" The best {_e(best.get('metric'))} was at step {_e(best.get('step'))}: those weights are kept."
+    return text + "</p>" + figures.add("training_evaluations.png", buf.getvalue(), "metrics evaluated during training",
+                                       display_width=min(1100, 260 * len(keys)))
+
+
 # ---------------------------------------------------------------- real vs generated
 
 
@@ -866,6 +915,9 @@ def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, sta
         sections.append(("metrics", "Metrics", _note("No evaluation JSON given: metrics omitted "
                                                      "(run scripts/evaluate.py, then pass --eval_json).")))
     sections.append(("loss", "Training loss by timestep quartile", _loss_section(run_dir, figures)))
+    evaluations = _eval_curves_section(run_dir, figures)
+    if evaluations is not None:
+        sections.append(("evaluations", "Evaluated during training", evaluations))
     sections.append(("samples", "Real and generated spectrograms",
                      _samples_section(result, run_dir, figures, people, per_person, extent, readable)))
     sections.append(("memorisation", "Nearest training neighbours",
