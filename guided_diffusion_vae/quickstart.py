@@ -85,8 +85,8 @@ PRESETS = {
                      "augment_generated": 16, "classifier_seeds": 1},
     },
     "gpu": {
-        "about": "one GPU, 64x64, the configs/microdoppler_small.yaml network with augmentation (11.8 min on an "
-                 "H200 shared with a second run; not yet timed alone)",
+        "about": "one GPU, 64x64, the configs/microdoppler_small.yaml network with augmentation and "
+                 "classifier-free guidance (7.4 min alone on an H200 before guidance was added)",
         "num_users": 31, "train_per_user": 96, "test_per_user": 32, "image_size": 64,
         # Measured on an H100 (docs/QUALITY.md): the small VAE with 8 latent
         # channels at lr 1e-3 keeps identity (rCAS 0.98 x TRTR after 5,000
@@ -100,9 +100,14 @@ PRESETS = {
         # copied training walks 69 -> 4 of 3,100, within-person variety 0.86 ->
         # 0.91 x real, gain with all real data -3.7 -> -2.6 points; CAS fell
         # 0.97 -> 0.92 x TRTR and FD rose 4.3 -> 5.5 x floor.
+        # Classifier-free guidance 1.5 in the middle of the noise levels
+        # (H200, 2026-12-03, docs/QUALITY.md) won CAS back (0.90 -> 1.01 x
+        # unguided) and cut FD (4.6 -> 3.7 x floor) with 3 copies of 3,100;
+        # guidance everywhere or stronger trades variety and TSTR for them.
         "diffusion": {"config": "configs/microdoppler_small.yaml", "lr_anneal_steps": 5000, "compile": False,
-                      "augment": "time_shift,doppler_scale"},
-        "sampling": {"num_images_per_user": 100, "timestep_respacing": "ddim50", "batch_size": 256},
+                      "augment": "time_shift,doppler_scale", "class_dropout_prob": 0.1},
+        "sampling": {"num_images_per_user": 100, "timestep_respacing": "ddim50", "batch_size": 256,
+                     "guidance_scale": 1.5, "guidance_interval": "170,880"},
         "evaluate": {"classifier_steps": 1500, "augment_k": "32,all", "augment_generated": 100,
                      "classifier_seeds": 3},
     },
@@ -362,6 +367,16 @@ def _report(run_dir, stages):
                         title="guided-diffusion-vae quickstart report", read_dirs=[run_dir])
 
 
+def _check_guidance(preset):
+    """Guided sampling needs a model trained with a null class: refused before
+    the minutes of training that would end in a refused samples stage."""
+    scale = float(preset["sampling"].get("guidance_scale", 1.0))
+    dropout = float(preset["diffusion"].get("class_dropout_prob", 0.0))
+    if scale != 1.0 and dropout <= 0.0:
+        raise UserError(f"preset sampling guidance_scale {scale} needs diffusion class_dropout_prob > 0 "
+                        f"(got {dropout})")
+
+
 def run_quickstart(config, preset=None):
     """Run (or resume) every stage up to ``config["until"]``; returns the report
     path. ``preset`` (a dict shaped like ``PRESETS["tiny"]``) replaces the named one."""
@@ -370,6 +385,7 @@ def run_quickstart(config, preset=None):
     if config["until"] not in STAGES:
         raise UserError(f"until {config['until']!r} must be one of {', '.join(STAGES)}")
     preset = preset or PRESETS[config["preset"]]
+    _check_guidance(preset)
     threads = set_threads(config["threads"])  # before anything is written; the stages keep this choice
     run_dir = os.path.abspath(config["run_dir"])
     settings = stage_settings(config, preset)

@@ -211,3 +211,18 @@ def test_an_overwrite_killed_while_deleting_is_finished_by_the_next_start(tmp_pa
     assert fake_stages == ["evaluate", "report"]
     assert (tmp_path / "qs" / "eval" / "made.txt").read_text().count("\n") == 1  # removed, then made anew
     assert (tmp_path / "outside").is_dir()
+
+
+def test_guided_sampling_without_a_null_class_is_refused_before_any_work(tmp_path, fake_stages):
+    config = {**quickstart_defaults(), "run_dir": str(tmp_path / "qs"), "workers": 1}
+    with pytest.raises(UserError, match=r"^preset sampling guidance_scale 1.5 needs diffusion "
+                                        r"class_dropout_prob > 0 \(got 0.0\)$"):
+        run_quickstart(config, preset=_other_sampling(guidance_scale=1.5, guidance_interval="20,80"))
+    assert fake_stages == [] and not (tmp_path / "qs").exists()
+    # The shipped gpu preset guides, and trains the null class it needs.
+    gpu = quickstart.PRESETS["gpu"]
+    assert gpu["sampling"]["guidance_scale"] != 1.0 and gpu["diffusion"]["class_dropout_prob"] > 0
+    guided = {**SMOKE, "diffusion": {**SMOKE["diffusion"], "class_dropout_prob": 0.1},
+              "sampling": {**SMOKE["sampling"], "guidance_scale": 1.5, "guidance_interval": "20,80"}}
+    run_quickstart(config, preset=guided)
+    assert fake_stages == list(quickstart.STAGES)
