@@ -21,10 +21,8 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import dist_util, logger, script_util, train_util
 from .errors import UserError
-from .guidance import CLASSIFIER_KIND
 from .labels import normalize_label_map
 from .latent_training import latent_classifier_kwargs
-from .sample_from_checkpoint import resolve_weights_file
 from .vae_wrapper import latent_shape_of
 from .resample import UniformSampler
 from .training_parts import StopRequests, autocast, load_latest_state, save_state, settings_text, wrap_for_processes
@@ -133,7 +131,7 @@ def classifier_diffusion(config):
     flags = script_util.diffusion_kwargs(config)
     if not config.get("model_path"):
         return flags
-    path = resolve_weights_file(config["model_path"], use_ema=False)
+    path = ckpt.resolve_weights_file(config["model_path"], use_ema=False)
     meta = ckpt.read_metadata(path)
     if not meta or not isinstance(meta.get("diffusion"), dict):
         raise UserError(f"{path} is no checkpoint of ours: its noise schedule is unknown; leave model_path empty "
@@ -203,7 +201,7 @@ def train_classifier(config):
         precision = resolve_precision(config["precision"], device)
 
         metadata = {
-            "kind": CLASSIFIER_KIND,
+            "kind": ckpt.CLASSIFIER_KIND,
             "classifier": classifier_kwargs,
             "diffusion": diffusion_kwargs,
             "data": {"label_map": label_map, "image_size": pixel_size,

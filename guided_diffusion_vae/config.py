@@ -16,8 +16,19 @@ import yaml
 
 from .errors import UserError, set_debug, shown
 from .flag_help import help_lines
-from .script_util import str2bool
 from .files import atomic_write_bytes
+
+
+def str2bool(value):
+    """argparse type for booleans written as yes/no, true/false, 1/0."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
 def _suggest(key, valid, prefix=""):

@@ -54,7 +54,7 @@ from .files import atomic_write_bytes, check_writable_file
 from .image_datasets import ImageDataset, list_image_files
 from .labels import default_label_map, people
 from . import sample_from_checkpoint as sampling
-from .sample_from_checkpoint import clip_mode_of, load_sampling_model, resolve_weights_file, sample_defaults
+from .sample_from_checkpoint import clip_mode_of, load_sampling_model, sample_defaults
 from .sample_loop import CLIP_MODES, DenoisedClipper
 from .train_util import parse_ema_rates
 from .vae_wrapper import VAEInterface
@@ -513,7 +513,7 @@ def run_diagnosis(config):
             raise UserError(f"{key} must be >= 1, got {config[key]}")
     if config.get("output_json"):  # before the work, not after it
         check_writable_file(config["output_json"], "output_json")
-    path = resolve_weights_file(config["model_path"], config["use_ema"])
+    path = ckpt.resolve_weights_file(config["model_path"], config["use_ema"])
     if ckpt.read_metadata(path) is None:
         raise UserError(f"{path} is a bare state dict: it records no model, VAE or training settings to check; "
                         "diagnose a .safetensors checkpoint written by our training")

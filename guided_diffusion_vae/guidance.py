@@ -21,14 +21,11 @@ from . import script_util
 from .errors import UserError
 from .labels import null_class_index, people
 
-CLASSIFIER_KIND = "classifier"
-
-
 def load_classifier(path, device="cpu"):
     """``(classifier in eval mode on device, metadata)`` from a checkpoint of
     ``classifier_training.train_classifier``."""
     state, meta = ckpt.load_weights(str(path))
-    if not meta or meta.get("kind") != CLASSIFIER_KIND or "classifier" not in meta:
+    if not meta or meta.get("kind") != ckpt.CLASSIFIER_KIND or "classifier" not in meta:
         raise UserError(f"{path} is not a classifier checkpoint (written by scripts/classifier_train.py)")
     kwargs = meta["classifier"]
     model = ckpt.build_from_metadata(script_util.create_classifier, kwargs, state, str(path), "classifier")

@@ -133,46 +133,6 @@ def latent_sample_defaults():
     return {**sample_defaults(), "num_images_per_user": 5}
 
 
-def _newest_model_file(folder):
-    """The model file of the newest complete step (``checkpoint.complete_steps``:
-    a save cut off before its training state never counts); a folder without
-    any training state (weights copied alone) stands for its newest model."""
-    found = [n for n in os.listdir(folder) if re.fullmatch(r"model\d+\.(safetensors|pt)", n)]
-    if not found:
-        raise UserError(f"{folder} holds no modelNNNNNN.safetensors checkpoint")
-    complete = ckpt.complete_model_files(folder)
-    if complete:
-        return complete[-1]
-    if any(re.fullmatch(r"opt\d+\.pt", n) for n in os.listdir(folder)):
-        raise UserError(f"{folder}: no step has all its files (model, EMA and opt); the newest saves were cut off")
-    return max(found, key=ckpt.parse_step)
-
-
-def newest_checkpoint(folder, use_ema):
-    """The weights file a run folder stands for: its newest complete step
-    (:func:`_newest_model_file`), the EMA with the largest rate (the slowest
-    average) unless ``use_ema`` is False."""
-    newest = _newest_model_file(folder)
-    if not use_ema:
-        return os.path.join(folder, newest)
-    step, suffix = ckpt.parse_step(newest), os.path.splitext(newest)[1]
-    pattern = re.compile(rf"ema_([0-9.]+)_{step:06d}{re.escape(suffix)}")
-    emas = [n for n in os.listdir(folder) if pattern.fullmatch(n)]
-    if not emas:
-        raise UserError(f"{folder}: no EMA weights for step {step} (ema_<rate>_{step:06d}{suffix}); "
-                        f"pass --use_ema False to sample from {newest}")
-    return os.path.join(folder, max(emas, key=lambda n: float(pattern.fullmatch(n).group(1))))
-
-
-def resolve_weights_file(model_path, use_ema=True):
-    """A file is taken as named; a folder means :func:`newest_checkpoint`."""
-    if os.path.isdir(model_path):
-        return newest_checkpoint(model_path, use_ema)
-    if not os.path.isfile(model_path):
-        raise UserError(f"checkpoint not found: {model_path}")
-    return model_path
-
-
 def check_sampling_metadata(meta, source):
     """The parts of a checkpoint's metadata that sampling reads, checked
     before anything is built: one line naming the file and the key."""
@@ -245,7 +205,7 @@ def load_sampling_model(config, device):
 
     A checkpoint trained with ``use_fp16`` is converted to fp16 as it was
     trained, whatever ``--use_fp16`` says."""
-    path = resolve_weights_file(config["model_path"], config["use_ema"])
+    path = ckpt.resolve_weights_file(config["model_path"], config["use_ema"])
     state, meta = ckpt.load_weights(path)
     if meta is None:
         logger.log(f"{path} is a bare state dict: building the model from the flags")

@@ -11,6 +11,7 @@ import inspect
 
 from . import gaussian_diffusion as gd
 from .errors import UserError, check_number, shown
+from .config import str2bool
 from .flag_help import help_lines
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import POOLS, EncoderUNetModel, SuperResModel, UNetModel
@@ -487,18 +488,6 @@ def create_gaussian_diffusion(
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
     )
-
-
-def str2bool(value):
-    """argparse type for booleans written as yes/no, true/false, 1/0."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("yes", "true", "t", "y", "1"):
-        return True
-    if text in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
 def add_dict_to_argparser(parser, default_dict):

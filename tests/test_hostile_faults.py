@@ -300,7 +300,7 @@ def test_a_step_without_its_training_state_is_neither_resumed_nor_sampled(tmp_pa
     """A save cut off after the model and EMA files (mpiexec's SIGKILL 0.5 s
     after its SIGTERM) leaves an orphan step: resume and sampling take the
     newest complete step instead."""
-    from guided_diffusion_vae.sample_from_checkpoint import resolve_weights_file
+    from guided_diffusion_vae.checkpoint import resolve_weights_file
 
     flags = _tiny_flags()
     model_config, diffusion_config = split_flags(flags)
@@ -360,7 +360,7 @@ def test_sigterm_to_mpiexec_alone_never_leaves_an_incomplete_step_to_sample(tmp_
     """mpiexec answers SIGTERM with SIGCONT, SIGTERM and SIGKILL to the ranks
     within 0.5 s: the run stops without its last save, but whatever step
     resume and sampling then take is complete."""
-    from guided_diffusion_vae.sample_from_checkpoint import resolve_weights_file
+    from guided_diffusion_vae.checkpoint import resolve_weights_file
 
     _, out = _signal_launcher_after(_mpi_training(tmp_path, mpiexec, 1), launch_env, "step 3", signal.SIGTERM)
     run = str(tmp_path / "run")

@@ -117,7 +117,7 @@ def test_keep_best_keeps_the_weights_of_the_best_step(real, tmp_path, monkeypatc
     assert record["step"] == 4 and record["metric"] == "fd" and record["value"] == 2.0
     assert set(record["metrics"]) == {"cas", "fd", "memorised", "memorised_gu", "variety"}
     # The same files as the run's own checkpoints: sampling takes the folder.
-    from guided_diffusion_vae.sample_from_checkpoint import resolve_weights_file
+    from guided_diffusion_vae.checkpoint import resolve_weights_file
 
     chosen = resolve_weights_file(str(best))
     assert chosen == str(best / "ema_0.99_000004.safetensors")
