@@ -6,9 +6,9 @@ benchmark models (docs/BENCHMARKS.md).
     python scripts/benchmark.py --device cpu --quick      # smoke run: checks it works, not speed
 """
 
-from guided_diffusion_vae.benchmark import FLAG_HELP, benchmark_defaults, run_benchmark
-from guided_diffusion_vae.config import parse_with_config
-from guided_diffusion_vae.errors import run_main
+from guided_diffusion_vae.tools.benchmark import FLAG_HELP, benchmark_defaults, run_benchmark
+from guided_diffusion_vae.runtime.config import parse_with_config
+from guided_diffusion_vae.runtime.errors import run_main
 
 
 def main(argv=None):

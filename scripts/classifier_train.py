@@ -8,12 +8,12 @@ noise schedule (without it, give that model's schedule flags).
 
 image_size is in pixels (the cache's); the network is built for the VAE's
 latent size. Checkpoints: CLS_RUN/classifierNNNNNN.safetensors, loaded with
-guided_diffusion_vae.classifier_training.load_classifier.
+guided_diffusion_vae.training.classifier_training.load_classifier.
 """
 
-from guided_diffusion_vae.classifier_training import classifier_train_defaults, train_classifier
-from guided_diffusion_vae.config import parse_with_config
-from guided_diffusion_vae.errors import run_main
+from guided_diffusion_vae.training.classifier_training import classifier_train_defaults, train_classifier
+from guided_diffusion_vae.runtime.config import parse_with_config
+from guided_diffusion_vae.runtime.errors import run_main
 
 
 def main():

@@ -24,13 +24,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion_vae import errors  # noqa: E402
+from guided_diffusion_vae.runtime import errors
 
 
 def main(argv=None):
     """Returns the exit code: 0, or diagnosis.EXIT_FAILED when a check failed."""
-    from guided_diffusion_vae.config import parse_with_config
-    from guided_diffusion_vae.diagnosis import diagnose_defaults, format_report, run_diagnosis, write_json
+    from guided_diffusion_vae.runtime.config import parse_with_config
+    from guided_diffusion_vae.tools.diagnosis import diagnose_defaults, format_report, run_diagnosis, write_json
 
     defaults = diagnose_defaults()
     config = parse_with_config(defaults, argv, description=__doc__)

@@ -13,12 +13,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion_vae import errors  # noqa: E402
+from guided_diffusion_vae.runtime import errors
 
 
 def main(argv=None):
-    from guided_diffusion_vae.config import parse_with_config
-    from guided_diffusion_vae.latent_datasets import build_latent_cache, encode_latents_defaults
+    from guided_diffusion_vae.runtime.config import parse_with_config
+    from guided_diffusion_vae.latent.latent_datasets import build_latent_cache, encode_latents_defaults
 
     defaults = encode_latents_defaults()
     config = parse_with_config(defaults, argv, description=__doc__)

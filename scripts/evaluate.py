@@ -16,13 +16,13 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion_vae import errors  # noqa: E402
+from guided_diffusion_vae.runtime import errors
 
 
 def main(argv=None):
-    from guided_diffusion_vae import logger
-    from guided_diffusion_vae.files import undone_on_failure
-    from guided_diffusion_vae.config import parse_with_config
+    from guided_diffusion_vae.runtime import logger
+    from guided_diffusion_vae.runtime.files import undone_on_failure
+    from guided_diffusion_vae.runtime.config import parse_with_config
     from guided_diffusion_vae.evaluation.evaluate import check_evaluation_config, evaluate_defaults, run_evaluation
 
     defaults = evaluate_defaults()

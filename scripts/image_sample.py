@@ -3,9 +3,9 @@
     python scripts/image_sample.py --model_path runs/pixels --output_dir out --num_samples 16
 """
 
-from guided_diffusion_vae.config import parse_with_config
-from guided_diffusion_vae.errors import run_main
-from guided_diffusion_vae.sample_from_checkpoint import run_sampling, sample_defaults
+from guided_diffusion_vae.runtime.config import parse_with_config
+from guided_diffusion_vae.runtime.errors import run_main
+from guided_diffusion_vae.sampling.sample_from_checkpoint import run_sampling, sample_defaults
 
 
 def main():

@@ -7,9 +7,9 @@ Writes out/user_01/generated_000.png, ..., grid.png and samples_NxHxWxC.npz. The
 checkpoint names its VAE; --vae_path points elsewhere if it has moved.
 """
 
-from guided_diffusion_vae.config import parse_with_config
-from guided_diffusion_vae.errors import run_main
-from guided_diffusion_vae.sample_from_checkpoint import latent_sample_defaults, run_sampling
+from guided_diffusion_vae.runtime.config import parse_with_config
+from guided_diffusion_vae.runtime.errors import run_main
+from guided_diffusion_vae.sampling.sample_from_checkpoint import latent_sample_defaults, run_sampling
 
 
 def main():

@@ -4,10 +4,10 @@
         --num_channels 64 --class_cond True --lr_anneal_steps 1000 --log_dir runs/pixels
 """
 
-from guided_diffusion_vae.config import parse_with_config
-from guided_diffusion_vae.errors import run_main
+from guided_diffusion_vae.runtime.config import parse_with_config
+from guided_diffusion_vae.runtime.errors import run_main
 from guided_diffusion_vae.evaluation.monitor import build_monitor
-from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
+from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
 
 
 def main():

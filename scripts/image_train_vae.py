@@ -7,11 +7,11 @@ Every guided-diffusion model, diffusion and training flag works here; image_size
 is in pixels and the network is built for the VAE's latent size.
 """
 
-from guided_diffusion_vae.config import parse_with_config
-from guided_diffusion_vae.errors import run_main
+from guided_diffusion_vae.runtime.config import parse_with_config
+from guided_diffusion_vae.runtime.errors import run_main
 from guided_diffusion_vae.evaluation.monitor import build_monitor
-from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
-from guided_diffusion_vae.diffusion_training import run_training
+from guided_diffusion_vae.training.latent_training import latent_train_defaults, latent_training_data
+from guided_diffusion_vae.training.diffusion_training import run_training
 
 
 def main():

@@ -11,9 +11,9 @@ and out/interpolation.gif. The first frame is the sample that
 draws with the same --timestep_respacing; the last one likewise for seed_b/user_b.
 """
 
-from guided_diffusion_vae.config import parse_with_config
-from guided_diffusion_vae.errors import run_main
-from guided_diffusion_vae.interpolation import interpolate_defaults, run_interpolation
+from guided_diffusion_vae.runtime.config import parse_with_config
+from guided_diffusion_vae.runtime.errors import run_main
+from guided_diffusion_vae.tools.interpolation import interpolate_defaults, run_interpolation
 
 
 def main(argv=None):

@@ -18,9 +18,9 @@ import os
 for _var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
-from guided_diffusion_vae.config import parse_with_config  # noqa: E402
-from guided_diffusion_vae.errors import run_main  # noqa: E402
-from guided_diffusion_vae.quickstart import quickstart_defaults, run_quickstart  # noqa: E402
+from guided_diffusion_vae.runtime.config import parse_with_config
+from guided_diffusion_vae.runtime.errors import run_main
+from guided_diffusion_vae.tools.quickstart import quickstart_defaults, run_quickstart
 
 
 def main():

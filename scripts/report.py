@@ -21,8 +21,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion_vae import errors  # noqa: E402
-from guided_diffusion_vae.evaluation.report import report_defaults  # noqa: E402
+from guided_diffusion_vae.runtime import errors
+from guided_diffusion_vae.report.html import report_defaults
 
 
 def default_output(config):
@@ -36,10 +36,10 @@ def default_output(config):
 
 
 def main(argv=None):
-    from guided_diffusion_vae.config import parse_with_config
-    from guided_diffusion_vae.evaluation.report import write_report
-    from guided_diffusion_vae.evaluation.verdict import verdict_text
-    from guided_diffusion_vae.files import read_json_object
+    from guided_diffusion_vae.runtime.config import parse_with_config
+    from guided_diffusion_vae.report.html import write_report
+    from guided_diffusion_vae.report.verdict import verdict_text
+    from guided_diffusion_vae.runtime.files import read_json_object
 
     defaults = report_defaults()
     config = parse_with_config(defaults, argv, description=__doc__)

@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture
 def tiny_model_flags():
     """create_model_and_diffusion flags for a network small enough for CPU tests."""
-    from guided_diffusion_vae.script_util import model_and_diffusion_defaults
+    from guided_diffusion_vae.core.script_util import model_and_diffusion_defaults
 
     flags = model_and_diffusion_defaults()
     flags.update(

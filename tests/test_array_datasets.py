@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion_vae import checkpoint as ckpt
-from guided_diffusion_vae.array_datasets import parse_db_range, resolve_db_range, to_db, to_unit_range
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.image_datasets import image_batch_stream, open_data_folder
+from guided_diffusion_vae.training import checkpoint as ckpt
+from guided_diffusion_vae.data.array_datasets import parse_db_range, resolve_db_range, to_db, to_unit_range
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.data.image_datasets import image_batch_stream, open_data_folder
 from helpers.vae_helpers import make_image_folder, one_torch_thread, spectrogram_like
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -138,11 +138,11 @@ TINY_DIFFUSION = {"num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2"
 
 
 def test_npy_folder_trains_end_to_end_in_one_channel(tmp_path):
-    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
-    from guided_diffusion_vae.latent_datasets import LatentCache, build_latent_cache, encode_latents_defaults
-    from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
-    from guided_diffusion_vae.sample_from_checkpoint import latent_sample_defaults, run_sampling
-    from guided_diffusion_vae.vae_training import train_vae, vae_train_defaults
+    from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
+    from guided_diffusion_vae.latent.latent_datasets import LatentCache, build_latent_cache, encode_latents_defaults
+    from guided_diffusion_vae.training.latent_training import latent_train_defaults, latent_training_data
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import latent_sample_defaults, run_sampling
+    from guided_diffusion_vae.training.vae_training import train_vae, vae_train_defaults
 
     rng = np.random.default_rng(0)
     data = tmp_path / "arrays"

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from guided_diffusion_vae import script_util
-from guided_diffusion_vae.augment import Augmenter, augment_dim, circular_time_shift, doppler_scale, parse_augment
-from guided_diffusion_vae.errors import UserError
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.training.augment import Augmenter, augment_dim, circular_time_shift, doppler_scale, parse_augment
+from guided_diffusion_vae.runtime.errors import UserError
 
 
 def test_time_shift_rolls_each_sample_by_its_own_amount():

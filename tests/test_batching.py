@@ -2,7 +2,7 @@
 
 import torch
 
-from guided_diffusion_vae.batching import BatchStream, ShardedBatchSampler
+from guided_diffusion_vae.data.batching import BatchStream, ShardedBatchSampler
 
 
 def test_ranks_get_disjoint_covering_slices_and_device_indices_match():

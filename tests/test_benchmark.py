@@ -7,8 +7,8 @@ import runpy
 
 import pytest
 
-from guided_diffusion_vae.benchmark import benchmark_defaults, loss_curves, model_flags, run_benchmark
-from guided_diffusion_vae.errors import UserError
+from guided_diffusion_vae.tools.benchmark import benchmark_defaults, loss_curves, model_flags, run_benchmark
+from guided_diffusion_vae.runtime.errors import UserError
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "benchmark.py")
 

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion_vae import checkpoint as ckpt
-from guided_diffusion_vae import logger, script_util
-from guided_diffusion_vae.classifier_training import classifier_train_defaults, train_classifier
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.guidance import classifier_cond_fn, load_classifier
-from guided_diffusion_vae.latent_datasets import FORMAT_VERSION, LatentCache
+from guided_diffusion_vae.training import checkpoint as ckpt
+from guided_diffusion_vae.runtime import logger
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.training.classifier_training import classifier_train_defaults, train_classifier
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.sampling.guidance import classifier_cond_fn, load_classifier
+from guided_diffusion_vae.latent.latent_datasets import FORMAT_VERSION, LatentCache
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 from vae_helpers import SCRIPTS, build_latent_chain  # noqa: E402
@@ -194,9 +195,9 @@ def test_guidance_steers_ddim_samples_toward_the_target(noised_classifier):
 
 
 def test_image_sample_vae_guides_with_a_trained_classifier(real_cache, tmp_path):
-    from guided_diffusion_vae.sample_from_checkpoint import run_sampling, sample_defaults
-    from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
-    from guided_diffusion_vae.diffusion_training import run_training
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import run_sampling, sample_defaults
+    from guided_diffusion_vae.training.latent_training import latent_train_defaults, latent_training_data
+    from guided_diffusion_vae.training.diffusion_training import run_training
 
     clf_path = _train(str(real_cache / "cache"), str(tmp_path / "clf"), iterations=4)
     config = {**latent_train_defaults(), "latent_cache": str(real_cache / "cache"), "image_size": 32,
@@ -279,8 +280,8 @@ def test_the_readme_classifier_guidance_commands_run(real_cache, tmp_path, monke
     classifier_attention_resolutions (32,16,8) exceed the latent side, and the
     classifier learned the default linear schedule beside a cosine model. Here
     they run as written, with tiny sizes and step counts added."""
-    from guided_diffusion_vae.diffusion_training import run_training
-    from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
+    from guided_diffusion_vae.training.diffusion_training import run_training
+    from guided_diffusion_vae.training.latent_training import latent_train_defaults, latent_training_data
 
     cache, run, clf = str(real_cache / "cache"), str(tmp_path / "run"), str(tmp_path / "clf")
     config = {**latent_train_defaults(), "latent_cache": cache, "image_size": 32, "num_channels": 32,
@@ -310,7 +311,7 @@ def test_the_readme_classifier_guidance_commands_run(real_cache, tmp_path, monke
 
 
 def test_sampling_refuses_a_classifier_of_another_schedule():
-    from guided_diffusion_vae.guidance import check_classifier_fits
+    from guided_diffusion_vae.sampling.guidance import check_classifier_fits
 
     model = {"model": {"in_channels": 4, "image_size": 8},
              "diffusion": {"noise_schedule": "cosine", "steps": 50, "rescale_timesteps": False}}

@@ -13,12 +13,14 @@ import sys
 
 import pytest
 
-from guided_diffusion_vae import (
-    gaussian_diffusion, labels, latent_datasets, quickstart, resample, sample_from_checkpoint, sample_loop,
-    samplers, script_util, train_util, unet, vae_training, vae_wrapper,
-)
-from guided_diffusion_vae.diffusion_training import pixel_train_defaults
-from guided_diffusion_vae.flag_help import describe
+from guided_diffusion_vae.core import gaussian_diffusion, resample, sample_loop, samplers, script_util, unet
+from guided_diffusion_vae.data import labels
+from guided_diffusion_vae.latent import latent_datasets, vae_wrapper
+from guided_diffusion_vae.tools import quickstart
+from guided_diffusion_vae.sampling import sample_from_checkpoint
+from guided_diffusion_vae.training import train_util, vae_training
+from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults
+from guided_diffusion_vae.runtime.flag_help import describe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.py")))

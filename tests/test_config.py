@@ -2,9 +2,9 @@
 
 import pytest
 
-from guided_diffusion_vae.config import parse_with_config
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.diffusion_training import pixel_train_defaults
+from guided_diffusion_vae.runtime.config import parse_with_config
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults
 
 
 def _write(tmp_path, text):
@@ -52,7 +52,7 @@ def test_unknown_flag_and_missing_file(tmp_path):
 
 
 def test_list_flags(tmp_path):
-    from guided_diffusion_vae.sample_from_checkpoint import sample_defaults
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import sample_defaults
 
     cfg = parse_with_config(sample_defaults(), ["--user_ids", "1", "5", "10"])
     assert cfg["user_ids"] == ["1", "5", "10"]
@@ -72,7 +72,7 @@ def test_a_value_starting_with_a_minus_sign_belongs_to_its_flag(tmp_path):
 def test_hostile_yaml_is_refused_quickly_in_one_short_line(tmp_path):
     """Issue 21: an oversized file, and an alias bomb whose values a wrong
     type would echo, are one short line each, in well under a second of work."""
-    from guided_diffusion_vae.config import MAX_CONFIG_BYTES
+    from guided_diffusion_vae.runtime.config import MAX_CONFIG_BYTES
 
     path = _write(tmp_path, "# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
     with pytest.raises(UserError, match=r"c\.yaml: larger than 1024 KiB"):

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion_vae import script_util
-from guided_diffusion_vae.gaussian_diffusion import get_named_beta_schedule
-from guided_diffusion_vae.guidance import classifier_cond_fn
-from guided_diffusion_vae.respace import space_timesteps
-from guided_diffusion_vae.samplers import SAMPLERS, Denoiser, SamplingPlan
-from guided_diffusion_vae.unet import EncoderUNetModel, UNetModel
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.core.gaussian_diffusion import get_named_beta_schedule
+from guided_diffusion_vae.sampling.guidance import classifier_cond_fn
+from guided_diffusion_vae.core.respace import space_timesteps
+from guided_diffusion_vae.core.samplers import SAMPLERS, Denoiser, SamplingPlan
+from guided_diffusion_vae.core.unet import EncoderUNetModel, UNetModel
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = json.loads((GOLDEN / "cases.json").read_text())

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion_vae import checkpoint as ckpt
+from guided_diffusion_vae.training import checkpoint as ckpt
 from helpers.vae_helpers import REPO, SCRIPTS, build_latent_chain, make_image_folder
 
 # 12 kills per drill (20 before): the four drills were half of the suite's 20 minutes.

@@ -6,7 +6,7 @@ in docs/BENCHMARKS.md)."""
 
 import torch
 
-from guided_diffusion_vae.cuda_graphs import GraphedForward, ReplayedStep
+from guided_diffusion_vae.runtime.cuda_graphs import GraphedForward, ReplayedStep
 
 
 class HostReplay(ReplayedStep):

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from guided_diffusion_vae import script_util
-from guided_diffusion_vae.checkpoint import ema_path, model_path, save_weights
-from guided_diffusion_vae.diagnosis import EXIT_FAILED, init_share
-from guided_diffusion_vae.script_util import split_flags
-from guided_diffusion_vae.vae_wrapper import VAEInterface
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.training.checkpoint import ema_path, model_path, save_weights
+from guided_diffusion_vae.tools.diagnosis import EXIT_FAILED, init_share
+from guided_diffusion_vae.core.script_util import split_flags
+from guided_diffusion_vae.latent.vae_wrapper import VAEInterface
 from tests.helpers.vae_helpers import REPO, load_raw_vae, make_image_folder, make_tiny_vae
 
 SIZE = 16  # pixels; latents are 4x4x4
@@ -44,7 +44,7 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("diagnose")
     images_dir = root / "images"
     make_image_folder(images_dir, classes=tuple(LABELS.values()), per_class=4, size=SIZE)
-    from guided_diffusion_vae.diagnosis import load_real_images
+    from guided_diffusion_vae.tools.diagnosis import load_real_images
 
     images = load_real_images(str(images_dir), SIZE, 1, 8)
     vae_dir = make_tiny_vae(root / "vae", seed=0)
@@ -95,7 +95,7 @@ def env(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _log_to_file(tmp_path):
     """The package logger writes to a file here, not to a stdout capsys closes."""
-    from guided_diffusion_vae import logger
+    from guided_diffusion_vae.runtime import logger
 
     with logger.scoped_configure(dir=str(tmp_path / "log"), format_strs="log"):
         yield

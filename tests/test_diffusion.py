@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion_vae import gaussian_diffusion as gd
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.resample import (
+from guided_diffusion_vae.core import gaussian_diffusion as gd
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.core.resample import (
     LossSecondMomentResampler,
     UniformSampler,
     create_named_schedule_sampler,
 )
-from guided_diffusion_vae.respace import SpacedDiffusion, space_timesteps
+from guided_diffusion_vae.core.respace import SpacedDiffusion, space_timesteps
 
 
 def make_diffusion(

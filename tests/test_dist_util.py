@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from guided_diffusion_vae import dist_util
-from guided_diffusion_vae.errors import UserError
+from guided_diffusion_vae.runtime import dist_util
+from guided_diffusion_vae.runtime.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HELPER = os.path.join(REPO, "tests", "helpers", "dist_check.py")

@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.evaluation import classifier as clf
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.training import person_classifier as clf
 from guided_diffusion_vae.evaluation import metrics
 from guided_diffusion_vae.evaluation.data import load_folder
 from guided_diffusion_vae.evaluation.evaluate import run_evaluation
-from guided_diffusion_vae.evaluation.verdict import CAVEATS, NOT_USABLE, USABLE, verdict
-from guided_diffusion_vae.sample_io import save_samples
+from guided_diffusion_vae.report.verdict import CAVEATS, NOT_USABLE, USABLE, verdict
+from guided_diffusion_vae.sampling.sample_io import save_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = dict(classifier_steps=250, classifier_embed_dim=24, augment_k="4", augment_generated=8, num_pairs=4,
@@ -279,7 +279,7 @@ def test_latent_cache_as_real_data(real, tmp_path):
     """A latent cache (with its VAE) stands in for an image folder: its images are
     the VAE's decodings, labelled through the cache's label map."""
     from guided_diffusion_vae.evaluation.evaluate import load_sets, evaluate_defaults
-    from guided_diffusion_vae.latent_datasets import build_latent_cache, encode_latents_defaults
+    from guided_diffusion_vae.latent.latent_datasets import build_latent_cache, encode_latents_defaults
     from helpers.vae_helpers import make_tiny_vae
 
     vae = make_tiny_vae(tmp_path / "vae", in_channels=1)

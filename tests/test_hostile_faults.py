@@ -15,10 +15,11 @@ import time
 import pytest
 import torch
 
-from guided_diffusion_vae import checkpoint as ckpt
-from guided_diffusion_vae import files, logger, script_util
-from guided_diffusion_vae.errors import UserError, run_main
-from guided_diffusion_vae.script_util import split_flags
+from guided_diffusion_vae.training import checkpoint as ckpt
+from guided_diffusion_vae.runtime import files, logger
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.runtime.errors import UserError, run_main
+from guided_diffusion_vae.core.script_util import split_flags
 from helpers.vae_helpers import REPO, SCRIPTS, make_image_folder, one_torch_thread
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -83,7 +84,7 @@ class _FullDisk(io.BufferedWriter):
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import contextlib
 
-    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
+    from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
 
     data = _pixel_folder(tmp_path / "images")
     run = tmp_path / "run"
@@ -248,7 +249,7 @@ def _sample_files(folder):
 
 
 def test_a_sampling_run_stopped_while_writing_leaves_the_previous_samples_whole(tmp_path):
-    from guided_diffusion_vae.sample_from_checkpoint import latent_sample_defaults, run_sampling
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import latent_sample_defaults, run_sampling
 
     model = _checkpoint(tmp_path / "model.safetensors")
     out = tmp_path / "samples"
@@ -281,7 +282,7 @@ def test_a_sampling_run_stopped_while_writing_leaves_the_previous_samples_whole(
 
 
 def test_a_sample_folder_holding_other_files_is_refused_before_any_work(tmp_path):
-    from guided_diffusion_vae.sample_from_checkpoint import check_sampling_config, sample_defaults
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import check_sampling_config, sample_defaults
 
     out = tmp_path / "mine"
     out.mkdir()
@@ -300,7 +301,7 @@ def test_a_step_without_its_training_state_is_neither_resumed_nor_sampled(tmp_pa
     """A save cut off after the model and EMA files (mpiexec's SIGKILL 0.5 s
     after its SIGTERM) leaves an orphan step: resume and sampling take the
     newest complete step instead."""
-    from guided_diffusion_vae.checkpoint import resolve_weights_file
+    from guided_diffusion_vae.training.checkpoint import resolve_weights_file
 
     flags = _tiny_flags()
     model_config, diffusion_config = split_flags(flags)
@@ -360,7 +361,7 @@ def test_sigterm_to_mpiexec_alone_never_leaves_an_incomplete_step_to_sample(tmp_
     """mpiexec answers SIGTERM with SIGCONT, SIGTERM and SIGKILL to the ranks
     within 0.5 s: the run stops without its last save, but whatever step
     resume and sampling then take is complete."""
-    from guided_diffusion_vae.checkpoint import resolve_weights_file
+    from guided_diffusion_vae.training.checkpoint import resolve_weights_file
 
     _, out = _signal_launcher_after(_mpi_training(tmp_path, mpiexec, 1), launch_env, "step 3", signal.SIGTERM)
     run = str(tmp_path / "run")

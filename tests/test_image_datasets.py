@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion_vae import image_datasets as ids
-from guided_diffusion_vae import logger
-from guided_diffusion_vae.errors import UserError
+from guided_diffusion_vae.data import image_datasets as ids
+from guided_diffusion_vae.runtime import logger
+from guided_diffusion_vae.runtime.errors import UserError
 
 
 def _save(path, array):

@@ -47,7 +47,7 @@ def test_non_editable_install_runs_the_quickstart(tmp_path):
         import os, json
         import guided_diffusion_vae
         assert os.path.join("site-packages", "guided_diffusion_vae") in guided_diffusion_vae.__file__, guided_diffusion_vae.__file__
-        from guided_diffusion_vae.quickstart import quickstart_defaults, run_quickstart
+        from guided_diffusion_vae.tools.quickstart import quickstart_defaults, run_quickstart
         preset = {
             "num_users": 2, "train_per_user": 4, "test_per_user": 2, "image_size": 32,
             "vae": {"vae_size": "tiny", "lr_anneal_steps": 2, "batch_size": 2, "lr": 1e-3, "log_interval": 1,

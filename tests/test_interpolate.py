@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion_vae import script_util
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.interpolation import (
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.tools.interpolation import (
     effective_respacing,
     frame_batches,
     label_embedding_rows,
@@ -31,8 +31,8 @@ def _checkpoint(path, class_cond=True, in_channels=1, image_size=8, vae=None):
     """A tiny checkpoint of ours (40 diffusion steps) whose zero-initialised
     layers (the output, each residual branch's last conv) are made random, so
     that samples depend on noise and class."""
-    from guided_diffusion_vae.checkpoint import save_weights
-    from guided_diffusion_vae.script_util import split_flags
+    from guided_diffusion_vae.training.checkpoint import save_weights
+    from guided_diffusion_vae.core.script_util import split_flags
 
     flags = script_util.model_and_diffusion_defaults()
     flags.update(image_size=image_size, num_channels=32, num_res_blocks=1, channel_mult="1,2",
@@ -71,7 +71,7 @@ def _config(model_path, output_dir, **kw):
 
 def _sample(model_path, output_dir, seed, user=None):
     """The first sample image_sample_vae.py draws with DDIM for ``seed`` (and ``user``)."""
-    from guided_diffusion_vae.sample_from_checkpoint import latent_sample_defaults, run_sampling
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import latent_sample_defaults, run_sampling
 
     per_user = {"num_images_per_user": 1, "user_ids": [user]} if user else {"num_images_per_user": 0,
                                                                             "num_samples": 1}
@@ -168,7 +168,7 @@ def test_bad_input_is_one_line_and_writes_nothing(cond_ckpt, tmp_path, overrides
 
 
 def test_latent_model_decodes_through_its_vae(tmp_path):
-    from guided_diffusion_vae.vae_wrapper import load_vae
+    from guided_diffusion_vae.latent.vae_wrapper import load_vae
     from helpers.vae_helpers import make_tiny_vae
 
     vae_dir = make_tiny_vae(tmp_path / "vae", in_channels=1)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion_vae import latent_datasets as ld
-from guided_diffusion_vae.errors import UserError, run_main
-from guided_diffusion_vae.image_datasets import ImageFolderDataset, load_data
-from guided_diffusion_vae.vae_wrapper import VAEInterface
+from guided_diffusion_vae.latent import latent_datasets as ld
+from guided_diffusion_vae.runtime.errors import UserError, run_main
+from guided_diffusion_vae.data.image_datasets import ImageFolderDataset, load_data
+from guided_diffusion_vae.latent.vae_wrapper import VAEInterface
 from helpers.vae_helpers import make_image_folder, make_tiny_vae, one_torch_thread
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_torch_thread)

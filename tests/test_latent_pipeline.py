@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion_vae import checkpoint as ckpt
-from guided_diffusion_vae.errors import UserError
+from guided_diffusion_vae.training import checkpoint as ckpt
+from guided_diffusion_vae.runtime.errors import UserError
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 from vae_helpers import REPO, SCRIPTS, build_latent_chain, run_script  # noqa: E402
@@ -91,7 +91,7 @@ def test_whole_chain_with_mpiexec_and_sampling_from_the_checkpoint(chain, tmp_pa
 
 
 def test_on_the_fly_and_cached_training_batches_agree(chain):
-    from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
+    from guided_diffusion_vae.training.latent_training import latent_train_defaults, latent_training_data
 
     base = {**latent_train_defaults(), "image_size": 16, "batch_size": 4, "seed": 3, "class_cond": True,
             "random_flip": False, "num_workers": 0}
@@ -109,7 +109,7 @@ def test_on_the_fly_and_cached_training_batches_agree(chain):
 
 
 def test_on_the_fly_needs_a_scale_and_refuses_mismatched_cache(chain):
-    from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
+    from guided_diffusion_vae.training.latent_training import latent_train_defaults, latent_training_data
 
     base = {**latent_train_defaults(), "image_size": 16, "batch_size": 4, "num_workers": 0}
     with pytest.raises(UserError, match="image_size is 16 in the cache but 32"):

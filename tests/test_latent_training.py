@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from guided_diffusion_vae import script_util
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.latent_training import create_latent_classifier, create_latent_model_and_diffusion
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.training.latent_training import create_latent_classifier, create_latent_model_and_diffusion
 
 VAE = {"downsample_factor": 4, "latent_channels": 4}
 

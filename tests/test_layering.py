@@ -1,9 +1,17 @@
-"""The package's import graph matches the layer table of docs/ARCHITECTURE.md:
-no upward import (also inside functions), no module left out, no cycle."""
+"""The package's folders follow the data path, and import only backwards along
+it: the folder table of docs/ARCHITECTURE.md is the order, and this test holds
+the import graph to it (also imports inside functions), with no cycle among
+modules and nothing but the package ``__init__`` beside the folders. The old
+flat module names still import, as the moved modules themselves."""
 
 import ast
+import importlib
 import os
 import re
+import subprocess
+import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = "guided_diffusion_vae"
@@ -40,31 +48,38 @@ def imports_of(name, path, known):
         for target in targets:
             short = PKG if target == PKG else target[len(PKG) + 1:] if target.startswith(PKG + ".") else None
             if short in known and short != name:
-                # "from . import logger" names the module, not the package.
-                if short == PKG and isinstance(node, ast.ImportFrom) and node.module is None:
+                # "from .. import logger" names a module, not the package it is in.
+                if isinstance(node, ast.ImportFrom) and target == base and any(
+                        f"{base}.{alias.name}"[len(PKG) + 1:] in known for alias in node.names):
                     continue
                 found.add(short)
     return found
 
 
-def layer_table():
+def folder_order():
+    """``{folder: position}`` from the table of docs/ARCHITECTURE.md (``| 3 | `data/` | ... |``)."""
     text = open(os.path.join(ROOT, "docs", "ARCHITECTURE.md")).read()
-    table = {}
-    for layer, cells in re.findall(r"^\| (\d+) \| (.+) \|$", text, flags=re.M):
-        for module in re.findall(r"`([\w.]+)`", cells):
-            table[module] = int(layer)
-    return table
+    return {folder: int(position) for position, folder in re.findall(r"^\| (\d+) \| `(\w+)/` \|", text, flags=re.M)}
 
 
-def test_every_module_has_a_layer_and_imports_only_downwards():
+def folder_of(name):
+    return None if name == PKG else name.split(".")[0]
+
+
+def test_every_module_sits_in_a_folder_of_the_table_and_imports_only_backwards():
     known = modules()
-    table = layer_table()
-    assert sorted(set(known) - set(table)) == [], "modules missing from the layer table"
-    assert sorted(set(table) - set(known)) == [], "the table names modules that do not exist"
-    upward = [f"{name} (layer {table[name]}) imports {dep} (layer {table[dep]})"
-              for name, path in known.items() for dep in sorted(imports_of(name, path, known))
-              if table[dep] >= table[name]]
-    assert upward == []
+    order = folder_order()
+    assert len(order) >= 10 and sorted(order.values()) == list(range(len(order)))
+    on_disk = {entry for entry in os.listdir(os.path.join(ROOT, PKG))
+               if os.path.isdir(os.path.join(ROOT, PKG, entry)) and not entry.startswith("__")}
+    assert on_disk - {"configs"} == set(order), "folders on disk and in the table differ"
+    loose = sorted(name for name in known if name != PKG and "." not in name and name not in order)
+    assert loose == [], "modules beside the folders"
+    backwards = [f"{name} imports {dep}" for name, path in known.items() for dep in sorted(imports_of(name, path, known))
+                 if folder_of(name) and folder_of(dep) and order[folder_of(dep)] > order[folder_of(name)]]
+    assert backwards == []
+    # The package __init__ documents and maps old names; it imports none of the folders.
+    assert imports_of(PKG, known[PKG], known) == set()
 
 
 def test_no_import_cycles():
@@ -86,9 +101,45 @@ def test_no_import_cycles():
         visit(name, [])
 
 
-def test_the_checker_sees_upward_imports(tmp_path):
-    """The checker itself: a function-level relative import is found."""
+def test_the_checker_sees_a_backward_import_inside_a_function(tmp_path):
     path = tmp_path / "mod.py"
-    path.write_text("def f():\n    from ..diffusion_training import run_training\n    from . import logger\n")
-    known = {"diffusion_training": "", "logger": "", "evaluation.mod": str(path)}
-    assert imports_of("evaluation.mod", str(path), known) == {"diffusion_training"}
+    path.write_text("def f():\n    from ..training.diffusion_training import run_training\n"
+                    "    from ..runtime import logger\n")
+    known = {"training.diffusion_training": "", "runtime.logger": "", "runtime": "", "training": "",
+             "data.mod": str(path)}
+    assert imports_of("data.mod", str(path), known) == {"training.diffusion_training", "runtime.logger"}
+
+
+def test_the_old_flat_names_import_the_moved_modules_themselves():
+    moved = importlib.import_module(PKG).MOVED_MODULES
+    for old, new in moved.items():
+        assert f"{PKG}.{new}"[len(PKG) + 1:] in modules(), new
+        alias = importlib.import_module(f"{PKG}.{old}")
+        assert alias is importlib.import_module(f"{PKG}.{new}")
+        assert alias.__spec__.name == f"{PKG}.{new}"
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(f"{PKG}.no_such_module")
+
+
+def test_guided_diffusion_users_imports_work_in_a_fresh_interpreter():
+    """The original's import lines, as its users type them; a patch through the
+    old name reaches the moved module."""
+    code = (
+        "import guided_diffusion_vae.gaussian_diffusion as gd\n"
+        "from guided_diffusion_vae import dist_util, logger, script_util\n"
+        "from guided_diffusion_vae.script_util import create_model_and_diffusion, model_and_diffusion_defaults\n"
+        "from guided_diffusion_vae.train_util import TrainLoop\n"
+        "from guided_diffusion_vae.unet import UNetModel\n"
+        "from guided_diffusion_vae.resample import create_named_schedule_sampler\n"
+        "from guided_diffusion_vae.image_datasets import load_data\n"
+        "import guided_diffusion_vae.core.script_util as moved\n"
+        "script_util.marker = 1\n"
+        "assert moved.marker == 1 and gd.GaussianDiffusion.__module__ == 'guided_diffusion_vae.core.gaussian_diffusion'\n"
+        "model, diffusion = create_model_and_diffusion(**{**model_and_diffusion_defaults(), 'image_size': 32,\n"
+        "    'num_channels': 32, 'num_res_blocks': 1, 'attention_resolutions': '16'})\n"
+        "assert isinstance(model, UNetModel)\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion_vae import dist_util, logger
+from guided_diffusion_vae.runtime import dist_util, logger
 
 
 @pytest.fixture(autouse=True)
@@ -184,7 +184,7 @@ def test_quiet_configure_leaves_out_where_it_logs(tmp_path, capsys):
 def test_csv_of_a_resumed_run_keeps_the_earlier_rows(tmp_path):
     import csv
 
-    from guided_diffusion_vae.logger import CSVOutput
+    from guided_diffusion_vae.runtime.logger import CSVOutput
 
     path = str(tmp_path / "progress.csv")
     first = CSVOutput(path)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guided_diffusion_vae import checkpoint as ckpt
+from guided_diffusion_vae.training import checkpoint as ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(REPO, "scripts", "image_train.py")
@@ -109,7 +109,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, image_folder, launch
 def test_original_bare_pt_checkpoint_samples_given_the_flags(tmp_path, launch_env):
     import torch
 
-    from guided_diffusion_vae import script_util
+    from guided_diffusion_vae.core import script_util
 
     flags = script_util.model_and_diffusion_defaults()
     flags.update(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="8",

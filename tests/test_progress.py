@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from guided_diffusion_vae.progress import PlainProgress
+from guided_diffusion_vae.runtime.progress import PlainProgress
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from guided_diffusion_vae import logger
+from guided_diffusion_vae.runtime import logger
 
-from guided_diffusion_vae.quickstart import STAGES, quickstart_defaults, run_quickstart
+from guided_diffusion_vae.tools.quickstart import STAGES, quickstart_defaults, run_quickstart
 
 SMOKE = {
     "num_users": 3, "train_per_user": 8, "test_per_user": 4, "image_size": 32,
@@ -92,8 +92,8 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path, printed):
 
 import pytest  # noqa: E402
 
-from guided_diffusion_vae import quickstart  # noqa: E402
-from guided_diffusion_vae.errors import UserError  # noqa: E402
+from guided_diffusion_vae.tools import quickstart
+from guided_diffusion_vae.runtime.errors import UserError
 
 
 @pytest.fixture

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion_vae import checkpoint as ckpt
-from guided_diffusion_vae import logger, script_util
-from guided_diffusion_vae.errors import UserError
+from guided_diffusion_vae.training import checkpoint as ckpt
+from guided_diffusion_vae.runtime import logger
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.runtime.errors import UserError
 from helpers.vae_helpers import REPO, SCRIPTS, make_image_folder, make_tiny_vae, one_torch_thread
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -48,7 +49,7 @@ def _copy_vae(src, dst):
 def test_vae_missing_tensor_is_refused(tiny_vae, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from guided_diffusion_vae.vae_wrapper import VAEInterface
+    from guided_diffusion_vae.latent.vae_wrapper import VAEInterface
 
     vae = _copy_vae(tiny_vae, tmp_path / "vae")
     weights = os.path.join(vae, "diffusion_pytorch_model.safetensors")
@@ -63,7 +64,7 @@ def test_vae_missing_tensor_is_refused(tiny_vae, tmp_path):
 
 
 def test_vae_config_disagreeing_with_weights_is_refused(tiny_vae, tmp_path):
-    from guided_diffusion_vae.vae_wrapper import VAEInterface
+    from guided_diffusion_vae.latent.vae_wrapper import VAEInterface
 
     vae = _copy_vae(tiny_vae, tmp_path / "vae")
     config_path = os.path.join(vae, "config.json")
@@ -81,7 +82,7 @@ def test_vae_config_disagreeing_with_weights_is_refused(tiny_vae, tmp_path):
 def test_intact_vae_loads_the_stored_weights(tiny_vae):
     from safetensors.torch import load_file
 
-    from guided_diffusion_vae.vae_wrapper import VAEInterface
+    from guided_diffusion_vae.latent.vae_wrapper import VAEInterface
 
     vae = VAEInterface(tiny_vae, device="cpu")
     stored = load_file(os.path.join(tiny_vae, "diffusion_pytorch_model.safetensors"))
@@ -95,7 +96,7 @@ def test_nothing_reaches_the_network_when_loading_a_vae_or_a_model(tiny_vae, tmp
     refused, and a hub id is a one-line error, not a download."""
     import socket
 
-    from guided_diffusion_vae.vae_wrapper import load_vae
+    from guided_diffusion_vae.latent.vae_wrapper import load_vae
 
     attempts = []
 
@@ -131,7 +132,7 @@ def _never_build(config):
     ("grad_clip", float("nan")), ("ema_rate", "1.5"), ("batch_size", 2.5),
 ])
 def test_training_numbers_are_checked_before_any_work(flag, value, tmp_path):
-    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, run_training
+    from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults, run_training
 
     run = tmp_path / "run"
     config = {**pixel_train_defaults(), "data_dir": str(tmp_path), "log_dir": str(run), flag: value}
@@ -143,7 +144,7 @@ def test_training_numbers_are_checked_before_any_work(flag, value, tmp_path):
 
 
 def test_train_loop_checks_its_numbers():
-    from guided_diffusion_vae.train_util import TrainLoop
+    from guided_diffusion_vae.training.train_util import TrainLoop
 
     with pytest.raises(UserError, match=r"^batch_size must be an integer >= 1, got 0$"):
         TrainLoop(model=None, diffusion=None, data=None, batch_size=0)
@@ -154,7 +155,7 @@ def test_train_loop_checks_its_numbers():
 @pytest.mark.parametrize("flag, value", [("iterations", 0), ("lr", float("nan")), ("batch_size", 0),
                                          ("log_interval", 0)])
 def test_classifier_numbers_are_checked_before_any_work(flag, value, tmp_path):
-    from guided_diffusion_vae.classifier_training import classifier_train_defaults, train_classifier
+    from guided_diffusion_vae.training.classifier_training import classifier_train_defaults, train_classifier
 
     config = {**classifier_train_defaults(), "latent_cache": str(tmp_path / "no_cache"),
               "log_dir": str(tmp_path / "run"), flag: value}
@@ -189,7 +190,7 @@ def test_scripts_exit_2_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("where", ["a_file", "under_a_file"])
 def test_unusable_log_dir(where, tmp_path):
-    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, run_training
+    from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults, run_training
 
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder")
@@ -206,9 +207,9 @@ def test_unusable_log_dir(where, tmp_path):
 def test_run_main_prints_one_bounded_line_whatever_the_message(capsys, monkeypatch):
     """The backstop behind errors.shown: a message holding a newline (a path
     may) or a megabyte of a value is still one line of bounded length."""
-    from guided_diffusion_vae.errors import MAX_MESSAGE_CHARS, run_main
+    from guided_diffusion_vae.runtime.errors import MAX_MESSAGE_CHARS, run_main
 
-    monkeypatch.setattr("guided_diffusion_vae.errors._main_failed", False)  # restored after the test
+    monkeypatch.setattr("guided_diffusion_vae.runtime.errors._main_failed", False)  # restored after the test
 
     def fail():
         raise UserError("data_dir 'a\nb' is " + "x" * 1_000_000)
@@ -223,8 +224,8 @@ def test_run_main_prints_one_bounded_line_whatever_the_message(capsys, monkeypat
 def test_an_openai_logdir_that_is_a_file_is_one_line(tmp_path, monkeypatch):
     """Issue 21: without --log_dir/--output_dir the logger's folder comes from
     $OPENAI_LOGDIR; a file there was a traceback from os.makedirs."""
-    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, run_training
-    from guided_diffusion_vae.sample_from_checkpoint import run_sampling, sample_defaults
+    from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults, run_training
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import run_sampling, sample_defaults
 
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder")
@@ -243,7 +244,7 @@ def test_a_failed_sampling_run_without_output_dir_creates_nothing(tmp_path, monk
     progress.csv there, or a new /tmp/openai-* folder, when it then failed."""
     import tempfile
 
-    from guided_diffusion_vae.sample_from_checkpoint import run_sampling, sample_defaults
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import run_sampling, sample_defaults
 
     temp = tmp_path / "tmp"
     temp.mkdir()
@@ -263,7 +264,7 @@ def test_a_failed_sampling_run_without_output_dir_creates_nothing(tmp_path, monk
 # lives on (as a data-loader worker may for a moment after a SIGKILL).
 _HOLD_LOCK = """
 import os, sys, time
-from guided_diffusion_vae.files import lock_folder
+from guided_diffusion_vae.runtime.files import lock_folder
 lock_folder(sys.argv[1], "log_dir")
 child = os.fork()
 if child == 0:
@@ -280,9 +281,9 @@ def test_a_second_run_in_a_folder_in_use_is_refused_and_a_stale_lock_is_not(tmp_
     naming the folder and that PID, by every trainer, touching nothing there;
     once that process is killed its lock file blocks nothing, even while a
     child it forked lives on."""
-    from guided_diffusion_vae.classifier_training import classifier_train_defaults, train_classifier
-    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, run_training
-    from guided_diffusion_vae.vae_training import train_vae
+    from guided_diffusion_vae.training.classifier_training import classifier_train_defaults, train_classifier
+    from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults, run_training
+    from guided_diffusion_vae.training.vae_training import train_vae
 
     run = tmp_path / "run"
     run.mkdir()
@@ -322,7 +323,7 @@ def test_a_second_run_in_a_folder_in_use_is_refused_and_a_stale_lock_is_not(tmp_
 def test_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path):
     """Issue 21: a resume refused for other settings rewrote config.yaml with
     them and left a TensorBoard event file."""
-    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
+    from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
 
     data = _pixel_folder(tmp_path / "images")
     run = tmp_path / "run"
@@ -348,7 +349,7 @@ def test_a_refused_resume_leaves_the_run_folder_as_it_was(tmp_path):
 
 def _hand_cache(folder, latents, labels, label_map=None, meta_text=None):
     """A latent cache written directly (no VAE): meta.json, latents.npy, labels.npy."""
-    from guided_diffusion_vae import latent_datasets as ld
+    from guided_diffusion_vae.latent import latent_datasets as ld
 
     os.makedirs(folder, exist_ok=True)
     np.save(os.path.join(folder, ld.LATENTS_FILE), np.asarray(latents, np.float32))
@@ -361,7 +362,7 @@ def _hand_cache(folder, latents, labels, label_map=None, meta_text=None):
 
 
 def test_latent_cache_meta_not_json(tmp_path):
-    from guided_diffusion_vae.latent_datasets import LatentCache
+    from guided_diffusion_vae.latent.latent_datasets import LatentCache
 
     cache = _hand_cache(tmp_path / "c", np.zeros((2, 4, 2, 2)), [0, 0], meta_text="{not json")
     with pytest.raises(UserError) as err:
@@ -374,7 +375,7 @@ def test_latent_cache_meta_not_json(tmp_path):
 
 
 def test_latent_cache_label_outside_label_map(tmp_path):
-    from guided_diffusion_vae.latent_datasets import LatentCache
+    from guided_diffusion_vae.latent.latent_datasets import LatentCache
 
     labels = [0, 1, 0, 2]
     cache = _hand_cache(tmp_path / "c", np.zeros((4, 4, 2, 2)), labels, {"0": "user_01", "1": "user_02"})
@@ -389,8 +390,8 @@ def test_latent_cache_label_outside_label_map(tmp_path):
 def _checkpoint(path, *, num_channels=32, model_meta=None, data_meta=None):
     """A small 2-class 8x8 pixel checkpoint of ours (tests/test_sampling.py's
     helper) whose metadata may claim something else than its tensors."""
-    from guided_diffusion_vae.checkpoint import save_weights
-    from guided_diffusion_vae.script_util import split_flags
+    from guided_diffusion_vae.training.checkpoint import save_weights
+    from guided_diffusion_vae.core.script_util import split_flags
 
     flags = script_util.model_and_diffusion_defaults()
     flags.update(image_size=8, num_channels=num_channels, num_res_blocks=1, channel_mult="1,2",
@@ -407,7 +408,7 @@ def _checkpoint(path, *, num_channels=32, model_meta=None, data_meta=None):
 
 
 def _load(path):
-    from guided_diffusion_vae.sample_from_checkpoint import load_sampling_model, sample_defaults
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import load_sampling_model, sample_defaults
 
     return load_sampling_model({**sample_defaults(), "model_path": path, "use_ema": False}, "cpu")[:3]
 
@@ -437,7 +438,7 @@ def test_checkpoint_metadata_errors_name_file_and_key(tmp_path):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_latent_cache_with_nonfinite_values_is_refused(bad, tmp_path):
-    from guided_diffusion_vae.latent_datasets import LatentCache, check_finite_rows
+    from guided_diffusion_vae.latent.latent_datasets import LatentCache, check_finite_rows
 
     latents = np.zeros((6, 4, 2, 2), np.float32)
     latents[3, 2, 1, 0] = bad
@@ -457,7 +458,7 @@ def test_latent_cache_with_nonfinite_values_is_refused(bad, tmp_path):
 
 
 def test_symlink_loops_are_listed_once(tmp_path):
-    from guided_diffusion_vae.image_datasets import list_image_files
+    from guided_diffusion_vae.data.image_datasets import list_image_files
 
     data = tmp_path / "data"
     (data / "user_01" / "deep").mkdir(parents=True)
@@ -520,7 +521,7 @@ class _SigtermAt:
 def test_a_resumed_image_folder_run_equals_the_uninterrupted_one(tmp_path):
     """Pixel data through DataLoader workers (random flips on): 6 steps in
     one go, and 3 steps then a resume to 6, give the same weights bit for bit."""
-    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
+    from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
 
     data = _pixel_folder(tmp_path / "images")
     flags = {**script_util.model_and_diffusion_defaults(), "image_size": 8, "num_channels": 32,
@@ -583,7 +584,7 @@ def test_a_process_whose_loader_workers_outlive_it_still_exits(tmp_path):
     data = _pixel_folder(tmp_path / "images")
     script = (
         "import sys\n"
-        "from guided_diffusion_vae.image_datasets import image_batch_stream\n"
+        "from guided_diffusion_vae.data.image_datasets import image_batch_stream\n"
         "stream, _ = image_batch_stream(data_dir=sys.argv[1], batch_size=2, image_size=8, num_workers=1)\n"
         "next(stream)\n"
         "print('drew a batch', flush=True)\n"
@@ -618,7 +619,7 @@ def test_sigterm_to_the_process_group_saves_vae_training_and_a_rerun_finishes(tm
 
 @pytest.mark.parametrize("scale", ["nan", "-1", "inf", "0", "sometimes"])
 def test_encode_latents_refuses_a_bad_latent_scale_up_front(scale, tmp_path):
-    from guided_diffusion_vae.latent_datasets import build_latent_cache
+    from guided_diffusion_vae.latent.latent_datasets import build_latent_cache
 
     with pytest.raises(UserError, match="latent_scale must be a"):
         build_latent_cache(data_dir=str(tmp_path), vae_path=str(tmp_path / "no_vae"), output_dir=str(tmp_path / "c"),
@@ -758,7 +759,7 @@ def bad_inputs(tmp_path_factory):
     (root / "arr_pickle").mkdir()
     np.save(root / "arr_pickle" / "a_1.npy", np.array([_Evil(root / "PWNED")], dtype=object), allow_pickle=True)
     # A quickstart run folder whose data stage was made with the tiny preset.
-    from guided_diffusion_vae.quickstart import LAYOUT, PRESETS, stage_settings
+    from guided_diffusion_vae.tools.quickstart import LAYOUT, PRESETS, stage_settings
 
     tiny = stage_settings({"preset": "tiny", "seed": 0}, PRESETS["tiny"])
     (root / "quickstart_run").mkdir()
@@ -791,8 +792,8 @@ def _hostile_inputs_part_b(root, good):
     import io
     import zipfile
 
-    from guided_diffusion_vae import latent_datasets as ld
-    from guided_diffusion_vae.script_util import split_flags
+    from guided_diffusion_vae.latent import latent_datasets as ld
+    from guided_diffusion_vae.core.script_util import split_flags
 
     # A label map of 10,000 names on a 2-class model.
     _, meta = ckpt.load_weights(good)
@@ -1025,7 +1026,7 @@ def test_a_cache_build_stopped_by_a_bad_image_leaves_nothing_and_reruns_once_it_
     """Issue 21 B5: an image cut short stopped encoding with a loader worker's
     traceback and left latents.partial.npy, whose plan then refused the same
     command after the image was fixed."""
-    from guided_diffusion_vae.latent_datasets import build_latent_cache
+    from guided_diffusion_vae.latent.latent_datasets import build_latent_cache
 
     paths = make_image_folder(tmp_path / "images", per_class=3, size=16, channels=1)
     good = open(paths[4], "rb").read()

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.evaluation.report import report_defaults, write_report
-from guided_diffusion_vae.evaluation.spectrogram_figures import extent_from_metadata, read_extent, spectrogram_figure
-from guided_diffusion_vae.evaluation.verdict import CAVEATS, NOT_JUDGED, NOT_USABLE, USABLE, verdict, verdict_text
-from guided_diffusion_vae.images import grid_tiles, image_grid
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.report.html import report_defaults, write_report
+from guided_diffusion_vae.report.spectrogram_figures import extent_from_metadata, read_extent, spectrogram_figure
+from guided_diffusion_vae.report.verdict import CAVEATS, NOT_JUDGED, NOT_USABLE, USABLE, verdict, verdict_text
+from guided_diffusion_vae.runtime.images import grid_tiles, image_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVIL = "eve<script>alert(1)"  # a person folder whose name must come out escaped

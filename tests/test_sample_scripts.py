@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion_vae import checkpoint as ckpt
-from guided_diffusion_vae import logger, script_util
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.labels import folder_names, resolve_user_ids, with_null_class
-from guided_diffusion_vae.sample_from_checkpoint import run_sampling, sample_defaults
-from guided_diffusion_vae.samplers import SAMPLER_NAMES
-from guided_diffusion_vae.script_util import split_flags
+from guided_diffusion_vae.training import checkpoint as ckpt
+from guided_diffusion_vae.runtime import logger
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.data.labels import folder_names, resolve_user_ids, with_null_class
+from guided_diffusion_vae.sampling.sample_from_checkpoint import run_sampling, sample_defaults
+from guided_diffusion_vae.core.samplers import SAMPLER_NAMES
+from guided_diffusion_vae.core.script_util import split_flags
 from helpers.vae_helpers import make_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,7 +174,7 @@ def test_output_folders_follow_class_names(tmp_path):
 
 
 def test_preview_at_step_n_equals_the_script_at_step_n(tmp_path):
-    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
+    from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
 
     data = tmp_path / "images"
     make_image_folder(data, classes=("user_01", "user_02"), per_class=4, size=8, channels=3)
@@ -202,7 +203,7 @@ def test_preview_at_step_n_equals_the_script_at_step_n(tmp_path):
 
 
 def test_class_dropout_trains_a_null_class_and_guidance_needs_it(tmp_path):
-    from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
+    from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
 
     data = tmp_path / "images"
     for name, value in (("user_01", 30), ("user_02", 220)):
@@ -227,7 +228,7 @@ def test_class_dropout_trains_a_null_class_and_guidance_needs_it(tmp_path):
 
 
 def test_guidance_is_one_batched_forward_and_guides_only_epsilon():
-    from guided_diffusion_vae.guidance import classifier_free_model
+    from guided_diffusion_vae.sampling.guidance import classifier_free_model
 
     calls = []
 
@@ -248,7 +249,7 @@ def test_guidance_is_one_batched_forward_and_guides_only_epsilon():
 
 
 def test_guidance_interval_guides_only_the_timesteps_inside_it():
-    from guided_diffusion_vae.guidance import classifier_free_model, parse_guidance_interval
+    from guided_diffusion_vae.sampling.guidance import classifier_free_model, parse_guidance_interval
 
     def model(x, t, y=None):
         return y.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()  # eps = label value

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion_vae import script_util
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.sample_loop import generate_samples, sample_generator
-from guided_diffusion_vae.samplers import (
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.core.sample_loop import generate_samples, sample_generator
+from guided_diffusion_vae.core.samplers import (
     SAMPLER_NAMES,
     SAMPLERS,
     Denoiser,
@@ -145,7 +145,7 @@ def test_timestep_spacing_sets_where_the_diffusers_samplers_start(name):
 
 
 def test_auto_spacing_is_leading_only_for_latent_epsilon_models():
-    from guided_diffusion_vae.sample_from_checkpoint import resolve_timestep_spacing
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import resolve_timestep_spacing
 
     latent_eps = {"vae": {"path": "v"}, "diffusion": {"predict_xstart": False}}
     latent_x0 = {"vae": {"path": "v"}, "diffusion": {"predict_xstart": True}}

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion_vae import script_util
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.sample_io import save_samples
-from guided_diffusion_vae.sample_loop import DenoisedClipper, generate_samples
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.sampling.sample_io import save_samples
+from guided_diffusion_vae.core.sample_loop import DenoisedClipper, generate_samples
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_save_samples_writes_per_class_pngs_grid_and_npz(tmp_path):
 
 def _pixel_checkpoint(path, label_map, nan=False):
     """A 2-class 8x8 pixel checkpoint of ours whose label map is ``label_map``."""
-    from guided_diffusion_vae.checkpoint import save_weights
-    from guided_diffusion_vae.script_util import split_flags
+    from guided_diffusion_vae.training.checkpoint import save_weights
+    from guided_diffusion_vae.core.script_util import split_flags
 
     flags = script_util.model_and_diffusion_defaults()
     flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
@@ -94,7 +94,7 @@ def _pixel_checkpoint(path, label_map, nan=False):
 
 
 def _sample_config(model_path, output_dir, **kw):
-    from guided_diffusion_vae.sample_from_checkpoint import sample_defaults
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import sample_defaults
 
     return {**sample_defaults(), "model_path": model_path, "output_dir": str(output_dir), "use_ema": False,
             "num_images_per_user": 2, "batch_size": 4, "timestep_respacing": "5", "use_ddim": True,
@@ -106,7 +106,7 @@ def test_label_map_names_never_leave_the_output_folder(tmp_path):
     samples still land inside --output_dir, the readable names in classes.json."""
     import json
 
-    from guided_diffusion_vae.sample_from_checkpoint import run_sampling
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import run_sampling
 
     evil = {"0": "../../../escaped", "1": str(tmp_path / "abs_target")}
     ckpt = _pixel_checkpoint(tmp_path / "model000000.safetensors", evil)
@@ -124,7 +124,7 @@ def test_label_map_names_never_leave_the_output_folder(tmp_path):
 
 
 def test_nonfinite_samples_fail_and_write_nothing(tmp_path):
-    from guided_diffusion_vae.sample_from_checkpoint import run_sampling
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import run_sampling
 
     ckpt = _pixel_checkpoint(tmp_path / "model000000.safetensors", {"0": "user_01", "1": "user_02"}, nan=True)
     with pytest.raises(UserError, match=r"4 sample\(s\) \(0, 1, 2, 3\) hold NaN or Inf.*model000000"):

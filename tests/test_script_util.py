@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from guided_diffusion_vae import script_util
-from guided_diffusion_vae.errors import UserError
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.runtime.errors import UserError
 
 
 def test_unknown_noise_schedule_is_named():

@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from guided_diffusion_vae import dist_util
-from guided_diffusion_vae.config import parse_with_config
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.quickstart import PRESETS, quickstart_defaults, run_quickstart
+from guided_diffusion_vae.runtime import dist_util
+from guided_diffusion_vae.runtime.config import parse_with_config
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.tools.quickstart import PRESETS, quickstart_defaults, run_quickstart
 
 LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_WORLD_SIZE")
 

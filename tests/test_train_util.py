@@ -9,13 +9,14 @@ import textwrap
 import pytest
 import torch
 
-from guided_diffusion_vae import checkpoint as ckpt
-from guided_diffusion_vae import logger, script_util
-from guided_diffusion_vae.batching import BatchStream, ShardedBatchSampler
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.train_util import DeviceMeans, TrainLoop
-from guided_diffusion_vae.ema import ema_decay
-from guided_diffusion_vae.script_util import split_flags
+from guided_diffusion_vae.training import checkpoint as ckpt
+from guided_diffusion_vae.runtime import logger
+from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.data.batching import BatchStream, ShardedBatchSampler
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.training.train_util import DeviceMeans, TrainLoop
+from guided_diffusion_vae.training.ema import ema_decay
+from guided_diffusion_vae.core.script_util import split_flags
 
 
 def _stream(seed=0, n=24, batch=4, interrupt_at=None):
@@ -260,7 +261,7 @@ def test_original_fp16_scheme_trains_and_saves_float32_weights(tmp_path, tiny_mo
 
 
 def test_loss_aware_sampler_learns_from_the_loop_and_resumes(tmp_path, tiny_model_flags):
-    from guided_diffusion_vae.resample import create_named_schedule_sampler
+    from guided_diffusion_vae.core.resample import create_named_schedule_sampler
 
     logger.configure(dir=str(tmp_path), format_strs="log")
     flags = dict(tiny_model_flags, diffusion_steps=25)
@@ -309,7 +310,7 @@ def test_resume_auto_picks_the_newest_complete_checkpoint(tmp_path, tiny_model_f
 def test_atomic_writes_respect_the_umask_and_clear_stale_temporaries(tmp_path):
     import time
 
-    from guided_diffusion_vae.files import atomic_write_bytes
+    from guided_diffusion_vae.runtime.files import atomic_write_bytes
 
     stale = tmp_path / ".data.bin.abc123.tmp"  # left by a writer killed mid-save
     stale.write_bytes(b"")
@@ -375,7 +376,7 @@ def test_pruning_a_step_removes_its_training_state_first(tmp_path):
 def test_ema_update_by_a_device_weight_matches_update():
     """The CUDA-graph VAE step moves its EMA by a weight tensor; it must be the
     same average as the eager update with the host decay."""
-    from guided_diffusion_vae.ema import EMA, ema_decay
+    from guided_diffusion_vae.training.ema import EMA, ema_decay
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
@@ -397,7 +398,7 @@ def test_compiled_training_keeps_parameter_names_and_resumes(tmp_path, tiny_mode
     naming and resume do not depend on the backend.)"""
     import functools
 
-    from guided_diffusion_vae import training_parts
+    from guided_diffusion_vae.training import training_parts
 
     monkeypatch.setattr(training_parts.torch, "compile", functools.partial(torch.compile, backend="eager"))
     logger.configure(dir=str(tmp_path / "log"), format_strs="log")

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from guided_diffusion_vae import checkpoint as ckpt
-from guided_diffusion_vae.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.evaluation import classifier as clf
+from guided_diffusion_vae.training import checkpoint as ckpt
+from guided_diffusion_vae.training.diffusion_training import pixel_train_defaults, pixel_training_data, run_training
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.training import person_classifier as clf
 from guided_diffusion_vae.evaluation import monitor
 from guided_diffusion_vae.evaluation.monitor import TrainingMonitor, build_monitor, is_better
 
@@ -117,7 +117,7 @@ def test_keep_best_keeps_the_weights_of_the_best_step(real, tmp_path, monkeypatc
     assert record["step"] == 4 and record["metric"] == "fd" and record["value"] == 2.0
     assert set(record["metrics"]) == {"cas", "fd", "memorised", "memorised_gu", "variety"}
     # The same files as the run's own checkpoints: sampling takes the folder.
-    from guided_diffusion_vae.checkpoint import resolve_weights_file
+    from guided_diffusion_vae.training.checkpoint import resolve_weights_file
 
     chosen = resolve_weights_file(str(best))
     assert chosen == str(best / "ema_0.99_000004.safetensors")
@@ -226,8 +226,8 @@ def test_two_processes_evaluate_on_rank_0_only_and_finish(real, tmp_path, mpiexe
 
 
 def test_the_gpu_quickstart_evaluates_and_samples_the_best_weights(tmp_path):
-    from guided_diffusion_vae import quickstart
-    from guided_diffusion_vae.evaluation.monitor_flags import check_monitor_flags
+    from guided_diffusion_vae.tools import quickstart
+    from guided_diffusion_vae.training.monitor_flags import check_monitor_flags
 
     tiny = quickstart.PRESETS["tiny"]
     # The shipped gpu preset does not evaluate yet (not measured on a GPU); a preset that asks for it:
@@ -257,7 +257,7 @@ def test_a_latent_run_evaluates_decoded_samples(real, tmp_path):
     """Latent diffusion: samples are decoded by the VAE before they are measured."""
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from helpers.vae_helpers import make_tiny_vae
-    from guided_diffusion_vae.latent_training import latent_train_defaults, latent_training_data
+    from guided_diffusion_vae.training.latent_training import latent_train_defaults, latent_training_data
 
     vae = make_tiny_vae(tmp_path / "vae", in_channels=1)
     run = tmp_path / "run"

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from guided_diffusion_vae import fp16_util
-from guided_diffusion_vae.nn import checkpoint, mean_flat, timestep_embedding, update_ema
-from guided_diffusion_vae.unet import (
+from guided_diffusion_vae.core import fp16_util
+from guided_diffusion_vae.core.nn import checkpoint, mean_flat, timestep_embedding, update_ema
+from guided_diffusion_vae.core.unet import (
     AttentionBlock,
     EncoderUNetModel,
     QKVAttention,

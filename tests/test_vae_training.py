@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from guided_diffusion_vae import vae_training as vt
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.image_datasets import ImageDataset
-from guided_diffusion_vae.vae_wrapper import VAEInterface
+from guided_diffusion_vae.training import vae_training as vt
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.data.image_datasets import ImageDataset
+from guided_diffusion_vae.latent.vae_wrapper import VAEInterface
 from helpers.vae_helpers import make_image_folder, one_torch_thread
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -81,7 +81,7 @@ def test_train_exports_a_loadable_vae(trained, images):
 
 
 def vt_paths(images):
-    from guided_diffusion_vae.image_datasets import list_image_files
+    from guided_diffusion_vae.data.image_datasets import list_image_files
 
     return list_image_files(images)
 

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from guided_diffusion_vae.errors import UserError
-from guided_diffusion_vae.vae_wrapper import VAEInterface, vae_fingerprint
+from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.latent.vae_wrapper import VAEInterface, vae_fingerprint
 from helpers.vae_helpers import load_raw_vae, make_tiny_vae, one_torch_thread
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -135,7 +135,7 @@ def test_errors_name_the_culprit(vae_dir, tmp_path):
 
 
 def test_a_broken_latent_stats_file_is_named(tmp_path):
-    from guided_diffusion_vae.vae_wrapper import LATENT_STATS_FILE, read_latent_stats
+    from guided_diffusion_vae.latent.vae_wrapper import LATENT_STATS_FILE, read_latent_stats
 
     assert read_latent_stats(str(tmp_path)) is None  # no file: no stored scale
     path = tmp_path / LATENT_STATS_FILE

@@ -13,7 +13,7 @@ skipped. A ``.npz`` from the sampling scripts holds ``arr_0`` (N, H, W, C)
 uint8 and ``arr_1`` the class indices, in the sorted class order above.
 
 A real set may also be a folder of ``.npy``/``.npz`` spectrograms in class
-sub-folders (see :mod:`guided_diffusion_vae.array_datasets`), mapped to
+sub-folders (see :mod:`guided_diffusion_vae.data.array_datasets`), mapped to
 images with one dB range for the training and the held-out set.
 """
 
@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..array_datasets import ArrayFolderDataset
-from ..errors import UserError
-from .classifier import match_channels, to_uint8
-from ..image_datasets import data_files
-from ..image_datasets import detect_channels as detect_image_channels
-from ..image_datasets import list_image_files
-from ..latent_datasets import LatentCache
-from ..vae_wrapper import VAEInterface
+from ..data.array_datasets import ArrayFolderDataset
+from ..runtime.errors import UserError
+from ..training.person_classifier import match_channels, to_uint8
+from ..data.image_datasets import data_files
+from ..data.image_datasets import detect_channels as detect_image_channels
+from ..data.image_datasets import list_image_files
+from ..latent.latent_datasets import LatentCache
+from ..latent.vae_wrapper import VAEInterface
 
 
 @dataclasses.dataclass

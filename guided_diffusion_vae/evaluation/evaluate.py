@@ -28,17 +28,17 @@ import time
 import numpy as np
 import torch
 
-from .. import logger
-from ..files import atomic_write_bytes, check_writable_target
-from ..dist_util import DEVICE_HELP, check_threads, pick_device, set_threads, threads_defaults
-from ..errors import UserError
-from . import classifier as clf
+from ..runtime import logger
+from ..runtime.files import atomic_write_bytes, check_writable_target
+from ..runtime.dist_util import DEVICE_HELP, check_threads, pick_device, set_threads, threads_defaults
+from ..runtime.errors import UserError
+from ..training import person_classifier as clf
 from . import metrics
-from ..images import image_grid, save_png
-from ..array_datasets import data_folder_defaults, measure_range, parse_db_range, resolve_db_range
-from ..image_datasets import data_files
-from ..latent_datasets import LatentCache
-from ..vae_wrapper import VAEInterface, check_vae_dir, read_latent_stats
+from ..runtime.images import image_grid, save_png
+from ..data.array_datasets import data_folder_defaults, measure_range, parse_db_range, resolve_db_range
+from ..data.image_datasets import data_files
+from ..latent.latent_datasets import LatentCache
+from ..latent.vae_wrapper import VAEInterface, check_vae_dir, read_latent_stats
 from .data import (LabelledImages, detect_channels, image_size_of, is_array_folder, is_latent_cache,
                    load_array_folder, load_folder, load_generated, load_latent_cache, per_class_first)
 

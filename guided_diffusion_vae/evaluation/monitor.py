@@ -32,15 +32,16 @@ import time
 
 import numpy as np
 
-from .. import dist_util, logger, script_util
-from ..diffusion_training import draw_images
-from ..errors import UserError
-from ..files import atomic_write_bytes
-from ..labels import people
-from . import classifier as clf
+from ..runtime import dist_util, logger
+from ..core import script_util
+from ..training.diffusion_training import draw_images
+from ..runtime.errors import UserError
+from ..runtime.files import atomic_write_bytes
+from ..data.labels import people
+from ..training import person_classifier as clf
 from . import metrics
 from .evaluate import Evaluation, evaluate_defaults, load_sets, reference_classifier
-from .monitor_flags import HIGHER_IS_BETTER
+from ..training.monitor_flags import HIGHER_IS_BETTER
 
 METRICS = tuple(HIGHER_IS_BETTER)
 EVAL_DIR, BEST_DIR = "eval", "best"

@@ -10,7 +10,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ..runtime.errors import UserError
 
 SPEED_OF_LIGHT = 299_792_458.0  # m/s
 

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .body import (Person, PersonVariation, RV_MAX, SWING_GROUPS, Walk, WalkVariation, _require, _round_floats, draw_walk, make_people)
+from .body import Person, PersonVariation, RV_MAX, SWING_GROUPS, Walk, WalkVariation, _require, _round_floats, draw_walk, make_people
 from .radar import Radar, peak_speeds
 from .spectrogram import SpectrogramSettings, encode_png, render_sample, sample_rng
-from ..progress import progress as progress_bar
+from ..runtime.progress import progress as progress_bar
 
 # --------------------------------------------------------------------------
 

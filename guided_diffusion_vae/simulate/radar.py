@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .body import (Kinematics, Person, SEGMENTS, SEGMENT_JOINTS, SPEED_OF_LIGHT, Walk, _require, body_kinematics, segment_geometry)
+from .body import Kinematics, Person, SEGMENTS, SEGMENT_JOINTS, SPEED_OF_LIGHT, Walk, _require, body_kinematics, segment_geometry
 
 def spheroid_rcs(a: np.ndarray, c: np.ndarray, cos_theta: np.ndarray) -> np.ndarray:
     """Physical-optics RCS (m^2) of a spheroid with semi-axes a = b, c (m).

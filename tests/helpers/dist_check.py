@@ -1,6 +1,6 @@
 """Launched by tests/test_dist_util.py under mpiexec or torchrun (2 processes).
 
-Checks the collectives of guided_diffusion_vae.dist_util across real processes
+Checks the collectives of guided_diffusion_vae.runtime.dist_util across real processes
 and prints one ``DIST_OK`` line per rank; any failure exits non-zero.
 usage: dist_check.py EXPECTED_LAUNCHER DATA_FILE
 """
@@ -14,8 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from guided_diffusion_vae import dist_util, logger  # noqa: E402
-from guided_diffusion_vae.errors import UserError  # noqa: E402
+from guided_diffusion_vae.runtime import dist_util, logger
+from guided_diffusion_vae.runtime.errors import UserError
 
 
 def main() -> None:

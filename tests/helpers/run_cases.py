@@ -14,7 +14,7 @@ import runpy
 import sys
 import traceback
 
-from guided_diffusion_vae.errors import run_main
+from guided_diffusion_vae.runtime.errors import run_main
 
 
 def run_case(script, argv):

@@ -1,0 +1,190 @@
+"""Drawing samples: one function used by the sampling scripts and by the
+training loop's previews.
+
+Every sample owns a random stream seeded from ``(seed, sample index)``: its
+starting noise and every step's noise come from it, so a sample does not
+depend on the batch it was drawn in, and the same seed gives the same images
+whatever the batch size.
+"""
+
+import contextlib
+
+import numpy as np
+import torch
+
+from ..runtime.cuda_graphs import GraphedForward, graphs_usable
+from ..runtime.errors import UserError
+from ..runtime.images import to_uint8_images
+from .samplers import SAMPLERS, Denoiser, SamplingPlan, per_sample_normal, resolve_sampler
+from ..runtime.progress import progress as progress_bar
+
+CLIP_MODES = ("none", "pixel", "fixed", "dynamic")
+# The arithmetic of the denoising steps: plain float32, or bf16 autocast.
+SAMPLING_PRECISIONS = ("fp32", "bf16")
+
+
+def sample_generator(seed, index, device):
+    """The random stream of sample ``index`` for ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((int(seed) * 1_000_003 + int(index)) % (2**63 - 1))
+    return gen
+
+
+class DenoisedClipper:
+    """The ``denoised_fn`` applied to each predicted ``x_0``.
+
+    Modes: ``none``; ``pixel`` (clamp to [-1, 1], the original's
+    ``clip_denoised=True``, right for pixels only); ``fixed`` (clamp to
+    ``+-clip_range``, for unit-variance latents e.g. 3); ``dynamic`` (per
+    sample, clamp to the ``percentile`` of ``|x_0|``, never tighter than
+    ``clip_range``). Counts the values it changes, on the device.
+    """
+
+    def __init__(self, mode="none", clip_range=3.0, percentile=0.995):
+        if mode not in CLIP_MODES:
+            raise UserError(f"clip_denoised {mode!r} must be one of {', '.join(CLIP_MODES)}")
+        if mode in ("fixed", "dynamic") and not clip_range > 0:
+            raise UserError(f"clip_range must be positive, got {clip_range}")
+        if not 0.0 < percentile <= 1.0:
+            raise UserError(f"dynamic_threshold_percentile must lie in (0, 1], got {percentile}")
+        self.mode, self.clip_range, self.percentile = mode, float(clip_range), float(percentile)
+        self.clipped = None
+        self.seen = 0
+
+    def __call__(self, x0):
+        if self.mode == "none":
+            return x0
+        if self.mode == "pixel":
+            limit = torch.ones((), device=x0.device, dtype=x0.dtype)
+        elif self.mode == "fixed":
+            limit = torch.full((), self.clip_range, device=x0.device, dtype=x0.dtype)
+        else:
+            flat = x0.detach().abs().flatten(1).float()
+            q = torch.quantile(flat, self.percentile, dim=1)
+            limit = q.clamp(min=self.clip_range).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+        changed = (x0.abs() > limit).sum()
+        self.clipped = changed if self.clipped is None else self.clipped + changed
+        self.seen += x0.numel()
+        return torch.maximum(torch.minimum(x0, limit), -limit)
+
+    def fraction(self):
+        """Share of predicted values clipped so far (synchronises once)."""
+        if self.clipped is None or not self.seen:
+            return 0.0
+        return float(self.clipped.item()) / self.seen
+
+
+class NonFiniteSamples(UserError):
+    """Samples became NaN or Inf; nothing was written for them."""
+
+    def __init__(self, indices, where):
+        self.indices = list(indices)
+        shown = ", ".join(str(i) for i in self.indices[:5]) + (", ..." if len(self.indices) > 5 else "")
+        super().__init__(f"{len(self.indices)} sample(s) ({shown}) hold NaN or Inf in {where}")
+
+
+def generate_samples(
+    *,
+    model,
+    diffusion,
+    sample_shape,
+    num_samples,
+    batch_size,
+    first_index=0,
+    labels=None,
+    sampler=None,
+    steps=None,
+    use_ddim=False,
+    eta=0.0,
+    clipper=None,
+    cond_fn=None,
+    decode_fn=None,
+    seed=0,
+    device="cpu",
+    precision="fp32",
+    progress=True,
+    on_nonfinite=None,
+    cuda_graphs=True,
+    as_float=False,
+    timestep_spacing="trailing",
+):
+    """Draw ``num_samples`` samples and return ``(uint8 NHWC images, labels,
+    clip fraction)``; with ``as_float`` the images are float32 NHWC in
+    [-1, 1] instead (for values finer than 8 bits, e.g. spectrograms in dB).
+
+    A sample whose latents or decoded pixels hold NaN or Inf is never turned
+    into an image: by default :class:`NonFiniteSamples` is raised at the first
+    such batch; with ``on_nonfinite`` (a callable) the bad samples are left
+    out and their indices passed to it.
+
+    Args:
+        sample_shape: (C, H, W) of what the diffusion produces (latents or pixels).
+        first_index: the index of the first sample (its noise stream), for
+            drawing a share of a larger set.
+        labels: class index per sample (length ``num_samples``) for
+            class-conditional models, else None.
+        sampler: a name of ``samplers.SAMPLERS``; None: ``ddim`` with ``use_ddim``, else ``ddpm``.
+            ``ddpm``/``ddim`` walk ``diffusion`` as respaced; the diffusers
+            samplers take ``steps`` steps over the full ``diffusion``.
+        clipper: a :class:`DenoisedClipper` (default: no clipping).
+        cond_fn: classifier guidance, ``cond_fn(x, t, y=...)`` -> grad of log p(y|x).
+        decode_fn: latents -> images in [-1, 1] (the VAE's decoder), or None
+            for pixel models.
+        cuda_graphs: on a CUDA device, replay the model from CUDA graphs
+            (same numbers, far fewer kernel launches).
+        timestep_spacing: where the diffusers samplers' steps lie
+            (``samplers.TIMESTEP_SPACINGS``).
+    """
+    device = torch.device(device)
+    sampler = resolve_sampler(sampler, use_ddim)
+    if steps is None:
+        steps = diffusion.num_timesteps
+    sample_fn = SAMPLERS[sampler]
+    clipper = clipper or DenoisedClipper("none")
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        if len(labels) != num_samples:
+            raise ValueError(f"{len(labels)} labels for {num_samples} samples")
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        if precision == "bf16" else contextlib.nullcontext()
+    )
+    if cuda_graphs and graphs_usable(device):
+        model = GraphedForward(model)
+    images, kept_labels = [], []
+    starts = range(0, num_samples, batch_size)
+    for start in progress_bar(starts, desc="sampling", disable=not progress or len(starts) == 1):
+        stop = min(start + batch_size, num_samples)
+        generators = [sample_generator(seed, first_index + i, device) for i in range(start, stop)]
+        x = per_sample_normal(generators, tuple(sample_shape), device)
+        kwargs = {}
+        if labels is not None:
+            kwargs["y"] = labels[start:stop].to(device)
+        denoiser = Denoiser(model=model, model_kwargs=kwargs, denoised_fn=clipper, cond_fn=cond_fn)
+        plan = SamplingPlan(diffusion=diffusion, steps=steps, generators=generators, eta=eta, progress=progress,
+                            timestep_spacing=timestep_spacing)
+        with autocast:
+            x = sample_fn(denoiser, x, plan)
+        x = x.float()
+        finite = torch.isfinite(x).flatten(1).all(dim=1)
+        where = "the diffusion output"
+        if decode_fn is not None:
+            with torch.no_grad():
+                x = decode_fn(torch.where(finite.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros_like(x)))
+            decoded_ok = torch.isfinite(x).flatten(1).all(dim=1)
+            if bool(finite.all()) and not bool(decoded_ok.all()):
+                where = "the decoded images"
+            finite = finite & decoded_ok
+        keep = finite.cpu().numpy()
+        if not keep.all():
+            bad = [first_index + start + int(i) for i in np.flatnonzero(~keep)]
+            if on_nonfinite is None:
+                raise NonFiniteSamples(bad, where)
+            on_nonfinite(bad)
+        kept = x[torch.from_numpy(keep).to(x.device)]
+        images.append(kept.float().clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy() if as_float
+                      else to_uint8_images(kept))
+        if labels is not None:
+            kept_labels.append(labels[start:stop].numpy()[keep])
+    all_labels = np.concatenate(kept_labels) if kept_labels else None
+    return np.concatenate(images), all_labels, clipper.fraction()

@@ -1,0 +1,2 @@
+"""Disk -> batches and labels: image and array data sets, the label map (one
+class per person) and batching."""

@@ -1,0 +1,2 @@
+"""The VAE boundary: ``VAEInterface`` (encode where data enter, decode where
+samples leave, the latent scale) and latent data sets and caches."""

@@ -1,0 +1,1 @@
+"""The HTML report: the verdict, the figures and the page."""

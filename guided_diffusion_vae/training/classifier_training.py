@@ -1,0 +1,292 @@
+"""A classifier of noisy latents, for classifier guidance per person.
+
+The classifier sees latents from a latent cache, noised by the same forward
+process as the diffusion model it will guide (``--model_path`` takes that
+model's noise schedule; without it the schedule flags must match it, and
+sampling refuses a classifier whose schedule differs), and learns to name the
+person at every timestep. At
+sampling time ``guidance.classifier_cond_fn`` turns it into the gradient of
+``log p(y | x_t)`` that the samplers add to the model's mean (or score).
+
+Checkpoints are self-describing safetensors files (``kind: classifier``):
+``guidance.load_classifier`` rebuilds the network from the stored
+``create_classifier`` arguments alone.
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from ..runtime import dist_util, logger
+from ..core import script_util
+from . import train_util
+from ..runtime.errors import UserError
+from ..data.labels import normalize_label_map
+from .latent_training import latent_classifier_kwargs
+from ..latent.vae_wrapper import latent_shape_of
+from ..core.resample import UniformSampler
+from .training_parts import StopRequests, autocast, load_latest_state, save_state, settings_text, wrap_for_processes
+from .train_util import TRAINING_LIMITS, DeviceMeans, check_training_numbers, resolve_precision, starting_in
+from ..latent.latent_datasets import load_latent_data
+
+
+
+def classifier_train_defaults():
+    """Flags of ``scripts/classifier_train.py``. ``image_size`` is in pixels;
+    the network is built for the VAE's latent size."""
+    return {
+        **script_util.classifier_defaults(),
+        # The original's 32,16,8 suits pixels; latents are 4-8x smaller.
+        "classifier_attention_resolutions": "auto",
+        **script_util.diffusion_defaults(),
+        "latent_cache": "",
+        "model_path": "",
+        "lr": 3e-4,
+        "weight_decay": 0.05,
+        "batch_size": 64,
+        "iterations": 2000,
+        "noised": True,
+        "log_interval": 50,
+        "save_interval": 1000,
+        "log_dir": "",
+        "seed": 0,
+        "precision": "auto",
+        "resume": True,
+        **dist_util.threads_defaults(),
+    }
+
+
+FLAG_HELP = {
+    **{flag: train_util.FLAG_HELP[flag] for flag in ("lr", "weight_decay", "log_interval", "precision")},
+    "image_size": "side of the cache's images in pixels; the network is built for the VAE's latent size",
+    "latent_cache": "the latent cache the diffusion model trains on (scripts/encode_latents.py)",
+    "model_path": "the diffusion model to guide (a checkpoint or run folder): the classifier learns its noise "
+                  "schedule ('' = the schedule flags)",
+    "classifier_attention_resolutions": "comma-separated resolutions of the classifier's attention layers, read "
+                                        "at the latent size; auto: half, a quarter and an eighth of the latent "
+                                        "side, those the network reaches",
+    "batch_size": "latents per optimizer step on each process",
+    "iterations": "optimizer steps",
+    "noised": "train on latents noised at random timesteps as the guided sampler will show them (False: clean "
+              "latents only)",
+    "save_interval": "steps between checkpoints (0: only the last step, which is always saved)",
+    "log_dir": "folder of logs and classifierNNNNNN.safetensors ('' = $OPENAI_LOGDIR, else a new temporary "
+               "folder)",
+    "seed": "seed of the weights, the batches and the noise",
+    "resume": "continue from the newest classifier_state_NNNNNN.pt in --log_dir",
+}
+FLAG_CHOICES = {"precision": train_util.PRECISIONS}
+
+
+# The numeric flags checked before any work (train_util.check_number's terms).
+CLASSIFIER_LIMITS = {
+    **{k: TRAINING_LIMITS[k] for k in ("batch_size", "lr", "weight_decay", "log_interval", "save_interval", "seed")},
+    "iterations": (1, True, False, ""),
+}
+
+
+def _classifier_flag_names():
+    return [key for key in script_util.classifier_defaults() if key != "image_size"]
+
+
+def classifier_path(folder, step):
+    return os.path.join(folder, f"classifier{step:06d}.safetensors")
+
+
+def _label_map(stream):
+    label_map = stream.label_map or stream.cache.label_map
+    if not label_map:
+        raise UserError(f"latent cache {stream.cache.cache_dir!r} has no label map: a classifier needs classes")
+    return normalize_label_map(label_map, stream.cache.cache_dir)
+
+
+def _save(folder, step, model, metadata):
+    path = classifier_path(folder, step)
+    ckpt.save_weights(path, model.state_dict(), {**metadata, "step": step})
+    logger.log(f"saved {path}")
+    return path
+
+
+def auto_attention_resolutions(side):
+    """``classifier_attention_resolutions auto`` for a latent ``side``: the
+    original's choice for its pixel sizes (32,16,8 at 64 px: half, a quarter,
+    an eighth of the side), keeping those the network reaches."""
+    levels = len(script_util.parse_channel_mult("", side))
+    reached = {side // 2**level for level in range(levels) if side % 2**level == 0}
+    return ",".join(str(side // k) for k in (2, 4, 8) if side % k == 0 and side // k in reached)
+
+
+def _classifier_flags(config, vae_meta, pixel_size):
+    flags = {key: config[key] for key in _classifier_flag_names()}
+    if flags["classifier_attention_resolutions"] == "auto":
+        side = latent_shape_of(vae_meta, pixel_size)[1]
+        flags["classifier_attention_resolutions"] = auto_attention_resolutions(side)
+    return flags
+
+
+def classifier_diffusion(config):
+    """The ``create_gaussian_diffusion`` arguments the classifier is trained
+    with: those of the model at ``model_path`` (a schedule flag set to
+    something else is refused), else the flags'."""
+    flags = script_util.diffusion_kwargs(config)
+    if not config.get("model_path"):
+        return flags
+    path = ckpt.resolve_weights_file(config["model_path"], use_ema=False)
+    meta = ckpt.read_metadata(path)
+    if not meta or not isinstance(meta.get("diffusion"), dict):
+        raise UserError(f"{path} is no checkpoint of ours: its noise schedule is unknown; leave model_path empty "
+                        "and give the schedule flags")
+    ckpt.check_build_kwargs(script_util.create_gaussian_diffusion, meta["diffusion"], path, "diffusion")
+    model = {**meta["diffusion"], "timestep_respacing": ""}
+    defaults = script_util.diffusion_kwargs(script_util.diffusion_defaults())
+    for key, value in flags.items():
+        if value != defaults.get(key) and value != model.get(key):
+            flag = "diffusion_steps" if key == "steps" else key
+            raise UserError(f"{flag} {value!r} differs from {model.get(key)!r}, the noise schedule of {path}, "
+                            "which the classifier must learn: leave it unset")
+    logger.log(f"noise schedule of {path}: {model['noise_schedule']}, {model['steps']} steps")
+    return model
+
+
+def train_classifier(config):
+    """Train a noisy-latent classifier on ``config["latent_cache"]``; returns
+    the path of the last checkpoint (on every rank), or None when a stop
+    signal ended it early (saved; a rerun resumes)."""
+
+    if not config.get("latent_cache"):
+        raise UserError("latent_cache is required: a folder written by scripts/encode_latents.py")
+    check_training_numbers(config, CLASSIFIER_LIMITS)
+    dist_util.setup_dist()
+    dist_util.set_threads(config["threads"], logger.log)  # before the log folder exists
+    log_dir, named = logger.choose_dir(config.get("log_dir"))
+    # The cache, the network and a resume state are checked before the first
+    # step; a start that fails leaves nothing in the log folder, not even the log.
+    with starting_in(log_dir, named, given=bool(config.get("log_dir"))):
+        logger.configure(dir=log_dir, format_strs="stdout,log,csv")
+        torch.manual_seed(int(config["seed"]))
+        device = dist_util.dev()
+
+        stream = load_latent_data(
+            cache_dir=config["latent_cache"], batch_size=config["batch_size"], seed=config["seed"],
+            class_cond=True, device=device,
+        )
+        cache = stream.cache
+        label_map = _label_map(stream)
+        pixel_size = int(config["image_size"])
+        cached_size = cache.meta.get("image_size")
+        if cached_size is not None and int(cached_size) != pixel_size:
+            raise UserError(
+                f"{config['latent_cache']}: image_size is {cached_size} in the cache but {pixel_size} in the configuration"
+            )
+        vae_meta = {**cache.vae_description, "latent_scale": cache.latent_scale}
+        classifier_kwargs = latent_classifier_kwargs(vae_meta, pixel_size, len(label_map),
+                                                     _classifier_flags(config, vae_meta, pixel_size))
+        model = script_util.create_classifier(**classifier_kwargs)
+        if tuple(cache.shape) != (classifier_kwargs["in_channels"], classifier_kwargs["image_size"],
+                                  classifier_kwargs["image_size"]):
+            raise UserError(f"{config['latent_cache']}: latents of shape {cache.shape} do not fit {classifier_kwargs}")
+        if config["timestep_respacing"]:
+            raise UserError(
+                "timestep_respacing must be empty for classifier training: the classifier learns every "
+                "original timestep (respaced samplers pass original timesteps to it)"
+            )
+        diffusion_kwargs = classifier_diffusion(config)
+        diffusion = script_util.create_gaussian_diffusion(**diffusion_kwargs)
+        sampler = UniformSampler(diffusion)
+        model.to(device)
+        if classifier_kwargs["classifier_use_fp16"]:
+            model.convert_to_fp16()
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+        precision = resolve_precision(config["precision"], device)
+
+        metadata = {
+            "kind": ckpt.CLASSIFIER_KIND,
+            "classifier": classifier_kwargs,
+            "diffusion": diffusion_kwargs,
+            "data": {"label_map": label_map, "image_size": pixel_size,
+                     "latent_cache": os.path.abspath(config["latent_cache"])},
+            "vae": vae_meta,
+            "train": {k: config[k] for k in ("lr", "weight_decay", "batch_size", "iterations", "noised", "seed")},
+        }
+        logger.log(
+            f"classifier: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, input "
+            f"{tuple(cache.shape)}, {len(label_map)} classes, {len(cache)} latents; "
+            f"{dist_util.world_size()} process(es), {precision}"
+        )
+
+        means = DeviceMeans()
+        folder = logger.get_dir()
+        iterations, last = int(config["iterations"]), None
+        settings = {"classifier": classifier_kwargs, "diffusion": diffusion_kwargs, "batch_size": config["batch_size"],
+                    "seed": config["seed"], "noised": config["noised"],
+                    "latent_cache": os.path.abspath(config["latent_cache"])}
+        first = 1
+        found = load_latest_state(folder, "classifier", settings) if config["resume"] else None
+        if found:
+            state, path = found
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            stream.load_state_dict(state["data"])
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+            first = int(state["step"]) + 1
+            logger.log(f"resumed from {path} at step {first - 1}")
+    # DDP copies rank 0's weights to the others when it wraps the model.
+    net = wrap_for_processes(model, device)
+    def save_all(step):
+        """The classifier checkpoint and the resume state of ``step`` (rank 0 writes)."""
+        if dist_util.is_main():
+            _save(folder, step, model, metadata)
+            state = {"settings": settings_text(settings), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
+                     "torch_rng": torch.get_rng_state()}
+            if device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(device)
+            save_state(folder, "classifier", step, state, keep=2)
+        dist_util.barrier()
+        return classifier_path(folder, step)
+
+    def train_step(step):
+        x0, cond = next(stream)
+        x0 = x0.to(device, non_blocking=True)
+        y = cond["y"].to(device, non_blocking=True)
+        if config["noised"]:
+            t, _ = sampler.sample(x0.shape[0], device)
+            x = diffusion.q_sample(x0, t)
+        else:
+            t = torch.zeros(x0.shape[0], dtype=torch.long, device=device)
+            x = x0
+        with autocast(precision, device):  # the timesteps a sampler's cond_fn will see (rescaled if so configured)
+            logits = net(x, diffusion._scale_timesteps(t))
+        losses = F.cross_entropy(logits.float(), y, reduction="none")
+        optimizer.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        optimizer.step()
+        correct = (logits.detach().argmax(dim=-1) == y).float()
+        means.add("loss", losses)
+        means.add("acc@1", correct)
+        means.add_by_quarter("acc@1", correct, t, diffusion.num_timesteps)
+        means.add_by_quarter("loss", losses, t, diffusion.num_timesteps)
+        if step % config["log_interval"] == 0 or step == iterations:
+            for key, value in means.pop().items():
+                logger.logkv_mean(key, value)
+            logger.logkv("step", step)
+            logger.logkv("samples", step * config["batch_size"] * dist_util.world_size())
+            logger.dumpkvs(step)
+
+    model.train()
+    with StopRequests() as stop:
+        for step in range(first, iterations + 1):
+            train_step(step)
+            if (config["save_interval"] and step % config["save_interval"] == 0) or step == iterations:
+                last = save_all(step)
+            elif stop.requested(device, step % config["log_interval"] == 0):
+                save_all(step)
+                logger.log(f"{stop.signal_name or 'stop signal'} received: saved at step {step}; rerun the same "
+                           "command to continue")
+                return None
+    return last
