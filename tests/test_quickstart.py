@@ -94,6 +94,7 @@ import pytest  # noqa: E402
 
 from guided_diffusion_vae.tools import quickstart
 from guided_diffusion_vae.runtime.errors import UserError
+from guided_diffusion_vae.runtime.files import atomic_write_bytes
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def fake_stages(monkeypatch):
 
     def report(run_dir, stages):
         ran.append("report")
-        quickstart.atomic_write_bytes(os.path.join(run_dir, "report.html"), b"<html></html>")
+        atomic_write_bytes(os.path.join(run_dir, "report.html"), b"<html></html>")
 
     monkeypatch.setattr(quickstart, "_report", report)
     return ran

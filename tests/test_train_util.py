@@ -327,6 +327,24 @@ def test_atomic_writes_respect_the_umask_and_clear_stale_temporaries(tmp_path):
     assert not stale.exists() and fresh.exists()
 
 
+def test_one_json_writer_for_every_json_file(tmp_path):
+    """atomic_write_json: a final newline, keys sorted unless asked not to,
+    and with allow_nan=False a non-finite value writes nothing at all."""
+    import json
+
+    from guided_diffusion_vae.runtime.files import atomic_write_json
+
+    path = tmp_path / "a.json"
+    atomic_write_json(str(path), {"b": 1, "a": [1.5, None]})
+    assert path.read_text() == '{\n  "a": [\n    1.5,\n    null\n  ],\n  "b": 1\n}\n'
+    atomic_write_json(str(path), {"b": 1, "a": 2}, indent=None, sort_keys=False)
+    assert path.read_text() == '{"b": 1, "a": 2}\n'
+    with pytest.raises(ValueError):
+        atomic_write_json(str(tmp_path / "nan.json"), {"fd": float("nan")}, allow_nan=False)
+    assert sorted(os.listdir(tmp_path)) == ["a.json"]
+    assert json.loads(path.read_text()) == {"b": 1, "a": 2}
+
+
 def _steps_on_disk(folder):
     """``{step: sorted names}`` of the checkpoint files in ``folder``."""
     found = {}

@@ -20,7 +20,6 @@ the closest generated/training pairs beside it. A metric that the inputs are
 too small for is ``null`` in the JSON, with the reason under ``notes``.
 """
 
-import json
 import math
 import os
 import time
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from ..runtime import logger
-from ..runtime.files import atomic_write_bytes, check_writable_target
+from ..runtime.files import atomic_write_json, check_writable_target
 from ..runtime.dist_util import DEVICE_HELP, check_threads, pick_device, set_threads, threads_defaults
 from ..runtime.errors import UserError
 from ..training import person_classifier as clf
@@ -441,7 +440,7 @@ def run_evaluation(config):
                   settings={k: config[k] for k in evaluate_defaults() if k not in ("real_train", "real_test",
                                                                                     "generated", "vae_path")},
                   device=str(device), torch=torch.__version__, seconds=round(time.time() - started, 1))
-    atomic_write_bytes(config["output_json"], (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write_json(config["output_json"], result, sort_keys=False)
     logger.log(format_table(result))
     logger.log(f"wrote {config['output_json']}")
     return result

@@ -36,7 +36,7 @@ from ..runtime import dist_util, logger
 from ..core import script_util
 from ..training.diffusion_training import draw_images
 from ..runtime.errors import UserError
-from ..runtime.files import atomic_write_bytes
+from ..runtime.files import atomic_write_json
 from ..data.labels import people
 from ..training import person_classifier as clf
 from . import metrics
@@ -226,7 +226,7 @@ class TrainingMonitor:
         os.makedirs(self.best_dir, exist_ok=True)
         written = {os.path.basename(p) for p in write_weights(self.best_dir)}
         record = {"step": step, "metric": self.keep_best, "value": values[self.keep_best], "metrics": values}
-        atomic_write_bytes(os.path.join(self.best_dir, BEST_FILE), (json.dumps(record, indent=2) + "\n").encode())
+        atomic_write_json(os.path.join(self.best_dir, BEST_FILE), record, sort_keys=False)
         for name in os.listdir(self.best_dir):
             if re.fullmatch(r"(model|ema_.+_)\d+\.safetensors", name) and name not in written:
                 os.remove(os.path.join(self.best_dir, name))

@@ -38,7 +38,7 @@ import torch
 
 from ..runtime import dist_util, logger
 from ..data.batching import BatchStream, ShardedBatchSampler
-from ..runtime.files import atomic_write, atomic_write_npy, check_outside, undone_on_failure
+from ..runtime.files import atomic_write_json, atomic_write_npy, check_outside, undone_on_failure
 from ..runtime.errors import UserError, check_number, shown
 from ..data.labels import normalize_label_map
 from .vae_wrapper import DTYPES as VAE_DTYPES
@@ -67,15 +67,6 @@ CACHE_DTYPES = ("float32", "float16")
 def _fsync_file(path):
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
-
-
-def _write_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    atomic_write(path, write)
 
 
 def _read_json(path):
@@ -392,7 +383,7 @@ def _prepare_partial(cache_dir, plan, plan_keys, latent_shape, count, cache_dtyp
     store = np.lib.format.open_memmap(partial, mode="w+", dtype=np.dtype(cache_dtype), shape=shape)
     store.flush()
     del store
-    _write_json(plan_path, plan)
+    atomic_write_json(plan_path, plan)
     return set()
 
 
@@ -493,7 +484,7 @@ def _finish_cache(cache_dir, plan, vae, scale_spec, labels, num_chunks):
         "dtype": plan["dtype"],
         "plan": plan,
     }
-    _write_json(os.path.join(cache_dir, META_FILE), meta)
+    atomic_write_json(os.path.join(cache_dir, META_FILE), meta)
     # Only once meta.json exists may the resume bookkeeping go.
     shutil.rmtree(os.path.join(cache_dir, PROGRESS_DIR), ignore_errors=True)
     os.remove(os.path.join(cache_dir, PLAN_FILE))

@@ -162,6 +162,14 @@ def atomic_write_bytes(path, data):
     return atomic_write(path, write)
 
 
+def atomic_write_json(path, obj, indent=2, sort_keys=True, allow_nan=True):
+    """Every JSON file the project writes: UTF-8, a final newline, written
+    whole or not at all. ``allow_nan=False``: a non-finite number is a
+    ValueError before anything is written."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n"
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_write_safetensors(path, tensors, metadata=None):
     """``tensors`` (a dict of CPU tensors) as a safetensors file, atomically.
     Serialised here and written by us, not by ``save_file``: that one makes its

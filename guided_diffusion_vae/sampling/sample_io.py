@@ -2,14 +2,13 @@
 per class, a grid, and the original's ``.npz`` of uint8 NHWC images; for
 models of spectrogram arrays optionally one float32 ``.npy`` per sample in dB."""
 
-import json
 import os
 import re
 
 import numpy as np
 
 from ..runtime.errors import UserError
-from ..runtime.files import atomic_write, atomic_write_bytes, atomic_write_npy, folder_written_whole
+from ..runtime.files import atomic_write, atomic_write_json, atomic_write_npy, folder_written_whole
 from ..runtime.images import image_grid, save_png
 from ..data.labels import class_name, folder_names
 
@@ -95,6 +94,6 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
     if folder_of:  # folder -> readable name (a folder name may differ from its class name)
         folders = {folder: class_name(label, label_map) for label, folder in folder_of.items()}
         paths["classes"] = os.path.join(output_dir, "classes.json")
-        atomic_write_bytes(paths["classes"], json.dumps(folders, indent=1, sort_keys=True).encode())
+        atomic_write_json(paths["classes"], folders, indent=1)
     return paths
 

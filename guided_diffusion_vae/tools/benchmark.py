@@ -21,7 +21,7 @@ import torch
 from ..runtime import dist_util
 from ..core import script_util
 from ..runtime.errors import UserError
-from ..runtime.files import check_writable_file
+from ..runtime.files import atomic_write_json, check_writable_file
 from ..core.sample_loop import generate_samples
 from ..core.samplers import SAMPLER_NAMES
 from ..training.train_util import TrainLoop
@@ -375,9 +375,8 @@ def run_benchmark(config):
     print(format_table(results), flush=True)
     report = {"info": info, "results": results}
     if config["output_json"]:
-        from ..runtime.files import atomic_write_bytes
 
-        atomic_write_bytes(config["output_json"], json.dumps(report, indent=2).encode("utf-8"))
+        atomic_write_json(config["output_json"], report, sort_keys=False)
     return report
 
 

@@ -38,7 +38,6 @@ A check that cannot run says ``skipped: why``. :func:`diagnosis_text` turns
 the results into words, the most likely cause first.
 """
 
-import json
 import math
 import os
 import re
@@ -50,7 +49,7 @@ from ..training import checkpoint as ckpt
 from ..core import script_util
 from ..runtime.dist_util import pick_device
 from ..runtime.errors import UserError
-from ..runtime.files import atomic_write_bytes, check_writable_file
+from ..runtime.files import atomic_write_json, check_writable_file
 from ..data.image_datasets import ImageDataset, list_image_files
 from ..data.labels import default_label_map, people
 from ..sampling import sample_from_checkpoint as sampling
@@ -663,7 +662,6 @@ def _json_ready(value):
 
 
 def write_json(report, path):
-    text = json.dumps(_json_ready(report), indent=2, sort_keys=True, allow_nan=False)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    return atomic_write_bytes(path, text.encode("utf-8"))
+    return atomic_write_json(path, _json_ready(report), allow_nan=False)

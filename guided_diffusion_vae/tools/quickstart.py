@@ -32,7 +32,7 @@ import time
 from ..runtime import logger
 from ..runtime.dist_util import set_threads, threads_defaults
 from ..runtime.errors import UserError
-from ..runtime.files import atomic_write_bytes, check_writable_target, read_json_object
+from ..runtime.files import atomic_write_json, check_writable_target, read_json_object
 from ..simulate import simulate_dataset
 from ..training.vae_training import train_vae, vae_train_defaults
 from ..latent.latent_datasets import build_latent_cache, encode_latents_defaults
@@ -267,7 +267,7 @@ class Stages:
         extra = {key: value for key, value in (("partial", self.partial), ("started", self.started),
                                                ("clearing", self.clearing)) if value}
         state = {"layout": LAYOUT, **self.done, **extra}
-        atomic_write_bytes(self.path, json.dumps(state, indent=2).encode())
+        atomic_write_json(self.path, state, sort_keys=False)
 
 
 def _shown(value):

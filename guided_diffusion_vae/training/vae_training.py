@@ -36,7 +36,6 @@ Architecture presets (``vae_size``), each with 3 down blocks = 4x downsampling:
 import contextlib
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import time
@@ -50,7 +49,7 @@ from ..data.batching import BatchStream, ShardedBatchSampler
 from ..runtime.cuda_graphs import ReplayedStep, graphs_usable
 from .ema import EMA, ema_decay
 from ..runtime.errors import UserError, check_number, shown
-from ..runtime.files import check_outside, check_writable_target, folder_written_whole, lock_folder, undone_on_failure
+from ..runtime.files import atomic_write_json, check_outside, check_writable_target, folder_written_whole, lock_folder, undone_on_failure
 from ..data.array_datasets import ArrayFolderDataset, data_folder_defaults, parse_db_range
 from ..data.image_datasets import ImageDataset, data_files, detect_channels, pixel_batches
 from ..data.labels import class_names_from_paths
@@ -453,9 +452,7 @@ def export_vae(vae, output_dir, *, stats, metrics, grid):
         stats = dict(stats, fingerprint=vae_fingerprint(tmp), input_range="-1,1", sample_posterior=False)
         metrics = dict(metrics, fingerprint=stats["fingerprint"])
         for name, obj in ((LATENT_STATS_FILE, stats), (METRICS_FILE, metrics)):
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(obj, f, indent=2, sort_keys=True)
-                f.write("\n")
+            atomic_write_json(os.path.join(tmp, name), obj)
         _save_png(os.path.join(tmp, GRID_FILE), grid)
         umask = os.umask(0)
         os.umask(umask)
@@ -846,8 +843,7 @@ def _finish(config, vae, ema, train_images, heldout, step, rank, device, labels=
             f"saved VAE to {config['output_dir']}: {split} PSNR {quality['psnr']:.2f} dB, SSIM {quality['ssim']:.4f}, "
             f"L1 {quality['l1']:.4f} on {quality['num_images']} images; latent_scale {stats['latent_scale']:.5g}"
         )
-        with open(os.path.join(logger.get_dir(), METRICS_FILE), "w") as f:
-            json.dump(metrics, f, indent=2, sort_keys=True)
+        atomic_write_json(os.path.join(logger.get_dir(), METRICS_FILE), metrics)
     metrics = dist_util.broadcast_object(metrics)
     dist_util.barrier()
     return metrics
