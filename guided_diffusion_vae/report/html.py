@@ -251,57 +251,69 @@ def _value_cells(result, key, reference, digits=3):
     return f"<td class=\"num\">{v:.{digits}f}</td><td>{reference}</td>"
 
 
-def _metrics_section(result):
+def _metric_row(result, label, key, reference, digits=3):
+    return f"<tr><th>{_e(label)}</th>{_value_cells(result, key, reference, digits)}</tr>"
+
+
+def _times_trtr(result, key):
+    """A classifier accuracy as a multiple of TRTR, its ceiling ('' if either is missing)."""
     trtr = _num(result.get("trtr"))
+    v = _num(result.get(key))
+    return f"{v / trtr:.2f} &times; TRTR" if v is not None and trtr else ""
+
+
+def _classifier_rows(result):
+    """TRTR (the ceiling, beside chance), then rCAS, CAS and TSTR as fractions of it."""
     chance = _num(result.get("chance"))
-    rows = []
+    return [_metric_row(result, "TRTR (reference classifier on real held-out)", "trtr",
+                        "the ceiling" + (f"; chance {chance:.3f}" if chance is not None else "")),
+            _metric_row(result, "rCAS (VAE reconstructions of real held-out)", "rcas", _times_trtr(result, "rcas")),
+            _metric_row(result, "CAS (reference classifier on generated)", "cas", _times_trtr(result, "cas")),
+            _metric_row(result, "TSTR (trained on generated, tested on real)", "tstr", _times_trtr(result, "tstr"))]
 
-    def row(label, key, reference, digits=3):
-        rows.append(f"<tr><th>{_e(label)}</th>{_value_cells(result, key, reference, digits)}</tr>")
 
-    def times_trtr(key):
-        v = _num(result.get(key))
-        return f"{v / trtr:.2f} &times; TRTR" if v is not None and trtr else ""
-
-    row("TRTR (reference classifier on real held-out)", "trtr",
-        "the ceiling" + (f"; chance {chance:.3f}" if chance is not None else ""))
-    row("rCAS (VAE reconstructions of real held-out)", "rcas", times_trtr("rcas"))
-    row("CAS (reference classifier on generated)", "cas", times_trtr("cas"))
-    row("TSTR (trained on generated, tested on real)", "tstr", times_trtr("tstr"))
-
+def _augmentation_rows(result):
+    """One row per number of real images per person, fewest first; one 'not computed' row if none."""
     gains = _dict(result.get("augmentation_gain"))
-    if gains:
-        for k in sorted(gains, key=lambda s: (len(str(s)), str(s))):
-            g = _dict(gains[k])
-            gain, real_only, augmented = _num(g.get("gain")), _num(g.get("real_only")), _num(g.get("augmented"))
-            value = f"<td class=\"num\">{gain:+.3f}</td>" if gain is not None else \
-                "<td class=\"missing\">not computed</td>"
-            rows.append(f"<tr><th>augmentation gain, {_e(k)} real / person</th>{value}"
-                        f"<td>real only {_fmt(real_only)} &rarr; augmented {_fmt(augmented)} "
-                        f"(+{_e(g.get('generated_per_class', '?'))} generated / person)</td></tr>")
-    else:
-        rows.append("<tr><th>augmentation gain</th><td class=\"missing\" colspan=\"2\">not computed: "
-                    f"{_e(_reason(result, 'augmentation_gain'))}</td></tr>")
+    if not gains:
+        return ["<tr><th>augmentation gain</th><td class=\"missing\" colspan=\"2\">not computed: "
+                f"{_e(_reason(result, 'augmentation_gain'))}</td></tr>"]
+    rows = []
+    for k in sorted(gains, key=lambda s: (len(str(s)), str(s))):
+        g = _dict(gains[k])
+        gain, real_only, augmented = _num(g.get("gain")), _num(g.get("real_only")), _num(g.get("augmented"))
+        value = f"<td class=\"num\">{gain:+.3f}</td>" if gain is not None else \
+            "<td class=\"missing\">not computed</td>"
+        rows.append(f"<tr><th>augmentation gain, {_e(k)} real / person</th>{value}"
+                    f"<td>real only {_fmt(real_only)} &rarr; augmented {_fmt(augmented)} "
+                    f"(+{_e(g.get('generated_per_class', '?'))} generated / person)</td></tr>")
+    return rows
 
+
+def _distribution_rows(result):
+    """The Frechet distance beside its real-vs-real floor, then precision and recall."""
     fd, floor = _num(result.get("fd")), _num(result.get("fd_floor"))
     reference = f"floor (real vs real) {_fmt(floor, 2)}"
     if fd is not None and floor:
         reference += f"; {fd / floor:.2f} &times; floor"
-    row("Frechet distance (classifier features)", "fd", reference, digits=2)
-    row("precision (generated on the real manifold)", "precision", "1 is best")
-    row("recall (real covered by generated)", "recall", "1 is best")
+    return [_metric_row(result, "Frechet distance (classifier features)", "fd", reference, digits=2),
+            _metric_row(result, "precision (generated on the real manifold)", "precision", "1 is best"),
+            _metric_row(result, "recall (real covered by generated)", "recall", "1 is best")]
 
+
+def _memorisation_rows(result):
+    """Memorised samples, then copies and within-person variety."""
     memo = _dict(result.get("memorisation"))
     memo_ref = ""
     if _num(memo.get("min_ratio")) is not None:
         memo_ref = (f"closest ratio {_fmt(memo.get('min_ratio'), 2)} (real held-out: "
                     f"{_fmt(memo.get('real_min_ratio'), 2)}); flagged below {_e(memo.get('threshold', '?'))}")
-    row("memorised samples", "memorised", memo_ref, digits=0)
+    rows = [_metric_row(result, "memorised samples", "memorised", memo_ref, digits=0)]
     # The newer checks: shown when the evaluation has them (an older JSON lacks the keys).
     if "memorised_gu" in result:
-        row("copies (nearest / second-nearest training distance)", "memorised_gu",
-            f"flagged below {_fmt(memo.get('copy_ratio_threshold'), 3)}; closest ratio "
-            f"{_fmt(memo.get('min_copy_ratio'), 2)}", digits=0)
+        rows.append(_metric_row(result, "copies (nearest / second-nearest training distance)", "memorised_gu",
+                                f"flagged below {_fmt(memo.get('copy_ratio_threshold'), 3)}; closest ratio "
+                                f"{_fmt(memo.get('min_copy_ratio'), 2)}", digits=0))
     if "variety" in result:
         variety = _dict(result.get("variety"))
         if _num(variety.get("ratio")) is None:
@@ -311,33 +323,57 @@ def _metrics_section(result):
                         f"<td class=\"num\">{_fmt(variety.get('ratio'), 3)}</td><td>1 is as varied as real walks; "
                         f"nearest-neighbour distance {_fmt(variety.get('generated'), 4)} vs "
                         f"{_fmt(variety.get('real'), 4)}</td></tr>")
+    return rows
 
+
+def _inception_rows(result):
+    """Inception FID / KID, when the evaluation computed them."""
     inception = _dict(result.get("inception"))
-    if inception:
-        rows.append(f"<tr><th>Inception FID / KID</th><td class=\"num\">{_fmt(inception.get('fid'), 2)}</td>"
-                    f"<td>KID {_fmt(inception.get('kid'), 4)}</td></tr>")
+    if not inception:
+        return []
+    return [f"<tr><th>Inception FID / KID</th><td class=\"num\">{_fmt(inception.get('fid'), 2)}</td>"
+            f"<td>KID {_fmt(inception.get('kid'), 4)}</td></tr>"]
 
-    parts = ["<table class=\"metrics\"><thead><tr><th>metric</th><th>value</th><th>ceiling / floor</th></tr>"
-             "</thead><tbody>", *rows, "</tbody></table>"]
+
+def _notes_list(result):
+    """The evaluation's notes as a list ('' if none)."""
     notes = _dict(result.get("notes"))
-    if notes:
-        parts.append("<p>Notes of the evaluation:</p><ul>"
-                     + "".join(f"<li><code>{_e(k)}</code>: {_e(v)}</li>" for k, v in notes.items()) + "</ul>")
+    if not notes:
+        return ""
+    return ("<p>Notes of the evaluation:</p><ul>"
+            + "".join(f"<li><code>{_e(k)}</code>: {_e(v)}</li>" for k, v in notes.items()) + "</ul>")
+
+
+def _counts_line(result):
+    """One line of image counts, device, torch version and seconds ('' if none)."""
     counts = _dict(result.get("counts"))
     facts = [f"{_e(k.replace('_', ' '))} {_e(v)}" for k, v in counts.items()]
     for key, label in (("device", "device"), ("torch", "torch"), ("seconds", "seconds")):
         if key in result:
             facts.append(f"{label} {_e(result[key])}")
-    if facts:
-        parts.append(f"<p class=\"meta\">Images: {', '.join(facts)}.</p>")
+    return f"<p class=\"meta\">Images: {', '.join(facts)}.</p>" if facts else ""
+
+
+def _inputs_table(result):
+    """The evaluation's inputs and its classifier, one row each ('' if none)."""
     inputs = _dict(result.get("inputs"))
     items = [(k, v) for k, v in inputs.items()] + ([("classifier", result["classifier"])] if result.get("classifier")
                                                     else [])
-    if items:
-        parts.append("<table><tbody>" + "".join(
-            f"<tr><th>{_e(k)}</th><td class=\"wrap\"><code>{_e(v) if v else '(none)'}</code></td></tr>"
-            for k, v in items) + "</tbody></table>")
-    return "".join(parts)
+    if not items:
+        return ""
+    return "<table><tbody>" + "".join(
+        f"<tr><th>{_e(k)}</th><td class=\"wrap\"><code>{_e(v) if v else '(none)'}</code></td></tr>"
+        for k, v in items) + "</tbody></table>"
+
+
+def _metrics_section(result):
+    """The metrics table (each metric beside its ceiling or floor), then the
+    evaluation's notes, image counts and inputs."""
+    rows = [*_classifier_rows(result), *_augmentation_rows(result), *_distribution_rows(result),
+            *_memorisation_rows(result), *_inception_rows(result)]
+    parts = ["<table class=\"metrics\"><thead><tr><th>metric</th><th>value</th><th>ceiling / floor</th></tr>"
+             "</thead><tbody>", *rows, "</tbody></table>"]
+    return "".join(parts) + _notes_list(result) + _counts_line(result) + _inputs_table(result)
 
 
 def _cas_colour(value):
@@ -856,6 +892,89 @@ def _comma_list(items):
     return chosen or None
 
 
+def _check_sources(output_html, eval_json, run_dir):
+    """Refuse a report with nothing to show, a missing run folder or an output
+    that cannot be written, before anything is read or written."""
+    if not eval_json and not run_dir:
+        raise UserError("nothing to report: give an evaluation JSON (--eval_json) or a run folder (--run_dir)")
+    if run_dir and not os.path.isdir(run_dir):
+        raise UserError(f"run folder not found: {run_dir}")
+    check_writable_file(output_html, "output_html")
+
+
+def _whole_per_person(per_person):
+    """``per_person`` as a whole number of at least 1 (flags arrive as text)."""
+    try:
+        per_person = int(per_person)
+    except (TypeError, ValueError):
+        raise UserError(f"per_person must be a whole number, got {per_person!r}") from None
+    if per_person < 1:
+        raise UserError(f"per_person must be at least 1, got {per_person}")
+    return per_person
+
+
+def _vae_folder(vae_dir, run_dir, result, readable):
+    """The VAE folder shown and, when the one the evaluation names may not be
+    read, the note that says so: ``vae_dir`` if given, else ``run_dir/vae``,
+    else the evaluation's ``vae_path``."""
+    vae_note = None
+    if vae_dir is None:
+        if run_dir and os.path.isdir(os.path.join(run_dir, "vae")):
+            vae_dir = os.path.join(run_dir, "vae")
+        elif result and _dict(result.get("inputs")).get("vae_path"):
+            vae_dir = str(result["inputs"]["vae_path"])
+            if not readable.allows(vae_dir):
+                vae_note, vae_dir = readable.refusal("VAE folder", vae_dir), None
+    return vae_dir, vae_note
+
+
+def _page_sections(result, eval_json, run_dir, vae_dir, vae_note, stage_times, figures, people, per_person, extent,
+                   readable):
+    """``(anchor, heading, HTML)`` of every section, in page order (each writes its figures as it goes)."""
+    sections = []
+    if result is not None:
+        sections.append(("metrics", "Metrics", _metrics_section(result)))
+        sections.append(("per-person", "Per person", _per_person_section(result)))
+    else:
+        sections.append(("metrics", "Metrics", _note("No evaluation JSON given: metrics omitted "
+                                                     "(run scripts/evaluate.py, then pass --eval_json).")))
+    sections.append(("loss", "Training loss by timestep quartile", _loss_section(run_dir, figures)))
+    evaluations = _eval_curves_section(run_dir, figures)
+    if evaluations is not None:
+        sections.append(("evaluations", "Evaluated during training", evaluations))
+    sections.append(("samples", "Real and generated spectrograms",
+                     _samples_section(result, run_dir, figures, people, per_person, extent, readable)))
+    sections.append(("memorisation", "Nearest training neighbours",
+                     _memorisation_section(result, eval_json, figures, extent, readable)))
+    sections.append(("config", "Configuration", _config_section(run_dir, vae_dir, figures, extent, vae_note)))
+    if stage_times:
+        sections.append(("stages", "Stage times", _stage_times_section(stage_times)))
+    return sections
+
+
+def _page_head(title, result, eval_json, run_dir, figures):
+    """The title, the verdict box and a line naming the inputs and when the page was written."""
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    head = [f"<h1>{_e(title)}</h1>", _verdict_box(result), "<p class=\"meta\">"]
+    if run_dir:
+        head.append(f"Run folder: <code>{_e(os.path.abspath(run_dir))}</code><br>")
+    if eval_json:
+        head.append(f"Evaluation: <code>{_e(os.path.abspath(eval_json))}</code><br>")
+    head.append(f"Written {_e(when)}; figures also in <code>{_e(os.path.basename(figures.folder))}/</code>.</p>")
+    return "".join(head)
+
+
+def _page_html(title, head, sections):
+    """The whole page: ``head``, a numbered table of contents, then the sections (no scripts, no external files)."""
+    nav = "<nav><ol>" + "".join(f"<li><a href=\"#{key}\">{_e(name)}</a></li>" for key, name, _ in sections) \
+        + "</ol></nav>"
+    body = "\n".join(f"<section id=\"{key}\"><h2>{i + 1}. {_e(name)}</h2>{content}</section>"
+                     for i, (key, name, content) in enumerate(sections))
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
+            f"<style>{CSS}</style></head>\n<body>{head}{nav}\n{body}\n</body></html>\n")
+
+
 def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, stage_times=None,
                  title="guided-diffusion-vae report", people=None, per_person=4, read_dirs=()) -> str:
     """Write the HTML report and its figures; returns ``output_html``.
@@ -878,68 +997,22 @@ def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, sta
     run_dir = os.fspath(run_dir) if run_dir else None
     vae_dir = os.fspath(vae_dir) if vae_dir else None
     output_html = os.fspath(output_html)
-    if not eval_json and not run_dir:
-        raise UserError("nothing to report: give an evaluation JSON (--eval_json) or a run folder (--run_dir)")
-    if run_dir and not os.path.isdir(run_dir):
-        raise UserError(f"run folder not found: {run_dir}")
-    check_writable_file(output_html, "output_html")
+    _check_sources(output_html, eval_json, run_dir)
     result = _load_eval(eval_json) if eval_json else None
-    try:
-        per_person = int(per_person)
-    except (TypeError, ValueError):
-        raise UserError(f"per_person must be a whole number, got {per_person!r}") from None
-    if per_person < 1:
-        raise UserError(f"per_person must be at least 1, got {per_person}")
+    per_person = _whole_per_person(per_person)
     if os.path.isdir(output_html):
         raise UserError(f"report output {output_html} is a folder; name an .html file")
     people = _comma_list(people)
     readable = _Readable([run_dir, vae_dir, eval_json and os.path.dirname(os.path.abspath(eval_json)),
                           *(_comma_list(read_dirs) or [])])
-    vae_note = None
-    if vae_dir is None:
-        if run_dir and os.path.isdir(os.path.join(run_dir, "vae")):
-            vae_dir = os.path.join(run_dir, "vae")
-        elif result and _dict(result.get("inputs")).get("vae_path"):
-            vae_dir = str(result["inputs"]["vae_path"])
-            if not readable.allows(vae_dir):
-                vae_note, vae_dir = readable.refusal("VAE folder", vae_dir), None
+    vae_dir, vae_note = _vae_folder(vae_dir, run_dir, result, readable)
 
     extent = _data_extent(result, run_dir, readable)
     stem = os.path.splitext(os.path.basename(output_html))[0] or "report"
     figures = _Figures(os.path.join(os.path.dirname(os.path.abspath(output_html)), f"{stem}_files"))
-    sections = []
-    if result is not None:
-        sections.append(("metrics", "Metrics", _metrics_section(result)))
-        sections.append(("per-person", "Per person", _per_person_section(result)))
-    else:
-        sections.append(("metrics", "Metrics", _note("No evaluation JSON given: metrics omitted "
-                                                     "(run scripts/evaluate.py, then pass --eval_json).")))
-    sections.append(("loss", "Training loss by timestep quartile", _loss_section(run_dir, figures)))
-    evaluations = _eval_curves_section(run_dir, figures)
-    if evaluations is not None:
-        sections.append(("evaluations", "Evaluated during training", evaluations))
-    sections.append(("samples", "Real and generated spectrograms",
-                     _samples_section(result, run_dir, figures, people, per_person, extent, readable)))
-    sections.append(("memorisation", "Nearest training neighbours",
-                     _memorisation_section(result, eval_json, figures, extent, readable)))
-    sections.append(("config", "Configuration", _config_section(run_dir, vae_dir, figures, extent, vae_note)))
-    if stage_times:
-        sections.append(("stages", "Stage times", _stage_times_section(stage_times)))
-
-    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    head = [f"<h1>{_e(title)}</h1>", _verdict_box(result), "<p class=\"meta\">"]
-    if run_dir:
-        head.append(f"Run folder: <code>{_e(os.path.abspath(run_dir))}</code><br>")
-    if eval_json:
-        head.append(f"Evaluation: <code>{_e(os.path.abspath(eval_json))}</code><br>")
-    head.append(f"Written {_e(when)}; figures also in <code>{_e(os.path.basename(figures.folder))}/</code>.</p>")
-    nav = "<nav><ol>" + "".join(f"<li><a href=\"#{key}\">{_e(name)}</a></li>" for key, name, _ in sections) \
-        + "</ol></nav>"
-    body = "\n".join(f"<section id=\"{key}\"><h2>{i + 1}. {_e(name)}</h2>{content}</section>"
-                     for i, (key, name, content) in enumerate(sections))
-    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
-            f"<style>{CSS}</style></head>\n<body>{''.join(head)}{nav}\n{body}\n</body></html>\n")
+    sections = _page_sections(result, eval_json, run_dir, vae_dir, vae_note, stage_times, figures, people, per_person,
+                              extent, readable)
+    page = _page_html(title, _page_head(title, result, eval_json, run_dir, figures), sections)
 
     atomic_write_bytes(output_html, page.encode("utf-8"))
     return output_html

@@ -129,6 +129,50 @@ def spectrogram_figure(rows, extent, *, row_labels, group_titles=None, tile_titl
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    layout = _figure_layout(rows, row_labels, group_titles, tile_titles)
+    fig = Figure(figsize=(layout.width, layout.height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    coords = _tile_coords(extent, layout)
+    tile_titles = tile_titles or {}
+    for r, row in enumerate(rows):
+        top = layout.top_h + r * (layout.tile_h + layout.row_gap)
+        left = layout.label_w + layout.axis_w
+        for g, group in enumerate(row):
+            _draw_group(fig, layout, coords, group, r, g, left, top, bottom=r == len(rows) - 1,
+                        tile_titles=tile_titles, highlight_tiles=highlight_tiles)
+            if group_titles and r == 0:
+                fig.text((left + layout.group_w[g] / 2) / layout.width, 1 - 0.08 / layout.height, group_titles[g],
+                         ha="center", va="top", fontsize=FONT + 2)
+            left += layout.group_w[g] + layout.group_gap
+        _draw_row_label(fig, row_labels[r] if r < len(row_labels) else [], top + layout.tile_h / 2, layout.width,
+                        layout.height, red=r in set(highlight_rows))
+    return fig
+
+
+@dataclass(frozen=True)
+class _FigureLayout:
+    """Sizes of a :func:`spectrogram_figure`, in inches (``h``, ``w``: a tile's
+    pixels; ``places``: tiles per group, the most of any row)."""
+
+    h: int
+    w: int
+    tile_w: float
+    tile_h: float
+    places: list
+    group_w: list
+    label_w: float
+    axis_w: float
+    group_gap: float
+    tile_gap: float
+    row_gap: float
+    top_h: float
+    width: float
+    height: float
+
+
+def _figure_layout(rows, row_labels, group_titles, tile_titles):
+    """Where everything goes: every tile is ``TILE_PX`` tall, the row labels
+    get the width of the longest (cut at ``LABEL_CHARS``), titles their room."""
     first = next(t for row in rows for group in row for t in group if t is not None)
     h, w = first.shape[:2]
     tile_w, tile_h = TILE_PX * w / h / DPI, TILE_PX / DPI  # inches
@@ -143,55 +187,82 @@ def spectrogram_figure(rows, extent, *, row_labels, group_titles=None, tile_titl
     group_w = [n * tile_w + (n - 1) * tile_gap for n in places]
     width = label_w + axis_w + sum(group_w) + group_gap * (len(places) - 1) + 0.25
     height = top_h + len(rows) * tile_h + (len(rows) - 1) * row_gap + bottom_h
+    return _FigureLayout(h, w, tile_w, tile_h, places, group_w, label_w, axis_w, group_gap, tile_gap, row_gap, top_h,
+                         width, height)
 
-    fig = Figure(figsize=(width, height), dpi=DPI)
-    FigureCanvasAgg(fig)
+
+@dataclass(frozen=True)
+class _TileCoords:
+    """Data coordinates of the first tile of a group (``step``: from one tile's
+    left edge to the next one's), its ticks and the axis labels."""
+
+    x0: float
+    x1: float
+    y0: float
+    y1: float
+    step: float
+    x_ticks: list
+    y_ticks: list
+    xlabel: str
+    ylabel: str
+
+
+def _tile_coords(extent, layout):
+    """The tiles' data coordinates: physical units, else pixel centres (row 0 at the top)."""
+    w, h, tile_w, tile_gap = layout.w, layout.h, layout.tile_w, layout.tile_gap
     xlabel, ylabel = _axis_labels(extent)
-    # Data coordinates of one tile: physical units, else pixel centres (row 0 at the top).
     x0, x1, y0, y1 = (*extent.time_s, *extent.velocity_mps) if extent else (-0.5, w - 0.5, h - 0.5, -0.5)
     step = (x1 - x0) * (1 + tile_gap / tile_w)  # from one tile's left edge to the next one's
     x_ticks = _ticks(x0, x1, integer=extent is None, open_end=True)
     y_ticks = _ticks(min(y0, y1), max(y0, y1), integer=extent is None)
-    tile_titles = tile_titles or {}
-    for r, row in enumerate(rows):
-        top = top_h + r * (tile_h + row_gap)
-        left = label_w + axis_w
-        for g, group in enumerate(row):
-            ax = fig.add_axes([left / width, 1 - (top + tile_h) / height, group_w[g] / width, tile_h / height])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            for i in range(places[g]):
-                tile = group[i] if i < len(group) else None
-                box = (x0 + i * step, x1 + i * step, y0, y1)
-                if tile is None:
-                    ax.fill_between(box[:2], y0, y1, color="#eeeeee", lw=0)
-                else:
-                    ax.imshow(tile, extent=box, interpolation="nearest", origin="upper")
-                title = tile_titles.get((r, g, i))
-                if title:
-                    red = (r, g, i) in highlight_tiles
-                    ax.text((box[0] + box[1]) / 2, y1 if y1 > y0 else y1, title, ha="center", va="bottom",
-                            fontsize=FONT - 1, color="#b00000" if red else "#333333",
-                            fontweight="bold" if red else "normal")
-            ax.set_aspect("auto")
-            ax.set_xlim(x0, x0 + step * (places[g] - 1) + (x1 - x0))
-            ax.set_ylim(y0, y1)
-            ax.set_yticks(y_ticks)
-            ax.set_ylabel(ylabel, fontsize=FONT - 1, labelpad=1)
-            if r == len(rows) - 1:
-                ax.set_xticks([x + i * step for i in range(places[g]) for x in x_ticks],
-                              [f"{x:g}" for _ in range(places[g]) for x in x_ticks])
-                ax.set_xlabel(xlabel, fontsize=FONT - 1, labelpad=1)
-            else:
-                ax.set_xticks([])
-            ax.tick_params(labelsize=FONT - 1, length=2.5, pad=1.5)
-            if group_titles and r == 0:
-                fig.text((left + group_w[g] / 2) / width, 1 - 0.08 / height, group_titles[g], ha="center",
-                         va="top", fontsize=FONT + 2)
-            left += group_w[g] + group_gap
-        _draw_row_label(fig, row_labels[r] if r < len(row_labels) else [], top + tile_h / 2, width, height,
-                        red=r in set(highlight_rows))
-    return fig
+    return _TileCoords(x0, x1, y0, y1, step, x_ticks, y_ticks, xlabel, ylabel)
+
+
+def _draw_group(fig, layout, coords, group, r, g, left, top, *, bottom, tile_titles, highlight_tiles):
+    """Group ``g`` of row ``r``: one axes holding its tiles side by side (one
+    axes per tile costs seconds per figure in tick objects)."""
+    width, height, tile_h = layout.width, layout.height, layout.tile_h
+    ax = fig.add_axes([left / width, 1 - (top + tile_h) / height, layout.group_w[g] / width, tile_h / height])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    _draw_tiles(ax, coords, group, layout.places[g], r, g, tile_titles, highlight_tiles)
+    _set_group_axes(ax, coords, layout.places[g], bottom=bottom)
+
+
+def _draw_tiles(ax, coords, group, places, r, g, tile_titles, highlight_tiles):
+    """The tiles of a group, a grey place for each missing one, each with its title (red when highlighted)."""
+    x0, x1, y0, y1, step = coords.x0, coords.x1, coords.y0, coords.y1, coords.step
+    for i in range(places):
+        tile = group[i] if i < len(group) else None
+        box = (x0 + i * step, x1 + i * step, y0, y1)
+        if tile is None:
+            ax.fill_between(box[:2], y0, y1, color="#eeeeee", lw=0)
+        else:
+            ax.imshow(tile, extent=box, interpolation="nearest", origin="upper")
+        title = tile_titles.get((r, g, i))
+        if title:
+            red = (r, g, i) in highlight_tiles
+            ax.text((box[0] + box[1]) / 2, y1 if y1 > y0 else y1, title, ha="center", va="bottom",
+                    fontsize=FONT - 1, color="#b00000" if red else "#333333",
+                    fontweight="bold" if red else "normal")
+
+
+def _set_group_axes(ax, coords, places, *, bottom):
+    """A group's limits and ticks: Doppler ticks at its left, time ticks under
+    every tile only in the ``bottom`` row (the rows above share them)."""
+    x0, x1, y0, y1, step, x_ticks = coords.x0, coords.x1, coords.y0, coords.y1, coords.step, coords.x_ticks
+    ax.set_aspect("auto")
+    ax.set_xlim(x0, x0 + step * (places - 1) + (x1 - x0))
+    ax.set_ylim(y0, y1)
+    ax.set_yticks(coords.y_ticks)
+    ax.set_ylabel(coords.ylabel, fontsize=FONT - 1, labelpad=1)
+    if bottom:
+        ax.set_xticks([x + i * step for i in range(places) for x in x_ticks],
+                      [f"{x:g}" for _ in range(places) for x in x_ticks])
+        ax.set_xlabel(coords.xlabel, fontsize=FONT - 1, labelpad=1)
+    else:
+        ax.set_xticks([])
+    ax.tick_params(labelsize=FONT - 1, length=2.5, pad=1.5)
 
 
 def _ticks(low, high, integer, *, open_end=False):
