@@ -373,17 +373,21 @@ def run_sampling(config):
         return _draw_and_save({**config, "output_dir": log_dir}, sampler, into_log_dir=True)
 
 
-def _draw_and_save(config, sampler, into_log_dir):
-    """:func:`run_sampling` once the output folder is settled (``into_log_dir``:
-    the logger's folder, which also holds the log)."""
-    device = pick_device(config["device"]) if not dist_util.is_distributed() else dist_util.dev()
-    model, diffusion_config, meta, path = load_sampling_model(config, device)
+def _check_data_fits(config, meta, path):
+    """The training data's ``db_range`` (None without one), after refusing an
+    output folder inside the training data and ``--save_npy`` without dB."""
     check_outside(config["output_dir"], "output_dir", (meta.get("data") or {}).get("data_dir"),
                   f"data_dir (the training data of {path})")
     db_range = (meta.get("data") or {}).get("db_range")
     if config["save_npy"] and db_range is None:
         raise UserError(f"save_npy writes samples in dB, but {path} was not trained on .npy/.npz data "
                         "(its metadata has no data.db_range)")
+    return db_range
+
+
+def _build_sampling_diffusion(config, sampler, diffusion_config):
+    """``(diffusion, steps)``: ddpm/ddim respace the diffusion itself (steps
+    None); the diffusers samplers take a step count and the full diffusion."""
     if sampler in ("ddpm", "ddim"):
         if config["timestep_respacing"]:
             diffusion_config["timestep_respacing"] = config["timestep_respacing"]
@@ -391,9 +395,13 @@ def _draw_and_save(config, sampler, into_log_dir):
     else:
         steps = sampler_steps(sampler, config["timestep_respacing"], diffusion_config["steps"])
         diffusion_config["timestep_respacing"] = ""
-    diffusion = script_util.create_gaussian_diffusion(**diffusion_config)
-    spacing = resolve_timestep_spacing(config["timestep_spacing"], meta)
-    _warn_if_the_first_step_is_blind(meta, diffusion, sampler, steps, spacing)
+    return script_util.create_gaussian_diffusion(**diffusion_config), steps
+
+
+def _guided_model(config, meta, model, path, device):
+    """``(model, label_map, class_cond, cond_fn)`` with the guidance asked for:
+    classifier guidance (which makes an unconditional model class-specific)
+    and classifier-free guidance wrapped around the model."""
     label_map = (meta.get("data") or {}).get("label_map")
     class_cond = bool(meta["model"].get("class_cond"))
     if class_cond and not label_map:
@@ -410,37 +418,40 @@ def _draw_and_save(config, sampler, into_log_dir):
         model = classifier_free_model(model, null_label=null_class_index(label_map),
                                       scale=config["guidance_scale"], out_channels=meta["model"].get("in_channels", 3),
                                       interval=interval)
+    return model, label_map, class_cond, cond_fn
+
+
+def _labels_to_draw(config, class_cond, label_map):
+    """Class index per sample (None for an unconditional model, which refuses
+    ``--user_ids``)."""
     if class_cond:
-        labels = choose_labels(config, label_map)
-    elif config["user_ids"]:
+        return choose_labels(config, label_map)
+    if config["user_ids"]:
         raise UserError("user_ids given, but this model is unconditional: use --num_samples")
-    else:
-        labels = None
-    num_samples = len(labels) if labels is not None else int(config["num_samples"])
-    clip_mode = clip_mode_of(config, meta)
-    clipper = DenoisedClipper(clip_mode, config["clip_range"], config["dynamic_threshold_percentile"])
-    decode_fn = load_decoder(meta, config, device)
-    channels = meta["model"].get("in_channels", 3)
-    size = meta["model"]["image_size"]
-    # Every rank draws a contiguous share; sample i keeps its own noise stream.
+    return None
+
+
+def _rank_share(num_samples):
+    """``(first, last)``: the contiguous share of the samples this rank draws."""
     share = math.ceil(num_samples / dist_util.world_size())
     first = min(dist_util.rank() * share, num_samples)
-    last = min(first + share, num_samples)
-    logger.log(f"sampler {sampler}, {steps or diffusion.num_timesteps} steps"
-               + ("" if sampler in CORE_SAMPLERS else f" spaced {spacing}") + f", {num_samples} samples"
-               + (f" ({first}..{last - 1} on rank {dist_util.rank()})" if dist_util.world_size() > 1 else ""))
+    return first, min(first + share, num_samples)
+
+
+def _draw_share(config, path, first, last, labels, **generate_kwargs):
+    """Every rank's ``(images, labels, clipped fraction, dropped indices,
+    error)``, gathered on all ranks after each drew its share; non-finite
+    samples are an error on every rank unless ``--keep_going``."""
     dropped = []
     images, labels_out, clipped, error = None, None, 0.0, None
     try:
         if last > first:
             images, labels_out, clipped = generate_samples(
-                model=model, diffusion=diffusion, sample_shape=(channels, size, size),
                 num_samples=last - first, first_index=first, batch_size=int(config["batch_size"]),
-                labels=None if labels is None else labels[first:last], sampler=sampler, steps=steps,
-                eta=config["eta"], clipper=clipper, decode_fn=decode_fn, cond_fn=cond_fn,
-                seed=config["seed"], device=device, precision=config["precision"],
+                labels=None if labels is None else labels[first:last], eta=config["eta"],
+                seed=config["seed"], precision=config["precision"],
                 on_nonfinite=dropped.extend if config["keep_going"] else None,
-                progress=dist_util.is_main(), as_float=bool(config["save_npy"]), timestep_spacing=spacing,
+                progress=dist_util.is_main(), as_float=bool(config["save_npy"]), **generate_kwargs,
             )
     except NonFiniteSamples as err:
         error = f"{err}: {_nonfinite_causes(config, path)}; nothing was written " \
@@ -449,8 +460,12 @@ def _draw_and_save(config, sampler, into_log_dir):
     errors = [p[4] for p in parts if p[4]]
     if errors:
         raise UserError(errors[0])
-    if not dist_util.is_main():
-        return None
+    return parts
+
+
+def _merge_shares(parts, config, path, num_samples, conditional, clip_mode):
+    """``(images, labels)`` of the finite samples of every rank, in sample
+    order, after logging what was dropped and how much was clipped."""
     kept = [p for p in parts if p[0] is not None and len(p[0])]
     dropped = [i for p in parts for i in p[3]]
     if dropped:
@@ -459,10 +474,16 @@ def _draw_and_save(config, sampler, into_log_dir):
     if not kept:
         raise UserError(f"every sample held NaN or Inf: {_nonfinite_causes(config, path)}")
     images = np.concatenate([p[0] for p in kept])
-    labels_out = np.concatenate([p[1] for p in kept]) if labels is not None else None
+    labels_out = np.concatenate([p[1] for p in kept]) if conditional else None
     if clip_mode != "none":
         fraction = sum(p[2] * len(p[0]) for p in kept) / len(images)
         logger.log(f"clip_denoised={clip_mode}: {100 * fraction:.3f}% of predicted x0 values were clipped")
+    return images, labels_out
+
+
+def _write_samples(config, images, labels_out, label_map, db_range, into_log_dir):
+    """Write the samples (and their dB values with ``--save_npy``); returns
+    the paths written."""
     db_values = None
     if config["save_npy"]:  # float samples: dB from them, PNGs from their 8-bit rounding
         db_values = to_db(images.mean(axis=-1), parse_db_range(db_range))
@@ -470,6 +491,37 @@ def _draw_and_save(config, sampler, into_log_dir):
     # A folder of our own is replaced whole; the logger's folder (no
     # --output_dir) also holds the log, so there samples are written beside it.
     write = save_samples if into_log_dir else save_samples_whole
-    paths = write(config["output_dir"], images, labels_out, label_map if class_cond else None, db_values=db_values)
+    paths = write(config["output_dir"], images, labels_out, label_map, db_values=db_values)
     logger.log(f"wrote {len(images)} samples to {config['output_dir']} (grid: {paths['grid']})")
     return paths
+
+
+def _draw_and_save(config, sampler, into_log_dir):
+    """:func:`run_sampling` once the output folder is settled (``into_log_dir``:
+    the logger's folder, which also holds the log)."""
+    device = pick_device(config["device"]) if not dist_util.is_distributed() else dist_util.dev()
+    model, diffusion_config, meta, path = load_sampling_model(config, device)
+    db_range = _check_data_fits(config, meta, path)
+    diffusion, steps = _build_sampling_diffusion(config, sampler, diffusion_config)
+    spacing = resolve_timestep_spacing(config["timestep_spacing"], meta)
+    _warn_if_the_first_step_is_blind(meta, diffusion, sampler, steps, spacing)
+    model, label_map, class_cond, cond_fn = _guided_model(config, meta, model, path, device)
+    labels = _labels_to_draw(config, class_cond, label_map)
+    num_samples = len(labels) if labels is not None else int(config["num_samples"])
+    clip_mode = clip_mode_of(config, meta)
+    clipper = DenoisedClipper(clip_mode, config["clip_range"], config["dynamic_threshold_percentile"])
+    decode_fn = load_decoder(meta, config, device)
+    channels = meta["model"].get("in_channels", 3)
+    size = meta["model"]["image_size"]
+    # Every rank draws a contiguous share; sample i keeps its own noise stream.
+    first, last = _rank_share(num_samples)
+    logger.log(f"sampler {sampler}, {steps or diffusion.num_timesteps} steps"
+               + ("" if sampler in CORE_SAMPLERS else f" spaced {spacing}") + f", {num_samples} samples"
+               + (f" ({first}..{last - 1} on rank {dist_util.rank()})" if dist_util.world_size() > 1 else ""))
+    parts = _draw_share(config, path, first, last, labels, model=model, diffusion=diffusion,
+                        sample_shape=(channels, size, size), sampler=sampler, steps=steps, clipper=clipper,
+                        decode_fn=decode_fn, cond_fn=cond_fn, device=device, timestep_spacing=spacing)
+    if not dist_util.is_main():
+        return None
+    images, labels_out = _merge_shares(parts, config, path, num_samples, labels is not None, clip_mode)
+    return _write_samples(config, images, labels_out, label_map if class_cond else None, db_range, into_log_dir)

@@ -103,6 +103,111 @@ def _validate_person_variation(v: PersonVariation, speed_jitter: float) -> None:
     _require(0 <= v.scale <= 3, f"person_variation: must be in [0, 3], got {v.scale}")
 
 
+def _check_counts(num_users, samples_per_user, duration_s, workers) -> None:
+    """The sizes of the run, refused before any person is drawn."""
+    _require(isinstance(num_users, int) and num_users >= 1, f"num_users: must be an integer >= 1, got {num_users}")
+    _require(isinstance(samples_per_user, int) and samples_per_user >= 1,
+             f"samples_per_user: must be an integer >= 1, got {samples_per_user}")
+    _require(duration_s > 0 and math.isfinite(duration_s), f"duration: must be > 0 s, got {duration_s}")
+    _require(isinstance(workers, int) and workers >= 1, f"workers: must be >= 1, got {workers}")
+
+
+def _checked_output_dir(output_dir, overwrite: bool) -> Path:
+    """The absolute output folder, refused before anything is written: not a
+    folder name, a file, non-empty without ``overwrite``, or no parent."""
+    out = Path(output_dir).expanduser().absolute()
+    _require(out.name not in ("", ".", ".."), f"output_dir: {output_dir!r} is not a folder name")
+    if out.exists():
+        _require(out.is_dir(), f"output_dir: {out} exists and is not a folder")
+        _require(overwrite or not any(out.iterdir()), f"output_dir: {out} exists and is not empty (use --overwrite)")
+    parent = out.parent
+    _require(parent.is_dir(), f"output_dir: parent folder {parent} does not exist")
+    return out
+
+
+def _render_all(job: _Job, tasks: list, workers: int, progress: bool) -> list:
+    """Every task's sample record, in task order; ``workers`` > 1 renders in a
+    process pool, which is ended whatever happens."""
+    bar = progress_bar(total=len(tasks), unit="img", desc="spectrograms") if progress else None
+    records = []
+    if workers == 1:
+        _init_worker(job)
+        iterator = map(_make_one, tasks)
+        pool = None
+    else:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn" if sys.platform == "win32" else "fork").Pool(
+            workers, initializer=_init_worker, initargs=(job,))
+        iterator = pool.imap(_make_one, tasks, chunksize=16)
+    try:
+        for rec in iterator:
+            records.append(rec)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    return records
+
+
+def _write_samples_csv(path: Path, records: list) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+
+
+def _dataset_metadata(people, radar: Radar, settings: SpectrogramSettings, walk_variation: WalkVariation,
+                      person_variation: PersonVariation, *, seed, people_seed, num_users, samples_per_user,
+                      duration_s, peak, elapsed, command) -> dict:
+    """What ``metadata.json`` holds: settings rounded, people at full precision."""
+    f_lo, f_hi = (float(radar.doppler_hz(v)) for v in settings.velocity_band_mps)
+    metadata = {
+        "format": "microdoppler-image-folder/1",
+        "generator": f"guided_diffusion_vae.simulate {SIMULATOR_VERSION}",
+        "command": list(command) if command is not None else None,
+        "seed": seed, "people_seed": people_seed,
+        "num_users": num_users, "samples_per_user": samples_per_user,
+        "label_map": {str(i): p.name for i, p in enumerate(people)},
+        "radar": {**asdict(radar), "wavelength_m": radar.wavelength_m,
+                  "position_m": radar.position_m.tolist(), "peak_limb_speed_mps": peak,
+                  "nyquist_prf_hz": 4 * peak / radar.wavelength_m},
+        "walk": {"duration_s": duration_s, **asdict(walk_variation)},
+        "spectrogram": {**asdict(settings),
+                        "window": "hann (periodic)",
+                        "window_samples": settings.window_samples(radar.prf_hz),
+                        "hop_samples": settings.hop_samples(radar.prf_hz),
+                        "nfft": settings.fft_size(radar.prf_hz),
+                        "doppler_band_hz": [f_lo, f_hi],
+                        "rows": "Doppler, top = velocity_band_mps[1] (closing), bottom = velocity_band_mps[0]",
+                        "columns": f"time, {duration_s} s left to right",
+                        "pixel_values": f"dB below the image peak: 0 -> -{settings.dynamic_range_db} dB or less, 255 -> peak",
+                        "png_mode": "L" if settings.colormap == "gray" else "RGB"},
+        "person_variation": asdict(person_variation),
+        "images": num_users * samples_per_user,
+        "seconds": round(elapsed, 2),
+    }
+    metadata = _round_floats(metadata)
+    metadata["people"] = [p.to_dict() for p in people]     # full precision: Person.from_dict round-trips
+    return metadata
+
+
+def _replace_folder(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` to ``out``; an old ``out`` is moved aside
+    first and removed only after, so ``out`` is always whole."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "data")
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def simulate_dataset(output_dir, num_users: int = 31, samples_per_user: int = 100, image_size: int = 64, seed: int = 0,
                      *, people_seed: int | None = None, radar: Radar = Radar(),
                      settings: SpectrogramSettings | None = None, duration_s: float = 3.0,
@@ -121,11 +226,7 @@ def simulate_dataset(output_dir, num_users: int = 31, samples_per_user: int = 10
     """
     t_start = time.perf_counter()
     settings = settings or SpectrogramSettings(image_size=image_size)
-    _require(isinstance(num_users, int) and num_users >= 1, f"num_users: must be an integer >= 1, got {num_users}")
-    _require(isinstance(samples_per_user, int) and samples_per_user >= 1,
-             f"samples_per_user: must be an integer >= 1, got {samples_per_user}")
-    _require(duration_s > 0 and math.isfinite(duration_s), f"duration: must be > 0 s, got {duration_s}")
-    _require(isinstance(workers, int) and workers >= 1, f"workers: must be >= 1, got {workers}")
+    _check_counts(num_users, samples_per_user, duration_s, workers)
     radar.validate()
     _validate_walk_variation(walk_variation)
     _validate_person_variation(person_variation, walk_variation.speed_jitter)
@@ -134,88 +235,25 @@ def simulate_dataset(output_dir, num_users: int = 31, samples_per_user: int = 10
     peak = check_prf(people, radar, walk_variation)
     settings.validate(radar)
     _require(settings.window_s < duration_s, f"window: {settings.window_s} s must be shorter than duration {duration_s} s")
+    out = _checked_output_dir(output_dir, overwrite)
 
-    out = Path(output_dir).expanduser().absolute()
-    _require(out.name not in ("", ".", ".."), f"output_dir: {output_dir!r} is not a folder name")
-    if out.exists():
-        _require(out.is_dir(), f"output_dir: {out} exists and is not a folder")
-        _require(overwrite or not any(out.iterdir()), f"output_dir: {out} exists and is not empty (use --overwrite)")
-    parent = out.parent
-    _require(parent.is_dir(), f"output_dir: parent folder {parent} does not exist")
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         for person in people:
             (tmp / person.name).mkdir()
         digits = max(3, len(str(samples_per_user - 1)))
         job = _Job(tuple(people), radar, settings, walk_variation, duration_s, seed, str(tmp), digits)
         tasks = [(u, j) for u in range(num_users) for j in range(samples_per_user)]
-        bar = progress_bar(total=len(tasks), unit="img", desc="spectrograms") if progress else None
-        records = []
-        if workers == 1:
-            _init_worker(job)
-            iterator = map(_make_one, tasks)
-            pool = None
-        else:
-            import multiprocessing as mp
-
-            pool = mp.get_context("spawn" if sys.platform == "win32" else "fork").Pool(
-                workers, initializer=_init_worker, initargs=(job,))
-            iterator = pool.imap(_make_one, tasks, chunksize=16)
-        try:
-            for rec in iterator:
-                records.append(rec)
-                if bar is not None:
-                    bar.update(1)
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-            if bar is not None:
-                bar.close()
+        records = _render_all(job, tasks, workers, progress)
         elapsed = time.perf_counter() - t_start
 
-        with open(tmp / "samples.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(records[0]))
-            writer.writeheader()
-            writer.writerows(records)
-        f_lo, f_hi = (float(radar.doppler_hz(v)) for v in settings.velocity_band_mps)
-        metadata = {
-            "format": "microdoppler-image-folder/1",
-            "generator": f"guided_diffusion_vae.simulate {SIMULATOR_VERSION}",
-            "command": list(command) if command is not None else None,
-            "seed": seed, "people_seed": people_seed,
-            "num_users": num_users, "samples_per_user": samples_per_user,
-            "label_map": {str(i): p.name for i, p in enumerate(people)},
-            "radar": {**asdict(radar), "wavelength_m": radar.wavelength_m,
-                      "position_m": radar.position_m.tolist(), "peak_limb_speed_mps": peak,
-                      "nyquist_prf_hz": 4 * peak / radar.wavelength_m},
-            "walk": {"duration_s": duration_s, **asdict(walk_variation)},
-            "spectrogram": {**asdict(settings),
-                            "window": "hann (periodic)",
-                            "window_samples": settings.window_samples(radar.prf_hz),
-                            "hop_samples": settings.hop_samples(radar.prf_hz),
-                            "nfft": settings.fft_size(radar.prf_hz),
-                            "doppler_band_hz": [f_lo, f_hi],
-                            "rows": "Doppler, top = velocity_band_mps[1] (closing), bottom = velocity_band_mps[0]",
-                            "columns": f"time, {duration_s} s left to right",
-                            "pixel_values": f"dB below the image peak: 0 -> -{settings.dynamic_range_db} dB or less, 255 -> peak",
-                            "png_mode": "L" if settings.colormap == "gray" else "RGB"},
-            "person_variation": asdict(person_variation),
-            "images": num_users * samples_per_user,
-            "seconds": round(elapsed, 2),
-        }
-        metadata = _round_floats(metadata)
-        metadata["people"] = [p.to_dict() for p in people]     # full precision: Person.from_dict round-trips
+        _write_samples_csv(tmp / "samples.csv", records)
+        metadata = _dataset_metadata(people, radar, settings, walk_variation, person_variation,
+                                     seed=seed, people_seed=people_seed, num_users=num_users,
+                                     samples_per_user=samples_per_user, duration_s=duration_s, peak=peak,
+                                     elapsed=elapsed, command=command)
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=1) + "\n")
-
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.replace(out, old / "data")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
