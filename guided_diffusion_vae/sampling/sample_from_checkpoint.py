@@ -18,8 +18,6 @@ the same as from one process.
 """
 
 import math
-import os
-import re
 
 import numpy as np
 import torch
