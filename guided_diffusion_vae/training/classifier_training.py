@@ -166,127 +166,188 @@ def train_classifier(config):
     with starting_in(log_dir, named, given=bool(config.get("log_dir"))):
         logger.configure(dir=log_dir, format_strs="stdout,log,csv")
         torch.manual_seed(int(config["seed"]))
-        device = dist_util.dev()
+        run = _ClassifierRun(config)
+        first = run.resume()
+    # DDP copies rank 0's weights to the others when it wraps the model.
+    run.net = wrap_for_processes(run.model, run.device)
+    return run.train(first)
 
-        stream = load_latent_data(
-            cache_dir=config["latent_cache"], batch_size=config["batch_size"], seed=config["seed"],
-            class_cond=True, device=device,
+
+class _ClassifierRun:
+    """The parts of one ``train_classifier`` run: the latent stream, the
+    network, the noise process it learns, the optimizer, and what checkpoints
+    and resume states hold. Built in the seeded order of a fresh start (the
+    network's initial weights depend on it), inside the start block, so a
+    refused start writes nothing."""
+
+    def __init__(self, config):
+        self.config = config
+        self.device = dist_util.dev()
+        self._load_cache()
+        self._build_classifier()
+        self._build_diffusion()
+        self.model.to(self.device)
+        if self.classifier_kwargs["classifier_use_fp16"]:
+            self.model.convert_to_fp16()
+
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"],
+                                           weight_decay=config["weight_decay"])
+        self.precision = resolve_precision(config["precision"], self.device)
+        self.metadata = self._metadata()
+        logger.log(
+            f"classifier: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, input "
+            f"{tuple(self.cache.shape)}, {len(self.label_map)} classes, {len(self.cache)} latents; "
+            f"{dist_util.world_size()} process(es), {self.precision}"
         )
-        cache = stream.cache
-        label_map = _label_map(stream)
-        pixel_size = int(config["image_size"])
-        cached_size = cache.meta.get("image_size")
-        if cached_size is not None and int(cached_size) != pixel_size:
+
+        self.means = DeviceMeans()
+        self.folder = logger.get_dir()
+        self.iterations = int(self.config["iterations"])
+        self.settings = self._resume_settings()
+        self.net = None  # the model as the processes train it: wrapped once the start has succeeded
+
+    def _load_cache(self):
+        """The latent stream and its classes; a cache of another image size is refused."""
+        config = self.config
+        self.stream = load_latent_data(
+            cache_dir=config["latent_cache"], batch_size=config["batch_size"], seed=config["seed"],
+            class_cond=True, device=self.device,
+        )
+        self.cache = self.stream.cache
+        self.label_map = _label_map(self.stream)
+        self.pixel_size = int(config["image_size"])
+        cached_size = self.cache.meta.get("image_size")
+        if cached_size is not None and int(cached_size) != self.pixel_size:
             raise UserError(
-                f"{config['latent_cache']}: image_size is {cached_size} in the cache but {pixel_size} in the configuration"
+                f"{config['latent_cache']}: image_size is {cached_size} in the cache but {self.pixel_size} in the "
+                "configuration"
             )
-        vae_meta = {**cache.vae_description, "latent_scale": cache.latent_scale}
-        classifier_kwargs = latent_classifier_kwargs(vae_meta, pixel_size, len(label_map),
-                                                     _classifier_flags(config, vae_meta, pixel_size))
-        model = script_util.create_classifier(**classifier_kwargs)
-        if tuple(cache.shape) != (classifier_kwargs["in_channels"], classifier_kwargs["image_size"],
-                                  classifier_kwargs["image_size"]):
-            raise UserError(f"{config['latent_cache']}: latents of shape {cache.shape} do not fit {classifier_kwargs}")
-        if config["timestep_respacing"]:
+        self.vae_meta = {**self.cache.vae_description, "latent_scale": self.cache.latent_scale}
+
+    def _build_classifier(self):
+        """The network for the VAE's latent size; the cache's latents must fit it."""
+        flags = _classifier_flags(self.config, self.vae_meta, self.pixel_size)
+        kwargs = latent_classifier_kwargs(self.vae_meta, self.pixel_size, len(self.label_map), flags)
+        self.classifier_kwargs = kwargs
+        self.model = script_util.create_classifier(**kwargs)
+        if tuple(self.cache.shape) != (kwargs["in_channels"], kwargs["image_size"], kwargs["image_size"]):
+            raise UserError(f"{self.config['latent_cache']}: latents of shape {self.cache.shape} do not fit {kwargs}")
+
+    def _build_diffusion(self):
+        """The forward process the classifier learns, at every original timestep."""
+        if self.config["timestep_respacing"]:
             raise UserError(
                 "timestep_respacing must be empty for classifier training: the classifier learns every "
                 "original timestep (respaced samplers pass original timesteps to it)"
             )
-        diffusion_kwargs = classifier_diffusion(config)
-        diffusion = script_util.create_gaussian_diffusion(**diffusion_kwargs)
-        sampler = UniformSampler(diffusion)
-        model.to(device)
-        if classifier_kwargs["classifier_use_fp16"]:
-            model.convert_to_fp16()
+        self.diffusion_kwargs = classifier_diffusion(self.config)
+        self.diffusion = script_util.create_gaussian_diffusion(**self.diffusion_kwargs)
+        self.sampler = UniformSampler(self.diffusion)
 
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-        precision = resolve_precision(config["precision"], device)
-
-        metadata = {
+    def _metadata(self):
+        """What every checkpoint stores, enough for ``guidance.load_classifier`` to rebuild it."""
+        config = self.config
+        return {
             "kind": ckpt.CLASSIFIER_KIND,
-            "classifier": classifier_kwargs,
-            "diffusion": diffusion_kwargs,
-            "data": {"label_map": label_map, "image_size": pixel_size,
+            "classifier": self.classifier_kwargs,
+            "diffusion": self.diffusion_kwargs,
+            "data": {"label_map": self.label_map, "image_size": self.pixel_size,
                      "latent_cache": os.path.abspath(config["latent_cache"])},
-            "vae": vae_meta,
+            "vae": self.vae_meta,
             "train": {k: config[k] for k in ("lr", "weight_decay", "batch_size", "iterations", "noised", "seed")},
         }
-        logger.log(
-            f"classifier: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, input "
-            f"{tuple(cache.shape)}, {len(label_map)} classes, {len(cache)} latents; "
-            f"{dist_util.world_size()} process(es), {precision}"
-        )
 
-        means = DeviceMeans()
-        folder = logger.get_dir()
-        iterations, last = int(config["iterations"]), None
-        settings = {"classifier": classifier_kwargs, "diffusion": diffusion_kwargs, "batch_size": config["batch_size"],
-                    "seed": config["seed"], "noised": config["noised"],
-                    "latent_cache": os.path.abspath(config["latent_cache"])}
-        first = 1
-        found = load_latest_state(folder, "classifier", settings) if config["resume"] else None
-        if found:
-            state, path = found
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            stream.load_state_dict(state["data"])
-            torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda" and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-            first = int(state["step"]) + 1
-            logger.log(f"resumed from {path} at step {first - 1}")
-    # DDP copies rank 0's weights to the others when it wraps the model.
-    net = wrap_for_processes(model, device)
-    def save_all(step):
+    def _resume_settings(self):
+        """The settings a resume state must have been written with to be continued."""
+        config = self.config
+        return {"classifier": self.classifier_kwargs, "diffusion": self.diffusion_kwargs,
+                "batch_size": config["batch_size"], "seed": config["seed"], "noised": config["noised"],
+                "latent_cache": os.path.abspath(config["latent_cache"])}
+
+    def resume(self):
+        """Load the newest resume state in the log folder (with ``resume``);
+        returns the first step to train."""
+        found = load_latest_state(self.folder, "classifier", self.settings) if self.config["resume"] else None
+        if not found:
+            return 1
+        state, path = found
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stream.load_state_dict(state["data"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        first = int(state["step"]) + 1
+        logger.log(f"resumed from {path} at step {first - 1}")
+        return first
+
+    def train(self, first):
+        """Steps ``first`` to ``iterations``, saving every ``save_interval``
+        and at the end; returns the last checkpoint, or None when a stop
+        signal ended it early (saved first)."""
+        config, last = self.config, None
+        self.model.train()
+        with StopRequests() as stop:
+            for step in range(first, self.iterations + 1):
+                self.train_step(step)
+                if (config["save_interval"] and step % config["save_interval"] == 0) or step == self.iterations:
+                    last = self.save(step)
+                elif stop.requested(self.device, step % config["log_interval"] == 0):
+                    self.save(step)
+                    logger.log(f"{stop.signal_name or 'stop signal'} received: saved at step {step}; rerun the same "
+                               "command to continue")
+                    return None
+        return last
+
+    def save(self, step):
         """The classifier checkpoint and the resume state of ``step`` (rank 0 writes)."""
         if dist_util.is_main():
-            _save(folder, step, model, metadata)
-            state = {"settings": settings_text(settings), "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "data": stream.state_dict(),
+            _save(self.folder, step, self.model, self.metadata)
+            state = {"settings": settings_text(self.settings), "model": self.model.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "data": self.stream.state_dict(),
                      "torch_rng": torch.get_rng_state()}
-            if device.type == "cuda":
-                state["cuda_rng"] = torch.cuda.get_rng_state(device)
-            save_state(folder, "classifier", step, state, keep=2)
+            if self.device.type == "cuda":
+                state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+            save_state(self.folder, "classifier", step, state, keep=2)
         dist_util.barrier()
-        return classifier_path(folder, step)
+        return classifier_path(self.folder, step)
 
-    def train_step(step):
-        x0, cond = next(stream)
-        x0 = x0.to(device, non_blocking=True)
-        y = cond["y"].to(device, non_blocking=True)
-        if config["noised"]:
-            t, _ = sampler.sample(x0.shape[0], device)
-            x = diffusion.q_sample(x0, t)
-        else:
-            t = torch.zeros(x0.shape[0], dtype=torch.long, device=device)
-            x = x0
-        with autocast(precision, device):  # the timesteps a sampler's cond_fn will see (rescaled if so configured)
-            logits = net(x, diffusion._scale_timesteps(t))
+    def train_step(self, step):
+        """One optimizer step; the metrics are kept on the device and logged every ``log_interval``."""
+        x, t, y = self._next_batch()
+        # The timesteps a sampler's cond_fn will see (rescaled if so configured).
+        with autocast(self.precision, self.device):
+            logits = self.net(x, self.diffusion._scale_timesteps(t))
         losses = F.cross_entropy(logits.float(), y, reduction="none")
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         losses.mean().backward()
-        optimizer.step()
+        self.optimizer.step()
         correct = (logits.detach().argmax(dim=-1) == y).float()
-        means.add("loss", losses)
-        means.add("acc@1", correct)
-        means.add_by_quarter("acc@1", correct, t, diffusion.num_timesteps)
-        means.add_by_quarter("loss", losses, t, diffusion.num_timesteps)
-        if step % config["log_interval"] == 0 or step == iterations:
-            for key, value in means.pop().items():
-                logger.logkv_mean(key, value)
-            logger.logkv("step", step)
-            logger.logkv("samples", step * config["batch_size"] * dist_util.world_size())
-            logger.dumpkvs(step)
+        self.means.add("loss", losses)
+        self.means.add("acc@1", correct)
+        self.means.add_by_quarter("acc@1", correct, t, self.diffusion.num_timesteps)
+        self.means.add_by_quarter("loss", losses, t, self.diffusion.num_timesteps)
+        if step % self.config["log_interval"] == 0 or step == self.iterations:
+            self._log(step)
 
-    model.train()
-    with StopRequests() as stop:
-        for step in range(first, iterations + 1):
-            train_step(step)
-            if (config["save_interval"] and step % config["save_interval"] == 0) or step == iterations:
-                last = save_all(step)
-            elif stop.requested(device, step % config["log_interval"] == 0):
-                save_all(step)
-                logger.log(f"{stop.signal_name or 'stop signal'} received: saved at step {step}; rerun the same "
-                           "command to continue")
-                return None
-    return last
+    def _next_batch(self):
+        """Latents noised at random timesteps as the guided sampler shows them
+        (clean, at t = 0, without ``noised``), their timesteps and labels."""
+        x0, cond = next(self.stream)
+        x0 = x0.to(self.device, non_blocking=True)
+        y = cond["y"].to(self.device, non_blocking=True)
+        if self.config["noised"]:
+            t, _ = self.sampler.sample(x0.shape[0], self.device)
+            x = self.diffusion.q_sample(x0, t)
+        else:
+            t = torch.zeros(x0.shape[0], dtype=torch.long, device=self.device)
+            x = x0
+        return x, t, y
+
+    def _log(self, step):
+        """Write the means since the last log (one device read) as the row of ``step``."""
+        for key, value in self.means.pop().items():
+            logger.logkv_mean(key, value)
+        logger.logkv("step", step)
+        logger.logkv("samples", step * self.config["batch_size"] * dist_util.world_size())
+        logger.dumpkvs(step)

@@ -377,10 +377,7 @@ class TrainLoop:
         self.metadata = dict(metadata or {})
         self.batch_transform = batch_transform
         self.augment = augment
-        self.class_dropout_prob = float(class_dropout_prob)
-        self.null_label = null_label
-        if self.class_dropout_prob > 0 and null_label is None:
-            raise ValueError("class_dropout_prob needs the index of the null class (null_label)")
+        self._set_class_dropout(class_dropout_prob, null_label)
         self.grad_clip, self.max_nonfinite_steps = grad_clip, max_nonfinite_steps
         self.sample_interval, self.sample_fn = sample_interval, sample_fn
         self.eval_interval, self.eval_fn = eval_interval, eval_fn
@@ -389,11 +386,38 @@ class TrainLoop:
         self.device = dist_util.dev()
         self.use_fp16 = use_fp16
         self.precision = "fp16-master" if use_fp16 else resolve_precision(precision, self.device)
+        self._start_counters()
+
+        training_state = self._load_start_weights(resume_checkpoint)
+        self._build_optimizer(lr, weight_decay, fp16_scale_growth, cuda_graph)
+        self._start_nonfinite_tracking()
+        self._apply_training_state(training_state)
+        self._prepare_graph_step()
+
+        self.ddp_model = wrap_for_processes(self.model, self.device, gradient_as_bucket_view=True)
+        self.compiled_model = compile_module(self.ddp_model) if compile else self.ddp_model
+
+    # ------------------------------------------------------------------ setup
+
+    def _set_class_dropout(self, class_dropout_prob, null_label):
+        """Classifier-free guidance training: dropped labels become ``null_label``,
+        so a share above 0 needs one."""
+        self.class_dropout_prob = float(class_dropout_prob)
+        self.null_label = null_label
+        if self.class_dropout_prob > 0 and null_label is None:
+            raise ValueError("class_dropout_prob needs the index of the null class (null_label)")
+
+    def _start_counters(self):
+        """The step, metrics and throughput clock of a fresh start (a resume moves the step on)."""
         self.step = 0
         self._opt_file = None
         self.metrics = DeviceMeans()
         self._images_seen_at_log = (0, time.time())
 
+    def _load_start_weights(self, resume_checkpoint):
+        """Move the model to the device, start the EMA from its weights (or a
+        checkpoint's) and give every rank rank 0's; return the training state
+        to apply once the optimizer exists (or None)."""
         self.model.to(self.device)
         self.params = list(self.model.parameters())
         self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rates]
@@ -401,38 +425,47 @@ class TrainLoop:
         dist_util.sync_params([*self.model.parameters(), *self.model.buffers()])
         for ema in self.ema_params:
             dist_util.sync_params(ema)
+        return training_state
 
+    def _build_optimizer(self, lr, weight_decay, fp16_scale_growth, cuda_graph):
+        """The fp16 trainer (if any), whether the step is a CUDA graph, and the
+        AdamW optimizer that depends on both."""
         # Built after the weights are final: fp16 master copies start from them.
         self.mp_trainer = (
             MixedPrecisionTrainer(model=self.model, use_fp16=True, fp16_scale_growth=fp16_scale_growth)
-            if use_fp16 else None
+            if self.use_fp16 else None
         )
         self._graph_mode = cuda_graph and self._graphs_possible()
         self._lr_tensor = torch.tensor(float(lr), device=self.device) if self._graph_mode else None
         self._step_tensor = torch.zeros((), device=self.device) if self._graph_mode else None
         self.opt = torch.optim.AdamW(
-            self.mp_trainer.master_params if use_fp16 else self.params,
+            self.mp_trainer.master_params if self.use_fp16 else self.params,
             lr=self._lr_tensor if self._graph_mode else lr,
             weight_decay=weight_decay,
             **self._fused_kwargs(),
         )
         self._lr_now = lr
+
+    def _start_nonfinite_tracking(self):
+        """Device flags of non-finite steps, which the host reads a step late (no sync per step)."""
         self._nonfinite_now = torch.zeros((), dtype=torch.bool, device=self.device)
         self._nonfinite_run = torch.zeros((), device=self.device)
         self._nonfinite_seen = _LaggedReader(self._nonfinite_run)
+
+    def _apply_training_state(self, training_state):
+        """Restore a resume's optimizer, random and data states, once the optimizer exists."""
         if training_state is not None:
             self._load_training_state(training_state)
         if self._graph_mode:
             # Loading a state puts its float lr back; the graph reads this tensor.
             for group in self.opt.param_groups:
                 group["lr"] = self._lr_tensor
-        # The step as one CUDA graph; cond's keys are fixed by the first batch.
+
+    def _prepare_graph_step(self):
+        """The step as one CUDA graph (when possible); cond's keys are fixed by the first batch."""
         self._replayed = ReplayedStep(self._device_step_of_tensors) if self._graph_mode else None
         self._cond_keys = None
         self._graph_mismatch_logged = False
-
-        self.ddp_model = wrap_for_processes(self.model, self.device, gradient_as_bucket_view=True)
-        self.compiled_model = compile_module(self.ddp_model) if compile else self.ddp_model
 
     def _fused_kwargs(self):
         # The fused kernel skips the update on the device when ``found_inf``
