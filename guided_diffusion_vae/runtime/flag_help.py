@@ -19,7 +19,7 @@ already imported, and whoever built a flag dict has imported its makers.
 
 import sys
 
-PACKAGE = __name__.rpartition(".")[0]
+PACKAGE = __name__.split(".")[0]
 
 
 def _defaults_functions(module):

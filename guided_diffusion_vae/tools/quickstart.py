@@ -85,8 +85,8 @@ PRESETS = {
                      "augment_generated": 16, "classifier_seeds": 1},
     },
     "gpu": {
-        "about": "one GPU, 64x64, the configs/microdoppler_small.yaml network with augmentation and "
-                 "classifier-free guidance (7.4 min alone on an H200 before guidance was added)",
+        "about": "one GPU, 64x64, the configs/microdoppler_small.yaml network with augmentation, sampled "
+                 "with guidance 1.5 (7.5 min alone on an H200 before guidance was added)",
         "num_users": 31, "train_per_user": 96, "test_per_user": 32, "image_size": 64,
         # Measured on an H100 (docs/QUALITY.md): the small VAE with 8 latent
         # channels at lr 1e-3 keeps identity (rCAS 0.98 x TRTR after 5,000
