@@ -15,7 +15,7 @@ of the predicted x0, then one line per check (OK / WARN / FAIL / SKIP):
   latent_scale   whether the stored scale gives unit-std latents on --data_dir (needs --data_dir)
 
 and a diagnosis in words: the most likely cause and what to do. The rules are in
-guided_diffusion_vae/diagnosis.py. Exit codes: 0 no check failed (warnings
+guided_diffusion_vae/tools/diagnosis.py. Exit codes: 0 no check failed (warnings
 allowed), 3 a check failed, 2 the diagnosis could not run (a bad path or flag).
 """
 

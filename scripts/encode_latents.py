@@ -5,7 +5,7 @@
         [--latent_scale measured | stored | X] [--sample_posterior False] [--input_range -1,1]
 
 Rerunning continues an interrupted build; ``mpiexec -n N`` splits the work.
-See guided_diffusion_vae/latent_datasets.py for the cache layout.
+See guided_diffusion_vae/latent/latent_datasets.py for the cache layout.
 """
 
 import os

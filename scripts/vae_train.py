@@ -6,7 +6,7 @@
 Saves a diffusers directory (``AutoencoderKL.from_pretrained(VAE_DIR)``) with
 latent_stats.json, metrics.json and reconstructions.png; training state and
 logs go to VAE_DIR_train (rerun to resume). ``mpiexec -n N`` or torchrun for
-several GPUs. See guided_diffusion_vae/vae_training.py.
+several GPUs. See guided_diffusion_vae/training/vae_training.py.
 """
 
 import os
