@@ -114,7 +114,7 @@ def _rerun(real, baseline, tmp_path, generated, **kw):
     out, _ = baseline
     config = dict(real_train=str(real / "train"), real_test=str(real / "test"), generated=str(generated),
                   output_json=str(tmp_path / "m.json"), classifier_path=str(out / "reference_classifier.safetensors"),
-                  **{**FAST, "augment_k": ""}, **kw)
+                  **{**FAST, "augment_k": "", **kw})
     return run_evaluation(config)
 
 
@@ -231,6 +231,47 @@ def test_rcas_scores_vae_reconstructions(real, baseline, tmp_path):
                                  classifier_path=str(out / "reference_classifier.safetensors"), **FAST))
     assert result["rcas"] < 0.3 and result["cas"] is None
     assert all(v["rcas"] is not None for v in result["per_class"].values())
+
+
+def test_reconstruction_gain_isolates_what_the_vae_does(real, baseline, tmp_path, monkeypatch):
+    """With --vae_path and augment_k all, the full-data experiment is repeated
+    with VAE reconstructions of training walks in place of generated ones. A
+    perfect VAE (reconstruction = input) adds duplicates: no gain; the real
+    tiny VAE's reconstructions are what gets mixed in, labelled as their people."""
+    from helpers.vae_helpers import make_tiny_vae
+
+    from guided_diffusion_vae.evaluation import evaluate
+    from guided_diffusion_vae.report.verdict import verdict
+
+    vae = make_tiny_vae(tmp_path / "vae", in_channels=1)
+    extra = load_folder(str(real / "extra"), image_size=32, channels=1)
+    _as_generated(tmp_path / "gen", extra.images, extra.labels, extra.class_names)
+    seen = []
+    real_reconstruct = evaluate.reconstruct_with_vae
+
+    def recording(vae_path, data, device):
+        out = real_reconstruct(vae_path, data, device)
+        seen.append((data, out))
+        return out
+
+    monkeypatch.setattr(evaluate, "reconstruct_with_vae", recording)
+    result = _rerun(real, baseline, tmp_path, tmp_path / "gen", vae_path=vae, augment_k="all")
+    recon = result["reconstruction_gain"]
+    assert recon["reconstructed_per_class"] == 8  # augment_generated, as for the generated samples
+    assert recon["real_only"] == result["augmentation_gain"]["all"]["real_only"]
+    assert recon["gain"] == pytest.approx(recon["augmented"] - recon["real_only"])
+    assert result["spread"]["reconstruction_gain"]["values"] == [pytest.approx(recon["gain"])]
+    # rCAS reconstructs the held-out set; the gain the first 8 training walks of each person.
+    source, made = seen[1]
+    assert len(source) == 64 and np.array_equal(np.bincount(source.labels), [8] * 8)
+    assert np.array_equal(made.labels, source.labels) and not np.array_equal(made.images, source.images)
+    assert "adding the VAE's reconstructions of training walks instead changes it by" in verdict(result)[1]
+
+    monkeypatch.setattr(evaluate, "reconstruct_with_vae", lambda vae_path, data, device: data)
+    perfect = _rerun(real, baseline, tmp_path, tmp_path / "gen", vae_path=vae, augment_k="all")
+    assert abs(perfect["reconstruction_gain"]["gain"]) < 0.08
+    # Without "all" in augment_k there is no full-data experiment to repeat.
+    assert _rerun(real, baseline, tmp_path, tmp_path / "gen", vae_path=vae)["reconstruction_gain"] is None
 
 
 def test_classifier_round_trip_and_mismatch(real, baseline, tmp_path):

@@ -80,7 +80,9 @@ FLAG_HELP = {
     "real_test": "folder of real held-out images of the same people (never seen by any classifier)",
     "generated": "generated samples: a folder written by the sampling scripts (PERSON/*.png) or their .npz",
     "output_json": "where the metrics JSON goes; nearest_pairs.png and the classifier are written beside it",
-    "vae_path": "a diffusers AutoencoderKL folder: adds rCAS, the accuracy on its reconstructions of --real_test",
+    "vae_path": "a diffusers AutoencoderKL folder: adds rCAS, the accuracy on its reconstructions of --real_test, "
+                "and with --augment_k all the gain of adding its reconstructions of training walks instead of "
+                "generated ones (does the VAE alone hurt the classifier?)",
     "classifier_path": "load this reference classifier (a .safetensors written by an earlier run) instead of "
                        "training one",
     "save_classifier": "where a newly trained reference classifier is saved ('' = beside --output_json)",
@@ -256,6 +258,7 @@ def _augmentation_gain(ev, train, generated, test, ks, spreads):
         real_only = ev.accuracy_over_seeds(few, test, offset)
         augmented = ev.accuracy_over_seeds(mixed, test, offset)
         gains = [a - r for a, r in zip(augmented, real_only)]
+        spreads[f"real_only_{k}"] = metrics.spread(real_only)
         spreads[f"augmentation_gain_{k}"] = metrics.spread(gains)
         result[str(k)] = {"real_only": float(np.mean(real_only)), "augmented": float(np.mean(augmented)),
                           "gain": float(np.mean(gains)), "generated_per_class": n_gen}
@@ -263,6 +266,29 @@ def _augmentation_gain(ev, train, generated, test, ks, spreads):
                    f"{np.mean(augmented):.3f} ({np.mean(gains):+.3f} +- {spreads[f'augmentation_gain_{k}']['std']:.3f} "
                    f"over {len(gains)} seed(s))")
     return result
+
+
+def _reconstruction_gain(ev, train, test, n_per_class, reconstruct, spreads):
+    """The full-data augmentation experiment with VAE reconstructions of
+    ``n_per_class`` real training walks per person in place of generated ones.
+    Reconstructions add no new walk, only the decoder's rendering of known
+    ones: a gain this negative says the VAE, not the diffusion model, is what
+    hurts the classifier. Reuses the real-only accuracies of the ``all`` gain."""
+    n = int(min(n_per_class, train.counts().min()))
+    if n < 1:
+        ev.note("reconstruction_gain", "every person needs a real training image")
+        return None
+    recon = reconstruct(train.subset(per_class_first(train, n)))
+    mixed = LabelledImages(np.concatenate([train.images, recon.images]), np.concatenate([train.labels, recon.labels]),
+                           train.class_names, "real + VAE reconstructions")
+    real_only = spreads["real_only_all"]["values"]
+    augmented = ev.accuracy_over_seeds(mixed, test, 100)
+    gains = [a - r for a, r in zip(augmented, real_only)]
+    spreads["reconstruction_gain"] = metrics.spread(gains)
+    logger.log(f"  all real per person plus {n} VAE reconstructions of them: {np.mean(augmented):.3f} "
+               f"({np.mean(gains):+.3f} +- {spreads['reconstruction_gain']['std']:.3f})")
+    return {"real_only": float(np.mean(real_only)), "augmented": float(np.mean(augmented)),
+            "gain": float(np.mean(gains)), "reconstructed_per_class": n}
 
 
 def _pairs_picture(path, generated, train, memo, count):
@@ -408,7 +434,8 @@ def run_evaluation(config):
                f"{len(generated) if generated is not None else 0}; {num_classes} classes, "
                f"{channels}x{image_size}px; device {device}")
     model, classifier_file = reference_classifier(ev, train, image_size, channels)
-    result = {"trtr": None, "cas": None, "rcas": None, "tstr": None, "augmentation_gain": {}, "fd": None,
+    result = {"trtr": None, "cas": None, "rcas": None, "tstr": None, "augmentation_gain": {},
+              "reconstruction_gain": None, "fd": None,
               "fd_floor": None, "precision": None, "recall": None, "memorised": None, "memorised_gu": None,
               "variety": None, "spread": {}}
     test_pred = clf.predict(model, test.images, device)
@@ -423,8 +450,9 @@ def run_evaluation(config):
         per_class["rcas"] = per_class_accuracy(rec_pred, recon.labels, num_classes)
         logger.log(f"rCAS (VAE reconstructions of real held-out): {result['rcas']:.3f}")
 
+    reconstruct = (lambda data: reconstruct_with_vae(config["vae_path"], data, device)) if config["vae_path"] else None
     if generated is not None and len(generated):
-        _generated_metrics(ev, result, per_class, model, train, test, generated, ks, rng, config)
+        _generated_metrics(ev, result, per_class, model, train, test, generated, ks, rng, config, reconstruct)
     elif generated is not None:
         ev.note("cas", "no generated images found")
 
@@ -446,7 +474,7 @@ def run_evaluation(config):
     return result
 
 
-def _generated_metrics(ev, result, per_class, model, train, test, generated, ks, rng, config):
+def _generated_metrics(ev, result, per_class, model, train, test, generated, ks, rng, config, reconstruct=None):
     num_classes = len(train.class_names)
     gen_pred = clf.predict(model, generated.images, ev.device)
     result["cas"] = clf.accuracy(gen_pred, generated.labels)
@@ -462,6 +490,9 @@ def _generated_metrics(ev, result, per_class, model, train, test, generated, ks,
         logger.log(f"TSTR (trained on generated, tested on real held-out): {result['tstr']:.3f} "
                    f"+- {result['spread']['tstr']['std']:.3f}")
     result["augmentation_gain"] = _augmentation_gain(ev, train, generated, test, ks, result["spread"])
+    if reconstruct is not None and "all" in result["augmentation_gain"]:
+        n = result["augmentation_gain"]["all"]["generated_per_class"]
+        result["reconstruction_gain"] = _reconstruction_gain(ev, train, test, n, reconstruct, result["spread"])
 
     real_feats = clf.embed(model, test.images, ev.device)
     gen_feats = clf.embed(model, generated.images, ev.device)
@@ -525,6 +556,11 @@ def format_table(result):
         lines.append(f"{'aug. gain, ' + k + ' real/person':<28}{g['gain']:>+10.3f}   "
                      f"{g['real_only']:.3f} -> {g['augmented']:.3f} with {g['generated_per_class']} generated"
                      + pm(f"augmentation_gain_{k}"))
+    recon = result.get("reconstruction_gain")
+    if recon:
+        lines.append(f"{'recon. gain, all real/person':<28}{recon['gain']:>+10.3f}   "
+                     f"{recon['real_only']:.3f} -> {recon['augmented']:.3f} with {recon['reconstructed_per_class']} "
+                     "VAE reconstructions of training walks" + pm("reconstruction_gain"))
     fd, floor = result["fd"], result["fd_floor"]
     lines.append(f"{'Frechet distance':<28}{_fmt(fd, 2):>10}   floor (real vs real) {_fmt(floor, 2)}"
                  + (f", {fd / floor:.2f} x floor" if fd is not None and floor else ""))

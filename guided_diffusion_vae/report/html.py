@@ -287,6 +287,13 @@ def _augmentation_rows(result):
         rows.append(f"<tr><th>augmentation gain, {_e(k)} real / person</th>{value}"
                     f"<td>real only {_fmt(real_only)} &rarr; augmented {_fmt(augmented)} "
                     f"(+{_e(g.get('generated_per_class', '?'))} generated / person)</td></tr>")
+    recon = _dict(result.get("reconstruction_gain"))
+    gain = _num(recon.get("gain"))
+    if gain is not None:
+        rows.append(f"<tr><th>the same with VAE reconstructions of training walks, all real / person</th>"
+                    f"<td class=\"num\">{gain:+.3f}</td><td>real only {_fmt(_num(recon.get('real_only')))} &rarr; "
+                    f"with {_e(recon.get('reconstructed_per_class', '?'))} reconstructions / person "
+                    f"{_fmt(_num(recon.get('augmented')))}: what the VAE alone does</td></tr>")
     return rows
 
 

@@ -162,9 +162,13 @@ def _gain_check(result):
     extra = g.get("generated_per_class")
     added = f"{extra} generated per person" if extra is not None else "generated samples"
     change = f" ({before:.3f} \u2192 {after:.3f})" if before is not None and after is not None else ""
-    return ("gain", True, gain >= GAIN_MIN,
-            f"adding {added} to {label} changes held-out accuracy by "
+    text = (f"adding {added} to {label} changes held-out accuracy by "
             f"{_with_spread(result, f'augmentation_gain_{k}', gain, signed=True)}{change}")
+    recon = _num(_dict(result.get("reconstruction_gain")).get("gain"))
+    if k == "all" and recon is not None:
+        text += (f"; adding the VAE's reconstructions of training walks instead changes it by "
+                 f"{_with_spread(result, 'reconstruction_gain', recon, signed=True)}")
+    return ("gain", True, gain >= GAIN_MIN, text)
 
 
 # The sentence that opens each failed check, by check name.
