@@ -6,9 +6,15 @@ benchmark models (docs/BENCHMARKS.md).
     python scripts/benchmark.py --device cpu --quick      # smoke run: checks it works, not speed
 """
 
-from guided_diffusion_vae.tools.benchmark import FLAG_HELP, benchmark_defaults, run_benchmark
-from guided_diffusion_vae.runtime.config import parse_with_config
-from guided_diffusion_vae.runtime.errors import run_main
+import os
+import sys
+
+# Run from a checkout, the script uses that checkout's package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion_vae.runtime.config import parse_with_config  # noqa: E402
+from guided_diffusion_vae.runtime.errors import run_main  # noqa: E402
+from guided_diffusion_vae.tools.benchmark import FLAG_HELP, benchmark_defaults, run_benchmark  # noqa: E402
 
 
 def main(argv=None):
@@ -16,4 +22,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(run_main(main))

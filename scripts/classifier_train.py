@@ -11,15 +11,20 @@ latent size. Checkpoints: CLS_RUN/classifierNNNNNN.safetensors, loaded with
 guided_diffusion_vae.training.classifier_training.load_classifier.
 """
 
-from guided_diffusion_vae.training.classifier_training import classifier_train_defaults, train_classifier
-from guided_diffusion_vae.runtime.config import parse_with_config
-from guided_diffusion_vae.runtime.errors import run_main
+import os
+import sys
+
+# Run from a checkout, the script uses that checkout's package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion_vae.runtime.config import parse_with_config  # noqa: E402
+from guided_diffusion_vae.runtime.errors import run_main  # noqa: E402
+from guided_diffusion_vae.training.classifier_training import classifier_train_defaults, train_classifier  # noqa: E402
 
 
-def main():
-    config = parse_with_config(classifier_train_defaults(), description=__doc__)
-    train_classifier(config)
+def main(argv=None):
+    train_classifier(parse_with_config(classifier_train_defaults(), argv, description=__doc__))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(run_main(main))

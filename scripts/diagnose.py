@@ -22,25 +22,17 @@ allowed), 3 a check failed, 2 the diagnosis could not run (a bad path or flag).
 import os
 import sys
 
+# Run from a checkout, the script uses that checkout's package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion_vae.runtime import errors
+from guided_diffusion_vae.runtime.config import parse_with_config  # noqa: E402
+from guided_diffusion_vae.runtime.errors import run_main  # noqa: E402
+from guided_diffusion_vae.tools.diagnosis import diagnose_and_print, diagnose_defaults  # noqa: E402
 
 
 def main(argv=None):
-    """Returns the exit code: 0, or diagnosis.EXIT_FAILED when a check failed."""
-    from guided_diffusion_vae.runtime.config import parse_with_config
-    from guided_diffusion_vae.tools.diagnosis import diagnose_defaults, format_report, run_diagnosis, write_json
-
-    defaults = diagnose_defaults()
-    config = parse_with_config(defaults, argv, description=__doc__)
-    report = run_diagnosis({key: config[key] for key in defaults})
-    print(format_report(report), flush=True)
-    if config["output_json"]:
-        write_json(report, config["output_json"])
-        print(f"wrote {config['output_json']}")
-    return report["exit_code"]
+    return diagnose_and_print(parse_with_config(diagnose_defaults(), argv, description=__doc__))
 
 
 if __name__ == "__main__":
-    sys.exit(errors.run_main(main))
+    sys.exit(run_main(main))

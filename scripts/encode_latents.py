@@ -11,19 +11,19 @@ See guided_diffusion_vae/latent/latent_datasets.py for the cache layout.
 import os
 import sys
 
+# Run from a checkout, the script uses that checkout's package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion_vae.runtime import errors
+from guided_diffusion_vae.latent.latent_datasets import build_latent_cache, encode_latents_defaults  # noqa: E402
+from guided_diffusion_vae.runtime.config import parse_with_config  # noqa: E402
+from guided_diffusion_vae.runtime.errors import run_main  # noqa: E402
 
 
 def main(argv=None):
-    from guided_diffusion_vae.runtime.config import parse_with_config
-    from guided_diffusion_vae.latent.latent_datasets import build_latent_cache, encode_latents_defaults
-
     defaults = encode_latents_defaults()
     config = parse_with_config(defaults, argv, description=__doc__)
     build_latent_cache(**{key: config[key] for key in defaults})
 
 
 if __name__ == "__main__":
-    errors.run_main(main)
+    sys.exit(run_main(main))

@@ -14,27 +14,17 @@ table. Runs on the GPU when there is one. See README.md, "Evaluation".
 import os
 import sys
 
+# Run from a checkout, the script uses that checkout's package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion_vae.runtime import errors
+from guided_diffusion_vae.evaluation.evaluate import evaluate_defaults, evaluate_into_folder  # noqa: E402
+from guided_diffusion_vae.runtime.config import parse_with_config  # noqa: E402
+from guided_diffusion_vae.runtime.errors import run_main  # noqa: E402
 
 
 def main(argv=None):
-    from guided_diffusion_vae.runtime import logger
-    from guided_diffusion_vae.runtime.files import undone_on_failure
-    from guided_diffusion_vae.runtime.config import parse_with_config
-    from guided_diffusion_vae.evaluation.evaluate import check_evaluation_config, evaluate_defaults, run_evaluation
-
-    defaults = evaluate_defaults()
-    config = parse_with_config(defaults, argv, description=__doc__)
-    check_evaluation_config({key: config[key] for key in defaults})  # before the log folder exists
-    folder = os.path.dirname(os.path.abspath(config["output_json"]))  # required: checked above
-    # An evaluation that fails (unreadable samples, a bad classifier) leaves
-    # nothing of its own beside the JSON, not even log.txt.
-    with undone_on_failure(folder, before_undo=logger.close):
-        logger.configure(dir=folder, format_strs="stdout,log")
-        run_evaluation({key: config[key] for key in defaults})
+    evaluate_into_folder(parse_with_config(evaluate_defaults(), argv, description=__doc__))
 
 
 if __name__ == "__main__":
-    errors.run_main(main)
+    sys.exit(run_main(main))

@@ -7,14 +7,20 @@ Writes out/user_01/generated_000.png, ..., grid.png and samples_NxHxWxC.npz. The
 checkpoint names its VAE; --vae_path points elsewhere if it has moved.
 """
 
-from guided_diffusion_vae.runtime.config import parse_with_config
-from guided_diffusion_vae.runtime.errors import run_main
-from guided_diffusion_vae.sampling.sample_from_checkpoint import latent_sample_defaults, run_sampling
+import os
+import sys
+
+# Run from a checkout, the script uses that checkout's package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion_vae.runtime.config import parse_with_config  # noqa: E402
+from guided_diffusion_vae.runtime.errors import run_main  # noqa: E402
+from guided_diffusion_vae.sampling.sample_from_checkpoint import latent_sample_defaults, run_sampling  # noqa: E402
 
 
-def main():
-    run_sampling(parse_with_config(latent_sample_defaults(), description=__doc__))
+def main(argv=None):
+    run_sampling(parse_with_config(latent_sample_defaults(), argv, description=__doc__))
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(run_main(main))

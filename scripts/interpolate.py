@@ -11,9 +11,15 @@ and out/interpolation.gif. The first frame is the sample that
 draws with the same --timestep_respacing; the last one likewise for seed_b/user_b.
 """
 
-from guided_diffusion_vae.runtime.config import parse_with_config
-from guided_diffusion_vae.runtime.errors import run_main
-from guided_diffusion_vae.tools.interpolation import interpolate_defaults, run_interpolation
+import os
+import sys
+
+# Run from a checkout, the script uses that checkout's package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from guided_diffusion_vae.runtime.config import parse_with_config  # noqa: E402
+from guided_diffusion_vae.runtime.errors import run_main  # noqa: E402
+from guided_diffusion_vae.tools.interpolation import interpolate_defaults, run_interpolation  # noqa: E402
 
 
 def main(argv=None):
@@ -21,4 +27,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    sys.exit(run_main(main))

@@ -19,41 +19,17 @@ JSON names elsewhere is left out with a note. See README.md, "Evaluation".
 import os
 import sys
 
+# Run from a checkout, the script uses that checkout's package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion_vae.runtime import errors
-from guided_diffusion_vae.report.html import report_defaults
-
-
-def default_output(config):
-    if config["output"]:
-        return config["output"]
-    if config["run_dir"]:
-        return os.path.join(config["run_dir"], "report.html")
-    if config["eval_json"]:
-        return os.path.join(os.path.dirname(os.path.abspath(config["eval_json"])), "report.html")
-    return ""
+from guided_diffusion_vae.report.html import report_defaults, report_from_flags  # noqa: E402
+from guided_diffusion_vae.runtime.config import parse_with_config  # noqa: E402
+from guided_diffusion_vae.runtime.errors import run_main  # noqa: E402
 
 
 def main(argv=None):
-    from guided_diffusion_vae.runtime.config import parse_with_config
-    from guided_diffusion_vae.report.html import write_report
-    from guided_diffusion_vae.report.verdict import verdict_text
-    from guided_diffusion_vae.runtime.files import read_json_object
-
-    defaults = report_defaults()
-    config = parse_with_config(defaults, argv, description=__doc__)
-    if not config["run_dir"] and not config["eval_json"]:
-        raise errors.UserError("nothing to report: give --run_dir, --eval_json or both")
-    path = write_report(default_output(config), eval_json=config["eval_json"] or None,
-                        run_dir=config["run_dir"] or None, vae_dir=config["vae_dir"] or None,
-                        title=config["title"], people=config["people"] or None, per_person=config["per_person"],
-                        read_dirs=config["read_dirs"])
-    print(f"wrote {path}")
-    if config["eval_json"]:
-        print(verdict_text(read_json_object(config["eval_json"])))
-    return path
+    report_from_flags(parse_with_config(report_defaults(), argv, description=__doc__))
 
 
 if __name__ == "__main__":
-    errors.run_main(main)
+    sys.exit(run_main(main))

@@ -12,19 +12,19 @@ several GPUs. See guided_diffusion_vae/training/vae_training.py.
 import os
 import sys
 
+# Run from a checkout, the script uses that checkout's package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion_vae.runtime import errors
+from guided_diffusion_vae.runtime.config import parse_with_config  # noqa: E402
+from guided_diffusion_vae.runtime.errors import run_main  # noqa: E402
+from guided_diffusion_vae.training.vae_training import train_vae, vae_train_defaults  # noqa: E402
 
 
 def main(argv=None):
-    from guided_diffusion_vae.runtime.config import parse_with_config
-    from guided_diffusion_vae.training.vae_training import train_vae, vae_train_defaults
-
     defaults = vae_train_defaults()
     config = parse_with_config(defaults, argv, description=__doc__)
     train_vae({key: config[key] for key in defaults})
 
 
 if __name__ == "__main__":
-    errors.run_main(main)
+    sys.exit(run_main(main))

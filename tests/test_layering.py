@@ -157,3 +157,23 @@ def test_no_function_outside_the_core_is_longer_than_80_lines():
                 if lines > 80:
                     long.append(f"{name}.{node.name}: {lines} lines")
     assert long == []
+
+
+def test_scripts_share_one_shape():
+    """Each script: its docstring, imports, ``main(argv=None)`` that parses the
+    flags and calls the package (at most three statements), and
+    ``sys.exit(run_main(main))``; the work lives in the package."""
+    folder = os.path.join(ROOT, "scripts")
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(folder, name)).read())
+        assert ast.get_docstring(tree), name
+        functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+        assert [f.name for f in functions] == ["main"], name
+        main = functions[0]
+        assert [a.arg for a in main.args.args] == ["argv"] and len(main.args.defaults) == 1, name
+        assert len(main.body) <= 3, name
+        assert ast.unparse(tree.body[-1]) == "if __name__ == '__main__':\n    sys.exit(run_main(main))", name
+        classes = [node for node in tree.body if isinstance(node, ast.ClassDef)]
+        assert classes == [], name

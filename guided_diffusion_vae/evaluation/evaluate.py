@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..runtime import logger
-from ..runtime.files import atomic_write_json, check_writable_target
+from ..runtime.files import atomic_write_json, check_writable_target, undone_on_failure
 from ..runtime.dist_util import DEVICE_HELP, check_threads, pick_device, set_threads, threads_defaults
 from ..runtime.errors import UserError
 from ..training import person_classifier as clf
@@ -583,3 +583,16 @@ def format_table(result):
     for key, reason in result["notes"].items():
         lines.append(f"  note: {key}: {reason}")
     return "\n".join(lines)
+
+
+def evaluate_into_folder(config):
+    """``scripts/evaluate.py``: the evaluation with its log beside the JSON. An
+    evaluation that fails (unreadable samples, a bad classifier) leaves
+    nothing of its own there, not even log.txt; settings are checked before
+    that folder is touched."""
+    config = {key: config[key] for key in evaluate_defaults()}
+    check_evaluation_config(config)
+    folder = os.path.dirname(os.path.abspath(config["output_json"]))  # required: checked above
+    with undone_on_failure(folder, before_undo=logger.close):
+        logger.configure(dir=folder, format_strs="stdout,log")
+        return run_evaluation(config)

@@ -47,7 +47,7 @@ from ..runtime.errors import UserError
 from ..runtime.files import atomic_write_bytes, check_writable_file, read_json_object
 from ..runtime.images import grid_tiles
 from .spectrogram_figures import UNKNOWN_EXTENT_NOTE, read_extent, spectrogram_table
-from .verdict import CAVEATS, NOT_USABLE, USABLE, verdict
+from .verdict import CAVEATS, NOT_USABLE, USABLE, verdict, verdict_text
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -1023,3 +1023,29 @@ def write_report(output_html, *, eval_json=None, run_dir=None, vae_dir=None, sta
 
     atomic_write_bytes(output_html, page.encode("utf-8"))
     return output_html
+
+
+def default_output(config):
+    """Where ``scripts/report.py`` writes without ``--output``: in the run
+    folder, else beside the evaluation JSON."""
+    if config["output"]:
+        return config["output"]
+    if config["run_dir"]:
+        return os.path.join(config["run_dir"], "report.html")
+    if config["eval_json"]:
+        return os.path.join(os.path.dirname(os.path.abspath(config["eval_json"])), "report.html")
+    return ""
+
+
+def report_from_flags(config):
+    """``scripts/report.py``: write the report and print where, then the verdict."""
+    if not config["run_dir"] and not config["eval_json"]:
+        raise UserError("nothing to report: give --run_dir, --eval_json or both")
+    path = write_report(default_output(config), eval_json=config["eval_json"] or None,
+                        run_dir=config["run_dir"] or None, vae_dir=config["vae_dir"] or None,
+                        title=config["title"], people=config["people"] or None, per_person=config["per_person"],
+                        read_dirs=config["read_dirs"])
+    print(f"wrote {path}")
+    if config["eval_json"]:
+        print(verdict_text(read_json_object(config["eval_json"])))
+    return path

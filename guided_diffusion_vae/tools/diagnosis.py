@@ -665,3 +665,14 @@ def write_json(report, path):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     return atomic_write_json(path, _json_ready(report), allow_nan=False)
+
+
+def diagnose_and_print(config):
+    """``scripts/diagnose.py``: run the checks, print the report (and write its
+    JSON with ``--output_json``); returns the exit code (0 or EXIT_FAILED)."""
+    report = run_diagnosis({key: config[key] for key in diagnose_defaults()})
+    print(format_report(report), flush=True)
+    if config["output_json"]:
+        write_json(report, config["output_json"])
+        print(f"wrote {config['output_json']}")
+    return report["exit_code"]
