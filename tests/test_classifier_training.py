@@ -95,9 +95,11 @@ def test_script_trains_on_a_real_cache_and_checkpoint_reproduces_logits(real_cac
         "classifier_train.py", "--latent_cache", str(real_cache / "cache"), *flags, "--iterations", "6",
         "--save_interval", "3", "--log_interval", "3", "--log_dir", str(run)])
     try:
-        runpy.run_path(os.path.join(SCRIPTS, "classifier_train.py"), run_name="__main__")
+        with pytest.raises(SystemExit) as finished:  # the script's sys.exit(run_main(main))
+            runpy.run_path(os.path.join(SCRIPTS, "classifier_train.py"), run_name="__main__")
     finally:
         logger.reset()
+    assert finished.value.code is None
     rows = list(csv.DictReader(open(run / "progress.csv")))
     assert [int(r["step"]) for r in rows] == [3, 6] and "acc@1" in rows[-1]
     assert (run / "classifier000003.safetensors").exists()
@@ -270,9 +272,11 @@ def _run_script(name, argv, monkeypatch):
     """A script's ``main`` in this process, as its command line would run it."""
     monkeypatch.setattr(sys, "argv", [name, *argv])
     try:
-        runpy.run_path(os.path.join(SCRIPTS, name), run_name="__main__")
+        with pytest.raises(SystemExit) as finished:  # the script's sys.exit(run_main(main))
+            runpy.run_path(os.path.join(SCRIPTS, name), run_name="__main__")
     finally:
         logger.reset()
+    assert finished.value.code is None, name
 
 
 def test_the_readme_classifier_guidance_commands_run(real_cache, tmp_path, monkeypatch):
