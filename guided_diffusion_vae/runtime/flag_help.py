@@ -37,6 +37,8 @@ def _sources(keys):
     for name, module in list(sys.modules.items()):
         if module is None or not (name == PACKAGE or name.startswith(PACKAGE + ".")):
             continue
+        if module.__name__ != name:  # an old flat name of a moved module: seen under its own name
+            continue
         helps = getattr(module, "FLAG_HELP", None)
         if not isinstance(helps, dict):
             continue
