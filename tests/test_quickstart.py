@@ -5,6 +5,7 @@ import html
 import json
 import os
 import re
+import shutil
 
 import pytest
 
@@ -181,6 +182,20 @@ def test_overwrite_redoes_the_changed_stage_and_every_later_one(tmp_path, fake_s
     assert fake_stages == []
     with pytest.raises(UserError, match="was 3, now 2"):
         run_quickstart(config, preset=SMOKE)
+
+
+def test_a_stage_whose_results_were_deleted_is_redone_with_every_later_one(tmp_path, fake_stages, printed):
+    config = {**quickstart_defaults(), "run_dir": str(tmp_path / "qs"), "workers": 1}
+    run_quickstart(config, preset=SMOKE)
+    shutil.rmtree(tmp_path / "qs" / "diffusion")
+    del fake_stages[:]
+    run_quickstart(config, preset=SMOKE)
+    assert fake_stages == ["diffusion", "samples", "evaluate", "report"]
+    assert "stage 'diffusion' is recorded as done but diffusion is missing" in printed.readouterr().out
+    assert (tmp_path / "qs" / "samples" / "made.txt").read_text().count("\n") == 1  # old samples were removed
+    del fake_stages[:]
+    run_quickstart(config, preset=SMOKE)
+    assert fake_stages == []
 
 
 def test_an_interrupted_stage_resumes_only_with_its_own_settings(tmp_path, fake_stages):

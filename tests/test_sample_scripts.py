@@ -31,16 +31,22 @@ MODEL_FLAGS = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", 
 def _flags(**overrides):
     flags = script_util.model_and_diffusion_defaults()
     flags.update(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
-                 diffusion_steps=40, learn_sigma=True, **overrides)
+                 diffusion_steps=40, learn_sigma=True)
+    flags.update(overrides)
     return flags
 
 
-def _checkpoint(path, label_map=None, **overrides):
-    """A checkpoint of ours with ``label_map`` (class-conditional when given)."""
+def _checkpoint(path, label_map=None, noise=0.0, **overrides):
+    """A checkpoint of ours with ``label_map`` (class-conditional when given);
+    ``noise`` > 0 adds that much Gaussian noise to every weight (a fresh
+    model's last layer is zero, so it predicts nothing)."""
     flags = _flags(class_cond=label_map is not None, num_classes=len(label_map or {}) or 1000, **overrides)
     torch.manual_seed(0)
     model_config, diffusion_config = split_flags(flags)
     model = script_util.create_model(**model_config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(noise * torch.randn_like(parameter))
     ckpt.save_weights(str(path), model.state_dict(), {
         "step": 7, "weights": "model", "model": model_config, "diffusion": diffusion_config, "vae": None,
         "data": {"image_size": 8, "label_map": label_map}, "train": {}})
@@ -278,3 +284,49 @@ def test_sampling_flags_are_checked_before_loading(tmp_path):
         with pytest.raises(UserError, match="output_dir"):  # refused before the model is loaded
             run_sampling(_config(str(tmp_path / "missing.safetensors"), target))
     json.dumps(sample_defaults())  # every default is plain data (YAML/JSON configs)
+
+
+def test_autoguidance_extrapolates_away_from_the_guide():
+    from guided_diffusion_vae.sampling.guidance import autoguided_model, parse_guidance_interval
+
+    def constant(eps, variance):
+        def model(x, t, y=None):
+            return torch.cat([torch.full_like(x, eps), torch.full_like(x, variance)], dim=1)
+        return model
+
+    x, y = torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)
+    t = torch.tensor([0, 100, 600, 999])
+    guided = autoguided_model(constant(2.0, 7.0), constant(0.5, -1.0), scale=3.0, out_channels=1,
+                              interval=parse_guidance_interval("100,600", 1000))
+    out = guided(x, t, y=y)
+    assert out[:, 0, 0, 0].tolist() == [2.0, 5.0, 5.0, 2.0]  # 0.5 + 3 * (2 - 0.5) inside, the model outside
+    assert torch.all(out[:, 1] == 7.0)  # the model's variance, never the guide's
+
+
+def test_autoguidance_samples_from_a_smaller_guide_and_refuses_one_that_does_not_fit(tmp_path):
+    labels = {"0": "user_01", "1": "user_02"}
+    model = _checkpoint(tmp_path / "model.safetensors", labels, noise=0.02, num_res_blocks=2)
+    small = _checkpoint(tmp_path / "small.safetensors", labels, noise=0.02)  # one res block per level
+    plain = _images(os.path.dirname(run_sampling(_config(model, tmp_path / "plain", num_images_per_user=1))["grid"]))
+    paths = run_sampling(_config(model, tmp_path / "auto", num_images_per_user=1, guidance_scale=2.0,
+                                 guide_model_path=small))
+    guided = _images(os.path.dirname(paths["grid"]))
+    assert sorted(guided) == sorted(plain) == ["user_01/generated_000.png", "user_02/generated_000.png"]
+    assert any(not np.array_equal(guided[k], plain[k]) for k in plain)  # the guide changed the samples
+    # Guiding with the model itself is no guidance: g + s * (m - g) = m.
+    same = _images(os.path.dirname(run_sampling(_config(model, tmp_path / "self", num_images_per_user=1,
+                                                        guidance_scale=2.0, guide_model_path=model))["grid"]))
+    assert all(np.abs(same[k].astype(int) - plain[k].astype(int)).max() <= 1 for k in plain)
+
+    other = _checkpoint(tmp_path / "other.safetensors", {"0": "user_01", "1": "user_09"})
+    pixel8 = _checkpoint(tmp_path / "wide.safetensors", labels, learn_sigma=False)
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.nn.Linear(1, 1).state_dict(), bare)
+    for guide, scale, message in ((other, 2.0, r"guide model .*other.safetensors does not fit the model: label map"),
+                                  (pixel8, 2.0, r"does not fit the model: model.learn_sigma False there, True here"),
+                                  (str(bare), 2.0, r"bare.pt is a bare state dict"),
+                                  (small, 1.0, r"^--guide_model_path needs --guidance_scale other than 1")):
+        with pytest.raises(UserError, match=message):
+            run_sampling(_config(model, tmp_path / "refused", num_images_per_user=1, guidance_scale=scale,
+                                 guide_model_path=guide))
+        assert not (tmp_path / "refused").exists()

@@ -92,6 +92,18 @@ def parse_guidance_interval(text, num_timesteps=None):
     return low, high
 
 
+def _extrapolate(strong, weak, scale, out_channels, t, interval):
+    """``weak + scale * (strong - weak)`` on the first ``out_channels``
+    channels (epsilon, or x0 of ``predict_xstart`` models), ``strong`` alone
+    for samples whose timestep lies outside ``interval``; any further
+    (learned variance) channels are ``strong``'s."""
+    mean = weak[:, :out_channels] + scale * (strong[:, :out_channels] - weak[:, :out_channels])
+    if interval is not None:
+        inside = (t >= interval[0]) & (t <= interval[1])
+        mean = torch.where(inside.view(-1, *[1] * (mean.ndim - 1)), mean, strong[:, :out_channels])
+    return torch.cat([mean, strong[:, out_channels:]], dim=1)
+
+
 def classifier_free_model(model, *, null_label, scale, out_channels, interval=None):
     """A model function for classifier-free guidance at ``scale`` (1: none).
 
@@ -108,15 +120,44 @@ def classifier_free_model(model, *, null_label, scale, out_channels, interval=No
         if y is None:
             raise ValueError("classifier-free guidance needs the target labels y")
         null = torch.full_like(y, int(null_label))
-        out = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]), **kwargs)
-        cond, uncond = out.chunk(2)
-        mean = uncond[:, :out_channels] + scale * (cond[:, :out_channels] - uncond[:, :out_channels])
-        if interval is not None:
-            inside = (t >= interval[0]) & (t <= interval[1])
-            mean = torch.where(inside.view(-1, *[1] * (mean.ndim - 1)), mean, cond[:, :out_channels])
-        return torch.cat([mean, cond[:, out_channels:]], dim=1)
+        cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]), **kwargs).chunk(2)
+        return _extrapolate(cond, uncond, scale, out_channels, t, interval)
 
     return guided
+
+
+def autoguided_model(model, guide, *, scale, out_channels, interval=None):
+    """A model function for autoguidance at ``scale`` (1: none): ``model``
+    and the weaker ``guide`` each predict from the same ``(x, t, labels)``,
+    and the result is ``guide + scale * (model - guide)`` on the first
+    ``out_channels`` channels (variance channels are ``model``'s). With
+    ``interval=(low, high)`` only timesteps inside it are guided."""
+    scale = float(scale)
+
+    def guided(x, t, **kwargs):
+        return _extrapolate(model(x, t, **kwargs), guide(x, t, **kwargs), scale, out_channels, t, interval)
+
+    return guided
+
+
+def check_guide_fits(guide_meta, model_meta, path):
+    """Refuse an autoguidance model that does not predict the same thing as
+    the model it guides: other inputs, outputs, noise schedule, classes or
+    VAE. Its width and depth may differ (a smaller network is the point)."""
+    # num_classes may differ by the null class of --class_dropout_prob: the label maps are compared instead.
+    model_keys = ("in_channels", "image_size", "learn_sigma", "class_cond")
+    diffusion_keys = ("steps", "noise_schedule", "predict_xstart", "rescale_timesteps", "learn_sigma")
+    checks = [(f"model.{k}", guide_meta["model"].get(k), model_meta["model"].get(k)) for k in model_keys]
+    checks += [(f"diffusion.{k}", guide_meta["diffusion"].get(k), model_meta["diffusion"].get(k))
+               for k in diffusion_keys]
+    if model_meta["model"].get("class_cond"):
+        checks.append(("label map", people((guide_meta.get("data") or {}).get("label_map")),
+                       people((model_meta.get("data") or {}).get("label_map"))))
+    guide_vae, model_vae = guide_meta.get("vae") or {}, model_meta.get("vae") or {}
+    checks += [(f"vae.{k}", guide_vae.get(k), model_vae.get(k)) for k in ("fingerprint", "latent_scale")]
+    for what, theirs, ours in checks:
+        if theirs != ours:
+            raise UserError(f"guide model {path} does not fit the model: {what} {theirs!r} there, {ours!r} here")
 
 
 def check_guidance_scale(scale, label_map, source):

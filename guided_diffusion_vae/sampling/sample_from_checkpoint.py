@@ -30,7 +30,9 @@ from ..runtime.errors import UserError, shown
 from ..data.array_datasets import parse_db_range, to_db
 from ..runtime.files import check_outside, check_writable_target, undone_on_failure
 from .guidance import (
+    autoguided_model,
     check_classifier_fits,
+    check_guide_fits,
     check_guidance_scale,
     classifier_cond_fn,
     classifier_free_model,
@@ -73,6 +75,7 @@ def sample_defaults():
         "classifier_scale": 1.0,
         "guidance_scale": 1.0,
         "guidance_interval": "",
+        "guide_model_path": "",
         "keep_going": False,
         "save_npy": False,
         "timestep_spacing": "auto",
@@ -113,7 +116,10 @@ FLAG_HELP = {
                        "their person",
     "classifier_scale": "strength of classifier guidance",
     "guidance_scale": "classifier-free guidance (1: none); needs a model trained with --class_dropout_prob",
-    "guidance_interval": "LOW,HIGH: apply classifier-free guidance only at timesteps in this range (original "
+    "guide_model_path": "autoguidance (Karras et al. 2024) instead of classifier-free guidance: a weaker "
+                        "checkpoint of the same data (an early step of the run, or a smaller network), file or "
+                        "run folder; the samples are pushed --guidance_scale times away from its predictions",
+    "guidance_interval": "LOW,HIGH: apply classifier-free guidance or autoguidance only at timesteps in this range (original "
                          "numbering, e.g. 100,600; '' = every step), as Kynkaanniemi et al. 2024",
     "keep_going": "when some samples come out NaN/Inf, write the finite ones and count the others instead of "
                   "stopping",
@@ -287,6 +293,8 @@ def _nonfinite_causes(config, path):
         causes.append(f"classifier_scale={config['classifier_scale']} (too large?)")
     if float(config["guidance_scale"]) != 1.0:
         causes.append(f"guidance_scale={config['guidance_scale']} (too large?)")
+    if config["guide_model_path"]:
+        causes.append(f"the guide model {config['guide_model_path']}")
     return "look at " + " or ".join(causes)
 
 
@@ -307,6 +315,8 @@ def check_sampling_config(config):
     parse_guidance_interval(config["guidance_interval"])
     if config["guidance_interval"] and float(config["guidance_scale"]) == 1.0:
         raise UserError("--guidance_interval needs --guidance_scale other than 1")
+    if config["guide_model_path"] and float(config["guidance_scale"]) == 1.0:
+        raise UserError("--guide_model_path needs --guidance_scale other than 1 (1 means no guidance)")
     resolve_timestep_spacing(config["timestep_spacing"], {})
     if config["precision"] not in SAMPLING_PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(SAMPLING_PRECISIONS)}, got {shown(config['precision'])}")
@@ -396,26 +406,53 @@ def _build_sampling_diffusion(config, sampler, diffusion_config):
     return script_util.create_gaussian_diffusion(**diffusion_config), steps
 
 
+def load_guide_model(config, meta, device):
+    """The autoguidance model of ``--guide_model_path``, after checking that
+    it predicts what the sampled model predicts."""
+    path = ckpt.resolve_weights_file(config["guide_model_path"], use_ema=True)
+    state, guide_meta = ckpt.load_weights(path)
+    if guide_meta is None:
+        raise UserError(f"guide model {path} is a bare state dict: autoguidance needs a checkpoint of ours "
+                        "(it must be checked against the model)")
+    check_sampling_metadata(guide_meta, path)
+    check_guide_fits(guide_meta, meta, path)
+    guide = ckpt.build_from_metadata(script_util.create_model, guide_meta["model"], state, path, "model")
+    if guide_meta["model"].get("use_fp16"):
+        guide.convert_to_fp16()
+    logger.log(f"autoguidance from {path} (step {guide_meta.get('step', ckpt.parse_step(path))})")
+    guide = guide.to(device).eval()
+    # Classifier guidance may pass labels to an unconditional pair of models.
+    return guide if guide_meta["model"].get("class_cond") else _drop_labels(guide)
+
+
 def _guided_model(config, meta, model, path, device):
     """``(model, label_map, class_cond, cond_fn)`` with the guidance asked for:
     classifier guidance (which makes an unconditional model class-specific)
-    and classifier-free guidance wrapped around the model."""
+    and classifier-free guidance or autoguidance wrapped around the model."""
     label_map = (meta.get("data") or {}).get("label_map")
     class_cond = bool(meta["model"].get("class_cond"))
     if class_cond and not label_map:
         label_map = default_label_map(meta["model"]["num_classes"])
-    check_guidance_scale(config["guidance_scale"], label_map if class_cond else None, path)
+    autoguided = bool(config["guide_model_path"])
+    if not autoguided:
+        check_guidance_scale(config["guidance_scale"], label_map if class_cond else None, path)
     cond_fn, classifier_labels = load_classifier_guidance(config, meta, device)
     if cond_fn is not None and not class_cond:
         # Guidance alone makes an unconditional model class-specific.
         label_map, class_cond, model = classifier_labels, True, _drop_labels(model)
     if float(config["guidance_scale"]) != 1.0:
         interval = parse_guidance_interval(config["guidance_interval"], meta["diffusion"]["steps"])
-        logger.log(f"classifier-free guidance, scale {config['guidance_scale']}"
+        kind = "autoguidance" if autoguided else "classifier-free guidance"
+        logger.log(f"{kind}, scale {config['guidance_scale']}"
                    + (f", at timesteps {interval[0]}..{interval[1]}" if interval else ""))
-        model = classifier_free_model(model, null_label=null_class_index(label_map),
-                                      scale=config["guidance_scale"], out_channels=meta["model"].get("in_channels", 3),
-                                      interval=interval)
+        out_channels = meta["model"].get("in_channels", 3)
+        if autoguided:
+            model = autoguided_model(model, load_guide_model(config, meta, device), scale=config["guidance_scale"],
+                                     out_channels=out_channels, interval=interval)
+        else:
+            model = classifier_free_model(model, null_label=null_class_index(label_map),
+                                          scale=config["guidance_scale"], out_channels=out_channels,
+                                          interval=interval)
     return model, label_map, class_cond, cond_fn
 
 

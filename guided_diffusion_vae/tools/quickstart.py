@@ -204,6 +204,14 @@ class Stages:
     def finished(self, name):
         return name in self.done
 
+    def first_missing(self):
+        """The first stage recorded as done whose results are no longer in the
+        run folder (deleted by hand), or None."""
+        for name in STAGE_NAMES:
+            if name in self.done and not os.path.exists(os.path.join(self.run_dir, STAGE_OUTPUTS[name][0])):
+                return name
+        return None
+
     def recorded_settings(self, name):
         """The settings stage ``name`` was finished or started with (None: never run)."""
         if name in self.done:
@@ -404,6 +412,12 @@ def run_quickstart(config, preset=None):
     if threads:
         logger.log(threads)
     stages.finish_clearing()
+    missing = stages.first_missing()
+    if missing and not (change and STAGE_NAMES.index(change[0]) <= STAGE_NAMES.index(missing)):
+        # Nothing is lost by redoing it: its results are gone already.
+        logger.log(f"stage '{missing}' is recorded as done but {STAGE_OUTPUTS[missing][0]} is missing from "
+                   f"{run_dir}; redoing '{missing}' and every later stage")
+        stages.clear_from(missing)
     if change:
         logger.log(f"--overwrite: stage '{change[0]}' setting '{change[1]}' changed; removing the results of "
                    f"'{change[0]}' and every later stage")
