@@ -10,6 +10,7 @@ import shutil
 import pytest
 
 from guided_diffusion_vae.runtime import logger
+from guided_diffusion_vae.training import checkpoint as ckpt
 
 from guided_diffusion_vae.tools.quickstart import STAGES, quickstart_defaults, run_quickstart
 
@@ -184,6 +185,43 @@ def test_overwrite_redoes_the_changed_stage_and_every_later_one(tmp_path, fake_s
         run_quickstart(config, preset=SMOKE)
 
 
+def test_a_preset_guide_is_trained_after_the_model_and_guides_the_samples(tmp_path, printed):
+    """The diffusion stage trains the guide network into diffusion/guide/ once
+    the model has finished (a stop in between resumes with the guide only),
+    and the samples stage guides with it."""
+    preset = {**SMOKE, "guide": {"num_res_blocks": 2, "lr_anneal_steps": 2, "class_dropout_prob": 0.0},
+              "sampling": {**SMOKE["sampling"], "guidance_scale": 2.0}}
+    config = {**quickstart_defaults(), "run_dir": str(tmp_path / "qs"), "workers": 1, "until": "samples"}
+    stopped = []
+    real_training = quickstart.run_training
+
+    def stop_the_guide(train_config, *args):
+        if train_config["log_dir"].endswith("guide") and not stopped:
+            stopped.append(True)
+            raise KeyboardInterrupt  # as if the stage were killed while the guide trained
+        return real_training(train_config, *args)
+
+    quickstart.run_training, saved = stop_the_guide, quickstart.run_training
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_quickstart(config, preset=preset)
+        before = _snapshot(tmp_path / "qs" / "diffusion")
+        printed.readouterr()
+        run_quickstart(config, preset=preset)
+    finally:
+        quickstart.run_training = saved
+    out = printed.readouterr().out
+    run = tmp_path / "qs" / "diffusion"
+    # The finished model was not trained again: its files are as they were, the guide is new.
+    after = _snapshot(run)
+    assert "model000003.safetensors" in before
+    assert {k: v for k, v in after.items() if not k.startswith("guide")} == before
+    guide = ckpt.read_metadata(str(run / "guide" / "model000002.safetensors"))
+    assert guide["model"]["num_res_blocks"] == 2 and guide["model"]["num_classes"] == 3  # no null class
+    assert f"autoguidance from {run / 'guide'}" in out
+    assert len(list((tmp_path / "qs" / "samples").rglob("generated_*.png"))) == 3 * 2
+
+
 def test_a_stage_whose_results_were_deleted_is_redone_with_every_later_one(tmp_path, fake_stages, printed):
     config = {**quickstart_defaults(), "run_dir": str(tmp_path / "qs"), "workers": 1}
     run_quickstart(config, preset=SMOKE)
@@ -235,9 +273,12 @@ def test_guided_sampling_without_a_null_class_is_refused_before_any_work(tmp_pat
                                         r"class_dropout_prob > 0 \(got 0.0\)$"):
         run_quickstart(config, preset=_other_sampling(guidance_scale=1.5, guidance_interval="20,80"))
     assert fake_stages == [] and not (tmp_path / "qs").exists()
-    # The shipped gpu preset guides, and trains the null class it needs.
+    with pytest.raises(UserError, match=r"^preset guide: autoguidance needs sampling guidance_scale other than 1$"):
+        run_quickstart(config, preset={**SMOKE, "guide": {"num_channels": 32}})
+    assert fake_stages == [] and not (tmp_path / "qs").exists()
+    # The shipped gpu preset guides with a guide network it trains.
     gpu = quickstart.PRESETS["gpu"]
-    assert gpu["sampling"]["guidance_scale"] != 1.0 and gpu["diffusion"]["class_dropout_prob"] > 0
+    assert gpu["sampling"]["guidance_scale"] != 1.0 and gpu["guide"]["lr_anneal_steps"] > 0
     guided = {**SMOKE, "diffusion": {**SMOKE["diffusion"], "class_dropout_prob": 0.1},
               "sampling": {**SMOKE["sampling"], "guidance_scale": 1.5, "guidance_interval": "20,80"}}
     run_quickstart(config, preset=guided)

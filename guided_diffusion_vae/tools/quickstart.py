@@ -38,7 +38,7 @@ from ..training.vae_training import train_vae, vae_train_defaults
 from ..latent.latent_datasets import build_latent_cache, encode_latents_defaults
 from ..runtime.config import load_yaml_config
 from ..training.latent_training import latent_train_defaults, latent_training_data
-from ..training.checkpoint import parse_step
+from ..training.checkpoint import model_path, parse_step
 from ..training.diffusion_training import run_training
 from ..sampling.sample_from_checkpoint import run_sampling, sample_defaults
 from ..evaluation.evaluate import evaluate_defaults, run_evaluation
@@ -51,12 +51,15 @@ STAGES = {
     "data": "simulate a training and a held-out split of the same people (data/)",
     "vae": "train the VAE (vae/, its logs in vae_train/)",
     "latents": "encode the training images into a latent cache (latents/)",
-    "diffusion": "train the class-conditional latent diffusion model (diffusion/)",
+    "diffusion": "train the class-conditional latent diffusion model (diffusion/), then the small network that "
+                 "autoguidance steers away from (diffusion/guide/) if the preset has one",
     "samples": "sample every person (samples/)",
     "evaluate": "does each sample show its person? (eval/)",
     "report": "one HTML page with every picture (report.html)",
 }
 STAGE_NAMES = list(STAGES)
+# The autoguidance guide's run folder, inside the diffusion stage's.
+GUIDE_DIR = "guide"
 # stages.json of an older layout (one data folder, no held-out split) cannot be resumed.
 LAYOUT = 2
 
@@ -86,7 +89,8 @@ PRESETS = {
     },
     "gpu": {
         "about": "one GPU, 64x64, the configs/microdoppler_small.yaml network with augmentation, sampled "
-                 "with guidance 1.5 (7.5 min alone on an H200 before guidance was added)",
+                 "with autoguidance from a small guide network (8.8 min alone on an H200 with guidance 1.5 "
+                 "instead; the guide adds about half a minute)",
         "num_users": 31, "train_per_user": 96, "test_per_user": 32, "image_size": 64,
         # Measured on an H100 (docs/QUALITY.md): the small VAE with 8 latent
         # channels at lr 1e-3 keeps identity (rCAS 0.98 x TRTR after 5,000
@@ -100,14 +104,20 @@ PRESETS = {
         # copied training walks 69 -> 4 of 3,100, within-person variety 0.86 ->
         # 0.91 x real, gain with all real data -3.7 -> -2.6 points; CAS fell
         # 0.97 -> 0.92 x TRTR and FD rose 4.3 -> 5.5 x floor.
-        # Classifier-free guidance 1.5 in the middle of the noise levels
-        # (H200, 2026-12-03, docs/QUALITY.md) won CAS back (0.90 -> 1.01 x
-        # unguided) and cut FD (4.6 -> 3.7 x floor) with 3 copies of 3,100;
-        # guidance everywhere or stronger trades variety and TSTR for them.
+        # class_dropout_prob: the model sampled in the guidance comparison had
+        # it (a null class, unused by autoguidance).
         "diffusion": {"config": "configs/microdoppler_small.yaml", "lr_anneal_steps": 5000, "compile": False,
                       "augment": "time_shift,doppler_scale", "class_dropout_prob": 0.1},
+        # Autoguidance (Karras et al. 2024) at 2.0 from a 64-channel network
+        # trained 1,000 steps, against classifier-free guidance 1.5 in
+        # 170..880 (H200, 2026-12-03, docs/QUALITY.md): within-person variety
+        # 0.89 -> 0.98 x real, copies 4 -> 1 of 3,100, gain at 32 real per
+        # person -1.1 -> +0.8 and with all real -2.5 -> -1.9 points; CAS fell
+        # 1.01 -> 0.95 x TRTR, TSTR 0.84 -> 0.77 x and FD rose 3.7 -> 4.5 x floor.
+        "guide": {"num_channels": 64, "lr_anneal_steps": 1000, "class_dropout_prob": 0.0, "save_interval": 1000,
+                  "keep_checkpoints": 1},
         "sampling": {"num_images_per_user": 100, "timestep_respacing": "ddim50", "batch_size": 256,
-                     "guidance_scale": 1.5, "guidance_interval": "170,880"},
+                     "guidance_scale": 2.0},
         "evaluate": {"classifier_steps": 1500, "augment_k": "32,all", "augment_generated": 100,
                      "classifier_seeds": 3},
     },
@@ -160,7 +170,9 @@ def stage_settings(config, preset):
         "data": {**common, **{k: preset[k] for k in ("num_users", "train_per_user", "test_per_user")}},
         "vae": {**common, **kept(preset["vae"], keep_batch_size=True)},
         "latents": dict(common),
-        "diffusion": {**kept(diffusion, keep_batch_size=True), **common},  # the preset's size wins, as in training
+        # the preset's size wins, as in training
+        "diffusion": {**kept(diffusion, keep_batch_size=True), **common,
+                      **({"guide": kept(preset["guide"], keep_batch_size=True)} if preset.get("guide") else {})},
         "samples": {**common, **kept(preset["sampling"])},
         "evaluate": {**common, **kept(preset.get("evaluate", {}))},
         "report": {"preset": config["preset"]},
@@ -334,12 +346,31 @@ def _diffusion_config(run_dir, preset, seed):
     return config
 
 
-def _train_diffusion(run_dir, preset, seed):
-    """Train; False when a stop signal ended training early (saved, not finished)."""
+def _guide_config(run_dir, preset, seed):
+    """The autoguidance guide: the diffusion run's settings with the preset's
+    ``guide`` changes (smaller, shorter), in ``diffusion/guide/``, unmonitored."""
+    config = _diffusion_config(run_dir, {**preset, "diffusion": {**preset["diffusion"], **preset["guide"]}}, seed)
+    config.update(log_dir=guide_dir(run_dir), eval_interval=0, keep_best="", eval_real_train="", eval_real_test="",
+                  sample_interval=0)
+    return config
 
+
+def guide_dir(run_dir):
+    return os.path.join(run_dir, "diffusion", GUIDE_DIR)
+
+
+def _train_diffusion(run_dir, preset, seed):
+    """Train the model, then the guide if the preset has one; False when a
+    stop signal ended either early (saved, not finished)."""
     config = _diffusion_config(run_dir, preset, seed)
-    path = run_training(config, latent_training_data, build_monitor)
-    return parse_step(path) >= int(config["lr_anneal_steps"])
+    steps = int(config["lr_anneal_steps"])
+    if not os.path.exists(model_path(config["log_dir"], steps)):  # else it finished before the guide was stopped
+        if parse_step(run_training(config, latent_training_data, build_monitor)) < steps:
+            return False
+    if not preset.get("guide"):
+        return True
+    config = _guide_config(run_dir, preset, seed)
+    return parse_step(run_training(config, latent_training_data)) >= int(config["lr_anneal_steps"])
 
 
 def sampled_weights(run_dir, preset):
@@ -357,7 +388,7 @@ def sampled_weights(run_dir, preset):
 def _sample(run_dir, preset, seed):
     config = {**sample_defaults(), **preset["sampling"], "model_path": sampled_weights(run_dir, preset),
               "output_dir": os.path.join(run_dir, "samples"), "use_ddim": True, "seed": seed,
-              "clip_denoised": "none"}
+              "clip_denoised": "none", "guide_model_path": guide_dir(run_dir) if preset.get("guide") else ""}
     run_sampling(config)
 
 
@@ -377,10 +408,15 @@ def _report(run_dir, stages):
 
 
 def _check_guidance(preset):
-    """Guided sampling needs a model trained with a null class: refused before
-    the minutes of training that would end in a refused samples stage."""
+    """Classifier-free guidance needs a model trained with a null class, and
+    a guide network is only worth training for a guidance scale: refused
+    before the minutes of training that would end in a refused samples stage."""
     scale = float(preset["sampling"].get("guidance_scale", 1.0))
     dropout = float(preset["diffusion"].get("class_dropout_prob", 0.0))
+    if preset.get("guide"):
+        if scale == 1.0:
+            raise UserError("preset guide: autoguidance needs sampling guidance_scale other than 1")
+        return
     if scale != 1.0 and dropout <= 0.0:
         raise UserError(f"preset sampling guidance_scale {scale} needs diffusion class_dropout_prob > 0 "
                         f"(got {dropout})")
