@@ -351,7 +351,7 @@ def test_sigusr1_to_mpiexec_saves_every_rank_and_exits_0(tmp_path, mpiexec, laun
     workers) and waits: the ranks agree to stop, save and exit 0."""
     code, out = _signal_launcher_after(_mpi_training(tmp_path, mpiexec, 0), launch_env, "step 2", signal.SIGUSR1)
     assert code == 0, out[-3000:]
-    assert "SIGUSR1 received: saving at step" in out
+    assert "SIGUSR1 received: saved at step" in out
     saved = ckpt.latest_model_checkpoint(str(tmp_path / "run"))
     assert saved is not None and ckpt.parse_step(saved) >= 2
     ckpt.load_weights(saved)

@@ -82,7 +82,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, image_folder, launch_env):
     rest, _ = proc.communicate(timeout=120)
     out = "".join(lines) + rest
     assert proc.returncode == 0, out[-3000:]
-    assert "SIGTERM received: saving at step" in out
+    assert "SIGTERM received: saved at step" in out
     saved = ckpt.latest_model_checkpoint(str(run))
     assert saved is not None and ckpt.parse_step(saved) >= 2
     assert not [p for p in os.listdir(run) if p.endswith(".tmp")]

@@ -432,3 +432,51 @@ def test_compiled_training_keeps_parameter_names_and_resumes(tmp_path, tiny_mode
         assert resumed.step == 4
         resumed.run_loop()
         assert resumed.step == 6
+
+
+class _CountingTrainer:
+    """A trainer for ``train_until``: each step is counted; ``signal_at``
+    sends this process a signal during that step."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, step=0, signal_at=None, sig=signal.SIGTERM):
+        self.step, self.signal_at, self.sig, self.saved = step, signal_at, sig, []
+
+    def advance(self):
+        self.step += 1
+        if self.step == self.signal_at:
+            os.kill(os.getpid(), self.sig)
+
+    def save_now(self):
+        self.saved.append(self.step)
+
+
+def test_train_until_runs_to_the_total_and_saves_once_at_a_stop(tmp_path):
+    from guided_diffusion_vae.training.training_parts import train_until
+
+    default = logger.Logger.DEFAULT
+    logger.configure(dir=str(tmp_path), format_strs="log")
+    try:
+        _check_train_until(train_until, tmp_path / "log.txt")
+    finally:
+        logger.close()
+        logger.Logger.CURRENT = logger.Logger.DEFAULT = default
+
+
+def _check_train_until(train_until, log):
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    done = _CountingTrainer(step=2)
+    assert train_until(done, 5, check_every=1) is True
+    assert done.step == 5 and done.saved == []  # finishing saves, not the loop
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        stopped = _CountingTrainer(signal_at=3, sig=sig)
+        assert train_until(stopped, 10, check_every=2) is False
+        assert stopped.step == 3 and stopped.saved == [3]  # one process: stops at once
+        assert log.read_text().splitlines()[-1] == f"{sig.name} received: saved at step 3; rerun the same command " \
+                                                   "to continue"
+    last = _CountingTrainer(signal_at=4)
+    assert train_until(last, 4, check_every=1) is True and last.saved == []  # a stop at the end just finishes
+    forever = _CountingTrainer(signal_at=7)
+    assert train_until(forever, 0, check_every=1) is False and forever.saved == [7]  # 0: until stopped
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # the handlers are restored

@@ -27,7 +27,7 @@ from ..data.labels import normalize_label_map
 from .latent_training import latent_classifier_kwargs
 from ..latent.vae_wrapper import latent_shape_of
 from ..core.resample import UniformSampler
-from .training_parts import StopRequests, autocast, load_latest_state, save_state, settings_text, wrap_for_processes
+from .training_parts import autocast, load_latest_state, save_state, settings_text, train_until, wrap_for_processes
 from .train_util import TRAINING_LIMITS, DeviceMeans, check_training_numbers, resolve_precision, starting_in
 from ..latent.latent_datasets import load_latent_data
 
@@ -167,10 +167,10 @@ def train_classifier(config):
         logger.configure(dir=log_dir, format_strs="stdout,log,csv")
         torch.manual_seed(int(config["seed"]))
         run = _ClassifierRun(config)
-        first = run.resume()
+        run.resume()
     # DDP copies rank 0's weights to the others when it wraps the model.
     run.net = wrap_for_processes(run.model, run.device)
-    return run.train(first)
+    return run.train()
 
 
 class _ClassifierRun:
@@ -266,10 +266,11 @@ class _ClassifierRun:
 
     def resume(self):
         """Load the newest resume state in the log folder (with ``resume``);
-        returns the first step to train."""
+        sets ``step`` to the steps it had done (0 without one)."""
+        self.step = 0
         found = load_latest_state(self.folder, "classifier", self.settings) if self.config["resume"] else None
         if not found:
-            return 1
+            return
         state, path = found
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -277,27 +278,31 @@ class _ClassifierRun:
         torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and "cuda_rng" in state:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        first = int(state["step"]) + 1
-        logger.log(f"resumed from {path} at step {first - 1}")
-        return first
+        self.step = int(state["step"])
+        logger.log(f"resumed from {path} at step {self.step}")
 
-    def train(self, first):
-        """Steps ``first`` to ``iterations``, saving every ``save_interval``
-        and at the end; returns the last checkpoint, or None when a stop
-        signal ended it early (saved first)."""
-        config, last = self.config, None
+    def train(self):
+        """Steps after ``step`` up to ``iterations``, saving every
+        ``save_interval`` and at the end; returns the last checkpoint, or None
+        when a stop signal ended it early (saved first)."""
         self.model.train()
-        with StopRequests() as stop:
-            for step in range(first, self.iterations + 1):
-                self.train_step(step)
-                if (config["save_interval"] and step % config["save_interval"] == 0) or step == self.iterations:
-                    last = self.save(step)
-                elif stop.requested(self.device, step % config["log_interval"] == 0):
-                    self.save(step)
-                    logger.log(f"{stop.signal_name or 'stop signal'} received: saved at step {step}; rerun the same "
-                               "command to continue")
-                    return None
-        return last
+        if not train_until(self, self.iterations, self.config["log_interval"]):
+            return None
+        return classifier_path(self.folder, self.step)
+
+    def advance(self):
+        """One step, then a save at save steps and the last one."""
+        self.step += 1
+        self.train_step(self.step)
+        interval = self.config["save_interval"]
+        if (interval and self.step % interval == 0) or self.step == self.iterations:
+            self.save(self.step)
+
+    def save_now(self):
+        """Saving at a stop: the step's checkpoint and state, unless a save step just wrote them."""
+        interval = self.config["save_interval"]
+        if not (interval and self.step % interval == 0):
+            self.save(self.step)
 
     def save(self, step):
         """The classifier checkpoint and the resume state of ``step`` (rank 0 writes)."""

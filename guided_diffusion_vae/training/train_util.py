@@ -34,7 +34,7 @@ from ..core.fp16_util import MixedPrecisionTrainer
 from ..core.nn import update_ema
 from ..core.resample import SCHEDULE_SAMPLERS, LossAwareSampler, UniformSampler
 from ..runtime.cuda_graphs import ReplayedStep, graphs_usable
-from .training_parts import StopRequests, autocast, compile_module, wrap_for_processes
+from .training_parts import autocast, compile_module, train_until, wrap_for_processes
 
 
 def training_defaults():
@@ -592,38 +592,36 @@ class TrainLoop:
 
     # -------------------------------------------------------------------- loop
 
-    def _finished(self):
-        return bool(self.lr_anneal_steps) and self.step >= self.lr_anneal_steps
-
-    def _should_stop(self):
-        return self._stop.requested(self.device, check=self.step % self.log_interval == 0)
-
     def run_loop(self):
         """Train until ``lr_anneal_steps`` (if set) or a stop signal; returns
         the path of the last model checkpoint written."""
-        last_saved = None
-        total = self.lr_anneal_steps or None
-        with StopRequests() as self._stop:
-            while not self._finished():
-                batch, cond = next(self.data)
-                self.run_step(batch, cond)
-                self.step += 1
-                if self.step % self.log_interval == 0:
-                    self._log(total)
-                self._stop_if_diverged()
-                if self.save_interval and self.step % self.save_interval == 0:
-                    last_saved = self.save()
-                if self.sample_interval and self.sample_fn and self.step % self.sample_interval == 0:
-                    self.sample_fn(self.ema_model_for_sampling(), self.step)
-                if self.eval_interval and self.eval_fn and self.step % self.eval_interval == 0:
-                    self.evaluate()
-                if self._should_stop():
-                    logger.log(f"{self._stop.signal_name or 'stop signal'} received: saving at step {self.step} and exiting")
-                    break
-        if last_saved is None or ckpt.parse_step(last_saved) != self.step:
-            last_saved = self.save()
+        self._last_saved = None
+        train_until(self, self.lr_anneal_steps, self.log_interval)
+        if self._last_saved is None or ckpt.parse_step(self._last_saved) != self.step:
+            self._last_saved = self.save()
         self.check_ranks_agree()
-        return last_saved
+        return self._last_saved
+
+    def advance(self):
+        """One step on the next batch, then logging, saving, previews and
+        evaluations at their intervals."""
+        batch, cond = next(self.data)
+        self.run_step(batch, cond)
+        self.step += 1
+        if self.step % self.log_interval == 0:
+            self._log(self.lr_anneal_steps or None)
+        self._stop_if_diverged()
+        if self.save_interval and self.step % self.save_interval == 0:
+            self._last_saved = self.save()
+        if self.sample_interval and self.sample_fn and self.step % self.sample_interval == 0:
+            self.sample_fn(self.ema_model_for_sampling(), self.step)
+        if self.eval_interval and self.eval_fn and self.step % self.eval_interval == 0:
+            self.evaluate()
+
+    def save_now(self):
+        """Saving at a stop, unless this step was just saved."""
+        if self._last_saved is None or ckpt.parse_step(self._last_saved) != self.step:
+            self._last_saved = self.save()
 
     def run_step(self, batch, cond):
         """One optimizer step on ``batch``: eager, or on CUDA (``cuda_graph``)

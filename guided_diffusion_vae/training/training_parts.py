@@ -1,6 +1,7 @@
 """Pieces every trainer shares: the diffusion model's ``TrainLoop``, the VAE
 trainer and the noisy-classifier trainer wrap for several processes, run in
-bf16, average weights (``ema``) and resume the same way.
+bf16, average weights (``ema``), resume the same way and run the same loop
+(:func:`train_until`).
 
 SIGTERM (preemption: SLURM, docker and Kubernetes signal the whole process
 group), SIGINT (Ctrl-C, a notebook's stop button) and SIGUSR1 (to mpiexec,
@@ -26,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from ..runtime import dist_util
+from ..runtime import dist_util, logger
 from ..runtime.errors import UserError
 
 
@@ -135,3 +136,26 @@ class StopRequests:
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def train_until(trainer, total, check_every):
+    """The loop of every trainer: ``trainer.advance()`` (one step and what
+    follows it at its intervals: logging, saving, previews) until
+    ``trainer.step`` (steps done) reaches ``total`` (0: until stopped).
+
+    A stop signal ends it early: agreed on by every rank at a step that is a
+    multiple of ``check_every``, it calls ``trainer.save_now()`` and says how
+    to continue. Returns True when ``total`` was reached, False when stopped
+    (saved). Nothing is saved for a stop at the last step: finishing saves.
+    """
+    total = int(total or 0)
+    with StopRequests() as stop:
+        while not total or trainer.step < total:
+            trainer.advance()
+            if (not total or trainer.step < total) and stop.requested(trainer.device,
+                                                                      trainer.step % check_every == 0):
+                trainer.save_now()
+                logger.log(f"{stop.signal_name or 'stop signal'} received: saved at step {trainer.step}; rerun "
+                           "the same command to continue")
+                return False
+    return True

@@ -56,7 +56,7 @@ from ..data.labels import class_names_from_paths
 from ..runtime.images import image_grid, to_uint8_images
 from .train_util import PRECISIONS, check_output_dir, resolve_precision
 from .training_parts import (
-    StopRequests, autocast, compile_module, load_latest_state, save_state, settings_text, state_files,
+    autocast, compile_module, load_latest_state, save_state, settings_text, state_files, train_until,
     wrap_for_processes,
 )
 from ..latent.vae_wrapper import LATENT_STATS_FILE, latent_shape_of, scale_from_moments, vae_fingerprint
@@ -727,24 +727,26 @@ class _VAERun:
         return {"grad_norm": grad_norm.detach(), **{k: v.detach() for k, v in parts.items()}}
 
     def train(self):
+        """Train to ``lr_anneal_steps``; False when a stop signal ended it early (saved)."""
         config, total = self.config, self.config["lr_anneal_steps"]
-        bar = progress_bar(total=total, initial=min(self.step, total), desc="VAE training", unit="step",
-                   disable=not (config["progress"] and self.rank == 0))
-        started, first = time.time(), self.step
-        with StopRequests() as stop:
-            while self.step < total:
-                self.train_step()
-                bar.update(1)
-                self._log_and_save(bar, started, first)
-                if self.step < total and stop.requested(self.device, self.step % config["log_interval"] == 0):
-                    self.check_finite()
-                    self.save()
-                    bar.close()
-                    logger.log(f"{stop.signal_name or 'stop signal'} received: saved the VAE training state at "
-                               f"step {self.step}; rerun the same command to continue")
-                    return False
-        bar.close()
-        return True
+        self._bar = progress_bar(total=total, initial=min(self.step, total), desc="VAE training", unit="step",
+                                 disable=not (config["progress"] and self.rank == 0))
+        self._started, self._first = time.time(), self.step
+        try:
+            return train_until(self, total, config["log_interval"])
+        finally:
+            self._bar.close()
+
+    def advance(self):
+        """One step, then logging and saving at their intervals."""
+        self.train_step()
+        self._bar.update(1)
+        self._log_and_save(self._bar, self._started, self._first)
+
+    def save_now(self):
+        """Saving at a stop (never a poisoned state)."""
+        self.check_finite()
+        self.save()
 
     def _log_and_save(self, bar, started, first):
         """Log at log steps; save (and check the held-out images) at save steps."""
