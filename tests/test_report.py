@@ -117,6 +117,10 @@ def make_inputs(tmp_path, generated_as_npz=False):
             Image.fromarray(spectrogram(100 + 10 * c + i)).save(gen / person / f"generated_{i:03d}.png")
             gen_images.append(spectrogram(100 + 10 * c + i)[..., None])
             gen_labels.append(sorted(PEOPLE).index(person))
+    (gen / "sampling.json").write_text(json.dumps({
+        "model": "runs/<b>diffusion</b>/ema_0.9999_005000.safetensors", "step": 5000, "sampler": "ddim", "steps": 50,
+        "eta": 0.0, "seed": 0, "guidance": {"kind": "autoguidance", "scale": 2.0, "interval": None,
+                                            "guide": {"path": "runs/diffusion/guide/ema.safetensors", "step": 1000}}}))
     if generated_as_npz:
         gen = tmp_path / "samples_9x16x16x1.npz"
         np.savez(gen, np.stack(gen_images), np.asarray(gen_labels))
@@ -189,6 +193,11 @@ def test_report_page_holds_every_section_escaped_and_embedded(tmp_path):
     worst = re.findall(r"<tr class=\"worst\"><td><code>([^<]*)</code>", page)
     assert worst == ["bob"]
     assert re.search(r"class=\"flagged\".*?bob/generated_001\.png", page)
+
+    # How the samples were drawn, from their sampling.json (escaped too).
+    assert ("Drawn with ddim, 50 steps, eta 0.0, autoguidance 2.0 from the guide runs/diffusion/guide/ema.safetensors "
+            "(step 1000); from runs/<b>diffusion</b>/ema_0.9999_005000.safetensors (step 5000), seed 0") in text
+    assert "runs/&lt;b&gt;diffusion&lt;/b&gt;" in page
 
     # Configuration, VAE metrics and stage times.
     assert "noise_schedule" in text and "cosine" in text and "27.5" in text

@@ -307,10 +307,19 @@ def test_autoguidance_samples_from_a_smaller_guide_and_refuses_one_that_does_not
     labels = {"0": "user_01", "1": "user_02"}
     model = _checkpoint(tmp_path / "model.safetensors", labels, noise=0.02, num_res_blocks=2)
     small = _checkpoint(tmp_path / "small.safetensors", labels, noise=0.02)  # one res block per level
-    plain = _images(os.path.dirname(run_sampling(_config(model, tmp_path / "plain", num_images_per_user=1))["grid"]))
+    unguided = run_sampling(_config(model, tmp_path / "plain", num_images_per_user=1))
+    plain = _images(os.path.dirname(unguided["grid"]))
+    with open(unguided["record"]) as f:
+        assert json.load(f)["guidance"] == {"kind": "none"}
     paths = run_sampling(_config(model, tmp_path / "auto", num_images_per_user=1, guidance_scale=2.0,
                                  guide_model_path=small))
     guided = _images(os.path.dirname(paths["grid"]))
+    with open(paths["record"]) as f:
+        record = json.load(f)
+    assert record["guidance"] == {"kind": "autoguidance", "scale": 2.0, "interval": None,
+                                  "guide": {"path": small, "step": 7}}
+    assert (record["model"], record["sampler"], record["steps"], record["seed"], record["samples"]) == \
+        (model, "ddpm", 4, 0, 2)
     assert sorted(guided) == sorted(plain) == ["user_01/generated_000.png", "user_02/generated_000.png"]
     assert any(not np.array_equal(guided[k], plain[k]) for k in plain)  # the guide changed the samples
     # Guiding with the model itself is no guidance: g + s * (m - g) = m.

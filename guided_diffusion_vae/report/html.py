@@ -46,6 +46,7 @@ from PIL import Image
 from ..runtime.errors import UserError
 from ..runtime.files import atomic_write_bytes, check_writable_file, read_json_object
 from ..runtime.images import grid_tiles
+from ..sampling.sample_io import RECORD_FILE
 from .spectrogram_figures import UNKNOWN_EXTENT_NOTE, read_extent, spectrogram_table
 from .verdict import CAVEATS, NOT_USABLE, USABLE, verdict, verdict_text
 
@@ -599,6 +600,32 @@ def _padded(tiles, count):
     return list(tiles) + [None] * (count - len(tiles))
 
 
+def _sampling_line(gen_path):
+    """How the samples were drawn, from their ``sampling.json`` ('' without one)."""
+    path = os.path.join(gen_path, RECORD_FILE)
+    if not gen_path or not os.path.isfile(path):
+        return ""
+    try:
+        record = read_json_object(path)
+    except UserError as err:
+        return _note(str(err))
+    guidance = _dict(record.get("guidance"))
+    kind = str(guidance.get("kind") or "none")
+    how = "no guidance" if kind == "none" else f"{_e(kind)} {_e(guidance.get('scale'))}"
+    interval = guidance.get("interval")
+    if kind != "none" and isinstance(interval, list) and len(interval) == 2:
+        how += f" at timesteps {_e(interval[0])}..{_e(interval[1])}"
+    guide = _dict(guidance.get("guide"))
+    if guide:
+        how += f" from the guide <code>{_e(guide.get('path'))}</code> (step {_e(guide.get('step'))})"
+    classifier = _dict(guidance.get("classifier"))
+    if classifier:
+        how += f"; classifier guidance {_e(classifier.get('scale'))} from <code>{_e(classifier.get('path'))}</code>"
+    return (f"<p>Drawn with {_e(record.get('sampler'))}, {_e(record.get('steps'))} steps, eta "
+            f"{_e(record.get('eta'))}, {how}; from <code>{_e(record.get('model'))}</code> (step "
+            f"{_e(record.get('step'))}), seed {_e(record.get('seed'))} (<code>{_e(RECORD_FILE)}</code>).</p>")
+
+
 def _samples_section(result, run_dir, figures, people, per_person, extent, readable):
     inputs = _dict(result.get("inputs")) if result is not None else {}
     real_dir, gen_path = str(inputs.get("real_test") or ""), str(inputs.get("generated") or "")
@@ -670,6 +697,8 @@ def _samples_section(result, run_dir, figures, people, per_person, extent, reada
     text = (f"<p>One row per person: up to {per_person} real spectrograms from <code>{_e(real_dir or '(none)')}</code>"
             f", then up to {per_person} generated ones from <code>{_e(gen_path or '(none)')}</code>. "
             "Grey tiles: fewer images than that.</p>")
+    if gen_path and os.path.isdir(gen_path):
+        text += _sampling_line(gen_path)
     if worst:
         text += (f"<p>Lowest CAS (red, &#9660;): {', '.join(f'<code>{_e(p)}</code>' for p in sorted(worst))}.</p>")
     for note in notes:

@@ -419,16 +419,18 @@ def load_guide_model(config, meta, device):
     guide = ckpt.build_from_metadata(script_util.create_model, guide_meta["model"], state, path, "model")
     if guide_meta["model"].get("use_fp16"):
         guide.convert_to_fp16()
-    logger.log(f"autoguidance from {path} (step {guide_meta.get('step', ckpt.parse_step(path))})")
+    step = guide_meta.get("step", ckpt.parse_step(path))
+    logger.log(f"autoguidance from {path} (step {step})")
     guide = guide.to(device).eval()
     # Classifier guidance may pass labels to an unconditional pair of models.
-    return guide if guide_meta["model"].get("class_cond") else _drop_labels(guide)
+    return (guide if guide_meta["model"].get("class_cond") else _drop_labels(guide)), {"path": path, "step": step}
 
 
 def _guided_model(config, meta, model, path, device):
-    """``(model, label_map, class_cond, cond_fn)`` with the guidance asked for:
-    classifier guidance (which makes an unconditional model class-specific)
-    and classifier-free guidance or autoguidance wrapped around the model."""
+    """``(model, label_map, class_cond, cond_fn, guidance)`` with the guidance
+    asked for: classifier guidance (which makes an unconditional model
+    class-specific) and classifier-free guidance or autoguidance wrapped
+    around the model; ``guidance`` describes it for the sampling record."""
     label_map = (meta.get("data") or {}).get("label_map")
     class_cond = bool(meta["model"].get("class_cond"))
     if class_cond and not label_map:
@@ -437,6 +439,9 @@ def _guided_model(config, meta, model, path, device):
     if not autoguided:
         check_guidance_scale(config["guidance_scale"], label_map if class_cond else None, path)
     cond_fn, classifier_labels = load_classifier_guidance(config, meta, device)
+    guidance = {"kind": "none"}
+    if cond_fn is not None:
+        guidance["classifier"] = {"path": config["classifier_path"], "scale": float(config["classifier_scale"])}
     if cond_fn is not None and not class_cond:
         # Guidance alone makes an unconditional model class-specific.
         label_map, class_cond, model = classifier_labels, True, _drop_labels(model)
@@ -446,14 +451,16 @@ def _guided_model(config, meta, model, path, device):
         logger.log(f"{kind}, scale {config['guidance_scale']}"
                    + (f", at timesteps {interval[0]}..{interval[1]}" if interval else ""))
         out_channels = meta["model"].get("in_channels", 3)
+        guidance.update(kind=kind, scale=float(config["guidance_scale"]), interval=list(interval) if interval else None)
         if autoguided:
-            model = autoguided_model(model, load_guide_model(config, meta, device), scale=config["guidance_scale"],
-                                     out_channels=out_channels, interval=interval)
+            guide, guidance["guide"] = load_guide_model(config, meta, device)
+            model = autoguided_model(model, guide, scale=config["guidance_scale"], out_channels=out_channels,
+                                     interval=interval)
         else:
             model = classifier_free_model(model, null_label=null_class_index(label_map),
                                           scale=config["guidance_scale"], out_channels=out_channels,
                                           interval=interval)
-    return model, label_map, class_cond, cond_fn
+    return model, label_map, class_cond, cond_fn, guidance
 
 
 def _labels_to_draw(config, class_cond, label_map):
@@ -516,9 +523,9 @@ def _merge_shares(parts, config, path, num_samples, conditional, clip_mode):
     return images, labels_out
 
 
-def _write_samples(config, images, labels_out, label_map, db_range, into_log_dir):
-    """Write the samples (and their dB values with ``--save_npy``); returns
-    the paths written."""
+def _write_samples(config, images, labels_out, label_map, db_range, into_log_dir, record):
+    """Write the samples (and their dB values with ``--save_npy``) and the
+    sampling ``record``; returns the paths written."""
     db_values = None
     if config["save_npy"]:  # float samples: dB from them, PNGs from their 8-bit rounding
         db_values = to_db(images.mean(axis=-1), parse_db_range(db_range))
@@ -526,7 +533,7 @@ def _write_samples(config, images, labels_out, label_map, db_range, into_log_dir
     # A folder of our own is replaced whole; the logger's folder (no
     # --output_dir) also holds the log, so there samples are written beside it.
     write = save_samples if into_log_dir else save_samples_whole
-    paths = write(config["output_dir"], images, labels_out, label_map, db_values=db_values)
+    paths = write(config["output_dir"], images, labels_out, label_map, db_values=db_values, record=record)
     logger.log(f"wrote {len(images)} samples to {config['output_dir']} (grid: {paths['grid']})")
     return paths
 
@@ -540,7 +547,7 @@ def _draw_and_save(config, sampler, into_log_dir):
     diffusion, steps = _build_sampling_diffusion(config, sampler, diffusion_config)
     spacing = resolve_timestep_spacing(config["timestep_spacing"], meta)
     _warn_if_the_first_step_is_blind(meta, diffusion, sampler, steps, spacing)
-    model, label_map, class_cond, cond_fn = _guided_model(config, meta, model, path, device)
+    model, label_map, class_cond, cond_fn, guidance = _guided_model(config, meta, model, path, device)
     labels = _labels_to_draw(config, class_cond, label_map)
     num_samples = len(labels) if labels is not None else int(config["num_samples"])
     clip_mode = clip_mode_of(config, meta)
@@ -559,4 +566,10 @@ def _draw_and_save(config, sampler, into_log_dir):
     if not dist_util.is_main():
         return None
     images, labels_out = _merge_shares(parts, config, path, num_samples, labels is not None, clip_mode)
-    return _write_samples(config, images, labels_out, label_map if class_cond else None, db_range, into_log_dir)
+    record = {"model": path, "step": meta.get("step", ckpt.parse_step(path)), "sampler": sampler,
+              "steps": steps or diffusion.num_timesteps, "timestep_respacing": config["timestep_respacing"],
+              "timestep_spacing": None if sampler in CORE_SAMPLERS else spacing, "eta": float(config["eta"]),
+              "guidance": guidance, "clip_denoised": clip_mode, "precision": config["precision"],
+              "seed": int(config["seed"]), "samples": int(len(images))}
+    return _write_samples(config, images, labels_out, label_map if class_cond else None, db_range, into_log_dir,
+                          record)

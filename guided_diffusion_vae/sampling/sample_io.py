@@ -15,7 +15,9 @@ from ..data.labels import class_name, folder_names
 
 # What save_samples writes: a sample folder holds these and nothing else.
 _SAMPLE_FILE = re.compile(r"generated_\d+\.(png|npy)")
-_RUN_FILE = re.compile(r"grid\.png|classes\.json|samples_[0-9x]+\.npz")
+_RUN_FILE = re.compile(r"grid\.png|classes\.json|sampling\.json|samples_[0-9x]+\.npz")
+# How the samples were drawn (model, sampler, guidance), beside them.
+RECORD_FILE = "sampling.json"
 
 
 def _is_sample_entry(folder, name):
@@ -36,7 +38,7 @@ def check_sample_folder(output_dir, flag="output_dir"):
                         "sampling run replaces its folder whole: choose a new or empty folder")
 
 
-def save_samples_whole(output_dir, images, labels=None, label_map=None, db_values=None):
+def save_samples_whole(output_dir, images, labels=None, label_map=None, db_values=None, record=None):
     """:func:`save_samples` into a staging folder that then replaces
     ``output_dir`` whole (``files.folder_written_whole``): a run stopped while
     writing leaves the previous run's samples, and a rerun never mixes its
@@ -44,7 +46,7 @@ def save_samples_whole(output_dir, images, labels=None, label_map=None, db_value
     Returns the paths as they lie in ``output_dir``."""
     check_sample_folder(output_dir)
     with folder_written_whole(output_dir) as staging:
-        paths = save_samples(staging, images, labels, label_map, db_values=db_values)
+        paths = save_samples(staging, images, labels, label_map, db_values=db_values, record=record)
 
     def moved(path):
         return os.path.join(output_dir, os.path.relpath(path, staging))
@@ -53,13 +55,14 @@ def save_samples_whole(output_dir, images, labels=None, label_map=None, db_value
             for key, value in paths.items()}
 
 
-def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=None, db_values=None):
+def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=None, db_values=None, record=None):
     """Write every sample and a grid; returns the paths written.
 
     ``labels`` (one class index per image) sorts samples into one folder per
     class, named from ``label_map`` (``{"0": "user_01", ...}``); without labels
     they go to ``output_dir/samples``. ``db_values`` (float32 ``(N, H, W)``,
     e.g. dB) are written beside each PNG as ``generated_NNN.npy``.
+    ``record`` (JSON-able: how the samples were drawn) becomes ``sampling.json``.
     """
     os.makedirs(output_dir, exist_ok=True)
     counters, paths = {}, {"images": [], "arrays": []}
@@ -95,5 +98,8 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
         folders = {folder: class_name(label, label_map) for label, folder in folder_of.items()}
         paths["classes"] = os.path.join(output_dir, "classes.json")
         atomic_write_json(paths["classes"], folders, indent=1)
+    if record is not None:
+        paths["record"] = os.path.join(output_dir, RECORD_FILE)
+        atomic_write_json(paths["record"], record, indent=1)
     return paths
 
