@@ -249,9 +249,9 @@ def test_reconstruction_gain_isolates_what_the_vae_does(real, baseline, tmp_path
     seen = []
     real_reconstruct = evaluate.reconstruct_with_vae
 
-    def recording(vae_path, data, device):
-        out = real_reconstruct(vae_path, data, device)
-        seen.append((data, out))
+    def recording(vae_interface, data):
+        out = real_reconstruct(vae_interface, data)
+        seen.append((data, out, vae_interface))
         return out
 
     monkeypatch.setattr(evaluate, "reconstruct_with_vae", recording)
@@ -263,12 +263,13 @@ def test_reconstruction_gain_isolates_what_the_vae_does(real, baseline, tmp_path
     assert recon["gain"] == pytest.approx(recon["augmented"] - recon["real_only"])
     assert result["spread"]["reconstruction_gain"]["values"] == [pytest.approx(recon["gain"])]
     # rCAS reconstructs the held-out set; the gain the first 8 training walks of each person.
-    source, made = seen[1]
+    source, made, loaded = seen[1]
+    assert loaded is seen[0][2]  # one VAE loaded for both
     assert len(source) == 64 and np.array_equal(np.bincount(source.labels), [8] * 8)
     assert np.array_equal(made.labels, source.labels) and not np.array_equal(made.images, source.images)
     assert "adding the VAE's reconstructions of training walks instead changes it by" in verdict(result)[1]
 
-    monkeypatch.setattr(evaluate, "reconstruct_with_vae", lambda vae_path, data, device: data)
+    monkeypatch.setattr(evaluate, "reconstruct_with_vae", lambda vae_interface, data: data)
     perfect = _rerun(real, baseline, tmp_path, tmp_path / "gen", vae_path=vae, augment_k="all")
     assert abs(perfect["reconstruction_gain"]["gain"]) < 0.08
     # Without "all" in augment_k there is no full-data experiment to repeat.
@@ -337,8 +338,9 @@ def test_latent_cache_as_real_data(real, tmp_path):
     assert np.array_equal(test.labels, folder.labels) and test.class_names == train.class_names
     # The decodings are the VAE's round trip of the folder's images.
     from guided_diffusion_vae.evaluation.evaluate import reconstruct_with_vae
+    from guided_diffusion_vae.latent.vae_wrapper import VAEInterface
 
-    recon = reconstruct_with_vae(vae, folder, torch.device("cpu"))
+    recon = reconstruct_with_vae(VAEInterface(vae, device="cpu"), folder)
     assert np.abs(recon.images.astype(int) - test.images.astype(int)).max() <= 1
 
 

@@ -328,11 +328,11 @@ def test_autoguidance_samples_from_a_smaller_guide_and_refuses_one_that_does_not
     assert all(np.abs(same[k].astype(int) - plain[k].astype(int)).max() <= 1 for k in plain)
 
     other = _checkpoint(tmp_path / "other.safetensors", {"0": "user_01", "1": "user_09"})
-    pixel8 = _checkpoint(tmp_path / "wide.safetensors", labels, learn_sigma=False)
+    no_sigma = _checkpoint(tmp_path / "no_sigma.safetensors", labels, learn_sigma=False)
     bare = tmp_path / "bare.pt"
     torch.save(torch.nn.Linear(1, 1).state_dict(), bare)
     for guide, scale, message in ((other, 2.0, r"guide model .*other.safetensors does not fit the model: label map"),
-                                  (pixel8, 2.0, r"does not fit the model: model.learn_sigma False there, True here"),
+                                  (no_sigma, 2.0, r"does not fit the model: model.learn_sigma False there, True here"),
                                   (str(bare), 2.0, r"bare.pt is a bare state dict"),
                                   (small, 1.0, r"^--guide_model_path needs --guidance_scale other than 1")):
         with pytest.raises(UserError, match=message):

@@ -201,13 +201,12 @@ def per_class_accuracy(pred, labels, num_classes):
     return out
 
 
-def reconstruct_with_vae(vae_path, data: LabelledImages, device):
-    """VAE round trip (posterior mean) of ``data``'s images, as uint8."""
-
-    vae = VAEInterface(vae_path, device=device)
-    x = clf.to_input(data.images, device)
+def reconstruct_with_vae(vae, data: LabelledImages):
+    """VAE round trip (posterior mean) of ``data``'s images by ``vae`` (a
+    :class:`VAEInterface`), as uint8."""
+    x = clf.to_input(data.images, vae.device)
     if vae.in_channels != x.shape[1] and not (x.shape[1] == 1 and vae.in_channels == 3):
-        raise UserError(f"the VAE in {vae_path} takes {vae.in_channels} channel(s); the images have {x.shape[1]}")
+        raise UserError(f"the VAE in {vae.path} takes {vae.in_channels} channel(s); the images have {x.shape[1]}")
     x = clf.match_channels(x, vae.in_channels)
     vae.latent_shape(tuple(x.shape[-2:]))  # refuses sizes the VAE cannot halve down
     out = []
@@ -215,7 +214,7 @@ def reconstruct_with_vae(vae_path, data: LabelledImages, device):
         z = vae.encode_unscaled(x[start:start + 256])
         out.append(vae.decode_unscaled(z).float())
     images = clf.to_uint8(clf.match_channels(torch.cat(out), data.images.shape[1]))
-    return LabelledImages(images, data.labels, data.class_names, f"VAE({vae_path}) of {data.source}", data.files)
+    return LabelledImages(images, data.labels, data.class_names, f"VAE({vae.path}) of {data.source}", data.files)
 
 
 def _fd_and_floor(ev, real_feats, gen_feats, rng):
@@ -443,14 +442,19 @@ def run_evaluation(config):
     per_class = {"trtr": per_class_accuracy(test_pred, test.labels, num_classes)}
     logger.log(f"TRTR (reference classifier on real held-out): {result['trtr']:.3f}")
 
+    reconstruct = None
     if config["vae_path"]:
-        recon = reconstruct_with_vae(config["vae_path"], test, device)
+        vae = VAEInterface(config["vae_path"], device=device)  # loaded once: rCAS and the reconstruction gain
+
+        def reconstruct(data):
+            return reconstruct_with_vae(vae, data)
+
+        recon = reconstruct(test)
         rec_pred = clf.predict(model, recon.images, device)
         result["rcas"] = clf.accuracy(rec_pred, recon.labels)
         per_class["rcas"] = per_class_accuracy(rec_pred, recon.labels, num_classes)
         logger.log(f"rCAS (VAE reconstructions of real held-out): {result['rcas']:.3f}")
 
-    reconstruct = (lambda data: reconstruct_with_vae(config["vae_path"], data, device)) if config["vae_path"] else None
     if generated is not None and len(generated):
         _generated_metrics(ev, result, per_class, model, train, test, generated, ks, rng, config, reconstruct)
     elif generated is not None:

@@ -601,9 +601,10 @@ def _padded(tiles, count):
 
 
 def _sampling_line(gen_path):
-    """How the samples were drawn, from their ``sampling.json`` ('' without one)."""
+    """How the samples were drawn, from the ``sampling.json`` in the sample
+    folder ``gen_path`` ('' without one)."""
     path = os.path.join(gen_path, RECORD_FILE)
-    if not gen_path or not os.path.isfile(path):
+    if not os.path.isfile(path):
         return ""
     try:
         record = read_json_object(path)

@@ -119,8 +119,8 @@ FLAG_HELP = {
     "guide_model_path": "autoguidance (Karras et al. 2024) instead of classifier-free guidance: a weaker "
                         "checkpoint of the same data (an early step of the run, or a smaller network), file or "
                         "run folder; the samples are pushed --guidance_scale times away from its predictions",
-    "guidance_interval": "LOW,HIGH: apply classifier-free guidance or autoguidance only at timesteps in this range (original "
-                         "numbering, e.g. 100,600; '' = every step), as Kynkaanniemi et al. 2024",
+    "guidance_interval": "LOW,HIGH: apply classifier-free guidance or autoguidance only at timesteps in this "
+                         "range (original numbering, e.g. 100,600; '' = every step), as Kynkaanniemi et al. 2024",
     "keep_going": "when some samples come out NaN/Inf, write the finite ones and count the others instead of "
                   "stopping",
     "timestep_spacing": "where the steps of dpmpp_2m, unipc, euler, euler_a and heun lie: trailing starts at the "
@@ -220,14 +220,32 @@ def load_sampling_model(config, device):
         model = script_util.create_model(**model_config)
         meta = {"model": model_config, "diffusion": diffusion_config, "data": {}, "vae": None}
         ckpt.load_state_strict(model, state, path)
+        model = _ready(model, meta, device)
     else:
         check_sampling_metadata(meta, path)
-        model = ckpt.build_from_metadata(script_util.create_model, meta["model"], state, path, "model")
+        model = _built_from(meta, state, path, device)
         diffusion_config = dict(meta["diffusion"])
-    logger.log(f"sampling from {path} (step {meta.get('step', ckpt.parse_step(path))})")
+    logger.log(f"sampling from {path} (step {step_of(meta, path)})")
+    return model, diffusion_config, meta, path
+
+
+def step_of(meta, path):
+    """The training step of a weights file: its metadata's, else its name's."""
+    return meta.get("step", ckpt.parse_step(path))
+
+
+def _built_from(meta, state, path, device):
+    """The network a checkpoint of ours describes (its metadata checked by
+    :func:`check_sampling_metadata`), with ``state`` loaded, ready to sample."""
+    model = ckpt.build_from_metadata(script_util.create_model, meta["model"], state, path, "model")
+    return _ready(model, meta, device)
+
+
+def _ready(model, meta, device):
+    """``model`` in fp16 if it was trained so, on ``device``, in eval mode."""
     if meta["model"].get("use_fp16"):
         model.convert_to_fp16()
-    return model.to(device).eval(), diffusion_config, meta, path
+    return model.to(device).eval()
 
 
 def load_decoder(meta, config, device):
@@ -407,8 +425,9 @@ def _build_sampling_diffusion(config, sampler, diffusion_config):
 
 
 def load_guide_model(config, meta, device):
-    """The autoguidance model of ``--guide_model_path``, after checking that
-    it predicts what the sampled model predicts."""
+    """``(guide, {"path", "step"})``: the autoguidance model of
+    ``--guide_model_path``, after checking that it predicts what the sampled
+    model (``meta``) predicts."""
     path = ckpt.resolve_weights_file(config["guide_model_path"], use_ema=True)
     state, guide_meta = ckpt.load_weights(path)
     if guide_meta is None:
@@ -416,12 +435,9 @@ def load_guide_model(config, meta, device):
                         "(it must be checked against the model)")
     check_sampling_metadata(guide_meta, path)
     check_guide_fits(guide_meta, meta, path)
-    guide = ckpt.build_from_metadata(script_util.create_model, guide_meta["model"], state, path, "model")
-    if guide_meta["model"].get("use_fp16"):
-        guide.convert_to_fp16()
-    step = guide_meta.get("step", ckpt.parse_step(path))
+    guide = _built_from(guide_meta, state, path, device)
+    step = step_of(guide_meta, path)
     logger.log(f"autoguidance from {path} (step {step})")
-    guide = guide.to(device).eval()
     # Classifier guidance may pass labels to an unconditional pair of models.
     return (guide if guide_meta["model"].get("class_cond") else _drop_labels(guide)), {"path": path, "step": step}
 
@@ -566,7 +582,7 @@ def _draw_and_save(config, sampler, into_log_dir):
     if not dist_util.is_main():
         return None
     images, labels_out = _merge_shares(parts, config, path, num_samples, labels is not None, clip_mode)
-    record = {"model": path, "step": meta.get("step", ckpt.parse_step(path)), "sampler": sampler,
+    record = {"model": path, "step": step_of(meta, path), "sampler": sampler,
               "steps": steps or diffusion.num_timesteps, "timestep_respacing": config["timestep_respacing"],
               "timestep_spacing": None if sampler in CORE_SAMPLERS else spacing, "eta": float(config["eta"]),
               "guidance": guidance, "clip_denoised": clip_mode, "precision": config["precision"],

@@ -294,15 +294,17 @@ class _ClassifierRun:
         """One step, then a save at save steps and the last one."""
         self.step += 1
         self.train_step(self.step)
-        interval = self.config["save_interval"]
-        if (interval and self.step % interval == 0) or self.step == self.iterations:
+        if self._save_step() or self.step == self.iterations:
             self.save(self.step)
 
     def save_now(self):
         """Saving at a stop: the step's checkpoint and state, unless a save step just wrote them."""
-        interval = self.config["save_interval"]
-        if not (interval and self.step % interval == 0):
+        if not self._save_step():
             self.save(self.step)
+
+    def _save_step(self):
+        interval = self.config["save_interval"]
+        return bool(interval) and self.step % interval == 0
 
     def save(self, step):
         """The classifier checkpoint and the resume state of ``step`` (rank 0 writes)."""

@@ -597,8 +597,7 @@ class TrainLoop:
         the path of the last model checkpoint written."""
         self._last_saved = None
         train_until(self, self.lr_anneal_steps, self.log_interval)
-        if self._last_saved is None or ckpt.parse_step(self._last_saved) != self.step:
-            self._last_saved = self.save()
+        self.save_now()  # the last step, unless a save step or a stop just wrote it
         self.check_ranks_agree()
         return self._last_saved
 

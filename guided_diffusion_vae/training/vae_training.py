@@ -744,9 +744,10 @@ class _VAERun:
         self._log_and_save(self._bar, self._started, self._first)
 
     def save_now(self):
-        """Saving at a stop (never a poisoned state)."""
-        self.check_finite()
-        self.save()
+        """Saving at a stop (never a poisoned state), unless this step was just saved."""
+        if self.step % self.config["save_interval"]:
+            self.check_finite()
+            self.save()
 
     def _log_and_save(self, bar, started, first):
         """Log at log steps; save (and check the held-out images) at save steps."""
