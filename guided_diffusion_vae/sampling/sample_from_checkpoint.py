@@ -17,6 +17,7 @@ contiguous share of the samples and rank 0 writes them all; the images are
 the same as from one process.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -496,7 +497,7 @@ def _rank_share(num_samples):
     return first, min(first + share, num_samples)
 
 
-def _draw_share(config, path, first, last, labels, **generate_kwargs):
+def _draw_share(config, pipeline, first, last):
     """Every rank's ``(images, labels, clipped fraction, dropped indices,
     error)``, gathered on all ranks after each drew its share; non-finite
     samples are an error on every rank unless ``--keep_going``."""
@@ -504,15 +505,12 @@ def _draw_share(config, path, first, last, labels, **generate_kwargs):
     images, labels_out, clipped, error = None, None, 0.0, None
     try:
         if last > first:
-            images, labels_out, clipped = generate_samples(
-                num_samples=last - first, first_index=first, batch_size=int(config["batch_size"]),
-                labels=None if labels is None else labels[first:last], eta=config["eta"],
-                seed=config["seed"], precision=config["precision"],
+            images, labels_out, clipped = pipeline.draw(
+                first, last, batch_size=int(config["batch_size"]), seed=config["seed"],
                 on_nonfinite=dropped.extend if config["keep_going"] else None,
-                progress=dist_util.is_main(), as_float=bool(config["save_npy"]), **generate_kwargs,
-            )
+                progress=dist_util.is_main(), as_float=bool(config["save_npy"]))
     except NonFiniteSamples as err:
-        error = f"{err}: {_nonfinite_causes(config, path)}; nothing was written " \
+        error = f"{err}: {_nonfinite_causes(config, pipeline.path)}; nothing was written " \
                 "(--keep_going True writes the finite samples and counts the others)"
     parts = dist_util.all_gather_objects((images, labels_out, clipped, dropped, error))
     errors = [p[4] for p in parts if p[4]]
@@ -554,38 +552,92 @@ def _write_samples(config, images, labels_out, label_map, db_range, into_log_dir
     return paths
 
 
-def _draw_and_save(config, sampler, into_log_dir):
-    """:func:`run_sampling` once the output folder is settled (``into_log_dir``:
-    the logger's folder, which also holds the log)."""
-    device = pick_device(config["device"]) if not dist_util.is_distributed() else dist_util.dev()
+@dataclasses.dataclass
+class SamplingPipeline:
+    """A checkpoint made ready to draw from, every choice resolved once: the
+    network with its guidance, the diffusion respaced for the sampler, the
+    classes to draw, clipping and the VAE decoder. :meth:`draw` makes images;
+    :meth:`record` says how they were drawn."""
+
+    path: str
+    meta: dict
+    model: object
+    diffusion: object
+    sampler: str
+    steps: object  # a step count for diffusers' samplers; None: the respaced core diffusion's own
+    spacing: str
+    label_map: dict
+    labels: object  # class index per sample, or None (unconditional)
+    num_samples: int
+    cond_fn: object
+    guidance: dict
+    clipper: DenoisedClipper
+    decode_fn: object
+    device: object
+    options: dict  # eta, precision, respacing as asked for
+
+    @property
+    def sample_shape(self):
+        channels = self.meta["model"].get("in_channels", 3)
+        return (channels, self.meta["model"]["image_size"], self.meta["model"]["image_size"])
+
+    @property
+    def total_steps(self):
+        return self.steps or self.diffusion.num_timesteps
+
+    def describe(self):
+        spaced = "" if self.sampler in CORE_SAMPLERS else f" spaced {self.spacing}"
+        return f"sampler {self.sampler}, {self.total_steps} steps{spaced}, {self.num_samples} samples"
+
+    def draw(self, first, last, **kwargs):
+        """``generate_samples`` of samples ``first..last-1``: (images, labels, clipped fraction)."""
+        return generate_samples(
+            model=self.model, diffusion=self.diffusion, sample_shape=self.sample_shape, num_samples=last - first,
+            first_index=first, labels=None if self.labels is None else self.labels[first:last],
+            sampler=self.sampler, steps=self.steps, eta=self.options["eta"], clipper=self.clipper,
+            cond_fn=self.cond_fn, decode_fn=self.decode_fn, device=self.device,
+            precision=self.options["precision"], timestep_spacing=self.spacing, **kwargs)
+
+    def record(self, seed, count):
+        """What ``sampling.json`` keeps of ``count`` samples drawn with ``seed``."""
+        return {"model": self.path, "step": step_of(self.meta, self.path), "sampler": self.sampler,
+                "steps": self.total_steps, "timestep_respacing": self.options["timestep_respacing"],
+                "timestep_spacing": None if self.sampler in CORE_SAMPLERS else self.spacing,
+                "eta": float(self.options["eta"]), "guidance": self.guidance, "clip_denoised": self.clipper.mode,
+                "precision": self.options["precision"], "seed": int(seed), "samples": int(count)}
+
+
+def build_pipeline(config, sampler, device):
+    """The :class:`SamplingPipeline` of ``config["model_path"]`` and the sampling flags."""
     model, diffusion_config, meta, path = load_sampling_model(config, device)
-    db_range = _check_data_fits(config, meta, path)
     diffusion, steps = _build_sampling_diffusion(config, sampler, diffusion_config)
     spacing = resolve_timestep_spacing(config["timestep_spacing"], meta)
     _warn_if_the_first_step_is_blind(meta, diffusion, sampler, steps, spacing)
     model, label_map, class_cond, cond_fn, guidance = _guided_model(config, meta, model, path, device)
     labels = _labels_to_draw(config, class_cond, label_map)
-    num_samples = len(labels) if labels is not None else int(config["num_samples"])
-    clip_mode = clip_mode_of(config, meta)
-    clipper = DenoisedClipper(clip_mode, config["clip_range"], config["dynamic_threshold_percentile"])
-    decode_fn = load_decoder(meta, config, device)
-    channels = meta["model"].get("in_channels", 3)
-    size = meta["model"]["image_size"]
+    clipper = DenoisedClipper(clip_mode_of(config, meta), config["clip_range"], config["dynamic_threshold_percentile"])
+    return SamplingPipeline(
+        path=path, meta=meta, model=model, diffusion=diffusion, sampler=sampler, steps=steps, spacing=spacing,
+        label_map=label_map if class_cond else None, labels=labels,
+        num_samples=len(labels) if labels is not None else int(config["num_samples"]), cond_fn=cond_fn,
+        guidance=guidance, clipper=clipper, decode_fn=load_decoder(meta, config, device), device=device,
+        options={k: config[k] for k in ("eta", "precision", "timestep_respacing")})
+
+
+def _draw_and_save(config, sampler, into_log_dir):
+    """:func:`run_sampling` once the output folder is settled (``into_log_dir``:
+    the logger's folder, which also holds the log)."""
+    device = pick_device(config["device"]) if not dist_util.is_distributed() else dist_util.dev()
+    pipeline = build_pipeline(config, sampler, device)
+    db_range = _check_data_fits(config, pipeline.meta, pipeline.path)
     # Every rank draws a contiguous share; sample i keeps its own noise stream.
-    first, last = _rank_share(num_samples)
-    logger.log(f"sampler {sampler}, {steps or diffusion.num_timesteps} steps"
-               + ("" if sampler in CORE_SAMPLERS else f" spaced {spacing}") + f", {num_samples} samples"
+    first, last = _rank_share(pipeline.num_samples)
+    logger.log(pipeline.describe()
                + (f" ({first}..{last - 1} on rank {dist_util.rank()})" if dist_util.world_size() > 1 else ""))
-    parts = _draw_share(config, path, first, last, labels, model=model, diffusion=diffusion,
-                        sample_shape=(channels, size, size), sampler=sampler, steps=steps, clipper=clipper,
-                        decode_fn=decode_fn, cond_fn=cond_fn, device=device, timestep_spacing=spacing)
+    parts = _draw_share(config, pipeline, first, last)
     if not dist_util.is_main():
         return None
-    images, labels_out = _merge_shares(parts, config, path, num_samples, labels is not None, clip_mode)
-    record = {"model": path, "step": step_of(meta, path), "sampler": sampler,
-              "steps": steps or diffusion.num_timesteps, "timestep_respacing": config["timestep_respacing"],
-              "timestep_spacing": None if sampler in CORE_SAMPLERS else spacing, "eta": float(config["eta"]),
-              "guidance": guidance, "clip_denoised": clip_mode, "precision": config["precision"],
-              "seed": int(config["seed"]), "samples": int(len(images))}
-    return _write_samples(config, images, labels_out, label_map if class_cond else None, db_range, into_log_dir,
-                          record)
+    images, labels_out = _merge_shares(parts, config, pipeline.path, pipeline.num_samples,
+                                       pipeline.labels is not None, pipeline.clipper.mode)
+    return _write_samples(config, images, labels_out, pipeline.label_map, db_range, into_log_dir,
+                          pipeline.record(config["seed"], len(images)))
