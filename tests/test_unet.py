@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from guided_diffusion_vae.core import fp16_util
-from guided_diffusion_vae.core.nn import checkpoint, mean_flat, timestep_embedding, update_ema
+from guided_diffusion_vae.core import nn as gd_nn
+from guided_diffusion_vae.core.nn import checkpoint, fused_norm, mean_flat, timestep_embedding, update_ema
 from guided_diffusion_vae.core.unet import (
     AttentionBlock,
     EncoderUNetModel,
@@ -308,6 +309,48 @@ def test_label_required_exactly_when_class_conditional():
         _unet(num_classes=3)(x, t)
     with pytest.raises(ValueError):
         _unet()(x, t, y=torch.tensor([0, 1]))
+
+
+def _output_and_grads(model, x, t, y):
+    model.zero_grad()
+    out = model(x, t, y=y)
+    out.square().mean().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def test_fused_norm_computes_what_the_eager_ops_compute():
+    """The GroupNorm + scale-shift + SiLU compiled into fused kernels
+    (``benchmark --modes fast+fused``) gives the eager numbers, forward and
+    backward; by default, and on the CPU unless forced, it runs eagerly."""
+    assert not gd_nn._fused_norm_usable(torch.zeros(1))  # the default
+    with fused_norm(None):
+        assert not gd_nn._fused_norm_usable(torch.zeros(1))  # auto: CUDA only
+    model = _unet(num_classes=3, use_scale_shift_norm=True, resblock_updown=True)
+    x, t = _inputs()
+    y = torch.tensor([0, 2])
+    ref, ref_grads = _output_and_grads(model, x, t, y)
+    gd_nn._FUSED["fn"] = None
+    with fused_norm(True):
+        out, grads = _output_and_grads(model, x, t, y)
+    assert gd_nn._FUSED["fn"] is not None and not gd_nn._FUSED["enabled"]  # it ran, and was switched back
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_norm_that_fails_to_build_says_so_and_runs_eagerly(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no Triton here\nmore detail")
+
+    monkeypatch.setattr(gd_nn, "_FUSED", {"enabled": None, "fn": broken})
+    monkeypatch.setattr(gd_nn, "_fused_norm_usable", lambda x: gd_nn._FUSED["enabled"] is not False)
+    norm = gd_nn.normalization(64)
+    x = torch.randn(2, 64, 4, 4)
+    with pytest.warns(UserWarning, match=r"fused GroupNorm\+SiLU kernels failed to build \(RuntimeError: no Triton here\)"):
+        out = gd_nn.norm_act(norm, x)
+    torch.testing.assert_close(out, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, norm.weight, norm.bias)))
+    assert gd_nn._FUSED["enabled"] is False  # once: later calls go straight to the eager ops
 
 
 def test_compiles_without_graph_breaks():

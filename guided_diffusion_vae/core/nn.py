@@ -6,7 +6,9 @@ host-device synchronisation so that they stay cheap on a GPU and trace cleanly
 under ``torch.compile``.
 """
 
+import contextlib
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -20,6 +22,73 @@ class SiLU(nn.SiLU):
     """Alias kept for code written against the original module (``nn.SiLU`` is built in)."""
 
 
+def _norm_act_math(x, weight, bias, groups, eps, scale, shift, act):
+    # The original's order: statistics in float32, the rest in x's dtype.
+    h = torch.nn.functional.group_norm(x.float(), groups, weight, bias, eps).to(x.dtype)
+    if scale is not None:
+        h = h * (1 + scale) + shift
+    return torch.nn.functional.silu(h) if act else h
+
+
+# Compiled with dynamic=True: one kernel pair per call kind whatever the
+# shapes, a few seconds of compiling where the whole UNet takes minutes.
+_FUSED = {"enabled": False, "fn": None}
+
+
+def set_fused_norm(enabled):
+    """How :func:`norm_act` runs: False (the default) as separate eager ops;
+    None compiled into fused kernels on CUDA where Triton is installed, eagerly
+    elsewhere (``scripts/benchmark.py --modes fast+fused``); True compiled on
+    every device. Not yet the default: its speed on a GPU is unmeasured."""
+    _FUSED["enabled"] = enabled
+
+
+@contextlib.contextmanager
+def fused_norm(enabled):
+    """:func:`set_fused_norm` for a ``with`` block, restored after it."""
+    before = _FUSED["enabled"]
+    set_fused_norm(enabled)
+    try:
+        yield
+    finally:
+        set_fused_norm(before)
+
+
+def _fused_norm_usable(x):
+    if torch.compiler.is_compiling():  # inside a compiled model: traced as plain ops
+        return False
+    wanted = _FUSED["enabled"]
+    if wanted is None:
+        import importlib.util
+
+        return x.is_cuda and importlib.util.find_spec("triton") is not None
+    return wanted
+
+
+def norm_act(norm, x, scale=None, shift=None, act=True):
+    """``silu(norm(x) * (1 + scale) + shift)``, statistics in float32, in x's dtype.
+
+    norm: a :class:`GroupNorm32`; x: (N, C, ...); scale, shift: (N, C, 1, ...)
+    or None (no modulation); act: apply SiLU. Fused (:func:`set_fused_norm`),
+    this is one pass over x instead of six (upcast, normalise, downcast,
+    scale, shift, SiLU).
+    """
+    args = (x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, act)
+    if _fused_norm_usable(x):
+        if _FUSED["fn"] is None:
+            _FUSED["fn"] = torch.compile(_norm_act_math, dynamic=True, fullgraph=True)
+        try:
+            return _FUSED["fn"](*args)
+        except Exception as err:  # a broken Triton or compiler: say so once, then run eagerly
+            if _FUSED["enabled"] is True:
+                raise
+            warnings.warn(f"fused GroupNorm+SiLU kernels failed to build ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); running them as separate ops "
+                          "(slower; the same arithmetic)")
+            _FUSED["enabled"] = False
+    return _norm_act_math(*args)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics are always computed in float32.
 
@@ -29,7 +98,7 @@ class GroupNorm32(nn.GroupNorm):
     """
 
     def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
+        return norm_act(self, x, act=False)
 
 
 def normalization(channels):

@@ -28,6 +28,7 @@ from .nn import (
     checkpoint,
     conv_nd,
     linear,
+    norm_act,
     normalization,
     timestep_embedding,
     zero_module,
@@ -373,28 +374,23 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, (x, emb), self.parameters(), self.use_checkpoint)
 
     def _forward(self, x, emb):
+        in_norm, _, in_conv = self.in_layers
+        h = norm_act(in_norm, x)
         if self.updown:
             # Resample between the activation and the conv of in_layers.
-            *pre_conv, conv = self.in_layers
-            h = x
-            for layer in pre_conv:
-                h = layer(h)
-            h = conv(self.h_upd(h))
-            x = self.x_upd(x)
-        else:
-            h = self.in_layers(x)
+            h, x = self.h_upd(h), self.x_upd(x)
+        h = in_conv(h)
 
         emb_out = self.emb_layers(emb).to(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
 
+        out_norm, _, dropout, out_conv = self.out_layers
         if self.use_scale_shift_norm:
-            norm, *rest = self.out_layers
             scale, shift = emb_out.chunk(2, dim=1)
-            h = norm(h) * (1 + scale) + shift
-            for layer in rest:
-                h = layer(h)
+            h = norm_act(out_norm, h, scale, shift)
         else:
-            h = self.out_layers(h + emb_out)
+            h = norm_act(out_norm, h + emb_out)
+        h = out_conv(dropout(h))
         return self.skip_connection(x) + h
 
 
@@ -656,7 +652,8 @@ class UNetModel(_EncoderBody):
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h.to(x.dtype))
+        out_norm, _, out_conv = self.out
+        return out_conv(norm_act(out_norm, h.to(x.dtype)))
 
 
 class SuperResModel(UNetModel):

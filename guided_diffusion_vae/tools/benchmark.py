@@ -23,6 +23,7 @@ from ..core import script_util
 from ..runtime.errors import UserError
 from ..runtime.files import atomic_write_json, check_writable_file
 from ..core.sample_loop import generate_samples
+from ..core.nn import fused_norm
 from ..core.samplers import SAMPLER_NAMES
 from ..training.train_util import TrainLoop
 from ..training.training_parts import compile_module
@@ -46,9 +47,15 @@ QUICK_MODEL_FLAGS = {"image_size": 8, "num_channels": 32, "channel_mult": "1,2",
 
 # precision, torch.compile, CUDA graphs, attention kernel.
 MODES = {
-    "reference": {"precision": "fp32", "compile": False, "cuda_graph": False, "plain_attention": True},
-    "fast": {"precision": "bf16", "compile": False, "cuda_graph": True, "plain_attention": False},
-    "fast+compile": {"precision": "bf16", "compile": True, "cuda_graph": True, "plain_attention": False},
+    "reference": {"precision": "fp32", "compile": False, "cuda_graph": False, "plain_attention": True,
+                  "fused_norm": False},
+    "fast": {"precision": "bf16", "compile": False, "cuda_graph": True, "plain_attention": False,
+             "fused_norm": False},
+    "fast+compile": {"precision": "bf16", "compile": True, "cuda_graph": True, "plain_attention": False,
+                     "fused_norm": False},
+    # GroupNorm+SiLU compiled alone into fused kernels (core/nn.norm_act); not yet a default.
+    "fast+fused": {"precision": "bf16", "compile": False, "cuda_graph": True, "plain_attention": False,
+                   "fused_norm": None},
 }
 
 
@@ -141,12 +148,17 @@ def bf16_peak(device):
     return next((peak for key, peak in BF16_PEAKS if key in name), None)
 
 
+@contextlib.contextmanager
 def _attention(mode):
-    if not MODES[mode]["plain_attention"]:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """The mode's attention kernel and GroupNorm+SiLU kernels (``nn.fused_norm``)."""
+    with fused_norm(MODES[mode]["fused_norm"]):
+        if MODES[mode]["plain_attention"]:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel(SDPBackend.MATH)
+            with sdpa_kernel(SDPBackend.MATH):
+                yield
+        else:
+            yield
 
 
 def _sync(device):
@@ -168,10 +180,10 @@ def count_flops(model, diffusion, flags, device, batch=2):
     y = torch.randint(0, flags["num_classes"], (batch,), device=device)
     t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
     model = copy.deepcopy(model).to(device)
-    with FlopCounterMode(display=False) as counter:
+    with fused_norm(False), FlopCounterMode(display=False) as counter:
         diffusion.training_losses(model, x, t, model_kwargs={"y": y})["loss"].mean().backward()
     train = counter.get_total_flops() / batch
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with fused_norm(False), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, t, y=y)
     return train, counter.get_total_flops() / batch
 
