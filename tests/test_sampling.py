@@ -73,8 +73,9 @@ def test_save_samples_writes_per_class_pngs_grid_and_npz(tmp_path):
         np.testing.assert_array_equal(data["arr_1"], [1, 1, 0, 1])
 
 
-def _pixel_checkpoint(path, label_map, nan=False):
-    """A 2-class 8x8 pixel checkpoint of ours whose label map is ``label_map``."""
+def _pixel_checkpoint(path, label_map, nan=False, awake=False):
+    """A 2-class 8x8 pixel checkpoint of ours whose label map is ``label_map``
+    (``awake``: a non-zero output layer, so samples are not all grey)."""
     from guided_diffusion_vae.training.checkpoint import save_weights
     from guided_diffusion_vae.core.script_util import split_flags
 
@@ -83,6 +84,10 @@ def _pixel_checkpoint(path, label_map, nan=False):
                  diffusion_steps=40, in_channels=3, class_cond=True, num_classes=2, predict_xstart=True)
     torch.manual_seed(0)
     model = script_util.create_model(**split_flags(flags)[0])
+    if awake:
+        with torch.no_grad():
+            for p in model.out.parameters():
+                p.normal_(0, 0.05)
     state = model.state_dict()
     if nan:
         state["out.2.weight"] = torch.full_like(state["out.2.weight"], float("nan"))
@@ -149,3 +154,33 @@ def test_keep_going_drops_only_the_bad_samples(model_and_diffusion):
                                          batch_size=3, labels=[0, 1, 0], use_ddim=True, decode_fn=poison,
                                          progress=False, on_nonfinite=dropped.extend)
     assert dropped == [1] and images.shape[0] == 2 and labels.tolist() == [0, 0]
+
+
+def test_sampling_pipeline_resolves_once_and_draws_any_share(tmp_path):
+    """build_pipeline settles sampler, respacing, classes and clipping from the
+    checkpoint and the flags; a share drawn alone equals the same samples
+    drawn in the whole set, and record() says how they were drawn."""
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import build_pipeline
+
+    ckpt = _pixel_checkpoint(tmp_path / "model000000.safetensors", {"0": "user_01", "1": "user_02"}, awake=True)
+    config = _sample_config(ckpt, tmp_path / "out", num_images_per_user=3, seed=7)
+    pipeline = build_pipeline(config, "ddim", torch.device("cpu"))
+    assert pipeline.diffusion.num_timesteps == 5 and pipeline.steps is None  # "5" respaced for ddim
+    assert pipeline.sample_shape == (3, 8, 8) and pipeline.num_samples == 6
+    assert pipeline.labels.tolist() == [0, 0, 0, 1, 1, 1] and pipeline.clipper.mode == "pixel"
+    assert pipeline.describe() == "sampler ddim, 5 steps, 6 samples"
+    whole, labels, _ = pipeline.draw(0, 6, batch_size=4, seed=7, progress=False)
+    share, share_labels, _ = pipeline.draw(2, 5, batch_size=2, seed=7, progress=False)
+    assert whole.shape == (6, 8, 8, 3) and whole.std() > 0
+    np.testing.assert_array_equal(share, whole[2:5])
+    np.testing.assert_array_equal(share_labels, labels[2:5])
+    record = pipeline.record(7, 6)
+    assert {k: record[k] for k in ("model", "step", "sampler", "steps", "timestep_respacing", "eta", "seed",
+                                   "samples", "clip_denoised", "precision")} == {
+        "model": ckpt, "step": 0, "sampler": "ddim", "steps": 5, "timestep_respacing": "5", "eta": 0.0,
+        "seed": 7, "samples": 6, "clip_denoised": "pixel", "precision": "fp32"}
+    assert record["guidance"] == {"kind": "none"} and record["timestep_spacing"] is None
+    # The diffusers samplers take the step count and the whole diffusion.
+    dpm = build_pipeline({**config, "sampler": "dpmpp_2m", "use_ddim": False}, "dpmpp_2m", torch.device("cpu"))
+    assert dpm.steps == 5 and dpm.diffusion.num_timesteps == 40 and dpm.spacing == "trailing"
+    assert dpm.describe() == "sampler dpmpp_2m, 5 steps spaced trailing, 6 samples"
