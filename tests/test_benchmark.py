@@ -15,7 +15,8 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 def test_quick_cpu_run_reports_every_figure(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    runpy.run_path(SCRIPT, run_name="benchmark")["main"](["--device", "cpu", "--quick", "--samplers", "ddim,dpmpp_2m", "--output_json", str(out)])
+    runpy.run_path(SCRIPT, run_name="benchmark")["main"](["--device", "cpu", "--quick", "--samplers", "ddim,dpmpp_2m",
+                                                          "--output_json", str(out), "--profile_dir", str(tmp_path / "prof")])
     report = json.loads(out.read_text())
     assert report["info"]["device"] == "cpu" and report["info"]["torch"]
     rows = [r for r in report["results"] if "train" in r]
@@ -29,6 +30,10 @@ def test_quick_cpu_run_reports_every_figure(tmp_path, capsys):
     assert vae and vae[0]["encode"]["median"] > 0 and vae[0]["decode"]["median"] > 0
     table = capsys.readouterr().out
     assert "| latent16 | reference |" in table and "| tiny |" in table
+    # The profiles: each mode's training step and its model call, as kernel/op tables.
+    tables = {p.name: p.read_text() for p in (tmp_path / "prof").iterdir()}
+    assert set(tables) == {"train_reference.txt", "train_fast.txt", "model_call_reference.txt", "model_call_fast.txt"}
+    assert "aten::convolution" in tables["model_call_fast.txt"] and "aten::group_norm" in tables["model_call_fast.txt"]
 
 
 def test_fast_mode_follows_the_reference_loss_curve():

@@ -103,7 +103,8 @@ FLAG_HELP = {
     "vae_batch": "images per batch when timing the VAE",
     "device": dist_util.DEVICE_HELP,
     "quick": "tiny model, few steps: a smoke run that checks the benchmark works, not speed",
-    "profile_dir": "if set, write a torch.profiler table of each mode's training step there",
+    "profile_dir": "if set, write torch.profiler tables there: each mode's training step, and its model "
+                   "call at the sampling batch",
     "output_json": "write every setting and result to this JSON file",
 }
 
@@ -250,10 +251,36 @@ def _profile(loop, mode, device, folder):
     with profile(activities=activities) as prof:
         _steps(loop, 5)
         _sync(device)
+    _write_profile(prof, device, folder, f"train_{mode.replace('+', '_')}.txt")
+
+
+def _write_profile(prof, device, folder, name):
     sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"train_{mode.replace('+', '_')}.txt"), "w") as f:
+    with open(os.path.join(folder, name), "w") as f:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=40))
+
+
+def _profile_model_call(model, flags, mode, device, batch, folder):
+    """A torch.profiler table of three eager model calls at the sampling batch
+    (a graph replay would show one launch, not its kernels)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shape = (batch, flags["in_channels"], flags["image_size"], flags["image_size"])
+    x = torch.randn(shape, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    y = torch.randint(0, flags["num_classes"], (batch,), device=device)
+    cast = (torch.autocast(device.type, dtype=torch.bfloat16) if MODES[mode]["precision"] == "bf16"
+            else contextlib.nullcontext())
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad(), cast:
+        model(x, t, y=y)  # warm: compile and cuDNN choices stay out of the table
+        _sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                model(x, t, y=y)
+            _sync(device)
+    _write_profile(prof, device, folder, f"model_call_{mode.replace('+', '_')}.txt")
 
 
 def time_sampling(model, flags, mode, sampler, device, config):
@@ -291,6 +318,8 @@ def time_sampling(model, flags, mode, sampler, device, config):
             generate_samples(**run, seed=r + 1)
             _sync(device)
             rates.append(batch / (time.perf_counter() - start))
+        if config["profile_dir"] and sampler == _split(config["samplers"])[0]:  # the same call for every sampler
+            _profile_model_call(network["now"], flags, mode, device, batch, config["profile_dir"])
     return {"images_per_s": _spread(rates), "model_calls_per_sample": calls_per_sample}
 
 
