@@ -7,6 +7,7 @@ under ``torch.compile``.
 """
 
 import contextlib
+import functools
 import math
 import warnings
 
@@ -59,10 +60,15 @@ def _fused_norm_usable(x):
         return False
     wanted = _FUSED["enabled"]
     if wanted is None:
-        import importlib.util
-
-        return x.is_cuda and importlib.util.find_spec("triton") is not None
+        return x.is_cuda and _triton_installed()
     return wanted
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed():
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def norm_act(norm, x, scale=None, shift=None, act=True):

@@ -566,7 +566,7 @@ class SamplingPipeline:
     sampler: str
     steps: object  # a step count for diffusers' samplers; None: the respaced core diffusion's own
     spacing: str
-    label_map: dict
+    label_map: dict | None  # None for an unconditional model
     labels: object  # class index per sample, or None (unconditional)
     num_samples: int
     cond_fn: object

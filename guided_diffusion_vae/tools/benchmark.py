@@ -150,7 +150,7 @@ def bf16_peak(device):
 
 
 @contextlib.contextmanager
-def _attention(mode):
+def _mode_kernels(mode):
     """The mode's attention kernel and GroupNorm+SiLU kernels (``nn.fused_norm``)."""
     with fused_norm(MODES[mode]["fused_norm"]):
         if MODES[mode]["plain_attention"]:
@@ -222,7 +222,7 @@ def time_training(flags, batch, mode, device, config):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    with _attention(mode):
+    with _mode_kernels(mode):
         loop = _loop(flags, batch, mode, device)
         start = time.perf_counter()
         _steps(loop, max(int(config["warmup_steps"]), 3))  # 3: graph warm-up and capture
@@ -306,7 +306,7 @@ def time_sampling(model, flags, mode, sampler, device, config):
                steps=None if core else steps, device=device, precision=settings["precision"], progress=False,
                cuda_graphs=settings["cuda_graph"])
     rates = []
-    with _attention(mode):
+    with _mode_kernels(mode):
         # Calls per sample, counted on one eager sample (a graph replay calls nothing).
         generate_samples(**{**run, "num_samples": 1, "batch_size": 1, "labels": [0], "cuda_graphs": False}, seed=0)
         calls_per_sample = calls["n"]
@@ -355,7 +355,7 @@ def loss_curves(flags, batch, modes, device, steps):
     mean loss of each fifth of the run, per mode."""
     curves = {}
     for mode in modes:
-        with _attention(mode):
+        with _mode_kernels(mode):
             loop = _loop(flags, batch, mode, device, seed=1)
             points = []
             for _ in range(5):
