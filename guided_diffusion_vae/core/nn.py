@@ -31,8 +31,9 @@ def _norm_act_math(x, weight, bias, groups, eps, scale, shift, act):
     return torch.nn.functional.silu(h) if act else h
 
 
-# Compiled with dynamic=True: one kernel pair per call kind whatever the
-# shapes, a few seconds of compiling where the whole UNet takes minutes.
+# Compiled with dynamic=True: one compile per call kind (with or without
+# scale-shift, with or without SiLU) whatever the shapes, where compiling the
+# whole UNet takes minutes.
 _FUSED = {"enabled": False, "fn": None}
 
 
