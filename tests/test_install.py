@@ -78,7 +78,7 @@ def test_ci_runs_the_readme_commands():
     readme_lines = {line.strip() for block in blocks for line in block.splitlines()}
     ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().splitlines()
     commands = [line for line in ci if line and not line.startswith(("#", "set ", "cd ", "export "))]
-    assert commands == ['pip install -q torch==2.13.0 && pip install -q -e ".[test]"', "python -m pytest -q tests"]
+    assert commands == ['pip install -q torch==2.13.0 && pip install -q -e ".[test]"', "python -m pytest -q -rx tests"]
     assert all(command in readme_lines for command in commands)
     install = readme[readme.index("## Install"):readme.index("## Test")]
     assert "CI machine" in install and ".ci/run" in install
