@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.core.respace import space_timesteps
 from guided_diffusion_vae.runtime.errors import UserError
 from guided_diffusion_vae.tools.interpolation import (
     effective_respacing,
@@ -120,7 +121,10 @@ def test_mixed_embeddings_and_batches():
             raise RuntimeError("inside")
     assert model.label_emb is own  # restored, even after an error
     assert effective_respacing("ddim25", 1000) == "ddim25"
-    assert effective_respacing("ddim25", 40) == "25" and effective_respacing("ddim25", 20) == "20"
+    assert effective_respacing("ddim25", 40) == "25" and effective_respacing("ddim25", 20) == "ddim20"
+    # The rule diagnosis uses too: 25 steps however the process is spaced.
+    for steps in (20, 40, 1000):
+        assert len(space_timesteps(steps, effective_respacing("ddim25", steps))) == min(25, steps)
     assert effective_respacing("ddim10", 40) == "ddim10"
 
 

@@ -213,6 +213,14 @@ def resolve_sampler(sampler, use_ddim=False):
     return sampler
 
 
+def ddim_respacing(count, num_timesteps):
+    """``--timestep_respacing`` for ``count`` DDIM steps (at most
+    ``num_timesteps``): ``"ddimN"``, DDIM's fixed stride from t=0, where N
+    divides ``num_timesteps``, else ``"N"`` steps spread evenly."""
+    n = max(1, min(int(count), int(num_timesteps)))
+    return f"ddim{n}" if int(num_timesteps) % n == 0 else str(n)
+
+
 def sampler_steps(sampler, timestep_respacing, num_timesteps):
     """How many steps ``sampler`` takes for ``--timestep_respacing``: the core
     samplers respace the diffusion (any of the original's strings); the

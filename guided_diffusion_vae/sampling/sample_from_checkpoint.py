@@ -412,17 +412,24 @@ def _check_data_fits(config, meta, path):
     return db_range
 
 
-def _build_sampling_diffusion(config, sampler, diffusion_config):
-    """``(diffusion, steps)``: ddpm/ddim respace the diffusion itself (steps
-    None); the diffusers samplers take a step count and the full diffusion."""
-    if sampler in ("ddpm", "ddim"):
+def build_sampling_diffusion(config, sampler, meta, diffusion_config):
+    """``(diffusion, steps, spacing)``: where ``--timestep_respacing`` and
+    ``--timestep_spacing`` are resolved for ``sampler``. ddpm/ddim respace
+    the diffusion itself (steps None); the diffusers samplers take a step
+    count and the full diffusion. Warns when the first step would see almost
+    no signal (:func:`_warn_if_the_first_step_is_blind`)."""
+    diffusion_config = dict(diffusion_config)
+    if sampler in CORE_SAMPLERS:
         if config["timestep_respacing"]:
             diffusion_config["timestep_respacing"] = config["timestep_respacing"]
         steps = None
     else:
         steps = sampler_steps(sampler, config["timestep_respacing"], diffusion_config["steps"])
         diffusion_config["timestep_respacing"] = ""
-    return script_util.create_gaussian_diffusion(**diffusion_config), steps
+    diffusion = script_util.create_gaussian_diffusion(**diffusion_config)
+    spacing = resolve_timestep_spacing(config.get("timestep_spacing", "auto"), meta)
+    _warn_if_the_first_step_is_blind(meta, diffusion, sampler, steps, spacing)
+    return diffusion, steps, spacing
 
 
 def load_guide_model(config, meta, device):
@@ -610,9 +617,7 @@ class SamplingPipeline:
 def build_pipeline(config, sampler, device):
     """The :class:`SamplingPipeline` of ``config["model_path"]`` and the sampling flags."""
     model, diffusion_config, meta, path = load_sampling_model(config, device)
-    diffusion, steps = _build_sampling_diffusion(config, sampler, diffusion_config)
-    spacing = resolve_timestep_spacing(config["timestep_spacing"], meta)
-    _warn_if_the_first_step_is_blind(meta, diffusion, sampler, steps, spacing)
+    diffusion, steps, spacing = build_sampling_diffusion(config, sampler, meta, diffusion_config)
     model, label_map, class_cond, cond_fn, guidance = _guided_model(config, meta, model, path, device)
     labels = _labels_to_draw(config, class_cond, label_map)
     clipper = DenoisedClipper(clip_mode_of(config, meta), config["clip_range"], config["dynamic_threshold_percentile"])

@@ -55,6 +55,7 @@ from ..data.labels import default_label_map, people
 from ..sampling import sample_from_checkpoint as sampling
 from ..sampling.sample_from_checkpoint import clip_mode_of, load_sampling_model, sample_defaults
 from ..core.sample_loop import CLIP_MODES, DenoisedClipper
+from ..core.samplers import ddim_respacing
 from ..training.train_util import parse_ema_rates
 from ..latent.vae_wrapper import VAEInterface
 
@@ -202,16 +203,11 @@ class _Recorder:
         return self.active(x0)
 
 
-def sampling_spacing(diffusion_steps, wanted):
-    count = max(1, min(int(wanted), int(diffusion_steps)))
-    return f"ddim{count}" if diffusion_steps % count == 0 else str(count)
-
-
 @torch.no_grad()
 def sampling_trajectory(model, diffusion_config, shape, labels, *, steps, clip_mode, clip_range, percentile,
                         seed, device):
     """DDIM (eta 0) from seeded noise; per step the stats of x_t and raw x0."""
-    spacing = sampling_spacing(int(diffusion_config["steps"]), steps)
+    spacing = ddim_respacing(steps, int(diffusion_config["steps"]))
     diffusion = script_util.create_gaussian_diffusion(**{**diffusion_config, "timestep_respacing": spacing})
     generator = torch.Generator().manual_seed(int(seed))
     x = torch.randn(shape, generator=generator).to(device)

@@ -35,7 +35,7 @@ from ..data.labels import class_name, default_label_map, people, resolve_user_id
 from ..sampling import sample_from_checkpoint as sampling
 from ..sampling.sample_from_checkpoint import clip_mode_of, load_decoder, load_sampling_model
 from ..core.sample_loop import SAMPLING_PRECISIONS, DenoisedClipper, sample_generator
-from ..core.samplers import SAMPLERS, Denoiser, SamplingPlan
+from ..core.samplers import SAMPLERS, Denoiser, SamplingPlan, ddim_respacing
 
 DEFAULT_RESPACING = "ddim25"
 
@@ -179,11 +179,9 @@ def denoise_frames(model, diffusion, noise, rows, clipper, decode_fn, precision,
 def effective_respacing(respacing, num_timesteps):
     """``--timestep_respacing`` for a process of ``num_timesteps`` steps: the
     default ``ddim25`` needs a multiple of 25 steps, so otherwise it becomes
-    ``"25"`` (at most ``num_timesteps``) evenly spaced steps."""
+    25 (at most ``num_timesteps``) steps by :func:`ddim_respacing`."""
     text = str(respacing).strip()
-    if text == DEFAULT_RESPACING and num_timesteps % 25 != 0:
-        return str(min(25, int(num_timesteps)))
-    return text
+    return ddim_respacing(25, num_timesteps) if text == DEFAULT_RESPACING else text
 
 
 def resolve_user(token, label_map, flag):
@@ -250,7 +248,8 @@ def run_interpolation(config):
     model, diffusion_config, meta, path = load_sampling_model(config, device)
     index_a, index_b, label_map = choose_users(config, meta)
     respacing = effective_respacing(config["timestep_respacing"], diffusion_config["steps"])
-    diffusion = script_util.create_gaussian_diffusion(**{**diffusion_config, "timestep_respacing": respacing})
+    diffusion, _, _ = sampling.build_sampling_diffusion({"timestep_respacing": respacing}, "ddim", meta,
+                                                         diffusion_config)
     clipper = DenoisedClipper(clip_mode_of(config, meta), config["clip_range"], config["dynamic_threshold_percentile"])
     decode_fn = load_decoder(meta, config, device)
     shape = (meta["model"].get("in_channels", 3), meta["model"]["image_size"], meta["model"]["image_size"])
