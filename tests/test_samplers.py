@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from guided_diffusion_vae.core import script_util
+from guided_diffusion_vae.core.respace import space_timesteps
 from guided_diffusion_vae.runtime.errors import UserError
 from guided_diffusion_vae.core.sample_loop import generate_samples, sample_generator
 from guided_diffusion_vae.core.samplers import (
@@ -14,6 +15,7 @@ from guided_diffusion_vae.core.samplers import (
     SAMPLERS,
     Denoiser,
     SamplingPlan,
+    ddim_respacing,
     diffusers_loop,
     resolve_sampler,
     sampler_steps,
@@ -112,6 +114,19 @@ def test_sampler_names_and_step_counts():
         sampler_steps("euler", "10,20", 1000)
     with pytest.raises(UserError, match="one step count"):
         sampler_steps("euler", "2000", 1000)
+
+
+def test_ddim_respacing_takes_the_asked_steps_of_any_process():
+    """The one rule for "about N DDIM steps" (previews, interpolation,
+    diagnosis): DDIM's stride where N divides the process, else N evenly
+    spaced steps, and never more steps than the process has (the previews'
+    old rule asked 20-step processes for 25)."""
+    assert ddim_respacing(25, 1000) == "ddim25" and ddim_respacing(25, 40) == "25"
+    assert ddim_respacing(25, 20) == "ddim20" and ddim_respacing(0, 50) == "1"
+    for steps in (10, 20, 40, 50, 999, 1000):
+        for count in (1, 10, 25):
+            kept = space_timesteps(steps, ddim_respacing(count, steps))
+            assert len(kept) == min(count, steps) and 0 in kept
 
 
 class FirstStep(torch.nn.Module):

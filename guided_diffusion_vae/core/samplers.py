@@ -216,9 +216,10 @@ def resolve_sampler(sampler, use_ddim=False):
 def ddim_respacing(count, num_timesteps):
     """``--timestep_respacing`` for ``count`` DDIM steps (at most
     ``num_timesteps``): ``"ddimN"``, DDIM's fixed stride from t=0, where N
-    divides ``num_timesteps``, else ``"N"`` steps spread evenly."""
+    divides ``num_timesteps``, else ``"N"`` steps spread evenly (also for
+    N = 1, which no stride below the step count gives)."""
     n = max(1, min(int(count), int(num_timesteps)))
-    return f"ddim{n}" if int(num_timesteps) % n == 0 else str(n)
+    return f"ddim{n}" if n > 1 and int(num_timesteps) % n == 0 else str(n)
 
 
 def sampler_steps(sampler, timestep_respacing, num_timesteps):

@@ -22,6 +22,7 @@ from ..core.resample import create_named_schedule_sampler
 from ..data.image_datasets import image_batch_stream
 from ..runtime.images import image_grid, save_png
 from ..core.sample_loop import DenoisedClipper, generate_samples
+from ..core.samplers import ddim_respacing
 from .train_util import (
     TrainLoop,
     check_training_numbers,
@@ -144,7 +145,7 @@ def preview_sampler(*, diffusion_config, data, num_samples, precision):
     seed 0, clipping ``auto``), with DDIM over 25 steps, and writes it to the
     log directory. It logs the ``image_sample_vae.py`` flags that redraw it
     from the checkpoint of that step."""
-    respacing = f"ddim{PREVIEW_STEPS}" if diffusion_config["steps"] % PREVIEW_STEPS == 0 else str(PREVIEW_STEPS)
+    respacing = ddim_respacing(PREVIEW_STEPS, diffusion_config["steps"])
     preview_diffusion = script_util.create_gaussian_diffusion(**{**diffusion_config, "timestep_respacing": respacing})
     labels, selection = None, f"--num_samples {num_samples}"
     persons = people(data.label_map)
