@@ -77,9 +77,10 @@ def _toy_model(learn_sigma):
 
 def _ddim_in_the_originals_order(config, model, noise, clip):
     """Deterministic DDIM written out op by op as guided-diffusion orders its
-    float32 arithmetic, without the library: the spaced schedule re-derived
-    from the kept cumulative alphas, then per step (coefficients gathered as
-    float32 ``(N, 1, 1, 1)`` tensors)
+    float32 arithmetic, without the library's diffusion classes (only its
+    schedule and spacing functions, which the ``schedules`` case checks): the
+    spaced schedule re-derived from the kept cumulative alphas, then per step
+    (coefficients gathered as float32 ``(N, 1, 1, 1)`` tensors)
     ``x0 = A x - B eps`` (or the model's x0), the optional clamp,
     ``eps = (A x - x0) / B`` and ``x = x0 sqrt(abar') + sqrt(1 - abar') eps``
     with ``A = sqrt(1/abar)``, ``B = sqrt(1/abar - 1)``."""
