@@ -48,3 +48,21 @@ def test_fast_mode_follows_the_reference_loss_curve():
 def test_unknown_mode_is_refused():
     with pytest.raises(UserError, match="modes: unknown mode 'turbo'"):
         run_benchmark({**benchmark_defaults(), "modes": "reference,turbo", "device": "cpu"})
+
+
+def test_each_mode_sets_its_kernels_and_restores_them():
+    """fast+cudnn turns cuDNN's autotuner on only while it runs; fast+fused
+    routes GroupNorm+SiLU through the compiled kernels only while it runs."""
+    import torch
+
+    from guided_diffusion_vae.core import nn
+    from guided_diffusion_vae.tools.benchmark import MODES, _mode_kernels
+
+    assert {"fast+cudnn", "fast+fused"} <= set(MODES)
+    before = torch.backends.cudnn.benchmark
+    seen = {}
+    for mode in ("fast", "fast+cudnn", "fast+fused"):
+        with _mode_kernels(mode):
+            seen[mode] = (torch.backends.cudnn.benchmark, nn._FUSED["enabled"])
+        assert torch.backends.cudnn.benchmark == before and nn._FUSED["enabled"] is False
+    assert seen == {"fast": (False, False), "fast+cudnn": (True, False), "fast+fused": (False, None)}
