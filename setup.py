@@ -35,5 +35,7 @@ setup(
     ],
     # torch-fidelity only for the optional Inception FID/KID of scripts/evaluate.py.
     # wheel: the install test builds the package as pip install . would.
-    extras_require={"test": ["pytest>=7", "wheel"], "fid": ["torch-fidelity>=0.3"]},
+    # triton: the fused GroupNorm kernels' tests run them in its CPU interpreter.
+    extras_require={"test": ["pytest>=7", "wheel", "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'"],
+                    "fid": ["torch-fidelity>=0.3"]},
 )

@@ -15,6 +15,9 @@ if ROOT not in sys.path:
 # threads otherwise slow small ops down 50-fold.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No test has a GPU: Triton kernels (core/triton_norm.py) run in Triton's CPU
+# interpreter, which must be chosen before triton is first imported.
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture

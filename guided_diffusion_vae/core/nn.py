@@ -62,6 +62,10 @@ def _fused_norm_usable(x):
     wanted = _FUSED["enabled"]
     if wanted is None:
         return x.is_cuda and _triton_installed()
+    if wanted == "triton":  # on the CPU only through Triton's interpreter (tests)
+        from .triton_norm import interpreting
+
+        return (x.is_cuda or interpreting()) and _triton_installed()
     return wanted
 
 
@@ -81,19 +85,29 @@ def norm_act(norm, x, scale=None, shift=None, act=True):
     scale, shift, SiLU).
     """
     args = (x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, act)
-    if _fused_norm_usable(x):
+    if not _fused_norm_usable(x):
+        return _norm_act_math(*args)
+    if _FUSED["enabled"] == "triton":
+        from . import triton_norm
+
+        if not triton_norm.supported(x, norm, scale, shift):
+            return _norm_act_math(*args)
+        fused = triton_norm.group_norm_act
+        args = (x, norm, scale, shift, act)
+    else:
         if _FUSED["fn"] is None:
             _FUSED["fn"] = torch.compile(_norm_act_math, dynamic=True, fullgraph=True)
-        try:
-            return _FUSED["fn"](*args)
-        except Exception as err:  # a broken Triton or compiler: say so once, then run eagerly
-            if _FUSED["enabled"] is True:
-                raise
-            warnings.warn(f"fused GroupNorm+SiLU kernels failed to build ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); running them as separate ops "
-                          "(slower; the same arithmetic)")
-            _FUSED["enabled"] = False
-    return _norm_act_math(*args)
+        fused = _FUSED["fn"]
+    try:
+        return fused(*args)
+    except Exception as err:  # a broken Triton or compiler: say so once, then run eagerly
+        if _FUSED["enabled"] is True:
+            raise
+        warnings.warn(f"fused GroupNorm+SiLU kernels failed to build ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); running them as separate ops "
+                      "(slower; the same arithmetic)")
+        _FUSED["enabled"] = False
+    return _norm_act_math(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, act)
 
 
 class GroupNorm32(nn.GroupNorm):

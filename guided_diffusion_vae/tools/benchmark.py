@@ -57,6 +57,9 @@ MODES = {
     # autotuner picking the convolution algorithms for the fixed shapes.
     "fast+fused": {**_FAST, "fused_norm": None},
     "fast+cudnn": {**_FAST, "cudnn_benchmark": True},
+    "fast+fused+cudnn": {**_FAST, "fused_norm": None, "cudnn_benchmark": True},
+    "fast+triton": {**_FAST, "fused_norm": "triton"},
+    "fast+triton+cudnn": {**_FAST, "fused_norm": "triton", "cudnn_benchmark": True},
 }
 
 

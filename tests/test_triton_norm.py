@@ -1,0 +1,142 @@
+"""The hand-written Triton GroupNorm -> scale-shift -> SiLU kernels
+(core/triton_norm.py), run on the CPU by Triton's interpreter, against the
+eager ops they replace: outputs and every gradient."""
+
+import pytest
+import torch
+
+from guided_diffusion_vae.core import nn as gd_nn
+from guided_diffusion_vae.core import triton_norm
+from guided_diffusion_vae.core.unet import UNetModel
+
+pytest.importorskip("triton", reason="Triton is in the test extra (pip install -e '.[test]')")
+
+
+def test_the_suite_runs_the_kernels_in_the_interpreter():
+    assert triton_norm.interpreting()  # tests/conftest.py
+
+
+def _norm(channels, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    norm = gd_nn.normalization(channels)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(channels, generator=gen))
+        norm.bias.copy_(torch.randn(channels, generator=gen))
+    return norm
+
+
+def _both(x, norm, modulate, act, dtype=torch.float32, inputs=None):
+    """Outputs and gradients (x, weight, bias, emb) of the kernels and of the
+    eager ops, computed in ``dtype`` from inputs rounded to ``inputs``."""
+    gen = torch.Generator().manual_seed(1)
+    inputs_dtype = inputs or dtype
+    x = x.to(inputs_dtype).to(dtype).requires_grad_()
+    n, c = x.shape[:2]
+    spatial = (1,) * (x.dim() - 2)
+    emb = (torch.randn(n, 2 * c, *spatial, generator=gen) * 0.5).to(inputs_dtype).to(dtype).requires_grad_()
+    # chunk() gives strided views, as the ResBlock's scale-shift does
+    scale, shift = emb.chunk(2, dim=1) if modulate else (None, None)
+    upstream = torch.randn(x.shape, generator=gen).to(inputs_dtype).to(dtype)
+    inputs = [x, norm.weight, norm.bias] + ([emb] if modulate else [])
+    results = []
+    for run in (triton_norm.group_norm_act, lambda *a: gd_nn._norm_act_math(
+            a[0], a[1].weight, a[1].bias, a[1].num_groups, a[1].eps, *a[2:])):
+        out = run(x, norm, scale, shift, act)
+        grads = torch.autograd.grad((out.float() * upstream.float()).sum(), inputs)
+        results.append((out.detach(), grads))
+    return results
+
+
+@pytest.mark.parametrize("shape, modulate, act", [
+    ((2, 64, 4, 4), True, True),       # the ResBlock's scale-shift norm
+    ((2, 64, 4, 4), False, True),      # norm + SiLU
+    ((2, 64, 4, 4), False, False),     # GroupNorm32 alone
+    ((3, 96, 5, 7), True, True),       # 3 channels a group, 35 positions: masked tiles
+    ((2, 32, 48, 48), False, True),    # 2,304 positions: several tiles a group
+    ((2, 64, 9), True, True),          # 1D
+    ((1, 64, 2, 3, 4), False, True),   # 3D
+])
+def test_kernels_compute_what_the_eager_ops_compute(shape, modulate, act):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    (out, grads), (ref, ref_grads) = _both(x, _norm(shape[1]), modulate, act)
+    assert ref.abs().max() > 0.5
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("x", "weight", "bias", "emb"), grads, ref_grads):
+        assert want.abs().max() > 1e-3, name
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_bf16_stays_within_one_bf16_step_of_float32():
+    """In bf16 the kernels compute in float32 and convert once at the end
+    (Triton's interpreter truncates there, a GPU rounds to nearest); the
+    eager ops round after each op. Both stay within a bf16 step or two of
+    the float32 result from the same bf16 inputs."""
+    x = torch.randn(2, 64, 4, 4, generator=torch.Generator().manual_seed(3)) * 3 + 1
+    norm = _norm(64)
+    (exact, exact_grads), _ = _both(x, norm, True, True, torch.float32, inputs=torch.bfloat16)
+    (out, grads), (ref, ref_grads) = _both(x, norm, True, True, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and all(g.dtype == w.dtype for g, w in zip(grads, ref_grads))
+    # one bf16 step of the value: 2**-7 relative
+    assert ((out.float() - exact).abs() <= exact.abs() * 2 ** -7 + 1e-6).all()
+    assert ((ref.float() - exact).abs() <= exact.abs() * 2 ** -6 + 2 ** -8).all()
+    for got, want in zip(grads, exact_grads):
+        torch.testing.assert_close(got.float(), want, rtol=2 ** -6, atol=2 ** -6 * want.abs().max().item())
+
+
+def test_unet_with_the_kernels_matches_eager_forward_and_backward():
+    torch.manual_seed(0)
+    model = UNetModel(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+                      attention_resolutions=(2,), channel_mult=(1, 2), num_classes=3, num_head_channels=16,
+                      use_scale_shift_norm=True)
+    for p in model.parameters():  # zero-initialised output layers would hide gradients
+        torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
+    x = torch.randn(1, 4, 8, 8)  # one sample: the interpreter runs each (sample, group) program in Python
+    t = torch.tensor([700])
+    y = torch.tensor([2])
+
+    def run():
+        model.zero_grad()
+        out = model(x, t, y=y)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    calls = []
+    real = triton_norm.group_norm_act
+    ref, ref_grads = run()
+    with gd_nn.fused_norm("triton"):
+        triton_norm.group_norm_act = lambda *a, **k: calls.append(1) or real(*a, **k)
+        try:
+            out, grads = run()
+        finally:
+            triton_norm.group_norm_act = real
+    # every norm of the network went through the kernels, once a call
+    assert len(calls) == sum(isinstance(m, gd_nn.GroupNorm32) for m in model.modules()) == 21
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_layouts_the_kernels_do_not_take_run_eagerly():
+    norm = _norm(64)
+    x = torch.randn(2, 64, 4, 4)
+    assert triton_norm.supported(x, norm, None, None)
+    assert not triton_norm.supported(x.to(memory_format=torch.channels_last), norm, None, None)
+    assert not triton_norm.supported(torch.randn(2, 64), norm, None, None)  # no spatial dimension
+    assert not triton_norm.supported(x, norm, torch.zeros(2, 64, 1, 1), None)  # scale without shift
+    with gd_nn.fused_norm("triton"):
+        channels_last = x.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(gd_nn.norm_act(norm, channels_last), gd_nn.norm_act(norm, x))
+
+
+def test_kernels_that_fail_to_build_say_so_once_and_run_eagerly(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("PTX assembly failed\nmore detail")
+
+    monkeypatch.setattr(triton_norm, "group_norm_act", broken)
+    norm = _norm(64)
+    x = torch.randn(2, 64, 4, 4)
+    with gd_nn.fused_norm("triton"):
+        with pytest.warns(UserWarning, match=r"failed to build \(RuntimeError: PTX assembly failed\)"):
+            out = gd_nn.norm_act(norm, x)
+        assert gd_nn._FUSED["enabled"] is False  # later calls go straight to the eager ops
+    torch.testing.assert_close(out, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, norm.weight, norm.bias)))
