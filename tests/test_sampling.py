@@ -184,3 +184,23 @@ def test_sampling_pipeline_resolves_once_and_draws_any_share(tmp_path):
     dpm = build_pipeline({**config, "sampler": "dpmpp_2m", "use_ddim": False}, "dpmpp_2m", torch.device("cpu"))
     assert dpm.steps == 5 and dpm.diffusion.num_timesteps == 40 and dpm.spacing == "trailing"
     assert dpm.describe() == "sampler dpmpp_2m, 5 steps spaced trailing, 6 samples"
+
+
+def test_out_of_gpu_memory_names_the_batch_size_and_writes_nothing(tmp_path, monkeypatch):
+    from guided_diffusion_vae.sampling import sample_from_checkpoint as sampling
+
+    def too_big(self, *args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(sampling.SamplingPipeline, "draw", too_big)
+    ckpt = _pixel_checkpoint(tmp_path / "model000000.safetensors", {"0": "user_01", "1": "user_02"})
+    with pytest.raises(UserError, match=r"^batch_size 4: out of GPU memory while sampling; nothing was written"):
+        sampling.run_sampling(_sample_config(ckpt, tmp_path / "out"))
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))
+
+
+def test_the_vae_script_samples_in_batches_that_keep_a_gpu_busy():
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import latent_sample_defaults, sample_defaults
+
+    assert sample_defaults()["batch_size"] == 16  # the original's image_sample.py
+    assert latent_sample_defaults()["batch_size"] == 256
