@@ -51,18 +51,23 @@ def test_unknown_mode_is_refused():
 
 
 def test_each_mode_sets_its_kernels_and_restores_them():
-    """fast+cudnn turns cuDNN's autotuner on only while it runs; fast+fused
-    routes GroupNorm+SiLU through the compiled kernels only while it runs."""
+    """fast+cudnn turns cuDNN's autotuner on only while it runs; fast+triton
+    and fast+fused route GroupNorm+SiLU through their fused kernels (on CUDA)
+    only while they run."""
     import torch
 
     from guided_diffusion_vae.core import nn
     from guided_diffusion_vae.tools.benchmark import MODES, _mode_kernels
 
-    assert {"fast+cudnn", "fast+fused"} <= set(MODES)
+    modes = ("fast", "fast+cudnn", "fast+fused", "fast+triton", "fast+triton+cudnn")
+    assert set(modes) <= set(MODES)
     before = torch.backends.cudnn.benchmark
     seen = {}
-    for mode in ("fast", "fast+cudnn", "fast+fused"):
+    for mode in modes:
         with _mode_kernels(mode):
-            seen[mode] = (torch.backends.cudnn.benchmark, nn._FUSED["enabled"])
-        assert torch.backends.cudnn.benchmark == before and nn._FUSED["enabled"] is False
-    assert seen == {"fast": (False, False), "fast+cudnn": (True, False), "fast+fused": (False, None)}
+            seen[mode] = (torch.backends.cudnn.benchmark, nn._FUSED["enabled"], nn._FUSED["kernels"])
+        assert torch.backends.cudnn.benchmark == before
+        assert (nn._FUSED["enabled"], nn._FUSED["kernels"]) == (False, "triton")
+    assert seen == {"fast": (False, False, "triton"), "fast+cudnn": (True, False, "triton"),
+                    "fast+fused": (False, None, "compile"), "fast+triton": (False, None, "triton"),
+                    "fast+triton+cudnn": (True, None, "triton")}

@@ -103,7 +103,7 @@ def test_unet_with_the_kernels_matches_eager_forward_and_backward():
     calls = []
     real = triton_norm.group_norm_act
     ref, ref_grads = run()
-    with gd_nn.fused_norm("triton"):
+    with gd_nn.fused_norm(True, "triton"):
         triton_norm.group_norm_act = lambda *a, **k: calls.append(1) or real(*a, **k)
         try:
             out, grads = run()
@@ -123,7 +123,7 @@ def test_layouts_the_kernels_do_not_take_run_eagerly():
     assert not triton_norm.supported(x.to(memory_format=torch.channels_last), norm, None, None)
     assert not triton_norm.supported(torch.randn(2, 64), norm, None, None)  # no spatial dimension
     assert not triton_norm.supported(x, norm, torch.zeros(2, 64, 1, 1), None)  # scale without shift
-    with gd_nn.fused_norm("triton"):
+    with gd_nn.fused_norm(True, "triton"):
         channels_last = x.to(memory_format=torch.channels_last)
         torch.testing.assert_close(gd_nn.norm_act(norm, channels_last), gd_nn.norm_act(norm, x))
 
@@ -133,10 +133,18 @@ def test_kernels_that_fail_to_build_say_so_once_and_run_eagerly(monkeypatch):
         raise RuntimeError("PTX assembly failed\nmore detail")
 
     monkeypatch.setattr(triton_norm, "group_norm_act", broken)
+    # None (automatic) as on a GPU: a build failure warns; True (forced) would raise
+    monkeypatch.setattr(gd_nn, "_fused_norm_usable", lambda x: gd_nn._FUSED["enabled"] is not False)
     norm = _norm(64)
     x = torch.randn(2, 64, 4, 4)
-    with gd_nn.fused_norm("triton"):
+    with gd_nn.fused_norm(None, "triton"):
         with pytest.warns(UserWarning, match=r"failed to build \(RuntimeError: PTX assembly failed\)"):
             out = gd_nn.norm_act(norm, x)
         assert gd_nn._FUSED["enabled"] is False  # later calls go straight to the eager ops
     torch.testing.assert_close(out, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 32, norm.weight, norm.bias)))
+
+
+def test_an_unknown_kind_of_fused_kernels_is_refused():
+    with pytest.raises(ValueError, match=r"fused norm kernels must be one of \('triton', 'compile'\), got 'cuda'"):
+        gd_nn.set_fused_norm(None, "cuda")
+    assert gd_nn._FUSED["enabled"] is False and gd_nn._FUSED["kernels"] == "triton"

@@ -323,14 +323,14 @@ def test_fused_norm_computes_what_the_eager_ops_compute():
     (``benchmark --modes fast+fused``) gives the eager numbers, forward and
     backward; by default, and on the CPU unless forced, it runs eagerly."""
     assert not gd_nn._fused_norm_usable(torch.zeros(1))  # the default
-    with fused_norm(None):
+    with fused_norm(None, "compile"):
         assert not gd_nn._fused_norm_usable(torch.zeros(1))  # auto: CUDA only
     model = _unet(num_classes=3, use_scale_shift_norm=True, resblock_updown=True)
     x, t = _inputs()
     y = torch.tensor([0, 2])
     ref, ref_grads = _output_and_grads(model, x, t, y)
     gd_nn._FUSED["fn"] = None
-    with fused_norm(True):
+    with fused_norm(True, "compile"):
         out, grads = _output_and_grads(model, x, t, y)
     assert gd_nn._FUSED["fn"] is not None and not gd_nn._FUSED["enabled"]  # it ran, and was switched back
     assert ref.abs().max() > 0.1
@@ -343,7 +343,7 @@ def test_fused_norm_that_fails_to_build_says_so_and_runs_eagerly(monkeypatch):
     def broken(*args):
         raise RuntimeError("no Triton here\nmore detail")
 
-    monkeypatch.setattr(gd_nn, "_FUSED", {"enabled": None, "fn": broken})
+    monkeypatch.setattr(gd_nn, "_FUSED", {"enabled": None, "kernels": "compile", "fn": broken})
     monkeypatch.setattr(gd_nn, "_fused_norm_usable", lambda x: gd_nn._FUSED["enabled"] is not False)
     norm = gd_nn.normalization(64)
     x = torch.randn(2, 64, 4, 4)

@@ -31,29 +31,37 @@ def _norm_act_math(x, weight, bias, groups, eps, scale, shift, act):
     return torch.nn.functional.silu(h) if act else h
 
 
-# Compiled with dynamic=True: one compile per call kind (with or without
+# How norm_act runs (set_fused_norm). "compile": torch.compile of the eager
+# function with dynamic=True, one compile per call kind (with or without
 # scale-shift, with or without SiLU) whatever the shapes, where compiling the
-# whole UNet takes minutes.
-_FUSED = {"enabled": False, "fn": None}
+# whole UNet takes minutes. "triton": core/triton_norm's hand-written kernels.
+_FUSED = {"enabled": False, "kernels": "triton", "fn": None}
+FUSED_KERNELS = ("triton", "compile")
 
 
-def set_fused_norm(enabled):
-    """How :func:`norm_act` runs: False (the default) as separate eager ops;
-    None compiled into fused kernels on CUDA where Triton is installed, eagerly
-    elsewhere (``scripts/benchmark.py --modes fast+fused``); True compiled on
-    every device. Not yet the default: its speed on a GPU is unmeasured."""
+def set_fused_norm(enabled, kernels="triton"):
+    """How :func:`norm_act` runs. ``enabled``: False (the default) as separate
+    eager ops; None fused on CUDA where Triton is installed, eagerly elsewhere;
+    True fused on every device (Triton's kernels on the CPU only through its
+    interpreter, ``TRITON_INTERPRET=1``). ``kernels``: "triton", two
+    hand-written kernels (:mod:`.triton_norm`), or "compile", the eager ops
+    compiled by ``torch.compile``. Not yet the default: neither has been
+    timed on a GPU (``scripts/benchmark.py --modes fast+triton,fast+fused``)."""
+    if kernels not in FUSED_KERNELS:
+        raise ValueError(f"fused norm kernels must be one of {FUSED_KERNELS}, got {kernels!r}")
     _FUSED["enabled"] = enabled
+    _FUSED["kernels"] = kernels
 
 
 @contextlib.contextmanager
-def fused_norm(enabled):
+def fused_norm(enabled, kernels="triton"):
     """:func:`set_fused_norm` for a ``with`` block, restored after it."""
-    before = _FUSED["enabled"]
-    set_fused_norm(enabled)
+    before = (_FUSED["enabled"], _FUSED["kernels"])
+    set_fused_norm(enabled, kernels)
     try:
         yield
     finally:
-        set_fused_norm(before)
+        set_fused_norm(*before)
 
 
 def _fused_norm_usable(x):
@@ -62,10 +70,6 @@ def _fused_norm_usable(x):
     wanted = _FUSED["enabled"]
     if wanted is None:
         return x.is_cuda and _triton_installed()
-    if wanted == "triton":  # on the CPU only through Triton's interpreter (tests)
-        from .triton_norm import interpreting
-
-        return (x.is_cuda or interpreting()) and _triton_installed()
     return wanted
 
 
@@ -87,7 +91,7 @@ def norm_act(norm, x, scale=None, shift=None, act=True):
     args = (x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, act)
     if not _fused_norm_usable(x):
         return _norm_act_math(*args)
-    if _FUSED["enabled"] == "triton":
+    if _FUSED["kernels"] == "triton":
         from . import triton_norm
 
         if not triton_norm.supported(x, norm, scale, shift):

@@ -45,7 +45,8 @@ COMMON_MODEL_FLAGS = {"num_channels": 128, "num_res_blocks": 2, "learn_sigma": T
 QUICK_MODEL_FLAGS = {"image_size": 8, "num_channels": 32, "channel_mult": "1,2", "attention_resolutions": "4",
                      "num_head_channels": 16, "num_res_blocks": 1, "batch_size": 4}
 
-# precision, torch.compile, CUDA graphs, attention kernel.
+# precision, torch.compile, CUDA graphs, attention kernel, fused GroupNorm
+# kernels (False: eager ops; else nn.FUSED_KERNELS), cuDNN autotuning.
 _FAST = {"precision": "bf16", "compile": False, "cuda_graph": True, "plain_attention": False,
          "fused_norm": False, "cudnn_benchmark": False}
 MODES = {
@@ -53,12 +54,12 @@ MODES = {
     "fast": _FAST,
     "fast+compile": {**_FAST, "compile": True},
     # Candidates for the default, not yet measured on a GPU: GroupNorm+SiLU
-    # compiled alone into fused kernels (core/nn.norm_act), and cuDNN's
+    # fused by hand-written Triton kernels (core/triton_norm) or by
+    # torch.compile of the eager ops alone (core/nn.norm_act), and cuDNN's
     # autotuner picking the convolution algorithms for the fixed shapes.
-    "fast+fused": {**_FAST, "fused_norm": None},
-    "fast+cudnn": {**_FAST, "cudnn_benchmark": True},
-    "fast+fused+cudnn": {**_FAST, "fused_norm": None, "cudnn_benchmark": True},
     "fast+triton": {**_FAST, "fused_norm": "triton"},
+    "fast+fused": {**_FAST, "fused_norm": "compile"},
+    "fast+cudnn": {**_FAST, "cudnn_benchmark": True},
     "fast+triton+cudnn": {**_FAST, "fused_norm": "triton", "cudnn_benchmark": True},
 }
 
@@ -92,7 +93,9 @@ def benchmark_defaults():
 
 FLAG_HELP = {
     "models": f"comma list of benchmark models: {', '.join(BENCH_MODELS)}",
-    "modes": f"comma list of modes: {', '.join(MODES)} (reference: fp32, eager, math attention)",
+    "modes": f"comma list of modes: {', '.join(MODES)} (reference: fp32, eager, math attention; fast: the "
+             "defaults; +compile: torch.compile; +triton / +fused: GroupNorm+SiLU fused by hand-written Triton "
+             "kernels / by torch.compile; +cudnn: cuDNN's autotuner)",
     "samplers": f"comma list of samplers to time ({', '.join(SAMPLER_NAMES)}); empty: no sampling",
     "sampling_steps": "sampler steps per sample (DDIM-50 is ddim with 50)",
     "sampling_batch": "samples per batch when timing sampling",
@@ -160,7 +163,8 @@ def _mode_kernels(mode):
     before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = MODES[mode]["cudnn_benchmark"]
     try:
-        with fused_norm(MODES[mode]["fused_norm"]):
+        kernels = MODES[mode]["fused_norm"]
+        with fused_norm(None, kernels) if kernels else fused_norm(False):
             if MODES[mode]["plain_attention"]:
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
