@@ -8,9 +8,10 @@ tensor, three times (mean, variance, output) and writes it once; the
 backward pass reads x and the incoming gradient twice and writes dx once.
 Arithmetic is float32 throughout, rounded once to x's dtype at the end.
 
-Triton compiles each kernel in about a second on first use (and caches it
-on disk), where ``torch.compile`` of the same function takes tens of
-seconds. Triton is imported only when a kernel is first built, so CPU-only
+Why by hand: Triton builds a kernel of this size in about a second on
+first use and caches it on disk, where ``torch.compile`` of the same
+function took 25 s on the CPU (a cold start counts; neither is timed on a
+GPU yet). Triton is imported only when a kernel is first built, so CPU-only
 installs never need it; ``TRITON_INTERPRET=1`` runs the kernels on the CPU
 (the tests do).
 """
@@ -179,15 +180,17 @@ def _launch_shape(channels, groups, positions):
 
 
 def supported(x, norm, scale, shift):
-    """Whether the kernels take this call: a contiguous CUDA (or interpreted)
-    tensor of at least one spatial dimension, an affine norm, and scale and
-    shift both given or both absent."""
+    """Whether the kernels take this call: a contiguous (NCHW-ordered) tensor
+    of at least one spatial dimension, an affine norm whose groups divide the
+    channels, and scale and shift both given or both absent. The device is
+    :func:`nn.norm_act`'s choice."""
     return (x.dim() >= 3 and x.is_contiguous() and norm.weight is not None and norm.bias is not None
             and (scale is None) == (shift is None) and x.shape[1] % norm.num_groups == 0)
 
 
 def _modulation(scale, shift, n, c):
-    """(scale, shift) as (N, C) views sharing strides, or dummies when absent."""
+    """``(scale, shift, stride_n, stride_c)``: scale and shift as (N, C) views
+    with the same strides (the kernels take one pair), or Nones and zeros."""
     if scale is None:
         return None, None, 0, 0
     scale = scale.reshape(n, c)
@@ -219,14 +222,14 @@ class GroupNormAct(torch.autograd.Function):
             c, positions, groups, stride_n, stride_c, float(eps),
             BLOCK_C=block_c, BLOCK_P=block_p, MODULATE=modulate, ACT=bool(act), num_warps=warps)
         ctx.save_for_backward(x, weight, bias, mod_scale, mod_shift, mean, rstd)
-        ctx.shape = (groups, act, stride_n, stride_c, scale.shape if modulate else None,
-                     scale.dtype if modulate else None)
+        ctx.launch = (groups, act, stride_n, stride_c, scale.shape if modulate else None,
+                      scale.dtype if modulate else None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, bias, mod_scale, mod_shift, mean, rstd = ctx.saved_tensors
-        groups, act, stride_n, stride_c, mod_shape, mod_dtype = ctx.shape
+        groups, act, stride_n, stride_c, mod_shape, mod_dtype = ctx.launch
         n, c = x.shape[:2]
         positions = x[0, 0].numel()
         dy = dy.contiguous()
