@@ -1,0 +1,142 @@
+"""The Triton kernels of :mod:`.triton_norm` (imported only when one is
+first launched: this module needs Triton, the package does not).
+
+Layout: x is (N, C, *spatial) contiguous, so the values of one (sample,
+group) are one run of ``C/G * positions``; each program handles one such
+group as (channels, positions) tiles. Loops are while loops because
+Triton's CPU interpreter mishandles ``range()`` with runtime bounds.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def group_of(channels, positions, groups, BLOCK_C: tl.constexpr):
+    """This program's (sample, first channel, values in the group, channel
+    lanes, live lanes, flat offset of the group)."""
+    pid = tl.program_id(0)  # = sample * groups + group
+    per_group = channels // groups
+    c = tl.arange(0, BLOCK_C)
+    return (pid // groups, (pid % groups) * per_group, per_group * positions, c, c < per_group,
+            pid.to(tl.int64) * per_group * positions)
+
+
+@triton.jit
+def tile(start, c, c_in, p0, positions, BLOCK_P: tl.constexpr):
+    """Offsets and mask of the (channels, positions) tile from position p0."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    return start + c[:, None] * positions + p[None, :], c_in[:, None] & (p < positions)[None, :]
+
+
+@triton.jit
+def channel_terms(w_ptr, b_ptr, scale_ptr, shift_ptr, n, first, c, c_in, mod_stride_n, mod_stride_c,
+                  BLOCK_C: tl.constexpr, MODULATE: tl.constexpr):
+    """Per channel: weight, bias, 1 + scale and shift, in float32."""
+    w = tl.load(w_ptr + first + c, mask=c_in, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + first + c, mask=c_in, other=0.0).to(tl.float32)
+    s = tl.full([BLOCK_C], 1.0, tl.float32)
+    shift = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if MODULATE:
+        mod = n * mod_stride_n + (first + c) * mod_stride_c
+        s = 1.0 + tl.load(scale_ptr + mod, mask=c_in, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + mod, mask=c_in, other=0.0).to(tl.float32)
+    return w, b, s, shift
+
+
+@triton.jit
+def through_silu(du, u):
+    """The gradient du of silu(u), taken back to u."""
+    gate = tl.sigmoid(u)
+    return du * gate * (1.0 + u * (1.0 - gate))
+
+
+@triton.jit
+def forward(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rstd_ptr,
+            channels, positions, groups, mod_stride_n, mod_stride_c, eps,
+            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, MODULATE: tl.constexpr, ACT: tl.constexpr):
+    n, first, count, c, c_in, start = group_of(channels, positions, groups, BLOCK_C)
+    # Mean, then the variance about it (two passes: no cancellation).
+    total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    p0 = 0
+    while p0 < positions:
+        offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
+        total += tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        p0 += BLOCK_P
+    mean = tl.sum(tl.sum(total, axis=1), axis=0) / count
+    total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    p0 = 0
+    while p0 < positions:
+        offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
+        d = tl.where(inside, tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean, 0.0)
+        total += d * d
+        p0 += BLOCK_P
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(total, axis=1), axis=0) / count + eps)
+    tl.store(mean_ptr + tl.program_id(0), mean)
+    tl.store(rstd_ptr + tl.program_id(0), rstd)
+    # Per channel, the whole chain before SiLU is x * gain + offset.
+    w, b, s, shift = channel_terms(w_ptr, b_ptr, scale_ptr, shift_ptr, n, first, c, c_in, mod_stride_n,
+                                   mod_stride_c, BLOCK_C, MODULATE)
+    gain = w * rstd * s
+    offset = (b - mean * w * rstd) * s + shift
+    p0 = 0
+    while p0 < positions:
+        offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
+        u = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) * gain[:, None] + offset[:, None]
+        if ACT:
+            u = u * tl.sigmoid(u)
+        tl.store(y_ptr + offsets, u.to(y_ptr.dtype.element_ty), mask=inside)
+        p0 += BLOCK_P
+
+
+@triton.jit
+def backward(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, dx_ptr,
+             dw_ptr, db_ptr, dscale_ptr, dshift_ptr, channels, positions, groups, mod_stride_n,
+             mod_stride_c, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, MODULATE: tl.constexpr,
+             ACT: tl.constexpr):
+    n, first, count, c, c_in, start = group_of(channels, positions, groups, BLOCK_C)
+    mean = tl.load(mean_ptr + tl.program_id(0))
+    rstd = tl.load(rstd_ptr + tl.program_id(0))
+    w, b, s, shift = channel_terms(w_ptr, b_ptr, scale_ptr, shift_ptr, n, first, c, c_in, mod_stride_n,
+                                   mod_stride_c, BLOCK_C, MODULATE)
+    # h = xhat * w + b (the normalised, affine value); u = h * s + shift.
+    # Per channel: du and du*h (scale, shift grads), dh*xhat and dh (w, b).
+    sum_du = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    sum_du_h = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    sum_du_xhat = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    p0 = 0
+    while p0 < positions:
+        offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
+        xhat = (tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean) * rstd
+        du = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        h = xhat * w[:, None] + b[:, None]
+        if ACT:
+            du = through_silu(du, h * s[:, None] + shift[:, None])
+        du = tl.where(inside, du, 0.0)
+        sum_du += du
+        sum_du_h += du * h
+        sum_du_xhat += du * xhat
+        p0 += BLOCK_P
+    du_c = tl.sum(sum_du, axis=1)
+    # dh = du * s, so the w and b grads are s times du's sums.
+    db_c = du_c * s
+    dw_c = tl.sum(sum_du_xhat, axis=1) * s
+    row = n * channels + first + c
+    tl.store(dw_ptr + row, dw_c, mask=c_in)
+    tl.store(db_ptr + row, db_c, mask=c_in)
+    if MODULATE:
+        tl.store(dscale_ptr + row, tl.sum(sum_du_h, axis=1), mask=c_in)
+        tl.store(dshift_ptr + row, du_c, mask=c_in)
+    # dxhat = dh * w; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+    mean_dxhat = tl.sum(db_c * w, axis=0) / count
+    mean_dxhat_xhat = tl.sum(dw_c * w, axis=0) / count
+    p0 = 0
+    while p0 < positions:
+        offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
+        xhat = (tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean) * rstd
+        du = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        if ACT:
+            du = through_silu(du, (xhat * w[:, None] + b[:, None]) * s[:, None] + shift[:, None])
+        dx = (du * (s * w)[:, None] - mean_dxhat - xhat * mean_dxhat_xhat) * rstd
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+        p0 += BLOCK_P
