@@ -11,9 +11,9 @@ Arithmetic is float32 throughout, rounded once to x's dtype at the end.
 Why by hand: Triton builds a kernel of this size in about a second on
 first use and caches it on disk, where ``torch.compile`` of the same
 function took 25 s on the CPU (a cold start counts; neither is timed on a
-GPU yet). Triton is imported only when a kernel is first built, so CPU-only
-installs never need it; ``TRITON_INTERPRET=1`` runs the kernels on the CPU
-(the tests do).
+GPU yet). The kernels live in :mod:`.triton_kernels`, imported only when
+one is first launched, so CPU-only installs never need Triton;
+``TRITON_INTERPRET=1`` runs the kernels on the CPU (the tests do).
 """
 
 import functools
