@@ -67,7 +67,7 @@ def test_each_mode_sets_its_kernels_and_restores_them():
         with _mode_kernels(mode):
             seen[mode] = (torch.backends.cudnn.benchmark, nn._FUSED["enabled"], nn._FUSED["kernels"])
         assert torch.backends.cudnn.benchmark == before
-        assert (nn._FUSED["enabled"], nn._FUSED["kernels"]) == (False, "triton")
+        assert (nn._FUSED["enabled"], nn._FUSED["kernels"]) == (None, "triton")  # the default, restored
     assert seen == {"fast": (False, False, "triton"), "fast+cudnn": (True, False, "triton"),
                     "fast+fused": (False, None, "compile"), "fast+triton": (False, None, "triton"),
                     "fast+triton+cudnn": (True, None, "triton")}

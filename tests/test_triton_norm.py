@@ -147,7 +147,20 @@ def test_kernels_that_fail_to_build_say_so_once_and_run_eagerly(monkeypatch):
 def test_an_unknown_kind_of_fused_kernels_is_refused():
     with pytest.raises(ValueError, match=r"fused norm kernels must be one of \('triton', 'compile'\), got 'cuda'"):
         gd_nn.set_fused_norm(None, "cuda")
-    assert gd_nn._FUSED["enabled"] is False and gd_nn._FUSED["kernels"] == "triton"
+    assert gd_nn._FUSED["enabled"] is None and gd_nn._FUSED["kernels"] == "triton"
+
+
+def test_by_default_the_kernels_run_on_cuda_tensors_only():
+    """The default (None): Triton's kernels for a tensor on a GPU, the eager
+    ops on the CPU; False turns them off everywhere."""
+    import types
+
+    on_gpu = types.SimpleNamespace(is_cuda=True)
+    assert gd_nn._FUSED["enabled"] is None
+    assert gd_nn._fused_norm_usable(on_gpu)
+    assert not gd_nn._fused_norm_usable(torch.zeros(1))
+    with gd_nn.fused_norm(False):
+        assert not gd_nn._fused_norm_usable(on_gpu)
 
 
 def test_kernels_compile_for_an_h100_without_one(tmp_path):
