@@ -621,9 +621,10 @@ def load_latent_data(*, cache_dir, batch_size, shard=None, num_shards=None, dete
         raise UserError(f"latent cache {cache_dir!r}: {err}") from None
 
     if on_device:
-        all_latents = torch.from_numpy(np.ascontiguousarray(cache.latents, dtype=np.float32)).to(device)
+        # Host copies first: the cache is a read-only memmap, which torch warns about.
+        all_latents = torch.from_numpy(np.array(cache.latents, dtype=np.float32)).to(device)
         all_latents.mul_(cache.latent_scale)
-        all_labels = torch.from_numpy(np.asarray(cache.labels, dtype=np.int64)).to(device)
+        all_labels = torch.from_numpy(np.array(cache.labels, dtype=np.int64)).to(device)
 
         def batches(index_sampler):
             for indices in index_sampler:
