@@ -112,3 +112,15 @@ def test_torchrun_two_ranks(payload_file, launch_env):
     ]
     result = subprocess.run(cmd, env=launch_env, capture_output=True, text=True, timeout=180, cwd=REPO)
     _check_two_ranks(result, "torchrun")
+
+
+def test_convolutions_are_autotuned_on_cuda_devices_only():
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        dist_util.autotune_convolutions(torch.device("cpu"))
+        assert torch.backends.cudnn.benchmark is False
+        dist_util.autotune_convolutions(torch.device("cuda", 0))  # a device name needs no GPU
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -183,3 +183,24 @@ def test_script_errors_and_no_scale_default(setup, tmp_path, capsys):
         _build(setup, tmp_path / "c", channels=3)
     with pytest.raises(UserError, match="latent_scale 'stored'"):
         _build(setup, tmp_path / "c", latent_scale="stored")
+
+
+def test_a_read_only_cache_goes_to_the_device_without_a_torch_warning():
+    """The on-GPU cache path copies a read-only memmap: torch's 'not writable'
+    warning used to reach the training log. Torch warns once per process, so
+    each case runs in a fresh one; the first shows the warning is real."""
+    import subprocess
+    import sys
+
+    body = ("import numpy as np, torch\n"
+            "from guided_diffusion_vae.latent.latent_datasets import _to_device\n"
+            "a = np.arange(12, dtype=np.float32).reshape(3, 4); a.flags.writeable = False\n")
+    plain = subprocess.run([sys.executable, "-c", body + "torch.from_numpy(a).to('cpu')"],
+                           capture_output=True, text=True, timeout=120)
+    assert "not writable" in plain.stderr
+    ours = subprocess.run([sys.executable, "-W", "error", "-c", body +
+                           "t = _to_device(a, np.float32, 'cpu')\n"
+                           "assert t.dtype == torch.float32 and t.tolist() == a.tolist()\n"],
+                          capture_output=True, text=True, timeout=120)
+    assert ours.returncode == 0, ours.stderr
+    assert "not writable" not in ours.stderr

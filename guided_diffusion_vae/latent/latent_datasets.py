@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -213,8 +214,7 @@ def build_latent_cache(
     dist_util.setup_dist()
     dist_util.set_threads(threads, logger.log)
     device = dist_util.dev() if device is None else torch.device(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed batch shapes: autotuning pays
+    dist_util.autotune_convolutions(device)
     vae = VAEInterface(
         vae_path, device=device, dtype=vae_dtype, max_batch=batch_size, input_range=input_range,
         sample_posterior=sample_posterior, latent_scale="stored" if scale_spec == "stored" else None, seed=seed,
@@ -599,6 +599,16 @@ class LatentCache:
 DEVICE_CACHE_BYTES = 8 << 30
 
 
+def _to_device(array, dtype, device):
+    """A copy on ``device`` of a (read-only, memory-mapped) cache array. The
+    host view is only read, so torch's warning about unwritable arrays, which
+    would reach the user's log, is silenced here rather than paid for with a
+    host copy."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype)).to(device)
+
+
 def load_latent_data(*, cache_dir, batch_size, shard=None, num_shards=None, deterministic=False,
                      seed=0, class_cond=True, device=None):
     """Endless ``(latents float32 (B, C, h, w) unit-std, {"y": int64 (B,)})`` batches.
@@ -621,10 +631,8 @@ def load_latent_data(*, cache_dir, batch_size, shard=None, num_shards=None, dete
         raise UserError(f"latent cache {cache_dir!r}: {err}") from None
 
     if on_device:
-        # Host copies first: the cache is a read-only memmap, which torch warns about.
-        all_latents = torch.from_numpy(np.array(cache.latents, dtype=np.float32)).to(device)
-        all_latents.mul_(cache.latent_scale)
-        all_labels = torch.from_numpy(np.array(cache.labels, dtype=np.int64)).to(device)
+        all_latents = _to_device(cache.latents, np.float32, device).mul_(cache.latent_scale)
+        all_labels = _to_device(cache.labels, np.int64, device)
 
         def batches(index_sampler):
             for indices in index_sampler:

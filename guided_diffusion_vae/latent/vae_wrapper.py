@@ -212,7 +212,7 @@ class VAEInterface:
         weights stay float32, results are returned as float32). On an H100
         bf16 was ~12% faster than float32 for encode+decode, with latents
         differing by up to ~0.04 (unit-std scale); float32 is the default.
-        For speed on CUDA also set ``torch.backends.cudnn.benchmark = True``
+        For speed on CUDA also call ``dist_util.autotune_convolutions``
         (the scripts do; a library class does not change global state).
     :param max_batch: images (or latents) per forward pass, to bound memory.
     :param input_range: the VAE's own pixel range, ``"-1,1"`` or ``"0,1"``.

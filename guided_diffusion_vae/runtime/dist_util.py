@@ -450,6 +450,14 @@ def dev() -> torch.device:
     return torch.device("cpu")
 
 
+def autotune_convolutions(device: torch.device) -> None:
+    """On a CUDA ``device``, let cuDNN time its convolution algorithms once per
+    shape and keep the fastest. Pays where every batch has the same shape (a
+    training step, a sampling batch); a process-wide setting, left on."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def _comm_device() -> torch.device:
     """Where tensors must live for the active backend's collectives."""
     if _group_active() and dist.get_backend() == "nccl":

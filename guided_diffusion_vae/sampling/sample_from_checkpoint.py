@@ -638,8 +638,7 @@ def _draw_and_save(config, sampler, into_log_dir):
     """:func:`run_sampling` once the output folder is settled (``into_log_dir``:
     the logger's folder, which also holds the log)."""
     device = pick_device(config["device"]) if not dist_util.is_distributed() else dist_util.dev()
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # every batch has one shape: autotuning pays
+    dist_util.autotune_convolutions(device)
     pipeline = build_pipeline(config, sampler, device)
     db_range = _check_data_fits(config, pipeline.meta, pipeline.path)
     # Every rank draws a contiguous share; sample i keeps its own noise stream.
