@@ -53,21 +53,30 @@ def test_unknown_mode_is_refused():
 def test_each_mode_sets_its_kernels_and_restores_them():
     """fast+cudnn turns cuDNN's autotuner on only while it runs; fast+triton
     and fast+fused route GroupNorm+SiLU through their fused kernels (on CUDA)
-    only while they run."""
+    only while they run; +cl stores weights channels-last; default autotunes
+    sampling only, as the scripts do."""
     import torch
 
     from guided_diffusion_vae.core import nn
     from guided_diffusion_vae.tools.benchmark import MODES, _mode_kernels
 
-    modes = ("fast", "fast+cudnn", "fast+fused", "fast+triton", "fast+triton+cudnn")
+    modes = ("fast", "fast+cudnn", "fast+fused", "fast+triton", "fast+triton+cudnn", "fast+triton+cl", "default")
     assert set(modes) <= set(MODES)
     before = torch.backends.cudnn.benchmark
     seen = {}
     for mode in modes:
-        with _mode_kernels(mode):
-            seen[mode] = (torch.backends.cudnn.benchmark, nn._FUSED["enabled"], nn._FUSED["kernels"])
-        assert torch.backends.cudnn.benchmark == before
-        assert (nn._FUSED["enabled"], nn._FUSED["kernels"]) == (None, "triton")  # the default, restored
-    assert seen == {"fast": (False, False, "triton"), "fast+cudnn": (True, False, "triton"),
-                    "fast+fused": (False, None, "compile"), "fast+triton": (False, None, "triton"),
-                    "fast+triton+cudnn": (True, None, "triton")}
+        for stage in ("train", "sample"):
+            with _mode_kernels(mode, stage):
+                seen[mode, stage] = (torch.backends.cudnn.benchmark, nn._FUSED["enabled"], nn._FUSED["kernels"],
+                                     nn._CHANNELS_LAST["enabled"])
+            assert torch.backends.cudnn.benchmark == before
+            assert (nn._FUSED["enabled"], nn._FUSED["kernels"]) == (None, "triton")  # the default, restored
+            assert nn._CHANNELS_LAST["enabled"] is None
+    expected = {"fast": (False, False, "triton", False), "fast+cudnn": (True, False, "triton", False),
+                "fast+fused": (False, None, "compile", False), "fast+triton": (False, None, "triton", False),
+                "fast+triton+cudnn": (True, None, "triton", False), "fast+triton+cl": (False, None, "triton", True)}
+    for mode, kernels in expected.items():
+        assert seen[mode, "train"] == seen[mode, "sample"] == kernels, mode
+    assert seen["default", "train"] == (False, None, "triton", None)
+    assert seen["default", "sample"] == (True, None, "triton", None)
+    assert MODES["default"]["sampling_precision"] == "fp32"

@@ -122,5 +122,7 @@ def test_convolutions_are_autotuned_on_cuda_devices_only():
         assert torch.backends.cudnn.benchmark is False
         dist_util.autotune_convolutions(torch.device("cuda", 0))  # a device name needs no GPU
         assert torch.backends.cudnn.benchmark is True
+        dist_util.autotune_convolutions(torch.device("cuda", 0), False)  # the diffusion trainer's choice
+        assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before

@@ -204,3 +204,17 @@ def test_the_vae_script_samples_in_batches_that_keep_a_gpu_busy():
 
     assert sample_defaults()["batch_size"] == 16  # the original's image_sample.py
     assert latent_sample_defaults()["batch_size"] == 256
+
+
+def test_sampling_precision_auto_is_bf16_on_a_gpu_and_float32_on_the_cpu(monkeypatch):
+    from guided_diffusion_vae.core.sample_loop import resolve_sampling_precision
+
+    assert resolve_sampling_precision("auto", "cpu") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_sampling_precision("auto", "cuda:0") == "bf16"  # a device name needs no GPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_sampling_precision("auto", "cuda:0") == "fp32"
+    assert resolve_sampling_precision("fp32", "cuda:0") == "fp32"
+    assert resolve_sampling_precision("bf16", "cpu") == "bf16"  # asked for: as asked
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_sampling_precision("fp16", "cpu")

@@ -480,3 +480,32 @@ def _check_train_until(train_until, log):
     forever = _CountingTrainer(signal_at=7)
     assert train_until(forever, 0, check_every=1) is False and forever.saved == [7]  # 0: until stopped
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # the handlers are restored
+
+
+def test_a_channels_last_run_trains_and_saves_as_a_contiguous_one(tmp_path, tiny_model_flags):
+    """nn.to_fast_layout (on a GPU with the fused norms: channels-last) only
+    changes how the weights lie in memory: the same losses and weights, and
+    the checkpoint loads into a plain model."""
+    from guided_diffusion_vae.core import nn as gd_nn
+
+    logger.configure(dir=str(tmp_path / "log"), format_strs="log")
+    plain = _loop(tiny_model_flags, tmp_path / "a", 3)
+    assert plain.model.out[-1].weight.is_contiguous()  # on the CPU the default leaves the layout alone
+    plain.run_loop()
+    with gd_nn.channels_last(True):
+        last = _loop(tiny_model_flags, tmp_path / "b", 3)
+    weights = [p for p in last.model.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert sum(not p.is_contiguous() for p in weights) >= 4  # 1x1 kernels are both at once
+    path = last.run_loop()
+    # Adam divides by the gradients' size, so float rounding of the other
+    # convolution order reaches the weights; one step moves them 1e-3.
+    for a, b in zip(plain.model.parameters(), last.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    state, _ = ckpt.load_weights(path)
+    fresh, _ = script_util.create_model_and_diffusion(**tiny_model_flags)
+    fresh.load_state_dict(state)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t, y=torch.tensor([0, 2])), last.model(x, t, y=torch.tensor([0, 2])),
+                                   rtol=1e-4, atol=1e-5)

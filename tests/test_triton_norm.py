@@ -25,6 +25,10 @@ def _norm(channels, seed=0):
     return norm
 
 
+def _channels_last(x):
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
 def _both(x, norm, modulate, act, dtype=torch.float32, inputs=None):
     """Outputs and gradients (x, weight, bias, emb) of the kernels and of the
     eager ops, computed in ``dtype`` from inputs rounded to ``inputs``."""
@@ -55,10 +59,18 @@ def _both(x, norm, modulate, act, dtype=torch.float32, inputs=None):
     ((2, 32, 48, 48), False, True),    # 2,304 positions: several tiles a group
     ((2, 64, 9), True, True),          # 1D
     ((1, 64, 2, 3, 4), False, True),   # 3D
+    ((2, 256, 3, 3), True, True),      # channels-last: 8 channels a group, 8 groups a program
+    ((2, 96, 3, 3), True, True),       # channels-last: 3 channels a group, a partial last program
+    ((1, 4096, 2, 2), False, True),    # channels-last: 128 channels a group, one group a program
 ])
-def test_kernels_compute_what_the_eager_ops_compute(shape, modulate, act):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_kernels_compute_what_the_eager_ops_compute(shape, modulate, act, channels_last):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3 + 1
+    if channels_last:  # (N, *spatial, C) in memory, as a channels_last UNet's activations
+        x = _channels_last(x)
+        assert triton_norm.is_channels_last(x)
     (out, grads), (ref, ref_grads) = _both(x, _norm(shape[1]), modulate, act)
+    assert out.stride() == x.stride() and grads[0].stride() == x.stride()  # the layout is kept
     assert ref.abs().max() > 0.5
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for name, got, want in zip(("x", "weight", "bias", "emb"), grads, ref_grads):
@@ -83,13 +95,20 @@ def test_bf16_stays_within_one_bf16_step_of_float32():
         torch.testing.assert_close(got.float(), want, rtol=2 ** -6, atol=2 ** -6 * want.abs().max().item())
 
 
-def test_unet_with_the_kernels_matches_eager_forward_and_backward():
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_unet_with_the_kernels_matches_eager_forward_and_backward(layout):
+    """The whole network through the kernels, in NCHW or with channels-last
+    weights (nn.to_fast_layout), whose activations then all run in that
+    layout through the channels-last kernels."""
     torch.manual_seed(0)
     model = UNetModel(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
                       attention_resolutions=(2,), channel_mult=(1, 2), num_classes=3, num_head_channels=16,
                       use_scale_shift_norm=True)
     for p in model.parameters():  # zero-initialised output layers would hide gradients
         torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
+    if layout == "channels_last":
+        with gd_nn.channels_last(True):
+            gd_nn.to_fast_layout(model, "cpu")
     x = torch.randn(1, 4, 8, 8)  # one sample: the interpreter runs each (sample, group) program in Python
     t = torch.tensor([700])
     y = torch.tensor([2])
@@ -104,13 +123,14 @@ def test_unet_with_the_kernels_matches_eager_forward_and_backward():
     real = triton_norm.group_norm_act
     ref, ref_grads = run()
     with gd_nn.fused_norm(True, "triton"):
-        triton_norm.group_norm_act = lambda *a, **k: calls.append(1) or real(*a, **k)
+        triton_norm.group_norm_act = lambda x, *a, **k: calls.append(triton_norm.is_channels_last(x)) or real(x, *a, **k)
         try:
             out, grads = run()
         finally:
             triton_norm.group_norm_act = real
     # every norm of the network went through the kernels, once a call
     assert len(calls) == sum(isinstance(m, gd_nn.GroupNorm32) for m in model.modules()) == 21
+    assert all(calls) if layout == "channels_last" else not any(calls)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
@@ -120,12 +140,13 @@ def test_layouts_the_kernels_do_not_take_run_eagerly():
     norm = _norm(64)
     x = torch.randn(2, 64, 4, 4)
     assert triton_norm.supported(x, norm, None, None)
-    assert not triton_norm.supported(x.to(memory_format=torch.channels_last), norm, None, None)
+    assert triton_norm.supported(x.to(memory_format=torch.channels_last), norm, None, None)
+    assert not triton_norm.supported(x[:, :, :, ::2], norm, None, None)  # strided: neither layout
     assert not triton_norm.supported(torch.randn(2, 64), norm, None, None)  # no spatial dimension
     assert not triton_norm.supported(x, norm, torch.zeros(2, 64, 1, 1), None)  # scale without shift
     with gd_nn.fused_norm(True, "triton"):
-        channels_last = x.to(memory_format=torch.channels_last)
-        torch.testing.assert_close(gd_nn.norm_act(norm, channels_last), gd_nn.norm_act(norm, x))
+        strided = torch.randn(2, 64, 4, 8)[:, :, :, ::2]
+        torch.testing.assert_close(gd_nn.norm_act(norm, strided), gd_nn.norm_act(norm, strided.contiguous()))
 
 
 def test_kernels_that_fail_to_build_say_so_once_and_run_eagerly(monkeypatch):
@@ -166,7 +187,7 @@ def test_by_default_the_kernels_run_on_cuda_tensors_only():
 def test_kernels_compile_for_an_h100_without_one(tmp_path):
     """The kernels build into sm_90 machine code (Triton's own ptxas, no
     GPU needed): the interpreter alone would not catch what only the
-    compiler refuses. Six kernels, each in a second or two on the CPU."""
+    compiler refuses. Eight kernels, each in a second or two on the CPU."""
     import json
     import os
     import subprocess
@@ -180,7 +201,85 @@ def test_kernels_compile_for_an_h100_without_one(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     built = json.loads(done.stdout.strip().splitlines()[-1])
-    assert sorted(built) == sorted(f"{k}/{m}/{a}" for k in ("forward", "backward")
-                                   for m, a in ((True, True), (False, True), (False, False)))
+    assert sorted(built) == sorted([f"{k}/{m}/{a}" for k in ("forward", "backward")
+                                    for m, a in ((True, True), (False, True), (False, False))]
+                                   + ["forward_last/True/True", "backward_last/True/True"])
     for name, (cubin_bytes, seconds, hopper) in built.items():
         assert cubin_bytes > 10_000 and hopper, name
+
+
+def test_the_fast_layout_follows_the_fused_norms():
+    """nn.to_fast_layout stores 4-D weights channels-last only where the
+    Triton kernels run (by default a GPU), since the eager GroupNorm is slow
+    in that layout; set_channels_last overrides it either way."""
+    def layout_after(**settings):
+        model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Conv1d(8, 8, 1))
+        with gd_nn.fused_norm(*settings.get("fused", (None,))), gd_nn.channels_last(settings.get("last")):
+            gd_nn.to_fast_layout(model, "cpu")
+        assert model[1].weight.is_contiguous()  # only 4-D weights have a channels-last layout
+        return "last" if not model[0].weight.is_contiguous() else "plain"
+
+    assert layout_after() == "plain"  # the CPU: eager norms
+    assert layout_after(fused=(True, "triton")) == "last"
+    assert layout_after(fused=(True, "compile")) == "plain"
+    assert layout_after(fused=(True, "triton"), last=False) == "plain"
+    assert layout_after(last=True) == "last"
+    assert gd_nn._CHANNELS_LAST["enabled"] is None
+
+
+def _small_unet():
+    torch.manual_seed(0)
+    return UNetModel(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+                     attention_resolutions=(2,), channel_mult=(1, 2), num_classes=3, num_head_channels=16,
+                     use_scale_shift_norm=True, dropout=0.1)
+
+
+def test_build_ahead_finds_every_kernel_a_training_step_launches(monkeypatch):
+    """record_launches, from one eager forward pass, names each distinct
+    kernel that a real forward and backward launch; build_ahead builds each
+    of them once, in threads. (Channels-last: the same recording as NCHW,
+    and 15x faster in the interpreter.)"""
+    import threading
+
+    model = _small_unet().to(memory_format=torch.channels_last)
+    # one sample: the interpreter runs each program in Python
+    x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([600]), torch.tensor([2])
+    launched = {}
+    real_run = triton_norm._run
+    monkeypatch.setattr(triton_norm, "_run", lambda launch: launched.setdefault(
+        triton_norm._build_key(launch), launch) and None or real_run(launch))
+    with gd_nn.fused_norm(True, "triton"):
+        model(x, t, y=y).square().mean().backward()
+        assert launched  # the real step went through the kernels
+        launched_now = dict(launched)
+        launched.clear()
+        recorded = triton_norm.record_launches(lambda: model(x, t, y=y))
+        assert not launched  # recording launched nothing
+        built, threads = [], set()
+
+        def build(launch, device):
+            threads.add(threading.get_ident())
+            built.append(triton_norm._build_key(launch))
+        count, seconds = triton_norm.build_ahead(lambda: model(x, t, y=y), threads=4, build=build)
+        forward_only = triton_norm.record_launches(lambda: model(x, t, y=y), backward=False)
+    assert set(recorded) == set(launched_now)
+    kernels = {key[0] for key in recorded}
+    assert len(kernels) == 2  # the forward and the backward kernel of this layout
+    assert sorted(built, key=repr) == sorted(recorded, key=repr) and count == len(recorded) and seconds >= 0
+    assert len(threads) > 1 or len(recorded) == 1
+    assert set(forward_only) == {k for k in recorded if k[0] is triton_norm._kernels(True)[0]}
+    assert not triton_norm.recording()
+
+
+def test_building_ahead_leaves_the_random_stream_alone():
+    """The build-ahead forward pass runs dropout, which draws random
+    numbers; the run's own stream must not notice."""
+    model = _small_unet().train()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 600])
+    assert gd_nn.build_norm_kernels_ahead(lambda: model(x, t, y=torch.tensor([0, 1])), "cpu") is None  # CPU: eager
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    with gd_nn.fused_norm(True, "triton"):
+        assert gd_nn.build_norm_kernels_ahead(lambda: model(x, t, y=torch.tensor([0, 1])), "cpu") == (0, 0.0)
+    assert torch.equal(torch.rand(3), expected)

@@ -97,6 +97,9 @@ def norm_act(norm, x, scale=None, shift=None, act=True):
 
         if not triton_norm.supported(x, norm, scale, shift):
             return _norm_act_math(*args)
+        if triton_norm.recording():  # triton_norm.build_ahead: note the launch, compute eagerly
+            triton_norm.record(x, norm, scale, shift, act)
+            return _norm_act_math(*args)
         fused = triton_norm.group_norm_act
         args = (x, norm, scale, shift, act)
     else:
@@ -113,6 +116,60 @@ def norm_act(norm, x, scale=None, shift=None, act=True):
                       "(slower; the same arithmetic)")
         _FUSED["enabled"] = False
     return _norm_act_math(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, act)
+
+
+def build_norm_kernels_ahead(forward, device, backward=True):
+    """Build the fused-norm kernels that ``forward()`` meets (and with
+    ``backward`` those of its backward pass) all at once, in threads, where
+    they run on ``device``, instead of one by one during the first step.
+    ``forward`` runs once without gradients, its norms computed eagerly:
+    give it a batch of one or two. Returns ``(kernels, seconds)``, or None
+    where the kernels do not run."""
+    if _FUSED["kernels"] != "triton" or not _fused_norm_usable(torch.empty(0, device=device)):
+        return None
+    from . import triton_norm
+
+    device = torch.device(device)
+    # fork_rng: a dropout in forward() must not move the run's random stream.
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return triton_norm.build_ahead(forward, device, backward=backward)
+
+
+# Whether convolution weights are stored channels-last (set_channels_last):
+# None follows the fused norms, which read either layout.
+_CHANNELS_LAST = {"enabled": None}
+
+
+def set_channels_last(enabled):
+    """How :func:`to_fast_layout` stores a model. None (the default):
+    channels-last wherever the fused norms run (a CUDA tensor with Triton
+    installed), since only they are fast in that layout (the eager GroupNorm
+    is not: docs/BENCHMARKS.md); True: always; False: never."""
+    _CHANNELS_LAST["enabled"] = enabled
+
+
+@contextlib.contextmanager
+def channels_last(enabled):
+    """:func:`set_channels_last` for a ``with`` block, restored after it."""
+    before = _CHANNELS_LAST["enabled"]
+    set_channels_last(enabled)
+    try:
+        yield
+    finally:
+        set_channels_last(before)
+
+
+def to_fast_layout(model, device):
+    """Store ``model``'s 4-D weights channels-last when :func:`set_channels_last`
+    says so for ``device``; returns ``model``. The activations then follow:
+    a convolution with a channels-last weight gives a channels-last result,
+    and every later op keeps it, so inputs need no change. cuDNN then skips
+    the NCHW<->NHWC conversions it otherwise runs around each convolution.
+    Saved weights are unaffected (they are written contiguous)."""
+    wanted = _CHANNELS_LAST["enabled"]
+    if wanted is None:
+        wanted = _fused_norm_usable(torch.empty(0, device=device)) and _FUSED["kernels"] == "triton"
+    return model.to(memory_format=torch.channels_last) if wanted else model
 
 
 class GroupNorm32(nn.GroupNorm):

@@ -1,9 +1,11 @@
 """The Triton kernels of :mod:`.triton_norm` (imported only when one is
 first launched: this module needs Triton, the package does not).
 
-Layout: x is (N, C, *spatial) contiguous, so the values of one (sample,
-group) are one run of ``C/G * positions``; each program handles one such
-group as (channels, positions) tiles. Loops are while loops because
+Two layouts. NCHW (``forward``, ``backward``): x is (N, C, *spatial)
+contiguous, so the values of one (sample, group) are one run of
+``C/G * positions``; each program handles one such group as (channels,
+positions) tiles. Channels-last (``forward_last``, ``backward_last``): see
+the section below. Loops are while loops because
 Triton's CPU interpreter mishandles ``range()`` with runtime bounds.
 """
 
@@ -138,5 +140,146 @@ def backward(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_p
         if ACT:
             du = through_silu(du, (xhat * w[:, None] + b[:, None]) * s[:, None] + shift[:, None])
         dx = (du * (s * w)[:, None] - mean_dxhat - xhat * mean_dxhat_xhat) * rstd
+        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+        p0 += BLOCK_P
+
+
+# ---------------------------------------------------------------------------
+# Channels-last: x is (N, *spatial, C) in memory (``channels_last``), so one
+# group is C/G adjacent values at every position, C apart. A program takes
+# GROUPS_PER_PROGRAM adjacent groups (about 64 channels, so each row it reads
+# is whole memory sectors) as (positions, channels) tiles; per-group sums are
+# per-channel sums folded by a (groups, channels) membership mask.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def lanes_of(channels, groups, groups_per_program, BLOCK_CH: tl.constexpr):
+    """This program's (sample, first group, first channel, channels a group,
+    channel lanes, each lane's group, live lanes)."""
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(groups, groups_per_program)
+    n = pid // blocks
+    g0 = (pid % blocks) * groups_per_program
+    per_group = channels // groups
+    first = g0 * per_group
+    c = tl.arange(0, BLOCK_CH)
+    return n, g0, first, per_group, c, c // per_group, (c < groups_per_program * per_group) & (first + c < channels)
+
+
+@triton.jit
+def to_groups(per_lane, lane_group, BLOCK_G: tl.constexpr):
+    """(BLOCK_CH,) per-channel values -> (BLOCK_G,) sums over each group's channels."""
+    g = tl.arange(0, BLOCK_G)
+    return tl.sum(tl.where(lane_group[None, :] == g[:, None], per_lane[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def to_lanes(per_group, lane_group, BLOCK_G: tl.constexpr):
+    """(BLOCK_G,) per-group values -> (BLOCK_CH,) each channel's group's value."""
+    g = tl.arange(0, BLOCK_G)
+    return tl.sum(tl.where(lane_group[None, :] == g[:, None], per_group[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def tile_last(start, c, c_in, p0, positions, channels, BLOCK_P: tl.constexpr):
+    """Offsets and mask of the (positions, channels) tile from position p0."""
+    p = p0 + tl.arange(0, BLOCK_P)
+    return start + p[:, None] * channels + c[None, :], (p < positions)[:, None] & c_in[None, :]
+
+
+@triton.jit
+def forward_last(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rstd_ptr,
+                 channels, positions, groups, groups_per_program, mod_stride_n, mod_stride_c, eps,
+                 BLOCK_CH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr,
+                 MODULATE: tl.constexpr, ACT: tl.constexpr):
+    n, g0, first, per_group, c, lane_group, c_in = lanes_of(channels, groups, groups_per_program, BLOCK_CH)
+    start = n.to(tl.int64) * positions * channels + first
+    count = (per_group * positions).to(tl.float32)
+    total = tl.zeros([BLOCK_P, BLOCK_CH], dtype=tl.float32)
+    p0 = 0
+    while p0 < positions:
+        offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
+        total += tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        p0 += BLOCK_P
+    mean_g = to_groups(tl.sum(total, axis=0), lane_group, BLOCK_G) / count
+    mean = to_lanes(mean_g, lane_group, BLOCK_G)
+    total = tl.zeros([BLOCK_P, BLOCK_CH], dtype=tl.float32)
+    p0 = 0
+    while p0 < positions:
+        offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
+        d = tl.where(inside, tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean[None, :], 0.0)
+        total += d * d
+        p0 += BLOCK_P
+    rstd_g = 1.0 / tl.sqrt(to_groups(tl.sum(total, axis=0), lane_group, BLOCK_G) / count + eps)
+    rstd = to_lanes(rstd_g, lane_group, BLOCK_G)
+    g = tl.arange(0, BLOCK_G)
+    g_in = (g < groups_per_program) & (g0 + g < groups)
+    tl.store(mean_ptr + n * groups + g0 + g, mean_g, mask=g_in)
+    tl.store(rstd_ptr + n * groups + g0 + g, rstd_g, mask=g_in)
+    w, b, s, shift = channel_terms(w_ptr, b_ptr, scale_ptr, shift_ptr, n, first, c, c_in, mod_stride_n,
+                                   mod_stride_c, BLOCK_CH, MODULATE)
+    gain = w * rstd * s
+    offset = (b - mean * w * rstd) * s + shift
+    p0 = 0
+    while p0 < positions:
+        offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
+        u = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) * gain[None, :] + offset[None, :]
+        if ACT:
+            u = u * tl.sigmoid(u)
+        tl.store(y_ptr + offsets, u.to(y_ptr.dtype.element_ty), mask=inside)
+        p0 += BLOCK_P
+
+
+@triton.jit
+def backward_last(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, dx_ptr,
+                  dw_ptr, db_ptr, dscale_ptr, dshift_ptr, channels, positions, groups, groups_per_program,
+                  mod_stride_n, mod_stride_c, BLOCK_CH: tl.constexpr, BLOCK_P: tl.constexpr,
+                  BLOCK_G: tl.constexpr, MODULATE: tl.constexpr, ACT: tl.constexpr):
+    n, g0, first, per_group, c, lane_group, c_in = lanes_of(channels, groups, groups_per_program, BLOCK_CH)
+    start = n.to(tl.int64) * positions * channels + first
+    count = (per_group * positions).to(tl.float32)
+    g = tl.arange(0, BLOCK_G)
+    g_in = (g < groups_per_program) & (g0 + g < groups)
+    mean = to_lanes(tl.load(mean_ptr + n * groups + g0 + g, mask=g_in, other=0.0), lane_group, BLOCK_G)
+    rstd = to_lanes(tl.load(rstd_ptr + n * groups + g0 + g, mask=g_in, other=0.0), lane_group, BLOCK_G)
+    w, b, s, shift = channel_terms(w_ptr, b_ptr, scale_ptr, shift_ptr, n, first, c, c_in, mod_stride_n,
+                                   mod_stride_c, BLOCK_CH, MODULATE)
+    # The same sums as backward(), with channels on the second axis.
+    sum_du = tl.zeros([BLOCK_P, BLOCK_CH], dtype=tl.float32)
+    sum_du_h = tl.zeros([BLOCK_P, BLOCK_CH], dtype=tl.float32)
+    sum_du_xhat = tl.zeros([BLOCK_P, BLOCK_CH], dtype=tl.float32)
+    p0 = 0
+    while p0 < positions:
+        offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
+        xhat = (tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
+        du = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        h = xhat * w[None, :] + b[None, :]
+        if ACT:
+            du = through_silu(du, h * s[None, :] + shift[None, :])
+        du = tl.where(inside, du, 0.0)
+        sum_du += du
+        sum_du_h += du * h
+        sum_du_xhat += du * xhat
+        p0 += BLOCK_P
+    du_c = tl.sum(sum_du, axis=0)
+    db_c = du_c * s
+    dw_c = tl.sum(sum_du_xhat, axis=0) * s
+    row = n * channels + first + c
+    tl.store(dw_ptr + row, dw_c, mask=c_in)
+    tl.store(db_ptr + row, db_c, mask=c_in)
+    if MODULATE:
+        tl.store(dscale_ptr + row, tl.sum(sum_du_h, axis=0), mask=c_in)
+        tl.store(dshift_ptr + row, du_c, mask=c_in)
+    mean_dxhat = to_lanes(to_groups(db_c * w, lane_group, BLOCK_G), lane_group, BLOCK_G) / count
+    mean_dxhat_xhat = to_lanes(to_groups(dw_c * w, lane_group, BLOCK_G), lane_group, BLOCK_G) / count
+    p0 = 0
+    while p0 < positions:
+        offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
+        xhat = (tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
+        du = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        if ACT:
+            du = through_silu(du, (xhat * w[None, :] + b[None, :]) * s[None, :] + shift[None, :])
+        dx = (du * (s * w)[None, :] - mean_dxhat[None, :] - xhat * mean_dxhat_xhat[None, :]) * rstd[None, :]
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
         p0 += BLOCK_P

@@ -450,12 +450,15 @@ def dev() -> torch.device:
     return torch.device("cpu")
 
 
-def autotune_convolutions(device: torch.device) -> None:
-    """On a CUDA ``device``, let cuDNN time its convolution algorithms once per
-    shape and keep the fastest. Pays where every batch has the same shape (a
-    training step, a sampling batch); a process-wide setting, left on."""
+def autotune_convolutions(device: torch.device, enabled: bool = True) -> None:
+    """On a CUDA ``device``, whether cuDNN times its convolution algorithms
+    once per shape and keeps the fastest. It pays where every batch has the
+    same shape and the timing is soon repaid: sampling, VAE training and
+    encoding turn it on. The diffusion trainer turns it off: its step gained
+    nothing (docs/BENCHMARKS.md) and the timing added 5 s to its first step.
+    A process-wide setting, so each stage of a quickstart sets its own."""
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = bool(enabled)
 
 
 def _comm_device() -> torch.device:

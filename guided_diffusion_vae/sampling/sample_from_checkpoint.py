@@ -26,6 +26,7 @@ import torch
 from ..training import checkpoint as ckpt
 from ..runtime import dist_util, logger
 from ..core import script_util
+from ..core.nn import to_fast_layout
 from ..runtime.dist_util import pick_device
 from ..runtime.errors import UserError, shown
 from ..data.array_datasets import parse_db_range, to_db
@@ -43,7 +44,8 @@ from .guidance import (
 from ..data.labels import default_label_map, normalize_label_map, null_class_index, people, resolve_user_ids
 from ..runtime.images import to_uint8_images
 from .sample_io import check_sample_folder, save_samples, save_samples_whole
-from ..core.sample_loop import CLIP_MODES, SAMPLING_PRECISIONS, DenoisedClipper, NonFiniteSamples, generate_samples
+from ..core.sample_loop import (CLIP_MODES, SAMPLING_PRECISIONS, DenoisedClipper, NonFiniteSamples, generate_samples,
+                                 resolve_sampling_precision)
 from ..core.samplers import CORE_SAMPLERS, SAMPLER_NAMES, TIMESTEP_SPACINGS, build_scheduler, resolve_sampler, sampler_steps
 from ..latent.vae_wrapper import latent_shape_of, vae_from_description
 
@@ -70,7 +72,7 @@ def sample_defaults():
         "dynamic_threshold_percentile": 0.995,
         "seed": 0,
         "device": "auto",
-        "precision": "fp32",
+        "precision": "auto",
         "vae_path": "",
         "classifier_path": "",
         "classifier_scale": 1.0,
@@ -111,7 +113,8 @@ FLAG_HELP = {
     "dynamic_threshold_percentile": "percentile of |x_0| per sample that dynamic clipping clamps to",
     "seed": "seed of the starting noise: sample i of a seed is the same whatever the batch size or process count",
     "device": dist_util.DEVICE_HELP,
-    "precision": "arithmetic of the denoising steps",
+    "precision": "arithmetic of the denoising steps: auto is bf16 autocast on a GPU (as fast as that, and "
+                 "the same quality in the quickstart's A/B) and float32 on the CPU",
     "vae_path": "the VAE of a latent checkpoint, if it has moved from where the checkpoint says",
     "classifier_path": "a noisy-latent classifier (scripts/classifier_train.py) that guides the samples to "
                        "their person",
@@ -245,10 +248,11 @@ def _built_from(meta, state, path, device):
 
 
 def _ready(model, meta, device):
-    """``model`` in fp16 if it was trained so, on ``device``, in eval mode."""
+    """``model`` in fp16 if it was trained so, on ``device``, in eval mode,
+    in the faster memory layout there (``nn.to_fast_layout``)."""
     if meta["model"].get("use_fp16"):
         model.convert_to_fp16()
-    return model.to(device).eval()
+    return to_fast_layout(model.to(device).eval(), device)
 
 
 def load_decoder(meta, config, device):
@@ -616,7 +620,8 @@ class SamplingPipeline:
                 "steps": self.total_steps, "timestep_respacing": self.options["timestep_respacing"],
                 "timestep_spacing": None if self.sampler in CORE_SAMPLERS else self.spacing,
                 "eta": float(self.options["eta"]), "guidance": self.guidance, "clip_denoised": self.clipper.mode,
-                "precision": self.options["precision"], "seed": int(seed), "samples": int(count)}
+                "precision": resolve_sampling_precision(self.options["precision"], self.device),
+                "seed": int(seed), "samples": int(count)}
 
 
 def build_pipeline(config, sampler, device):

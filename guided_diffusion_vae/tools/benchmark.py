@@ -11,6 +11,7 @@ dense bf16 peak.
 
 import contextlib
 import copy
+import gc
 import json
 import os
 import statistics
@@ -23,7 +24,8 @@ from ..core import script_util
 from ..runtime.errors import UserError
 from ..runtime.files import atomic_write_json, check_writable_file
 from ..core.sample_loop import generate_samples
-from ..core.nn import fused_norm
+from ..core import triton_norm
+from ..core.nn import channels_last, fused_norm, to_fast_layout
 from ..core.samplers import SAMPLER_NAMES
 from ..training.train_util import TrainLoop
 from ..training.training_parts import compile_module
@@ -46,9 +48,12 @@ QUICK_MODEL_FLAGS = {"image_size": 8, "num_channels": 32, "channel_mult": "1,2",
                      "num_head_channels": 16, "num_res_blocks": 1, "batch_size": 4}
 
 # precision, torch.compile, CUDA graphs, attention kernel, fused GroupNorm
-# kernels (False: eager ops; else nn.FUSED_KERNELS), cuDNN autotuning.
+# kernels (False: eager ops; else nn.FUSED_KERNELS), cuDNN autotuning (True,
+# False, or "sampling" only, as the scripts do), channels-last weights and
+# activations (None: nn.to_fast_layout's own choice), and the precision of
+# sampling when it differs from training's.
 _FAST = {"precision": "bf16", "compile": False, "cuda_graph": True, "plain_attention": False,
-         "fused_norm": False, "cudnn_benchmark": False}
+         "fused_norm": False, "cudnn_benchmark": False, "channels_last": False, "sampling_precision": None}
 MODES = {
     "reference": {**_FAST, "precision": "fp32", "cuda_graph": False, "plain_attention": True},
     "fast": _FAST,
@@ -61,6 +66,15 @@ MODES = {
     "fast+fused": {**_FAST, "fused_norm": "compile"},
     "fast+cudnn": {**_FAST, "cudnn_benchmark": True},
     "fast+triton+cudnn": {**_FAST, "fused_norm": "triton", "cudnn_benchmark": True},
+    # The fused kernels read channels-last activations, so cuDNN needs no
+    # layout conversions around its convolutions.
+    "fast+triton+cl": {**_FAST, "fused_norm": "triton", "channels_last": True},
+    "fast+triton+cudnn+cl": {**_FAST, "fused_norm": "triton", "cudnn_benchmark": True, "channels_last": True},
+    # What the scripts do when given no flags: image_train_vae.py's training
+    # (bf16), image_sample_vae.py's sampling (float32 arithmetic, cuDNN's
+    # autotuner), the fused norms and layout where the device allows.
+    "default": {**_FAST, "fused_norm": "triton", "cudnn_benchmark": "sampling", "channels_last": None,
+                "sampling_precision": "fp32"},
 }
 
 
@@ -95,7 +109,8 @@ FLAG_HELP = {
     "models": f"comma list of benchmark models: {', '.join(BENCH_MODELS)}",
     "modes": f"comma list of modes: {', '.join(MODES)} (reference: fp32, eager, math attention; fast: the "
              "defaults; +compile: torch.compile; +triton / +fused: GroupNorm+SiLU fused by hand-written Triton "
-             "kernels / by torch.compile; +cudnn: cuDNN's autotuner)",
+             "kernels / by torch.compile; +cudnn: cuDNN's autotuner; +cl: channels-last weights and activations; "
+             "default: what the scripts do with no flags, float32 sampling included)",
     "samplers": f"comma list of samplers to time ({', '.join(SAMPLER_NAMES)}); empty: no sampling",
     "sampling_steps": "sampler steps per sample (DDIM-50 is ddim with 50)",
     "sampling_batch": "samples per batch when timing sampling",
@@ -157,14 +172,16 @@ def bf16_peak(device):
 
 
 @contextlib.contextmanager
-def _mode_kernels(mode):
-    """The mode's attention kernel, GroupNorm+SiLU kernels (``nn.fused_norm``)
-    and cuDNN autotuning, restored afterwards."""
+def _mode_kernels(mode, stage):
+    """The mode's attention kernel, GroupNorm+SiLU kernels (``nn.fused_norm``),
+    memory layout (``nn.channels_last``) and cuDNN autotuning for ``stage``
+    ("train" or "sample"), restored afterwards."""
     before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = MODES[mode]["cudnn_benchmark"]
+    autotune = MODES[mode]["cudnn_benchmark"]
+    torch.backends.cudnn.benchmark = autotune is True or (autotune == "sampling" and stage == "sample")
     try:
         kernels = MODES[mode]["fused_norm"]
-        with fused_norm(None, kernels) if kernels else fused_norm(False):
+        with fused_norm(None, kernels) if kernels else fused_norm(False), channels_last(MODES[mode]["channels_last"]):
             if MODES[mode]["plain_attention"]:
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -217,10 +234,13 @@ def _loop(flags, batch, mode, device, seed=0):
     torch.manual_seed(seed)
     model, diffusion = script_util.create_model_and_diffusion(**flags)
     settings = MODES[mode]
-    return TrainLoop(model=model, diffusion=diffusion, data=_synthetic_batches(batch, flags, device),
+    autotune = torch.backends.cudnn.benchmark  # the mode's (_mode_kernels), over the trainer's own choice
+    loop = TrainLoop(model=model, diffusion=diffusion, data=_synthetic_batches(batch, flags, device),
                      batch_size=batch, lr=1e-4, ema_rate="0.9999", log_interval=10**9, save_interval=0,
                      precision=settings["precision"], compile=settings["compile"],
                      cuda_graph=settings["cuda_graph"], checkpoint_dir=os.devnull)
+    torch.backends.cudnn.benchmark = autotune
+    return loop
 
 
 def _steps(loop, n):
@@ -234,9 +254,10 @@ def time_training(flags, batch, mode, device, config):
     """Images/s of training steps (median over ``repeat`` windows), warm-up
     time and peak memory."""
     if device.type == "cuda":
+        gc.collect()  # an earlier mode's loop and graphs, held in reference cycles, would count
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    with _mode_kernels(mode):
+    with _mode_kernels(mode, "train"):
         loop = _loop(flags, batch, mode, device)
         start = time.perf_counter()
         _steps(loop, max(int(config["warmup_steps"]), 3))  # 3: graph warm-up and capture
@@ -284,8 +305,8 @@ def _profile_model_call(model, flags, mode, device, batch, folder):
     x = torch.randn(shape, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     y = torch.randint(0, flags["num_classes"], (batch,), device=device)
-    cast = (torch.autocast(device.type, dtype=torch.bfloat16) if MODES[mode]["precision"] == "bf16"
-            else contextlib.nullcontext())
+    precision = MODES[mode]["sampling_precision"] or MODES[mode]["precision"]
+    cast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad(), cast:
         model(x, t, y=y)  # warm: compile and cuDNN choices stay out of the table
@@ -308,19 +329,22 @@ def time_sampling(model, flags, mode, sampler, device, config):
     batch = int(config["sampling_batch"])
     calls = {"n": 0}
     settings = MODES[mode]
+    precision = settings["sampling_precision"] or settings["precision"]
     network = {"now": model}
 
     def counted(x, t, **kwargs):
-        calls["n"] += 1
+        calls["n"] += not triton_norm.recording()  # the kernels' build-ahead call is no sampling step
         return network["now"](x, t, **kwargs)
 
     run = dict(model=counted, diffusion=diffusion, sample_shape=(flags["in_channels"], flags["image_size"],
                flags["image_size"]), num_samples=batch, batch_size=batch,
                labels=[i % flags["num_classes"] for i in range(batch)], sampler=sampler,
-               steps=None if core else steps, device=device, precision=settings["precision"], progress=False,
+               steps=None if core else steps, device=device, precision=precision, progress=False,
                cuda_graphs=settings["cuda_graph"])
     rates = []
-    with _mode_kernels(mode):
+    with _mode_kernels(mode, "sample"):
+        # The mode's layout, from whatever an earlier mode left.
+        to_fast_layout(model.to(memory_format=torch.contiguous_format), device)
         # Calls per sample, counted on one eager sample (a graph replay calls nothing).
         generate_samples(**{**run, "num_samples": 1, "batch_size": 1, "labels": [0], "cuda_graphs": False}, seed=0)
         calls_per_sample = calls["n"]
@@ -369,7 +393,7 @@ def loss_curves(flags, batch, modes, device, steps):
     mean loss of each fifth of the run, per mode."""
     curves = {}
     for mode in modes:
-        with _mode_kernels(mode):
+        with _mode_kernels(mode, "train"):
             loop = _loop(flags, batch, mode, device, seed=1)
             points = []
             for _ in range(5):

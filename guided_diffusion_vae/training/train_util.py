@@ -31,7 +31,7 @@ from ..runtime.errors import UserError, check_number, shown
 from .monitor_flags import monitor_defaults
 from ..runtime.files import lock_folder, undone_on_failure
 from ..core.fp16_util import MixedPrecisionTrainer
-from ..core.nn import update_ema
+from ..core.nn import build_norm_kernels_ahead, to_fast_layout, update_ema
 from ..core.resample import SCHEDULE_SAMPLERS, LossAwareSampler, UniformSampler
 from ..runtime.cuda_graphs import ReplayedStep, graphs_usable
 from .training_parts import autocast, compile_module, train_until, wrap_for_processes
@@ -419,6 +419,9 @@ class TrainLoop:
         checkpoint's) and give every rank rank 0's; return the training state
         to apply once the optimizer exists (or None)."""
         self.model.to(self.device)
+        dist_util.autotune_convolutions(self.device, False)
+        if not self.use_fp16:  # the original's fp16 scheme flattens the weights itself
+            to_fast_layout(self.model, self.device)
         self.params = list(self.model.parameters())
         self.ema_params = [[p.detach().clone().float() for p in self.params] for _ in self.ema_rates]
         training_state = self._resume(resume_checkpoint) if resume_checkpoint else None
@@ -464,6 +467,7 @@ class TrainLoop:
     def _prepare_graph_step(self):
         """The step as one CUDA graph (when possible); cond's keys are fixed by the first batch."""
         self._replayed = ReplayedStep(self._device_step_of_tensors) if self._graph_mode else None
+        self._norm_kernels_built = False
         self._cond_keys = None
         self._graph_mismatch_logged = False
 
@@ -626,6 +630,8 @@ class TrainLoop:
         """One optimizer step on ``batch``: eager, or on CUDA (``cuda_graph``)
         two eager warm-up steps and then one captured graph replayed per batch."""
         batch, cond = self._move(batch, cond)
+        if not self._norm_kernels_built:
+            self._build_norm_kernels(batch, cond)
         self._set_step_scalars()
         if not self._graph_mode:
             self._device_step(batch, cond)
@@ -641,6 +647,20 @@ class TrainLoop:
             self._device_step(batch, cond)
             return
         self._replayed(*tensors)
+
+    def _build_norm_kernels(self, batch, cond):
+        """Before the first step: build the fused norms' kernels for this
+        model at once, in threads (``nn.build_norm_kernels_ahead``)."""
+        self._norm_kernels_built = True
+        n = min(2, batch.shape[0])
+        t = torch.zeros(n, dtype=torch.long, device=batch.device)
+
+        def forward():
+            with autocast(self.precision, self.device):
+                self.model(batch[:n], t, **{k: v[:n] for k, v in cond.items()})
+        built = build_norm_kernels_ahead(forward, self.device)
+        if built:
+            logger.log(f"fused norms: {built[0]} Triton kernels ready in {built[1]:.1f} s")
 
     def _device_step_of_tensors(self, batch, *cond_values):
         return self._device_step(batch, dict(zip(self._cond_keys, cond_values)))
