@@ -101,30 +101,31 @@ def _modulation(scale, shift, n, c):
     return scale, shift, scale.stride(0), scale.stride(1)
 
 
+def _plan(x, groups, modulate, act):
+    """``(channels_last, grid, int arguments after groups, options)`` of a
+    launch on x, forward or backward alike."""
+    last = is_channels_last(x)
+    grid, shape, extra, warps = _launch(x.shape[1], groups, x[0, 0].numel(), last)
+    return last, (x.shape[0] * grid,), extra, {**shape, "MODULATE": modulate, "ACT": bool(act), "num_warps": warps}
+
+
 def _forward_launch(x, weight, bias, mod_scale, mod_shift, stride_n, stride_c, groups, eps, act, y, mean, rstd):
     """``(kernel, grid, args, options)`` of the forward kernel for these tensors."""
-    n, c = x.shape[:2]
-    last = is_channels_last(x)
-    grid, shape, extra, warps = _launch(c, groups, x[0, 0].numel(), last)
     modulate = mod_scale is not None
+    last, grid, extra, options = _plan(x, groups, modulate, act)
     args = (x, weight, bias, mod_scale if modulate else weight, mod_shift if modulate else bias, y, mean, rstd,
-            c, x[0, 0].numel(), groups, *extra, stride_n, stride_c, float(eps))
-    return _kernels(last)[0], (n * grid,), args, {**shape, "MODULATE": modulate, "ACT": bool(act),
-                                                  "num_warps": warps}
+            x.shape[1], x[0, 0].numel(), groups, *extra, stride_n, stride_c, float(eps))
+    return _kernels(last)[0], grid, args, options
 
 
 def _backward_launch(x, dy, weight, bias, mod_scale, mod_shift, stride_n, stride_c, groups, act, mean, rstd,
                      dx, partial):
     """``(kernel, grid, args, options)`` of the backward kernel; partial: (4, N, C) float32."""
-    n, c = x.shape[:2]
-    last = is_channels_last(x)
-    grid, shape, extra, warps = _launch(c, groups, x[0, 0].numel(), last)
     modulate = mod_scale is not None
+    last, grid, extra, options = _plan(x, groups, modulate, act)
     args = (x, dy, weight, bias, mod_scale if modulate else weight, mod_shift if modulate else bias, mean, rstd,
-            dx, partial[0], partial[1], partial[2], partial[3], c, x[0, 0].numel(), groups, *extra, stride_n,
-            stride_c)
-    return _kernels(last)[1], (n * grid,), args, {**shape, "MODULATE": modulate, "ACT": bool(act),
-                                                  "num_warps": warps}
+            dx, *partial, x.shape[1], x[0, 0].numel(), groups, *extra, stride_n, stride_c)
+    return _kernels(last)[1], grid, args, options
 
 
 def _run(launch):
