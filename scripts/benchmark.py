@@ -1,7 +1,7 @@
 """Training and sampling throughput, memory and FLOP utilisation of the
 benchmark models (docs/BENCHMARKS.md).
 
-    python scripts/benchmark.py --models latent16,latent32,pixel64 --modes reference,fast \\
+    python scripts/benchmark.py --models latent16,latent32,pixel64 --modes reference,fast,default \\
         --samplers ddim,dpmpp_2m,unipc --repeat 5 --output_json bench.json
     python scripts/benchmark.py --device cpu --quick      # smoke run: checks it works, not speed
 """

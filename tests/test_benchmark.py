@@ -20,7 +20,7 @@ def test_quick_cpu_run_reports_every_figure(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["info"]["device"] == "cpu" and report["info"]["torch"]
     rows = [r for r in report["results"] if "train" in r]
-    assert [r["mode"] for r in rows] == ["reference", "fast"]
+    assert [r["mode"] for r in rows] == ["reference", "default"]  # the default modes: what the scripts do
     for row in rows:
         assert row["train"]["images_per_s"]["median"] > 0 and len(row["train"]["images_per_s"]["runs"]) == 2
         assert row["train_gflops_per_image"] > row["call_gflops_per_image"] > 0  # backward costs more
@@ -32,8 +32,9 @@ def test_quick_cpu_run_reports_every_figure(tmp_path, capsys):
     assert "| latent16 | reference |" in table and "| tiny |" in table
     # The profiles: each mode's training step and its model call, as kernel/op tables.
     tables = {p.name: p.read_text() for p in (tmp_path / "prof").iterdir()}
-    assert set(tables) == {"train_reference.txt", "train_fast.txt", "model_call_reference.txt", "model_call_fast.txt"}
-    assert "aten::convolution" in tables["model_call_fast.txt"] and "aten::group_norm" in tables["model_call_fast.txt"]
+    assert set(tables) == {"train_reference.txt", "train_default.txt", "model_call_reference.txt",
+                           "model_call_default.txt"}
+    assert "aten::convolution" in tables["model_call_default.txt"] and "aten::group_norm" in tables["model_call_default.txt"]
 
 
 def test_fast_mode_follows_the_reference_loss_curve():

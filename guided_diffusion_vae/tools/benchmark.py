@@ -86,7 +86,7 @@ BF16_PEAKS = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A
 def benchmark_defaults():
     return {
         "models": "latent16",
-        "modes": "reference,fast",
+        "modes": "reference,default",
         "samplers": "ddim,dpmpp_2m",
         "sampling_steps": 50,
         "sampling_batch": 256,
@@ -107,8 +107,8 @@ def benchmark_defaults():
 
 FLAG_HELP = {
     "models": f"comma list of benchmark models: {', '.join(BENCH_MODELS)}",
-    "modes": f"comma list of modes: {', '.join(MODES)} (reference: fp32, eager, math attention; fast: the "
-             "defaults; +compile: torch.compile; +triton / +fused: GroupNorm+SiLU fused by hand-written Triton "
+    "modes": f"comma list of modes: {', '.join(MODES)} (reference: fp32, eager, math attention; fast: bf16 "
+             "and CUDA graphs with the norms as separate ops; +compile: torch.compile; +triton / +fused: GroupNorm+SiLU fused by hand-written Triton "
              "kernels / by torch.compile; +cudnn: cuDNN's autotuner; +cl: channels-last weights and activations; "
              "default: what the scripts do with no flags, float32 sampling included)",
     "samplers": f"comma list of samplers to time ({', '.join(SAMPLER_NAMES)}); empty: no sampling",
