@@ -283,3 +283,20 @@ def test_building_ahead_leaves_the_random_stream_alone():
     with gd_nn.fused_norm(True, "triton"):
         assert gd_nn.build_norm_kernels_ahead(lambda: model(x, t, y=torch.tensor([0, 1])), "cpu") == (0, 0.0)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_failed_build_ahead_warns_and_leaves_the_kernels_to_the_first_launch(monkeypatch):
+    """By default (fused where possible) a build-ahead failure costs only
+    the head start: a warning, and None; forced on, it raises."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("warmup() got an unexpected keyword argument 'grid'\nmore")
+
+    monkeypatch.setattr(triton_norm, "build_ahead", broken)
+    monkeypatch.setattr(gd_nn, "_fused_norm_usable", lambda x: gd_nn._FUSED["enabled"] is not False)
+    with gd_nn.fused_norm(None, "triton"):
+        with pytest.warns(UserWarning, match=r"building the fused GroupNorm\+SiLU kernels ahead failed "
+                                             r"\(RuntimeError: warmup\(\) got an unexpected keyword"):
+            assert gd_nn.build_norm_kernels_ahead(lambda: None, "cpu") is None
+        assert gd_nn._FUSED["enabled"] is None  # the kernels themselves stay on
+    with gd_nn.fused_norm(True, "triton"), pytest.raises(RuntimeError, match="unexpected keyword"):
+        gd_nn.build_norm_kernels_ahead(lambda: None, "cpu")

@@ -124,15 +124,23 @@ def build_norm_kernels_ahead(forward, device, backward=True):
     they run on ``device``, instead of one by one during the first step.
     ``forward`` runs once without gradients, its norms computed eagerly:
     give it a batch of one or two. Returns ``(kernels, seconds)``, or None
-    where the kernels do not run."""
+    where the kernels do not run or the build failed (a warning says why;
+    the first launch then builds them, or falls back to the eager ops)."""
     if _FUSED["kernels"] != "triton" or not _fused_norm_usable(torch.empty(0, device=device)):
         return None
     from . import triton_norm
 
     device = torch.device(device)
-    # fork_rng: a dropout in forward() must not move the run's random stream.
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return triton_norm.build_ahead(forward, device, backward=backward)
+    try:
+        # fork_rng: a dropout in forward() must not move the run's random stream.
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return triton_norm.build_ahead(forward, device, backward=backward)
+    except Exception as err:  # only a head start is lost: the first launch builds (or says why not)
+        if _FUSED["enabled"] is True:
+            raise
+        warnings.warn(f"building the fused GroupNorm+SiLU kernels ahead failed ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); the first step builds them instead")
+        return None
 
 
 # Whether convolution weights are stored channels-last (set_channels_last):

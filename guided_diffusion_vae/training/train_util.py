@@ -528,8 +528,8 @@ class TrainLoop:
                     f"(expected {ckpt.ema_path(folder, rate, self.step)})"
                 )
             ema_state, _ = ckpt.load_weights(ema_file, data=dist_util.read_file_once(ema_file))
-            names = [name for name, _ in self.model.named_parameters()]
-            self.ema_params[i] = [ema_state[n].to(self.device).float() for n in names]
+            self.ema_params[i] = [in_layout_of(p, ema_state[n].to(self.device).float())
+                                  for n, p in self.model.named_parameters()]
         opt_file = ckpt.state_path(folder, self.step)
         if os.path.exists(opt_file):
             self._opt_file = opt_file
@@ -593,6 +593,13 @@ class TrainLoop:
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"resume: the optimizer state in {self._opt_file} does not fit this model: "
                             f"{str(err).splitlines()[0]}") from None
+        # The fused AdamW kernel walks each state tensor's memory in its
+        # parameter's order: a state saved in the other layout (NCHW against
+        # channels-last) would update the wrong elements.
+        for param, state in self.opt.state.items():
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    state[key] = in_layout_of(param, value)
 
     # -------------------------------------------------------------------- loop
 
@@ -925,6 +932,14 @@ class _LaggedReader:
         self.copied = torch.cuda.Event()
         self.copied.record()
         return value
+
+
+def in_layout_of(param, value):
+    """``value`` (param's shape) laid out in memory as ``param`` is (NCHW or
+    channels-last), in value's dtype; value itself when it already is."""
+    if value.stride() == param.stride():
+        return value
+    return torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _duration(seconds):
