@@ -100,7 +100,10 @@ class NonFiniteSamples(UserError):
 
 def _build_norm_kernels(model, sample_shape, labels, n, device, autocast):
     """The fused norms' kernels of one model call, built at once before the
-    first (``nn.build_norm_kernels_ahead``; nothing where they do not run)."""
+    first (``nn.build_norm_kernels_ahead``; nothing where they do not run,
+    or when there is nothing to draw)."""
+    if n == 0:
+        return
     kwargs = {"y": labels[:n].to(device)} if labels is not None else {}
 
     def forward():
