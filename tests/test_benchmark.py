@@ -59,6 +59,7 @@ def test_each_mode_sets_its_kernels_and_restores_them():
     import torch
 
     from guided_diffusion_vae.core import nn
+    from guided_diffusion_vae.sampling.sample_from_checkpoint import sample_defaults
     from guided_diffusion_vae.tools.benchmark import MODES, _mode_kernels
 
     modes = ("fast", "fast+cudnn", "fast+fused", "fast+triton", "fast+triton+cudnn", "fast+triton+cl", "default")
@@ -80,4 +81,4 @@ def test_each_mode_sets_its_kernels_and_restores_them():
         assert seen[mode, "train"] == seen[mode, "sample"] == kernels, mode
     assert seen["default", "train"] == (False, None, "triton", None)
     assert seen["default", "sample"] == (True, None, "triton", None)
-    assert MODES["default"]["sampling_precision"] == "fp32"
+    assert MODES["default"]["sampling_precision"] == sample_defaults()["precision"] == "auto"  # the scripts' own

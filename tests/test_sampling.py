@@ -218,3 +218,29 @@ def test_sampling_precision_auto_is_bf16_on_a_gpu_and_float32_on_the_cpu(monkeyp
     assert resolve_sampling_precision("bf16", "cpu") == "bf16"  # asked for: as asked
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_sampling_precision("fp16", "cpu")
+
+
+def test_the_norm_kernels_are_built_ahead_once_per_model_and_call(model_and_diffusion, monkeypatch):
+    """generate_samples records and builds the fused norms' kernels before a
+    model's first call only: later calls of the same kind (the next share, a
+    smaller batch) skip the recording forward pass; another precision
+    records again."""
+    from guided_diffusion_vae.core import sample_loop
+
+    model, diffusion = model_and_diffusion
+    recorded = []
+
+    def build(forward, device, backward=True):
+        forward()  # the real recording pass, on the CPU with eager norms
+        recorded.append(backward)
+    monkeypatch.setattr(sample_loop, "build_norm_kernels_ahead", build)
+    monkeypatch.setattr(sample_loop, "_KERNELS_BUILT", __import__("weakref").WeakKeyDictionary())
+    kw = dict(model=model, diffusion=diffusion, sample_shape=(3, 8, 8), labels=[0, 1], use_ddim=True,
+              seed=7, progress=False)
+    generate_samples(num_samples=2, batch_size=2, **kw)
+    assert recorded == [False]  # forward kernels only: sampling runs no backward pass
+    generate_samples(num_samples=2, batch_size=1, **kw)
+    generate_samples(num_samples=2, batch_size=2, first_index=2, **kw)
+    assert len(recorded) == 1
+    generate_samples(num_samples=2, batch_size=2, precision="bf16", **kw)
+    assert len(recorded) == 2

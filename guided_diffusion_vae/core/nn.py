@@ -118,6 +118,11 @@ def norm_act(norm, x, scale=None, shift=None, act=True):
     return _norm_act_math(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, act)
 
 
+def _triton_norms_run_on(device):
+    """Whether norm_act runs the hand-written Triton kernels for tensors on ``device``."""
+    return _FUSED["kernels"] == "triton" and _fused_norm_usable(torch.empty(0, device=device))
+
+
 def build_norm_kernels_ahead(forward, device, backward=True):
     """Build the fused-norm kernels that ``forward()`` meets (and with
     ``backward`` those of its backward pass) all at once, in threads, where
@@ -126,7 +131,7 @@ def build_norm_kernels_ahead(forward, device, backward=True):
     give it a batch of one or two. Returns ``(kernels, seconds)``, or None
     where the kernels do not run or the build failed (a warning says why;
     the first launch then builds them, or falls back to the eager ops)."""
-    if _FUSED["kernels"] != "triton" or not _fused_norm_usable(torch.empty(0, device=device)):
+    if not _triton_norms_run_on(device):
         return None
     from . import triton_norm
 
@@ -176,7 +181,7 @@ def to_fast_layout(model, device):
     Saved weights are unaffected (they are written contiguous)."""
     wanted = _CHANNELS_LAST["enabled"]
     if wanted is None:
-        wanted = _fused_norm_usable(torch.empty(0, device=device)) and _FUSED["kernels"] == "triton"
+        wanted = _triton_norms_run_on(device)
     return model.to(memory_format=torch.channels_last) if wanted else model
 
 

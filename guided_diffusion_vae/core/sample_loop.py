@@ -8,6 +8,7 @@ whatever the batch size.
 """
 
 import contextlib
+import weakref
 
 import numpy as np
 import torch
@@ -27,9 +28,9 @@ SAMPLING_PRECISIONS = ("auto", "fp32", "bf16")
 
 def resolve_sampling_precision(precision, device):
     """``precision`` ("auto", "fp32" or "bf16") as run on ``device``. Auto is
-    bf16 on CUDA, where it sampled 29% faster than float32 with the same
-    quality in the quickstart's A/B (docs/BENCHMARKS.md); the CPU's bf16 is
-    slow, so float32 there."""
+    bf16 on CUDA, where DDIM-50 ran 29% faster than in float32 and the
+    quickstart's A/B found the same quality (docs/BENCHMARKS.md); the CPU's
+    bf16 is slow, so float32 there."""
     if precision not in SAMPLING_PRECISIONS:
         raise ValueError(f"precision must be one of {SAMPLING_PRECISIONS}, got {precision!r}")
     if precision != "auto":
@@ -98,12 +99,23 @@ class NonFiniteSamples(UserError):
         super().__init__(f"{len(self.indices)} sample(s) ({shown}) hold NaN or Inf in {where}")
 
 
-def _build_norm_kernels(model, sample_shape, labels, n, device, autocast):
+# The calls whose kernels are built already, per model: a later call (the
+# next share, a training preview) skips the recording forward pass.
+_KERNELS_BUILT = weakref.WeakKeyDictionary()
+
+
+def _build_norm_kernels(model, sample_shape, labels, n, device, precision, autocast):
     """The fused norms' kernels of one model call, built at once before the
     first (``nn.build_norm_kernels_ahead``; nothing where they do not run,
-    or when there is nothing to draw)."""
-    if n == 0:
+    or when an earlier call built them)."""
+    call = (tuple(sample_shape), labels is not None, str(device), precision)
+    try:
+        built = _KERNELS_BUILT.setdefault(model, set())
+    except TypeError:  # a model that cannot be weakly referenced: built on every call
+        built = set()
+    if call in built:
         return
+    built.add(call)
     kwargs = {"y": labels[:n].to(device)} if labels is not None else {}
 
     def forward():
@@ -175,11 +187,12 @@ def generate_samples(
         labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         if len(labels) != num_samples:
             raise ValueError(f"{len(labels)} labels for {num_samples} samples")
+    precision = resolve_sampling_precision(precision, device)
     autocast = (
         torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if resolve_sampling_precision(precision, device) == "bf16" else contextlib.nullcontext()
+        if precision == "bf16" else contextlib.nullcontext()
     )
-    _build_norm_kernels(model, sample_shape, labels, min(2, batch_size, num_samples), device, autocast)
+    _build_norm_kernels(model, sample_shape, labels, min(2, batch_size, num_samples), device, precision, autocast)
     if cuda_graphs and graphs_usable(device):
         model = GraphedForward(model)
     images, kept_labels = [], []

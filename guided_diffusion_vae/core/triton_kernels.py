@@ -54,6 +54,46 @@ def through_silu(du, u):
 
 
 @triton.jit
+def grad_terms(x_ptr, dy_ptr, offsets, inside, mean, rstd, w, b, s, shift, ACT: tl.constexpr):
+    """One tile of either backward pass, the per-channel terms already
+    broadcast to its shape: (xhat, h = xhat * w + b, du), du taken back
+    through SiLU to u = h * s + shift and zero outside the tile. Both layouts
+    share it."""
+    xhat = (tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean) * rstd
+    du = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    h = xhat * w + b
+    if ACT:
+        du = through_silu(du, h * s + shift)
+    return xhat, h, tl.where(inside, du, 0.0)
+
+
+@triton.jit
+def store_channel_grads(dw_ptr, db_ptr, dscale_ptr, dshift_ptr, row, c_in, du_c, du_h_c, du_xhat_c, s,
+                        MODULATE: tl.constexpr):
+    """Store this program's per-channel gradient sums (one row of each
+    (N, C) partial); return (db, dw) per channel. dh = du * s, so the w and
+    b grads are s times du's sums."""
+    db_c = du_c * s
+    dw_c = du_xhat_c * s
+    tl.store(dw_ptr + row, dw_c, mask=c_in)
+    tl.store(db_ptr + row, db_c, mask=c_in)
+    if MODULATE:
+        tl.store(dscale_ptr + row, du_h_c, mask=c_in)
+        tl.store(dshift_ptr + row, du_c, mask=c_in)
+    return db_c, dw_c
+
+
+@triton.jit
+def write_tile(x_ptr, y_ptr, offsets, inside, gain, offset, ACT: tl.constexpr):
+    """y = x * gain + offset (then SiLU) over one tile, per-channel terms
+    already broadcast to it, rounded once to y's dtype."""
+    u = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) * gain + offset
+    if ACT:
+        u = u * tl.sigmoid(u)
+    tl.store(y_ptr + offsets, u.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def forward(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rstd_ptr,
             channels, positions, groups, mod_stride_n, mod_stride_c, eps,
             BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, MODULATE: tl.constexpr, ACT: tl.constexpr):
@@ -84,10 +124,7 @@ def forward(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rstd_ptr
     p0 = 0
     while p0 < positions:
         offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
-        u = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) * gain[:, None] + offset[:, None]
-        if ACT:
-            u = u * tl.sigmoid(u)
-        tl.store(y_ptr + offsets, u.to(y_ptr.dtype.element_ty), mask=inside)
+        write_tile(x_ptr, y_ptr, offsets, inside, gain[:, None], offset[:, None], ACT)
         p0 += BLOCK_P
 
 
@@ -109,36 +146,23 @@ def backward(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_p
     p0 = 0
     while p0 < positions:
         offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
-        xhat = (tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean) * rstd
-        du = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        h = xhat * w[:, None] + b[:, None]
-        if ACT:
-            du = through_silu(du, h * s[:, None] + shift[:, None])
-        du = tl.where(inside, du, 0.0)
+        xhat, h, du = grad_terms(x_ptr, dy_ptr, offsets, inside, mean, rstd, w[:, None], b[:, None],
+                                 s[:, None], shift[:, None], ACT)
         sum_du += du
         sum_du_h += du * h
         sum_du_xhat += du * xhat
         p0 += BLOCK_P
-    du_c = tl.sum(sum_du, axis=1)
-    # dh = du * s, so the w and b grads are s times du's sums.
-    db_c = du_c * s
-    dw_c = tl.sum(sum_du_xhat, axis=1) * s
-    row = n * channels + first + c
-    tl.store(dw_ptr + row, dw_c, mask=c_in)
-    tl.store(db_ptr + row, db_c, mask=c_in)
-    if MODULATE:
-        tl.store(dscale_ptr + row, tl.sum(sum_du_h, axis=1), mask=c_in)
-        tl.store(dshift_ptr + row, du_c, mask=c_in)
+    db_c, dw_c = store_channel_grads(dw_ptr, db_ptr, dscale_ptr, dshift_ptr, n * channels + first + c, c_in,
+                                     tl.sum(sum_du, axis=1), tl.sum(sum_du_h, axis=1),
+                                     tl.sum(sum_du_xhat, axis=1), s, MODULATE)
     # dxhat = dh * w; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
     mean_dxhat = tl.sum(db_c * w, axis=0) / count
     mean_dxhat_xhat = tl.sum(dw_c * w, axis=0) / count
     p0 = 0
     while p0 < positions:
         offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
-        xhat = (tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean) * rstd
-        du = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        if ACT:
-            du = through_silu(du, (xhat * w[:, None] + b[:, None]) * s[:, None] + shift[:, None])
+        xhat, _, du = grad_terms(x_ptr, dy_ptr, offsets, inside, mean, rstd, w[:, None], b[:, None],
+                                 s[:, None], shift[:, None], ACT)
         dx = (du * (s * w)[:, None] - mean_dxhat - xhat * mean_dxhat_xhat) * rstd
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
         p0 += BLOCK_P
@@ -224,10 +248,7 @@ def forward_last(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rst
     p0 = 0
     while p0 < positions:
         offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
-        u = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) * gain[None, :] + offset[None, :]
-        if ACT:
-            u = u * tl.sigmoid(u)
-        tl.store(y_ptr + offsets, u.to(y_ptr.dtype.element_ty), mask=inside)
+        write_tile(x_ptr, y_ptr, offsets, inside, gain[None, :], offset[None, :], ACT)
         p0 += BLOCK_P
 
 
@@ -252,34 +273,22 @@ def backward_last(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, r
     p0 = 0
     while p0 < positions:
         offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
-        xhat = (tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
-        du = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        h = xhat * w[None, :] + b[None, :]
-        if ACT:
-            du = through_silu(du, h * s[None, :] + shift[None, :])
-        du = tl.where(inside, du, 0.0)
+        xhat, h, du = grad_terms(x_ptr, dy_ptr, offsets, inside, mean[None, :], rstd[None, :], w[None, :],
+                                 b[None, :], s[None, :], shift[None, :], ACT)
         sum_du += du
         sum_du_h += du * h
         sum_du_xhat += du * xhat
         p0 += BLOCK_P
-    du_c = tl.sum(sum_du, axis=0)
-    db_c = du_c * s
-    dw_c = tl.sum(sum_du_xhat, axis=0) * s
-    row = n * channels + first + c
-    tl.store(dw_ptr + row, dw_c, mask=c_in)
-    tl.store(db_ptr + row, db_c, mask=c_in)
-    if MODULATE:
-        tl.store(dscale_ptr + row, tl.sum(sum_du_h, axis=0), mask=c_in)
-        tl.store(dshift_ptr + row, du_c, mask=c_in)
+    db_c, dw_c = store_channel_grads(dw_ptr, db_ptr, dscale_ptr, dshift_ptr, n * channels + first + c, c_in,
+                                     tl.sum(sum_du, axis=0), tl.sum(sum_du_h, axis=0),
+                                     tl.sum(sum_du_xhat, axis=0), s, MODULATE)
     mean_dxhat = to_lanes(to_groups(db_c * w, lane_group, BLOCK_G), lane_group, BLOCK_G) / count
     mean_dxhat_xhat = to_lanes(to_groups(dw_c * w, lane_group, BLOCK_G), lane_group, BLOCK_G) / count
     p0 = 0
     while p0 < positions:
         offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
-        xhat = (tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean[None, :]) * rstd[None, :]
-        du = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        if ACT:
-            du = through_silu(du, (xhat * w[None, :] + b[None, :]) * s[None, :] + shift[None, :])
+        xhat, _, du = grad_terms(x_ptr, dy_ptr, offsets, inside, mean[None, :], rstd[None, :], w[None, :],
+                                 b[None, :], s[None, :], shift[None, :], ACT)
         dx = (du * (s * w)[None, :] - mean_dxhat[None, :] - xhat * mean_dxhat_xhat[None, :]) * rstd[None, :]
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
         p0 += BLOCK_P

@@ -23,7 +23,7 @@ from ..runtime import dist_util
 from ..core import script_util
 from ..runtime.errors import UserError
 from ..runtime.files import atomic_write_json, check_writable_file
-from ..core.sample_loop import generate_samples
+from ..core.sample_loop import generate_samples, resolve_sampling_precision
 from ..core import triton_norm
 from ..core.nn import channels_last, fused_norm, to_fast_layout
 from ..core.samplers import SAMPLER_NAMES
@@ -71,10 +71,10 @@ MODES = {
     "fast+triton+cl": {**_FAST, "fused_norm": "triton", "channels_last": True},
     "fast+triton+cudnn+cl": {**_FAST, "fused_norm": "triton", "cudnn_benchmark": True, "channels_last": True},
     # What the scripts do when given no flags: image_train_vae.py's training
-    # (bf16), image_sample_vae.py's sampling (float32 arithmetic, cuDNN's
-    # autotuner), the fused norms and layout where the device allows.
+    # (bf16), image_sample_vae.py's sampling (precision auto: bf16 on a GPU;
+    # cuDNN's autotuner), the fused norms and layout where the device allows.
     "default": {**_FAST, "fused_norm": "triton", "cudnn_benchmark": "sampling", "channels_last": None,
-                "sampling_precision": "fp32"},
+                "sampling_precision": "auto"},
 }
 
 
@@ -110,7 +110,7 @@ FLAG_HELP = {
     "modes": f"comma list of modes: {', '.join(MODES)} (reference: fp32, eager, math attention; fast: bf16 "
              "and CUDA graphs with the norms as separate ops; +compile: torch.compile; +triton / +fused: GroupNorm+SiLU fused by hand-written Triton "
              "kernels / by torch.compile; +cudnn: cuDNN's autotuner; +cl: channels-last weights and activations; "
-             "default: what the scripts do with no flags, float32 sampling included)",
+             "default: what the scripts do with no flags, their sampling precision included)",
     "samplers": f"comma list of samplers to time ({', '.join(SAMPLER_NAMES)}); empty: no sampling",
     "sampling_steps": "sampler steps per sample (DDIM-50 is ddim with 50)",
     "sampling_batch": "samples per batch when timing sampling",
@@ -191,6 +191,13 @@ def _mode_kernels(mode, stage):
                 yield
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def _sampling_precision(mode, device):
+    """"fp32" or "bf16": the mode's sampling precision (its training one
+    unless it says otherwise) as run on ``device``."""
+    settings = MODES[mode]
+    return resolve_sampling_precision(settings["sampling_precision"] or settings["precision"], device)
 
 
 def _sync(device):
@@ -305,7 +312,7 @@ def _profile_model_call(model, flags, mode, device, batch, folder):
     x = torch.randn(shape, device=device)
     t = torch.randint(0, 1000, (batch,), device=device)
     y = torch.randint(0, flags["num_classes"], (batch,), device=device)
-    precision = MODES[mode]["sampling_precision"] or MODES[mode]["precision"]
+    precision = _sampling_precision(mode, device)
     cast = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.no_grad(), cast:
@@ -329,7 +336,7 @@ def time_sampling(model, flags, mode, sampler, device, config):
     batch = int(config["sampling_batch"])
     calls = {"n": 0}
     settings = MODES[mode]
-    precision = settings["sampling_precision"] or settings["precision"]
+    precision = _sampling_precision(mode, device)
     network = {"now": model}
 
     def counted(x, t, **kwargs):

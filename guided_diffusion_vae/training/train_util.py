@@ -413,11 +413,14 @@ class TrainLoop:
         self._opt_file = None
         self.metrics = DeviceMeans()
         self._images_seen_at_log = (0, time.time())
+        self._norm_kernels_built = False  # run_step builds them before the first step
 
     def _load_start_weights(self, resume_checkpoint):
-        """Move the model to the device, start the EMA from its weights (or a
+        """Move the model to the device (channels-last where the fused norms
+        run: ``nn.to_fast_layout``), start the EMA from its weights (or a
         checkpoint's) and give every rank rank 0's; return the training state
-        to apply once the optimizer exists (or None)."""
+        to apply once the optimizer exists (or None). cuDNN's autotuner is
+        turned off for the step (``dist_util.autotune_convolutions``)."""
         self.model.to(self.device)
         dist_util.autotune_convolutions(self.device, False)
         if not self.use_fp16:  # the original's fp16 scheme flattens the weights itself
@@ -467,7 +470,6 @@ class TrainLoop:
     def _prepare_graph_step(self):
         """The step as one CUDA graph (when possible); cond's keys are fixed by the first batch."""
         self._replayed = ReplayedStep(self._device_step_of_tensors) if self._graph_mode else None
-        self._norm_kernels_built = False
         self._cond_keys = None
         self._graph_mismatch_logged = False
 
