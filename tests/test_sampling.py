@@ -1,5 +1,7 @@
 """Sampling: seeds independent of the batch size, latent clipping, sample files."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -244,3 +246,36 @@ def test_the_norm_kernels_are_built_ahead_once_per_model_and_call(model_and_diff
     assert len(recorded) == 1
     generate_samples(num_samples=2, batch_size=2, precision="bf16", **kw)
     assert len(recorded) == 2
+
+
+def test_bf16_sampling_holds_the_weights_in_bf16_with_the_same_numbers(model_and_diffusion, monkeypatch):
+    """A bf16 draw runs the convolutions and linear layers on weights cast to
+    bf16 once (autocast would cast them at every call), gives the very same
+    samples as autocast's own casts, and afterwards every parameter is again
+    the float32 tensor it was; guidance wrappers name their networks."""
+    from guided_diffusion_vae.core import sample_loop
+    from guided_diffusion_vae.sampling.guidance import classifier_free_model
+
+    model, diffusion = model_and_diffusion
+    before = {name: (p.data, p.data.data_ptr(), p.dtype) for name, p in model.named_parameters()}
+    seen = []
+    hook = model.input_blocks[0][0].register_forward_pre_hook(lambda mod, args: seen.append(mod.weight.dtype))
+    kw = dict(diffusion=diffusion, sample_shape=(3, 8, 8), num_samples=3, batch_size=3, labels=[0, 1, 0],
+              use_ddim=True, seed=3, progress=False, precision="bf16")
+    try:
+        held, _, _ = generate_samples(model=model, **kw)
+        assert seen and set(seen) == {torch.bfloat16}
+        seen.clear()
+        monkeypatch.setattr(sample_loop, "weights_cast_for_autocast", lambda modules, dtype: contextlib.nullcontext())
+        cast_by_autocast, _, _ = generate_samples(model=model, **kw)
+        assert set(seen) == {torch.float32}
+    finally:
+        hook.remove()
+    np.testing.assert_array_equal(held, cast_by_autocast)
+    for name, p in model.named_parameters():
+        data, ptr, dtype = before[name]
+        assert p.data is data or p.data.data_ptr() == ptr, name
+        assert p.dtype == dtype == torch.float32, name
+    guided = classifier_free_model(model, null_label=1, scale=2.0, out_channels=3)
+    assert sample_loop.networks_of(guided) == (model,)
+    assert sample_loop.networks_of(model) == (model,) and sample_loop.networks_of(lambda x, t: x) == ()

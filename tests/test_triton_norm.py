@@ -203,7 +203,9 @@ def test_kernels_compile_for_an_h100_without_one(tmp_path):
     built = json.loads(done.stdout.strip().splitlines()[-1])
     assert sorted(built) == sorted([f"{k}/{m}/{a}" for k in ("forward", "backward")
                                     for m, a in ((True, True), (False, True), (False, False))]
-                                   + ["forward_last/True/True", "backward_last/True/True"])
+                                   + ["forward_last/True/True", "backward_last/True/True",
+                                      "forward/True/True/input_bias", "forward_last/True/True/input_bias",
+                                      "biased_residual/nchw", "biased_residual/last"])
     for name, (cubin_bytes, seconds, hopper) in built.items():
         assert cubin_bytes > 10_000 and hopper, name
 
@@ -300,3 +302,83 @@ def test_a_failed_build_ahead_warns_and_leaves_the_kernels_to_the_first_launch(m
         assert gd_nn._FUSED["enabled"] is None  # the kernels themselves stay on
     with gd_nn.fused_norm(True, "triton"), pytest.raises(RuntimeError, match="unexpected keyword"):
         gd_nn.build_norm_kernels_ahead(lambda: None, "cpu")
+
+
+def _rounded_as_the_kernels_round(values, dtype):
+    """float32 ``values`` in ``dtype`` as the kernels round them: to nearest
+    on a GPU, but Triton's CPU interpreter truncates float32 -> bf16."""
+    if dtype == torch.bfloat16 and triton_norm.interpreting():
+        return (values.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+    return values.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_folded_convolution_bias_gives_the_same_numbers(dtype, channels_last):
+    """Without gradients (sampling), a convolution may leave its bias to the
+    norm after it (norm_act's input_bias) and to the residual add
+    (biased_residual): the kernels round x + bias to x's dtype as the
+    convolution's own add does, so the results are the same bit for bit
+    (bf16 here rounded as the interpreter rounds; .exp GPU check: as torch)."""
+    gen = torch.Generator().manual_seed(3)
+    norm = _norm(64)
+    x = torch.randn(2, 64, 5, 6, generator=gen).to(dtype)
+    skip = torch.randn(2, 64, 5, 6, generator=gen)  # float32: the residual stream may be wider than h
+    bias = torch.randn(64, generator=gen).to(dtype)
+    emb = torch.randn(2, 128, 1, 1, generator=gen).to(dtype)
+    scale, shift = emb.chunk(2, dim=1)
+    if channels_last:
+        x, skip = _channels_last(x), _channels_last(skip)
+    biased = _rounded_as_the_kernels_round(x.float() + bias.float().view(1, -1, 1, 1), dtype)
+    launched = []
+    real = triton_norm._run
+    with torch.no_grad(), gd_nn.fused_norm(True, "triton"):
+        triton_norm._run = lambda launch: launched.append(launch[0].__name__) or real(launch)
+        try:
+            assert gd_nn.folds_conv_bias(x)
+            folded = gd_nn.norm_act(norm, x, scale, shift, input_bias=bias)
+            separate = gd_nn.norm_act(norm, biased, scale, shift)
+            residual = gd_nn.biased_residual(skip, x, bias)
+        finally:
+            triton_norm._run = real
+    kind = "_last" if channels_last else ""
+    assert launched == [f"forward{kind}", f"forward{kind}", "biased_residual"]
+    assert torch.equal(folded, separate) and folded.dtype == dtype
+    assert triton_norm.is_channels_last(folded) == channels_last
+    want = skip + biased
+    assert torch.equal(residual, want) and residual.dtype == torch.float32 and residual.stride() == want.stride()
+    with gd_nn.fused_norm(True, "triton"):
+        assert not gd_nn.folds_conv_bias(x)  # gradients on: the kernels that fold have no backward pass
+        with torch.no_grad():
+            assert gd_nn.folds_conv_bias(x)
+    with torch.no_grad():
+        assert not gd_nn.folds_conv_bias(x)  # the CPU by default: eager ops, the convolution adds its bias
+
+
+def test_sampling_folds_the_resblock_biases_and_builds_those_kernels_ahead(monkeypatch):
+    """The UNet without gradients, through the kernels: every scale-shift
+    ResBlock folds its two convolution biases (one norm with input_bias and
+    one biased residual each), the output matches the unfolded network, and
+    the build-ahead's recording without gradients finds exactly the kernels
+    the sampling pass launches."""
+    from guided_diffusion_vae.core import unet as unet_module
+
+    model = _small_unet().eval().to(memory_format=torch.channels_last)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else torch.nn.init.normal_(p, std=0.5)
+    x, t, y = torch.randn(1, 4, 8, 8), torch.tensor([600]), torch.tensor([2])
+    launched = {}
+    real_run = triton_norm._run
+    monkeypatch.setattr(triton_norm, "_run", lambda launch: launched.setdefault(
+        triton_norm._build_key(launch), []).append(launch) or real_run(launch))
+    resblocks = sum(isinstance(m, unet_module.ResBlock) for m in model.modules())
+    with torch.no_grad(), gd_nn.fused_norm(True, "triton"):
+        folded = model(x, t, y=y)
+        calls = [launch for launches in launched.values() for launch in launches]
+        assert sum(launch[3].get("INPUT_BIAS", False) for launch in calls) == resblocks
+        assert sum(launch[0] is triton_norm._residual_kernel() for launch in calls) == resblocks
+        recorded = triton_norm.record_launches(lambda: model(x, t, y=y), backward=False)
+        assert set(recorded) == set(launched)
+        monkeypatch.setattr(unet_module, "folds_conv_bias", lambda h: False)
+        unfolded = model(x, t, y=y)
+    torch.testing.assert_close(folded, unfolded, rtol=1e-5, atol=1e-6)

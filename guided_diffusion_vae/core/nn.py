@@ -81,14 +81,25 @@ def _triton_installed():
     return importlib.util.find_spec("triton") is not None
 
 
-def norm_act(norm, x, scale=None, shift=None, act=True):
+def _per_channel(values, like):
+    """(C,) -> (1, C, 1, ...): broadcast over ``like``'s (N, C, ...)."""
+    return values.reshape(1, -1, *([1] * (like.dim() - 2)))
+
+
+def norm_act(norm, x, scale=None, shift=None, act=True, input_bias=None):
     """``silu(norm(x) * (1 + scale) + shift)``, statistics in float32, in x's dtype.
 
     norm: a :class:`GroupNorm32`; x: (N, C, ...); scale, shift: (N, C, 1, ...)
     or None (no modulation); act: apply SiLU. Fused (:func:`set_fused_norm`),
     this is one pass over x instead of six (upcast, normalise, downcast,
-    scale, shift, SiLU).
+    scale, shift, SiLU). input_bias: (C,) or None, added to x first (the
+    bias of the convolution that made x, which :func:`folds_conv_bias` says
+    to fold in); the sum is x's dtype, as the convolution's own add makes it.
     """
+    if input_bias is not None:
+        input_bias = input_bias.to(x.dtype)
+        if not (folds_conv_bias(x) and _triton_takes(x, norm, scale, shift)):
+            x, input_bias = x + _per_channel(input_bias, x), None
     args = (x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, act)
     if not _fused_norm_usable(x):
         return _norm_act_math(*args)
@@ -97,25 +108,69 @@ def norm_act(norm, x, scale=None, shift=None, act=True):
 
         if not triton_norm.supported(x, norm, scale, shift):
             return _norm_act_math(*args)
+        eager = (x if input_bias is None else x + _per_channel(input_bias, x), *args[1:])
         if triton_norm.recording():  # triton_norm.build_ahead: note the launch, compute eagerly
-            triton_norm.record(x, norm, scale, shift, act)
-            return _norm_act_math(*args)
-        fused = triton_norm.group_norm_act
-        args = (x, norm, scale, shift, act)
-    else:
-        if _FUSED["fn"] is None:
-            _FUSED["fn"] = torch.compile(_norm_act_math, dynamic=True, fullgraph=True)
-        fused = _FUSED["fn"]
+            triton_norm.record(x, norm, scale, shift, act, input_bias)
+            return _norm_act_math(*eager)
+        return _fused_or_eager(triton_norm.group_norm_act, (x, norm, scale, shift, act, input_bias),
+                               lambda: _norm_act_math(*eager))
+    if _FUSED["fn"] is None:
+        _FUSED["fn"] = torch.compile(_norm_act_math, dynamic=True, fullgraph=True)
+    return _fused_or_eager(_FUSED["fn"], args, lambda: _norm_act_math(*args))
+
+
+def _fused_or_eager(fused, args, eager):
+    """``fused(*args)``; if it fails to build, say so once and from then on
+    run the eager ops (the same arithmetic) unless the fused kernels were
+    forced on."""
     try:
         return fused(*args)
-    except Exception as err:  # a broken Triton or compiler: say so once, then run eagerly
+    except Exception as err:  # a broken Triton or compiler
         if _FUSED["enabled"] is True:
             raise
         warnings.warn(f"fused GroupNorm+SiLU kernels failed to build ({type(err).__name__}: "
                       f"{str(err).splitlines()[0] if str(err) else ''}); running them as separate ops "
                       "(slower; the same arithmetic)")
         _FUSED["enabled"] = False
-    return _norm_act_math(x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, act)
+    return eager()
+
+
+def _triton_takes(x, norm, scale, shift):
+    from . import triton_norm
+
+    return triton_norm.supported(x, norm, scale, shift)
+
+
+def folds_conv_bias(x):
+    """Whether a convolution whose output is x should leave its bias to what
+    follows (:func:`norm_act`'s ``input_bias``, :func:`biased_residual`):
+    where the Triton kernels run and no gradient is taken (the folded
+    kernels have no backward pass), which saves a read and a write of x. The
+    numbers are the same either way."""
+    return not torch.is_grad_enabled() and _FUSED["kernels"] == "triton" and _fused_norm_usable(x)
+
+
+def conv_without_bias(conv, x):
+    """``conv(x)`` without its bias (folded elsewhere: :func:`folds_conv_bias`)."""
+    return conv._conv_forward(x, conv.weight, None)
+
+
+def biased_residual(skip, h, bias):
+    """``skip + (h + bias)``: the residual add after a convolution whose bias
+    (C,) was left out (:func:`folds_conv_bias`), in one Triton pass where it
+    runs; rounded as the convolution's own add and then the residual add
+    would round."""
+    bias = bias.to(h.dtype)
+    if folds_conv_bias(h):
+        from . import triton_norm
+
+        if triton_norm.residual_supported(skip, h, bias):
+            if triton_norm.recording():
+                triton_norm.record_residual(skip, h, bias)
+            else:
+                return _fused_or_eager(triton_norm.biased_residual, (skip, h, bias),
+                                       lambda: skip + (h + _per_channel(bias, h)))
+    return skip + (h + _per_channel(bias, h))
 
 
 def _triton_norms_run_on(device):
@@ -127,8 +182,9 @@ def build_norm_kernels_ahead(forward, device, backward=True):
     """Build the fused-norm kernels that ``forward()`` meets (and with
     ``backward`` those of its backward pass) all at once, in threads, where
     they run on ``device``, instead of one by one during the first step.
-    ``forward`` runs once without gradients, its norms computed eagerly:
-    give it a batch of one or two. Returns ``(kernels, seconds)``, or None
+    ``forward`` runs once, its norms computed eagerly, with gradients on only
+    for ``backward`` (a pass without them folds convolution biases:
+    :func:`folds_conv_bias`): give it a batch of one or two. Returns ``(kernels, seconds)``, or None
     where the kernels do not run or the build failed (a warning says why;
     the first launch then builds them, or falls back to the eager ops)."""
     if not _triton_norms_run_on(device):
@@ -138,7 +194,7 @@ def build_norm_kernels_ahead(forward, device, backward=True):
     device = torch.device(device)
     try:
         # fork_rng: a dropout in forward() must not move the run's random stream.
-        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.set_grad_enabled(backward), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             return triton_norm.build_ahead(forward, device, backward=backward)
     except Exception as err:  # only a head start is lost: the first launch builds (or says why not)
         if _FUSED["enabled"] is True:
@@ -183,6 +239,37 @@ def to_fast_layout(model, device):
     if wanted is None:
         wanted = _triton_norms_run_on(device)
     return model.to(memory_format=torch.channels_last) if wanted else model
+
+
+# The layers whose weights autocast casts to its low-precision dtype.
+_AUTOCAST_LOW_PRECISION_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@contextlib.contextmanager
+def weights_cast_for_autocast(modules, dtype):
+    """Hold the convolution and linear float32 weights of ``modules`` in
+    ``dtype`` (the running autocast's) for a ``with`` block, restored exactly
+    after it (the very same tensors, so graphs captured on them stay valid).
+
+    Autocast casts those weights again at every call; inside a CUDA graph, where
+    its cast cache cannot be used, that was 198 cast kernels per latent16
+    model call (10% of a DDIM step). The values are the ones autocast makes,
+    so the results are the same bit for bit. Other parameters (norms,
+    embeddings) stay float32, as autocast uses them. Inference only: the
+    held copies do not train."""
+    held = []
+    try:
+        for module in modules:
+            for layer in module.modules():
+                if isinstance(layer, _AUTOCAST_LOW_PRECISION_LAYERS):
+                    for param in layer.parameters(recurse=False):
+                        if param.dtype == torch.float32:
+                            held.append((param, param.data))
+                            param.data = param.data.to(dtype)
+        yield
+    finally:
+        for param, original in held:
+            param.data = original
 
 
 class GroupNorm32(nn.GroupNorm):

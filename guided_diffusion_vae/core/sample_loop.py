@@ -16,7 +16,7 @@ import torch
 from ..runtime.cuda_graphs import GraphedForward, graphs_usable
 from ..runtime.errors import UserError
 from ..runtime.images import to_uint8_images
-from .nn import build_norm_kernels_ahead
+from .nn import build_norm_kernels_ahead, weights_cast_for_autocast
 from .samplers import SAMPLERS, Denoiser, SamplingPlan, per_sample_normal, resolve_sampler
 from ..runtime.progress import progress as progress_bar
 
@@ -125,6 +125,40 @@ def _build_norm_kernels(model, sample_shape, labels, n, device, precision, autoc
     build_norm_kernels_ahead(forward, device, backward=False)
 
 
+def _finished_images(x, decode_fn, as_float, on_nonfinite, first):
+    """The diffusion output ``x`` of samples ``first, first + 1, ...``
+    decoded (``decode_fn``) and made images (uint8 NHWC, or float32 NHWC in
+    [-1, 1] ``as_float``), without the samples that hold NaN or Inf; returns
+    ``(images, kept mask)``. See :func:`generate_samples` for ``on_nonfinite``."""
+    x = x.float()
+    finite = torch.isfinite(x).flatten(1).all(dim=1)
+    where = "the diffusion output"
+    if decode_fn is not None:
+        with torch.no_grad():
+            x = decode_fn(torch.where(finite.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros_like(x)))
+        decoded_ok = torch.isfinite(x).flatten(1).all(dim=1)
+        if bool(finite.all()) and not bool(decoded_ok.all()):
+            where = "the decoded images"
+        finite = finite & decoded_ok
+    keep = finite.cpu().numpy()
+    if not keep.all():
+        bad = [first + int(i) for i in np.flatnonzero(~keep)]
+        if on_nonfinite is None:
+            raise NonFiniteSamples(bad, where)
+        on_nonfinite(bad)
+    kept = x[torch.from_numpy(keep).to(x.device)]
+    images = kept.float().clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy() if as_float else to_uint8_images(kept)
+    return images, keep
+
+
+def networks_of(model):
+    """The ``nn.Module``s that the model function ``model`` runs: itself, or
+    the ``networks`` a wrapper (guidance, a counter) names; () if neither."""
+    if isinstance(model, torch.nn.Module):
+        return (model,)
+    return tuple(getattr(model, "networks", ()))
+
+
 def generate_samples(
     *,
     model,
@@ -193,42 +227,28 @@ def generate_samples(
         if precision == "bf16" else contextlib.nullcontext()
     )
     _build_norm_kernels(model, sample_shape, labels, min(2, batch_size, num_samples), device, precision, autocast)
+    low_precision_weights = (weights_cast_for_autocast(networks_of(model), torch.bfloat16) if precision == "bf16"
+                             else contextlib.nullcontext())
     if cuda_graphs and graphs_usable(device):
         model = GraphedForward(model)
-    images, kept_labels = [], []
-    starts = range(0, num_samples, batch_size)
-    for start in progress_bar(starts, desc="sampling", disable=not progress or len(starts) == 1):
-        stop = min(start + batch_size, num_samples)
-        generators = [sample_generator(seed, first_index + i, device) for i in range(start, stop)]
-        x = per_sample_normal(generators, tuple(sample_shape), device)
-        kwargs = {}
-        if labels is not None:
-            kwargs["y"] = labels[start:stop].to(device)
-        denoiser = Denoiser(model=model, model_kwargs=kwargs, denoised_fn=clipper, cond_fn=cond_fn)
-        plan = SamplingPlan(diffusion=diffusion, steps=steps, generators=generators, eta=eta, progress=progress,
-                            timestep_spacing=timestep_spacing)
-        with autocast:
-            x = sample_fn(denoiser, x, plan)
-        x = x.float()
-        finite = torch.isfinite(x).flatten(1).all(dim=1)
-        where = "the diffusion output"
-        if decode_fn is not None:
-            with torch.no_grad():
-                x = decode_fn(torch.where(finite.view(-1, *[1] * (x.dim() - 1)), x, torch.zeros_like(x)))
-            decoded_ok = torch.isfinite(x).flatten(1).all(dim=1)
-            if bool(finite.all()) and not bool(decoded_ok.all()):
-                where = "the decoded images"
-            finite = finite & decoded_ok
-        keep = finite.cpu().numpy()
-        if not keep.all():
-            bad = [first_index + start + int(i) for i in np.flatnonzero(~keep)]
-            if on_nonfinite is None:
-                raise NonFiniteSamples(bad, where)
-            on_nonfinite(bad)
-        kept = x[torch.from_numpy(keep).to(x.device)]
-        images.append(kept.float().clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy() if as_float
-                      else to_uint8_images(kept))
-        if labels is not None:
-            kept_labels.append(labels[start:stop].numpy()[keep])
+    with low_precision_weights:
+        images, kept_labels = [], []
+        starts = range(0, num_samples, batch_size)
+        for start in progress_bar(starts, desc="sampling", disable=not progress or len(starts) == 1):
+            stop = min(start + batch_size, num_samples)
+            generators = [sample_generator(seed, first_index + i, device) for i in range(start, stop)]
+            x = per_sample_normal(generators, tuple(sample_shape), device)
+            kwargs = {}
+            if labels is not None:
+                kwargs["y"] = labels[start:stop].to(device)
+            denoiser = Denoiser(model=model, model_kwargs=kwargs, denoised_fn=clipper, cond_fn=cond_fn)
+            plan = SamplingPlan(diffusion=diffusion, steps=steps, generators=generators, eta=eta, progress=progress,
+                                timestep_spacing=timestep_spacing)
+            with autocast:
+                x = sample_fn(denoiser, x, plan)
+            batch_images, keep = _finished_images(x, decode_fn, as_float, on_nonfinite, first_index + start)
+            images.append(batch_images)
+            if labels is not None:
+                kept_labels.append(labels[start:stop].numpy()[keep])
     all_labels = np.concatenate(kept_labels) if kept_labels else None
     return np.concatenate(images), all_labels, clipper.fraction()

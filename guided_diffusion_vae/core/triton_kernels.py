@@ -84,33 +84,49 @@ def store_channel_grads(dw_ptr, db_ptr, dscale_ptr, dshift_ptr, row, c_in, du_c,
 
 
 @triton.jit
-def write_tile(x_ptr, y_ptr, offsets, inside, gain, offset, ACT: tl.constexpr):
+def load_input(x_ptr, offsets, inside, input_bias, INPUT_BIAS: tl.constexpr):
+    """The norm's input over one tile in float32, zero outside it: x, or with
+    INPUT_BIAS x + input_bias (per channel, broadcast to the tile) rounded to
+    x's dtype, as a convolution's own bias add would have stored it."""
+    v = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    if INPUT_BIAS:
+        v = tl.where(inside, (v + input_bias).to(x_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    return v
+
+
+@triton.jit
+def write_tile(x_ptr, y_ptr, offsets, inside, gain, offset, input_bias, ACT: tl.constexpr,
+               INPUT_BIAS: tl.constexpr):
     """y = x * gain + offset (then SiLU) over one tile, per-channel terms
     already broadcast to it, rounded once to y's dtype."""
-    u = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) * gain + offset
+    u = load_input(x_ptr, offsets, inside, input_bias, INPUT_BIAS) * gain + offset
     if ACT:
         u = u * tl.sigmoid(u)
     tl.store(y_ptr + offsets, u.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def forward(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rstd_ptr,
+def forward(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, ib_ptr, y_ptr, mean_ptr, rstd_ptr,
             channels, positions, groups, mod_stride_n, mod_stride_c, eps,
-            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, MODULATE: tl.constexpr, ACT: tl.constexpr):
+            BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, MODULATE: tl.constexpr, ACT: tl.constexpr,
+            INPUT_BIAS: tl.constexpr):
     n, first, count, c, c_in, start = group_of(channels, positions, groups, BLOCK_C)
+    input_bias = 0.0
+    if INPUT_BIAS:
+        input_bias = tl.load(ib_ptr + first + c, mask=c_in, other=0.0).to(tl.float32)[:, None]
     # Mean, then the variance about it (two passes: no cancellation).
     total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     p0 = 0
     while p0 < positions:
         offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
-        total += tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        total += load_input(x_ptr, offsets, inside, input_bias, INPUT_BIAS)
         p0 += BLOCK_P
     mean = tl.sum(tl.sum(total, axis=1), axis=0) / count
     total = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
     p0 = 0
     while p0 < positions:
         offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
-        d = tl.where(inside, tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean, 0.0)
+        d = tl.where(inside, load_input(x_ptr, offsets, inside, input_bias, INPUT_BIAS) - mean, 0.0)
         total += d * d
         p0 += BLOCK_P
     rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(total, axis=1), axis=0) / count + eps)
@@ -124,7 +140,7 @@ def forward(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rstd_ptr
     p0 = 0
     while p0 < positions:
         offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
-        write_tile(x_ptr, y_ptr, offsets, inside, gain[:, None], offset[:, None], ACT)
+        write_tile(x_ptr, y_ptr, offsets, inside, gain[:, None], offset[:, None], input_bias, ACT, INPUT_BIAS)
         p0 += BLOCK_P
 
 
@@ -213,18 +229,21 @@ def tile_last(start, c, c_in, p0, positions, channels, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def forward_last(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rstd_ptr,
+def forward_last(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, ib_ptr, y_ptr, mean_ptr, rstd_ptr,
                  channels, positions, groups, groups_per_program, mod_stride_n, mod_stride_c, eps,
                  BLOCK_CH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr,
-                 MODULATE: tl.constexpr, ACT: tl.constexpr):
+                 MODULATE: tl.constexpr, ACT: tl.constexpr, INPUT_BIAS: tl.constexpr):
     n, g0, first, per_group, c, lane_group, c_in = lanes_of(channels, groups, groups_per_program, BLOCK_CH)
+    input_bias = 0.0
+    if INPUT_BIAS:
+        input_bias = tl.load(ib_ptr + first + c, mask=c_in, other=0.0).to(tl.float32)[None, :]
     start = n.to(tl.int64) * positions * channels + first
     count = (per_group * positions).to(tl.float32)
     total = tl.zeros([BLOCK_P, BLOCK_CH], dtype=tl.float32)
     p0 = 0
     while p0 < positions:
         offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
-        total += tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        total += load_input(x_ptr, offsets, inside, input_bias, INPUT_BIAS)
         p0 += BLOCK_P
     mean_g = to_groups(tl.sum(total, axis=0), lane_group, BLOCK_G) / count
     mean = to_lanes(mean_g, lane_group, BLOCK_G)
@@ -232,7 +251,7 @@ def forward_last(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rst
     p0 = 0
     while p0 < positions:
         offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
-        d = tl.where(inside, tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) - mean[None, :], 0.0)
+        d = tl.where(inside, load_input(x_ptr, offsets, inside, input_bias, INPUT_BIAS) - mean[None, :], 0.0)
         total += d * d
         p0 += BLOCK_P
     rstd_g = 1.0 / tl.sqrt(to_groups(tl.sum(total, axis=0), lane_group, BLOCK_G) / count + eps)
@@ -248,7 +267,7 @@ def forward_last(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, y_ptr, mean_ptr, rst
     p0 = 0
     while p0 < positions:
         offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
-        write_tile(x_ptr, y_ptr, offsets, inside, gain[None, :], offset[None, :], ACT)
+        write_tile(x_ptr, y_ptr, offsets, inside, gain[None, :], offset[None, :], input_bias, ACT, INPUT_BIAS)
         p0 += BLOCK_P
 
 
@@ -292,3 +311,22 @@ def backward_last(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, r
         dx = (du * (s * w)[None, :] - mean_dxhat[None, :] - xhat * mean_dxhat_xhat[None, :]) * rstd[None, :]
         tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
         p0 += BLOCK_P
+
+
+# ---------------------------------------------------------------------------
+# A convolution's bias and the residual add after it, in one pass.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def biased_residual(skip_ptr, h_ptr, b_ptr, out_ptr, total, channels, positions,
+                    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    """out = skip + (h + b): h + b rounded to h's dtype first (as the
+    convolution's own bias add stores it), the sum to out's. skip, h and out
+    share one dense layout, NCHW or channels-last; b is per channel."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = i < total
+    c = i % channels if CHANNELS_LAST else (i // positions) % channels
+    biased = tl.load(h_ptr + i, mask=inside).to(tl.float32) + tl.load(b_ptr + c, mask=inside).to(tl.float32)
+    out = tl.load(skip_ptr + i, mask=inside).to(tl.float32) + biased.to(h_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + i, out.to(out_ptr.dtype.element_ty), mask=inside)

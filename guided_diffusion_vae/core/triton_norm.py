@@ -109,13 +109,15 @@ def _plan(x, groups, modulate, act):
     return last, (x.shape[0] * grid,), extra, {**shape, "MODULATE": modulate, "ACT": bool(act), "num_warps": warps}
 
 
-def _forward_launch(x, weight, bias, mod_scale, mod_shift, stride_n, stride_c, groups, eps, act, y, mean, rstd):
+def _forward_launch(x, weight, bias, mod_scale, mod_shift, stride_n, stride_c, groups, eps, act, y, mean, rstd,
+                    input_bias=None):
     """``(kernel, grid, args, options)`` of the forward kernel for these tensors."""
     modulate = mod_scale is not None
     last, grid, extra, options = _plan(x, groups, modulate, act)
-    args = (x, weight, bias, mod_scale if modulate else weight, mod_shift if modulate else bias, y, mean, rstd,
+    args = (x, weight, bias, mod_scale if modulate else weight, mod_shift if modulate else bias,
+            weight if input_bias is None else input_bias, y, mean, rstd,
             x.shape[1], x[0, 0].numel(), groups, *extra, stride_n, stride_c, float(eps))
-    return _kernels(last)[0], grid, args, options
+    return _kernels(last)[0], grid, args, {**options, "INPUT_BIAS": input_bias is not None}
 
 
 def _backward_launch(x, dy, weight, bias, mod_scale, mod_shift, stride_n, stride_c, groups, act, mean, rstd,
@@ -133,6 +135,17 @@ def _run(launch):
     kernel[grid](*args, **options)
 
 
+def _forward(x, weight, bias, scale, shift, groups, eps, act, input_bias=None):
+    """``(y, mean, rstd, modulation)`` of the forward kernel on x."""
+    n, c = x.shape[:2]
+    modulation = _modulation(scale, shift, n, c)
+    y = torch.empty_like(x)  # keeps x's layout
+    mean = torch.empty(n * groups, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _run(_forward_launch(x, weight, bias, *modulation, groups, eps, act, y, mean, rstd, input_bias))
+    return y, mean, rstd, modulation
+
+
 class GroupNormAct(torch.autograd.Function):
     """``silu(group_norm(x) * (1 + scale) + shift)`` (scale/shift and SiLU
     optional); x: (N, C, *spatial), contiguous or channels-last; scale,
@@ -140,13 +153,8 @@ class GroupNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, shift, groups, eps, act):
-        n, c = x.shape[:2]
-        mod_scale, mod_shift, stride_n, stride_c = _modulation(scale, shift, n, c)
-        y = torch.empty_like(x)  # keeps x's layout
-        mean = torch.empty(n * groups, device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
-        _run(_forward_launch(x, weight, bias, mod_scale, mod_shift, stride_n, stride_c, groups, eps, act,
-                             y, mean, rstd))
+        y, mean, rstd, (mod_scale, mod_shift, stride_n, stride_c) = _forward(x, weight, bias, scale, shift, groups,
+                                                                             eps, act)
         ctx.save_for_backward(x, weight, bias, mod_scale, mod_shift, mean, rstd)
         modulate = mod_scale is not None
         ctx.launch = (groups, act, stride_n, stride_c, scale.shape if modulate else None,
@@ -188,7 +196,7 @@ def recording():
     return _RECORDING["launches"] is not None
 
 
-def record(x, norm, scale, shift, act):
+def record(x, norm, scale, shift, act, input_bias=None):
     """Note the forward and backward launches a fused call on ``x`` would
     make (:func:`nn.norm_act` computes the value eagerly meanwhile)."""
     n, c = x.shape[:2]
@@ -196,10 +204,14 @@ def record(x, norm, scale, shift, act):
     mean = torch.empty(n * norm.num_groups, device=x.device, dtype=torch.float32)
     partial = torch.empty((4, n, c), device=x.device, dtype=torch.float32)
     common = (norm.weight, norm.bias, mod_scale, mod_shift, stride_n, stride_c, norm.num_groups)
-    launches = [_forward_launch(x, *common, norm.eps, act, torch.empty_like(x), mean, mean)]
-    if _RECORDING["backward"]:
+    launches = [_forward_launch(x, *common, norm.eps, act, torch.empty_like(x), mean, mean, input_bias)]
+    if _RECORDING["backward"] and input_bias is None:  # a folded input bias runs without gradients
         launches.append(_backward_launch(x, torch.empty_like(x), *common, act, mean, mean, torch.empty_like(x),
                                          partial))
+    _note(launches)
+
+
+def _note(launches):
     for launch in launches:
         _RECORDING["launches"].setdefault(_build_key(launch), launch)
 
@@ -261,6 +273,57 @@ def build_ahead(run, device=None, backward=True, threads=8, build=_warm):
     return len(launches), time.perf_counter() - start
 
 
-def group_norm_act(x, norm, scale=None, shift=None, act=True):
-    """The fused ``norm_act``: see :class:`GroupNormAct`."""
+def group_norm_act(x, norm, scale=None, shift=None, act=True, input_bias=None):
+    """The fused ``norm_act``: see :class:`GroupNormAct`. ``input_bias``
+    ((C,), x's dtype) is added to x first; with it, no gradient flows
+    (inference only: the caller checks)."""
+    if input_bias is not None:
+        return _forward(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act, input_bias)[0]
     return GroupNormAct.apply(x, norm.weight, norm.bias, scale, shift, norm.num_groups, norm.eps, act)
+
+
+# ---------------------------------------------------------------------------
+# skip + (h + bias): a convolution's bias folded into the residual add after
+# it (inference only), one pass instead of two.
+# ---------------------------------------------------------------------------
+
+_RESIDUAL_BLOCK = 1024
+
+
+def residual_supported(skip, h, bias):
+    """Whether :func:`biased_residual` takes these: skip and h of one shape
+    and one dense layout (NCHW or channels-last), bias one value a channel."""
+    if skip.shape != h.shape or skip.stride() != h.stride() or h.dim() < 3 or bias.shape != h.shape[1:2]:
+        return False
+    return h.is_contiguous() or is_channels_last(h)
+
+
+@functools.lru_cache(maxsize=None)
+def _residual_kernel():
+    from . import triton_kernels
+
+    return triton_kernels.biased_residual
+
+
+def _residual_launch(skip, h, bias):
+    """``(kernel, grid, args, options)`` of :func:`biased_residual`; its
+    output is the last tensor argument."""
+    out = torch.empty_like(h, dtype=torch.result_type(skip, h))
+    total = h.numel()
+    args = (skip, h, bias, out, total, h.shape[1], h[0, 0].numel())
+    options = {"CHANNELS_LAST": is_channels_last(h), "BLOCK": _RESIDUAL_BLOCK, "num_warps": 4}
+    return _residual_kernel(), (-(-total // _RESIDUAL_BLOCK),), args, options
+
+
+def biased_residual(skip, h, bias):
+    """``skip + (h + bias)`` (bias per channel, in h's dtype), rounded as the
+    two separate adds would be; the result has their promoted dtype. No
+    gradient flows (inference only: the caller checks)."""
+    launch = _residual_launch(skip, h, bias)
+    _run(launch)
+    return launch[2][3]
+
+
+def record_residual(skip, h, bias):
+    """Note the launch a :func:`biased_residual` call would make."""
+    _note([_residual_launch(skip, h, bias)])

@@ -25,8 +25,11 @@ import torch.nn.functional as F
 from .fp16_util import convert_module_to_f16, convert_module_to_f32
 from .nn import (
     avg_pool_nd,
+    biased_residual,
     checkpoint,
     conv_nd,
+    conv_without_bias,
+    folds_conv_bias,
     linear,
     norm_act,
     normalization,
@@ -379,17 +382,23 @@ class ResBlock(TimestepBlock):
         if self.updown:
             # Resample between the activation and the conv of in_layers.
             h, x = self.h_upd(h), self.x_upd(x)
-        h = in_conv(h)
+        out_norm, _, dropout, out_conv = self.out_layers
+        # Sampling on the GPU: the convolutions' biases ride along with the
+        # norm and the residual add that follow (one pass less over h each).
+        fold = self.use_scale_shift_norm and in_conv.bias is not None and out_conv.bias is not None \
+            and folds_conv_bias(h)
+        h = conv_without_bias(in_conv, h) if fold else in_conv(h)
 
         emb_out = self.emb_layers(emb).to(h.dtype)
         emb_out = emb_out.reshape(*emb_out.shape, *([1] * (h.ndim - 2)))
 
-        out_norm, _, dropout, out_conv = self.out_layers
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)
-            h = norm_act(out_norm, h, scale, shift)
+            h = norm_act(out_norm, h, scale, shift, input_bias=in_conv.bias if fold else None)
         else:
             h = norm_act(out_norm, h + emb_out)
+        if fold:
+            return biased_residual(self.skip_connection(x), conv_without_bias(out_conv, dropout(h)), out_conv.bias)
         h = out_conv(dropout(h))
         return self.skip_connection(x) + h
 

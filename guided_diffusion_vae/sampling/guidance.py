@@ -123,6 +123,7 @@ def classifier_free_model(model, *, null_label, scale, out_channels, interval=No
         cond, uncond = model(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]), **kwargs).chunk(2)
         return _extrapolate(cond, uncond, scale, out_channels, t, interval)
 
+    guided.networks = (model,)  # what sample_loop.networks_of finds
     return guided
 
 
@@ -137,6 +138,7 @@ def autoguided_model(model, guide, *, scale, out_channels, interval=None):
     def guided(x, t, **kwargs):
         return _extrapolate(model(x, t, **kwargs), guide(x, t, **kwargs), scale, out_channels, t, interval)
 
+    guided.networks = (model, guide)  # what sample_loop.networks_of finds
     return guided
 
 

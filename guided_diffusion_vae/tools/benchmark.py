@@ -343,6 +343,7 @@ def time_sampling(model, flags, mode, sampler, device, config):
         calls["n"] += not triton_norm.recording()  # the kernels' build-ahead call is no sampling step
         return network["now"](x, t, **kwargs)
 
+    counted.networks = (model,)  # as the scripts' model, its weights held in bf16 for bf16 sampling
     run = dict(model=counted, diffusion=diffusion, sample_shape=(flags["in_channels"], flags["image_size"],
                flags["image_size"]), num_samples=batch, batch_size=batch,
                labels=[i % flags["num_classes"] for i in range(batch)], sampler=sampler,

@@ -2,7 +2,8 @@
 with no GPU: Triton's own ptxas builds the machine code. Prints one JSON
 line: {"kernel/modulate/act": [cubin bytes, seconds, built for sm_90]}:
 the NCHW kernels in their three uses, the channels-last ones in the
-ResBlock's (scale-shift and SiLU).
+ResBlock's (scale-shift and SiLU); the forward kernels also with a folded
+input bias ("/input_bias"), and the biased residual add in either layout.
 
 Run without TRITON_INTERPRET (the interpreter has no compiler)."""
 
@@ -21,7 +22,7 @@ CONSTANTS = ("BLOCK_C", "BLOCK_P", "MODULATE", "ACT")
 CONSTANTS_LAST = ("BLOCK_CH", "BLOCK_P", "BLOCK_G", "MODULATE", "ACT")
 SIGNATURES = {
     "forward": {"x_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*fp32", "scale_ptr": "*bf16", "shift_ptr": "*bf16",
-                "y_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", **COMMON, "eps": "fp32"},
+                "ib_ptr": "*bf16", "y_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", **COMMON, "eps": "fp32"},
     "backward": {"x_ptr": "*bf16", "dy_ptr": "*bf16", "w_ptr": "*fp32", "b_ptr": "*fp32", "scale_ptr": "*bf16",
                  "shift_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": "*bf16",
                  "dw_ptr": "*fp32", "db_ptr": "*fp32", "dscale_ptr": "*fp32", "dshift_ptr": "*fp32", **COMMON},
@@ -38,8 +39,14 @@ def _channels_last(signature):
     return out
 
 
+RESIDUAL = {"skip_ptr": "*fp32", "h_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*fp32", "total": "i64",
+            "channels": "i32", "positions": "i32"}
+
+
 def _build(name, signature, constants, target):
-    names = CONSTANTS_LAST if name.endswith("_last") else CONSTANTS
+    names = tuple(constants) if name == "biased_residual" else CONSTANTS_LAST if name.endswith("_last") else CONSTANTS
+    if name.startswith("forward"):
+        names += ("INPUT_BIAS",)
     source = ASTSource(getattr(triton_kernels, name), {**signature, **{k: "constexpr" for k in names}}, constants)
     start = time.perf_counter()
     kernel = triton.compile(source, target=target, options={"num_warps": 8})
@@ -50,12 +57,22 @@ def main():
     target = GPUTarget("cuda", 90, 32)
     built = {}
     for name, signature in SIGNATURES.items():
+        forward = {"INPUT_BIAS": False} if name == "forward" else {}
         for modulate, act in ((True, True), (False, True), (False, False)):
-            constants = {"BLOCK_C": 8, "BLOCK_P": 256, "MODULATE": modulate, "ACT": act}
+            constants = {"BLOCK_C": 8, "BLOCK_P": 256, "MODULATE": modulate, "ACT": act, **forward}
             built[f"{name}/{modulate}/{act}"] = _build(name, signature, constants, target)
         # channels-last, as latent16's 128-channel ResBlocks launch it
-        constants = {"BLOCK_CH": 64, "BLOCK_P": 32, "BLOCK_G": 16, "MODULATE": True, "ACT": True}
+        constants = {"BLOCK_CH": 64, "BLOCK_P": 32, "BLOCK_G": 16, "MODULATE": True, "ACT": True, **forward}
         built[f"{name}_last/True/True"] = _build(f"{name}_last", _channels_last(signature), constants, target)
+    # sampling: the out norm with the convolution's bias folded in
+    constants = {"BLOCK_C": 8, "BLOCK_P": 256, "MODULATE": True, "ACT": True, "INPUT_BIAS": True}
+    built["forward/True/True/input_bias"] = _build("forward", SIGNATURES["forward"], constants, target)
+    constants = {"BLOCK_CH": 64, "BLOCK_P": 32, "BLOCK_G": 16, "MODULATE": True, "ACT": True, "INPUT_BIAS": True}
+    built["forward_last/True/True/input_bias"] = _build("forward_last", _channels_last(SIGNATURES["forward"]),
+                                                        constants, target)
+    for last in (False, True):
+        constants = {"CHANNELS_LAST": last, "BLOCK": 1024}
+        built[f"biased_residual/{'last' if last else 'nchw'}"] = _build("biased_residual", RESIDUAL, constants, target)
     print(json.dumps(built))
 
 
