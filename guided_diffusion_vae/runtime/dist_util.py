@@ -48,6 +48,7 @@ import io
 import os
 import signal
 import socket
+import time
 from typing import Any, Iterable, Optional
 
 import torch
@@ -382,6 +383,12 @@ def _leave_group_at_exit() -> None:
     after Python is gone and abort the process (exit 134 after a good run).
     Skipped after a failure: peers may be gone and the teardown could wait."""
     if not main_failed():
+        # Once a model is wrapped in DDP the group outlives its destruction, so
+        # gloo's threads live on. One that is still waiting for the GIL to
+        # release the last collective's tensors (the closing weight check)
+        # aborts the process when shutdown begins (exit 134; seen once in CI).
+        # Sleeping releases the GIL, so such a thread finishes first.
+        time.sleep(0.05)
         cleanup()
 
 
