@@ -184,9 +184,10 @@ def build_norm_kernels_ahead(forward, device, backward=True):
     they run on ``device``, instead of one by one during the first step.
     ``forward`` runs once, its norms computed eagerly, with gradients on only
     for ``backward`` (a pass without them folds convolution biases:
-    :func:`folds_conv_bias`): give it a batch of one or two. Returns ``(kernels, seconds)``, or None
-    where the kernels do not run or the build failed (a warning says why;
-    the first launch then builds them, or falls back to the eager ops)."""
+    :func:`folds_conv_bias`): give it a batch of one or two. Returns
+    ``(kernels, seconds)``, or None where the kernels do not run or the build
+    failed (a warning says why; the first launch then builds them, or falls
+    back to the eager ops)."""
     if not _triton_norms_run_on(device):
         return None
     from . import triton_norm
@@ -194,7 +195,8 @@ def build_norm_kernels_ahead(forward, device, backward=True):
     device = torch.device(device)
     try:
         # fork_rng: a dropout in forward() must not move the run's random stream.
-        with torch.set_grad_enabled(backward), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with torch.set_grad_enabled(backward), rng:
             return triton_norm.build_ahead(forward, device, backward=backward)
     except Exception as err:  # only a head start is lost: the first launch builds (or says why not)
         if _FUSED["enabled"] is True:
