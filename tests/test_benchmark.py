@@ -82,3 +82,31 @@ def test_each_mode_sets_its_kernels_and_restores_them():
     assert seen["default", "train"] == (False, None, "triton", None)
     assert seen["default", "sample"] == (True, None, "triton", None)
     assert MODES["default"]["sampling_precision"] == sample_defaults()["precision"] == "auto"  # the scripts' own
+
+
+def test_sampling_can_be_timed_over_several_batches_a_call(monkeypatch):
+    """--sampling_batches draws that many batches in each timed call of
+    generate_samples (one warm-up and graph capture a call, as a sampling
+    script's whole share); the rate counts every sample drawn."""
+    import torch
+
+    from guided_diffusion_vae.core import script_util
+    from guided_diffusion_vae.tools import benchmark
+
+    calls = []
+    real = benchmark.generate_samples
+
+    def recorded(**kwargs):
+        calls.append((kwargs["num_samples"], kwargs["batch_size"], len(kwargs["labels"])))
+        return real(**kwargs)
+    monkeypatch.setattr(benchmark, "generate_samples", recorded)
+    flags, _ = model_flags("latent16", quick=True)
+    torch.manual_seed(0)
+    model, _ = script_util.create_model_and_diffusion(**flags)
+    config = {**benchmark_defaults(), "sampling_steps": 2, "sampling_batch": 3, "sampling_batches": 2, "repeat": 2}
+    timing = benchmark.time_sampling(model.eval(), flags, "reference", "ddim", torch.device("cpu"), config)
+    assert calls[0] == (1, 1, 1)  # the eager call that counts model calls per sample
+    assert calls[1:] == [(6, 3, 6)] * 3  # the warm-up call and two timed ones: two batches of 3 each
+    assert len(timing["images_per_s"]["runs"]) == 2 and timing["images_per_s"]["median"] > 0
+    with pytest.raises(UserError, match="sampling_batches must be at least 1, got 0"):
+        run_benchmark({**benchmark_defaults(), "sampling_batches": 0, "device": "cpu"})

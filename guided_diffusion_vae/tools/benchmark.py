@@ -90,6 +90,7 @@ def benchmark_defaults():
         "samplers": "ddim,dpmpp_2m",
         "sampling_steps": 50,
         "sampling_batch": 256,
+        "sampling_batches": 1,
         "train_batch": 0,
         "warmup_steps": 10,
         "timed_steps": 30,
@@ -114,10 +115,13 @@ FLAG_HELP = {
     "samplers": f"comma list of samplers to time ({', '.join(SAMPLER_NAMES)}); empty: no sampling",
     "sampling_steps": "sampler steps per sample (DDIM-50 is ddim with 50)",
     "sampling_batch": "samples per batch when timing sampling",
+    "sampling_batches": "batches each timed sampling call draws, as a sampling script draws its whole share in "
+                        "one call: each call warms up and captures the model's graph once, so more batches show "
+                        "the rate of a long draw; 1 (the default) keeps the figures comparable with earlier ones",
     "train_batch": "training batch size; 0: the model's own (256, 128, 64)",
     "warmup_steps": "untimed training steps first (compilation, graph capture, cuDNN autotuning)",
     "timed_steps": "training steps per timed window",
-    "repeat": "timed windows (training) and batches (sampling); the median and spread are reported",
+    "repeat": "timed windows (training) and calls (sampling); the median and spread are reported",
     "loss_check_steps": "if > 0, train reference and each other mode this many steps from the same start "
                         "and compare the loss curves",
     "vae_sizes": "comma list of VAE presets (tiny, small, base) whose encode/decode img/s of 64x64 images "
@@ -145,7 +149,7 @@ def check_benchmark_config(config):
     for name in _split(config["samplers"]):
         if name not in SAMPLER_NAMES:
             raise UserError(f"samplers: unknown sampler {name!r}; choose from {', '.join(SAMPLER_NAMES)}")
-    for key in ("sampling_steps", "sampling_batch", "timed_steps", "repeat"):
+    for key in ("sampling_steps", "sampling_batch", "sampling_batches", "timed_steps", "repeat"):
         if int(config[key]) < 1:
             raise UserError(f"{key} must be at least 1, got {config[key]}")
     for key in ("train_batch", "warmup_steps", "loss_check_steps"):
@@ -327,13 +331,14 @@ def _profile_model_call(model, flags, mode, device, batch, folder):
 
 def time_sampling(model, flags, mode, sampler, device, config):
     """Images/s of ``sampler`` at ``sampling_steps`` through ``generate_samples``
-    (median over ``repeat`` batches after one warm-up batch), and the model
-    calls per sample."""
+    (median over ``repeat`` calls of ``sampling_batches`` batches each, after
+    one warm-up call), and the model calls per sample."""
     steps = int(config["sampling_steps"])
     core = sampler in ("ddpm", "ddim")
     diffusion = script_util.create_gaussian_diffusion(
         **{**script_util.diffusion_kwargs(flags), "timestep_respacing": f"ddim{steps}" if core else ""})
     batch = int(config["sampling_batch"])
+    count = batch * int(config["sampling_batches"])  # samples a timed call draws
     calls = {"n": 0}
     settings = MODES[mode]
     precision = _sampling_precision(mode, device)
@@ -345,8 +350,8 @@ def time_sampling(model, flags, mode, sampler, device, config):
 
     counted.networks = (model,)  # as the scripts' model, its weights held in bf16 for bf16 sampling
     run = dict(model=counted, diffusion=diffusion, sample_shape=(flags["in_channels"], flags["image_size"],
-               flags["image_size"]), num_samples=batch, batch_size=batch,
-               labels=[i % flags["num_classes"] for i in range(batch)], sampler=sampler,
+               flags["image_size"]), num_samples=count, batch_size=batch,
+               labels=[i % flags["num_classes"] for i in range(count)], sampler=sampler,
                steps=None if core else steps, device=device, precision=precision, progress=False,
                cuda_graphs=settings["cuda_graph"])
     rates = []
@@ -363,7 +368,7 @@ def time_sampling(model, flags, mode, sampler, device, config):
             start = time.perf_counter()
             generate_samples(**run, seed=r + 1)
             _sync(device)
-            rates.append(batch / (time.perf_counter() - start))
+            rates.append(count / (time.perf_counter() - start))
         if config["profile_dir"] and sampler == _split(config["samplers"])[0]:  # the same call for every sampler
             _profile_model_call(network["now"], flags, mode, device, batch, config["profile_dir"])
     return {"images_per_s": _spread(rates), "model_calls_per_sample": calls_per_sample}
