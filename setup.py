@@ -32,6 +32,7 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.12",
         "matplotlib>=3.6",
+        "threadpoolctl>=3.1",  # one BLAS thread in each simulator worker
     ],
     # torch-fidelity only for the optional Inception FID/KID of scripts/evaluate.py.
     # wheel: the install test builds the package as pip install . would.

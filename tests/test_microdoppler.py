@@ -310,3 +310,24 @@ def test_error_midway_leaves_no_partial_output(tmp_path, monkeypatch):
     assert not (tmp_path / "new").exists()
     assert (previous / "user_01" / "000.png").read_bytes() == before          # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def _blas_threads(task=None):
+    """BLAS threads of this process (each library numpy and scipy load)."""
+    from threadpoolctl import threadpool_info
+
+    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+
+def test_each_simulator_worker_runs_one_blas_thread(monkeypatch):
+    """Pool workers limit BLAS to one thread, whatever the caller's setting
+    (a Python caller cannot set OPENBLAS_NUM_THREADS before numpy loads), and
+    leave the caller's own setting alone."""
+    from threadpoolctl import threadpool_limits
+
+    monkeypatch.setattr(simulate_dataset_module, "_make_one", _blas_threads)  # forked workers see it
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert _blas_threads() == {2}
+        records = simulate_dataset_module._render_all(None, [(0, 0), (0, 1), (1, 0)], workers=2, progress=False)
+        assert _blas_threads() == {2}
+    assert records == [{1}] * 3
