@@ -98,8 +98,12 @@ def norm_act(norm, x, scale=None, shift=None, act=True, input_bias=None):
     """
     if input_bias is not None:
         input_bias = input_bias.to(x.dtype)
-        if not (folds_conv_bias(x) and _triton_takes(x, norm, scale, shift)):
-            x, input_bias = x + _per_channel(input_bias, x), None
+        if folds_conv_bias(x):
+            from . import triton_norm
+
+            if triton_norm.supported(x, norm, scale, shift):
+                return _norm_act_folded(norm, x, scale, shift, act, input_bias)
+        x = x + _per_channel(input_bias, x)
     args = (x, norm.weight, norm.bias, norm.num_groups, norm.eps, scale, shift, act)
     if not _fused_norm_usable(x):
         return _norm_act_math(*args)
@@ -108,15 +112,28 @@ def norm_act(norm, x, scale=None, shift=None, act=True, input_bias=None):
 
         if not triton_norm.supported(x, norm, scale, shift):
             return _norm_act_math(*args)
-        eager = (x if input_bias is None else x + _per_channel(input_bias, x), *args[1:])
         if triton_norm.recording():  # triton_norm.build_ahead: note the launch, compute eagerly
-            triton_norm.record(x, norm, scale, shift, act, input_bias)
-            return _norm_act_math(*eager)
-        return _fused_or_eager(triton_norm.group_norm_act, (x, norm, scale, shift, act, input_bias),
-                               lambda: _norm_act_math(*eager))
+            triton_norm.record(x, norm, scale, shift, act)
+            return _norm_act_math(*args)
+        return _fused_or_eager(triton_norm.group_norm_act, (x, norm, scale, shift, act),
+                               lambda: _norm_act_math(*args))
     if _FUSED["fn"] is None:
         _FUSED["fn"] = torch.compile(_norm_act_math, dynamic=True, fullgraph=True)
     return _fused_or_eager(_FUSED["fn"], args, lambda: _norm_act_math(*args))
+
+
+def _norm_act_folded(norm, x, scale, shift, act, input_bias):
+    """:func:`norm_act` of x + input_bias, the add done by the Triton kernel
+    as it reads x (recorded instead while the kernels are built ahead)."""
+    from . import triton_norm
+
+    def eager():
+        return _norm_act_math(x + _per_channel(input_bias, x), norm.weight, norm.bias, norm.num_groups, norm.eps,
+                              scale, shift, act)
+    if triton_norm.recording():
+        triton_norm.record(x, norm, scale, shift, act, input_bias)
+        return eager()
+    return _fused_or_eager(triton_norm.group_norm_act, (x, norm, scale, shift, act, input_bias), eager)
 
 
 def _fused_or_eager(fused, args, eager):
@@ -135,19 +152,13 @@ def _fused_or_eager(fused, args, eager):
     return eager()
 
 
-def _triton_takes(x, norm, scale, shift):
-    from . import triton_norm
-
-    return triton_norm.supported(x, norm, scale, shift)
-
-
 def folds_conv_bias(x):
     """Whether a convolution whose output is x should leave its bias to what
     follows (:func:`norm_act`'s ``input_bias``, :func:`biased_residual`):
     where the Triton kernels run and no gradient is taken (the folded
     kernels have no backward pass), which saves a read and a write of x. The
     numbers are the same either way."""
-    return not torch.is_grad_enabled() and _FUSED["kernels"] == "triton" and _fused_norm_usable(x)
+    return not torch.is_grad_enabled() and _triton_runs_for(x)
 
 
 def conv_without_bias(conv, x):
@@ -173,9 +184,14 @@ def biased_residual(skip, h, bias):
     return skip + (h + _per_channel(bias, h))
 
 
+def _triton_runs_for(x):
+    """Whether norm_act runs the hand-written Triton kernels for tensors like x."""
+    return _FUSED["kernels"] == "triton" and _fused_norm_usable(x)
+
+
 def _triton_norms_run_on(device):
     """Whether norm_act runs the hand-written Triton kernels for tensors on ``device``."""
-    return _FUSED["kernels"] == "triton" and _fused_norm_usable(torch.empty(0, device=device))
+    return _triton_runs_for(torch.empty(0, device=device))
 
 
 def build_norm_kernels_ahead(forward, device, backward=True):

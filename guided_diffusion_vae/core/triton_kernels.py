@@ -68,6 +68,25 @@ def grad_terms(x_ptr, dy_ptr, offsets, inside, mean, rstd, w, b, s, shift, ACT: 
 
 
 @triton.jit
+def add_grad_sums(x_ptr, dy_ptr, offsets, inside, mean, rstd, w, b, s, shift, sum_du, sum_du_h, sum_du_xhat,
+                  ACT: tl.constexpr):
+    """The first backward pass over one tile: du, du * h and du * xhat added
+    to their running (tile-shaped) sums."""
+    xhat, h, du = grad_terms(x_ptr, dy_ptr, offsets, inside, mean, rstd, w, b, s, shift, ACT)
+    return sum_du + du, sum_du_h + du * h, sum_du_xhat + du * xhat
+
+
+@triton.jit
+def write_dx(x_ptr, dy_ptr, dx_ptr, offsets, inside, mean, rstd, w, b, s, shift, mean_dxhat, mean_dxhat_xhat,
+             ACT: tl.constexpr):
+    """The second backward pass over one tile: dxhat = dh * w, and
+    dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) stored."""
+    xhat, _, du = grad_terms(x_ptr, dy_ptr, offsets, inside, mean, rstd, w, b, s, shift, ACT)
+    dx = (du * (s * w) - mean_dxhat - xhat * mean_dxhat_xhat) * rstd
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def store_channel_grads(dw_ptr, db_ptr, dscale_ptr, dshift_ptr, row, c_in, du_c, du_h_c, du_xhat_c, s,
                         MODULATE: tl.constexpr):
     """Store this program's per-channel gradient sums (one row of each
@@ -162,25 +181,20 @@ def backward(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_p
     p0 = 0
     while p0 < positions:
         offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
-        xhat, h, du = grad_terms(x_ptr, dy_ptr, offsets, inside, mean, rstd, w[:, None], b[:, None],
-                                 s[:, None], shift[:, None], ACT)
-        sum_du += du
-        sum_du_h += du * h
-        sum_du_xhat += du * xhat
+        sum_du, sum_du_h, sum_du_xhat = add_grad_sums(x_ptr, dy_ptr, offsets, inside, mean, rstd, w[:, None],
+                                                      b[:, None], s[:, None], shift[:, None], sum_du, sum_du_h,
+                                                      sum_du_xhat, ACT)
         p0 += BLOCK_P
     db_c, dw_c = store_channel_grads(dw_ptr, db_ptr, dscale_ptr, dshift_ptr, n * channels + first + c, c_in,
                                      tl.sum(sum_du, axis=1), tl.sum(sum_du_h, axis=1),
                                      tl.sum(sum_du_xhat, axis=1), s, MODULATE)
-    # dxhat = dh * w; dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
     mean_dxhat = tl.sum(db_c * w, axis=0) / count
     mean_dxhat_xhat = tl.sum(dw_c * w, axis=0) / count
     p0 = 0
     while p0 < positions:
         offsets, inside = tile(start, c, c_in, p0, positions, BLOCK_P)
-        xhat, _, du = grad_terms(x_ptr, dy_ptr, offsets, inside, mean, rstd, w[:, None], b[:, None],
-                                 s[:, None], shift[:, None], ACT)
-        dx = (du * (s * w)[:, None] - mean_dxhat - xhat * mean_dxhat_xhat) * rstd
-        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+        write_dx(x_ptr, dy_ptr, dx_ptr, offsets, inside, mean, rstd, w[:, None], b[:, None], s[:, None],
+                 shift[:, None], mean_dxhat, mean_dxhat_xhat, ACT)
         p0 += BLOCK_P
 
 
@@ -292,11 +306,9 @@ def backward_last(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, r
     p0 = 0
     while p0 < positions:
         offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
-        xhat, h, du = grad_terms(x_ptr, dy_ptr, offsets, inside, mean[None, :], rstd[None, :], w[None, :],
-                                 b[None, :], s[None, :], shift[None, :], ACT)
-        sum_du += du
-        sum_du_h += du * h
-        sum_du_xhat += du * xhat
+        sum_du, sum_du_h, sum_du_xhat = add_grad_sums(x_ptr, dy_ptr, offsets, inside, mean[None, :],
+                                                      rstd[None, :], w[None, :], b[None, :], s[None, :],
+                                                      shift[None, :], sum_du, sum_du_h, sum_du_xhat, ACT)
         p0 += BLOCK_P
     db_c, dw_c = store_channel_grads(dw_ptr, db_ptr, dscale_ptr, dshift_ptr, n * channels + first + c, c_in,
                                      tl.sum(sum_du, axis=0), tl.sum(sum_du_h, axis=0),
@@ -306,10 +318,8 @@ def backward_last(x_ptr, dy_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, mean_ptr, r
     p0 = 0
     while p0 < positions:
         offsets, inside = tile_last(start, c, c_in, p0, positions, channels, BLOCK_P)
-        xhat, _, du = grad_terms(x_ptr, dy_ptr, offsets, inside, mean[None, :], rstd[None, :], w[None, :],
-                                 b[None, :], s[None, :], shift[None, :], ACT)
-        dx = (du * (s * w)[None, :] - mean_dxhat[None, :] - xhat * mean_dxhat_xhat[None, :]) * rstd[None, :]
-        tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+        write_dx(x_ptr, dy_ptr, dx_ptr, offsets, inside, mean[None, :], rstd[None, :], w[None, :], b[None, :],
+                 s[None, :], shift[None, :], mean_dxhat[None, :], mean_dxhat_xhat[None, :], ACT)
         p0 += BLOCK_P
 
 

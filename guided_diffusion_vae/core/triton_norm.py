@@ -305,10 +305,8 @@ def _residual_kernel():
     return triton_kernels.biased_residual
 
 
-def _residual_launch(skip, h, bias):
-    """``(kernel, grid, args, options)`` of :func:`biased_residual`; its
-    output is the last tensor argument."""
-    out = torch.empty_like(h, dtype=torch.result_type(skip, h))
+def _residual_launch(skip, h, bias, out):
+    """``(kernel, grid, args, options)`` of :func:`biased_residual` into ``out``."""
     total = h.numel()
     args = (skip, h, bias, out, total, h.shape[1], h[0, 0].numel())
     options = {"CHANNELS_LAST": is_channels_last(h), "BLOCK": _RESIDUAL_BLOCK, "num_warps": 4}
@@ -319,11 +317,15 @@ def biased_residual(skip, h, bias):
     """``skip + (h + bias)`` (bias per channel, in h's dtype), rounded as the
     two separate adds would be; the result has their promoted dtype. No
     gradient flows (inference only: the caller checks)."""
-    launch = _residual_launch(skip, h, bias)
-    _run(launch)
-    return launch[2][3]
+    out = _residual_output(skip, h)
+    _run(_residual_launch(skip, h, bias, out))
+    return out
 
 
 def record_residual(skip, h, bias):
     """Note the launch a :func:`biased_residual` call would make."""
-    _note([_residual_launch(skip, h, bias)])
+    _note([_residual_launch(skip, h, bias, _residual_output(skip, h))])
+
+
+def _residual_output(skip, h):
+    return torch.empty_like(h, dtype=torch.result_type(skip, h))  # keeps h's layout

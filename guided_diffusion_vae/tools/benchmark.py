@@ -109,9 +109,10 @@ def benchmark_defaults():
 FLAG_HELP = {
     "models": f"comma list of benchmark models: {', '.join(BENCH_MODELS)}",
     "modes": f"comma list of modes: {', '.join(MODES)} (reference: fp32, eager, math attention; fast: bf16 "
-             "and CUDA graphs with the norms as separate ops; +compile: torch.compile; +triton / +fused: GroupNorm+SiLU fused by hand-written Triton "
-             "kernels / by torch.compile; +cudnn: cuDNN's autotuner; +cl: channels-last weights and activations; "
-             "default: what the scripts do with no flags, their sampling precision included)",
+             "and CUDA graphs with the norms as separate ops; +compile: torch.compile; +triton / +fused: "
+             "GroupNorm+SiLU fused by hand-written Triton kernels / by torch.compile; +cudnn: cuDNN's autotuner; "
+             "+cl: channels-last weights and activations; default: what the scripts do with no flags, their "
+             "sampling precision included)",
     "samplers": f"comma list of samplers to time ({', '.join(SAMPLER_NAMES)}); empty: no sampling",
     "sampling_steps": "sampler steps per sample (DDIM-50 is ddim with 50)",
     "sampling_batch": "samples per batch when timing sampling",
