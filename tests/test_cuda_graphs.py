@@ -62,3 +62,23 @@ def test_graphed_forward_calls_the_model_itself_off_cuda_and_with_grad():
     with torch.no_grad():
         assert torch.equal(graphed(x, t), model(x))
     assert graphed(x, t).requires_grad and graphed._steps == {}
+
+
+def test_a_graph_cache_keeps_the_first_function_of_each_name():
+    """A sampling call asks its GraphCache for the same name once per batch:
+    every batch gets the one GraphedCall made from the first function, which
+    reads the function's attributes through (guidance reads the model's)."""
+    from guided_diffusion_vae.runtime.cuda_graphs import GraphCache
+
+    def first(x):
+        return x + 1
+
+    first.num_classes = 3
+    cache = GraphCache()
+    call = cache("step", first)
+    assert cache("step", lambda x: x * 100) is call and cache("model", first) is not call
+    assert call.num_classes == 3
+    x = torch.ones(2)
+    with torch.no_grad():
+        assert torch.equal(call(x), x + 1)  # off CUDA the first function runs itself
+    assert call._steps == {}

@@ -279,3 +279,57 @@ def test_bf16_sampling_holds_the_weights_in_bf16_with_the_same_numbers(model_and
     guided = classifier_free_model(model, null_label=1, scale=2.0, out_channels=3)
     assert sample_loop.networks_of(guided) == (model,)
     assert sample_loop.networks_of(model) == (model,) and sample_loop.networks_of(lambda x, t: x) == ()
+
+
+def _graphs_on_the_cpu(monkeypatch):
+    """CUDA graphs stood in for on the CPU (as in tests/test_cuda_graphs.py):
+    warm-up = a plain call, capture = remember the function, replay = call it
+    again on the captured input tensors, into the captured output. A step that
+    read anything but its tensor arguments would replay the first batch's."""
+    from guided_diffusion_vae.core import sample_loop
+    from guided_diffusion_vae.runtime import cuda_graphs
+
+    def capture(self, fn):
+        output = fn()
+
+        class Graph:
+            def replay(graph):
+                output.copy_(fn())
+
+        return Graph(), output
+
+    monkeypatch.setattr(cuda_graphs.ReplayedStep, "_on_side_stream", staticmethod(lambda fn: fn()))
+    monkeypatch.setattr(cuda_graphs.ReplayedStep, "_capture", capture)
+    monkeypatch.setattr(cuda_graphs.GraphedCall, "device_type", "cpu")
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(sample_loop, "graphs_usable", lambda device: True)
+    made = []
+
+    class Recorded(cuda_graphs.GraphCache):
+        def __call__(self, name, fn):
+            made.append(name)
+            return super().__call__(name, fn)
+
+    monkeypatch.setattr(sample_loop, "GraphCache", Recorded)
+    return made
+
+
+@pytest.mark.parametrize("use_ddim,eta,clip", [(True, 0.0, "none"), (False, 0.0, "none"), (True, 0.5, "none"),
+                                               (True, 0.0, "fixed")])
+def test_replayed_steps_give_the_samples_of_plain_calls(model_and_diffusion, monkeypatch, use_ddim, eta, clip):
+    """On a GPU the core samplers replay their whole step from a CUDA graph
+    (the model call alone where clipping keeps count); later batches replay
+    the graphs of the first, with their own labels and noise. The samples and
+    the clipped share are those of plain calls."""
+    model, diffusion = model_and_diffusion
+    kw = dict(model=model, diffusion=diffusion, sample_shape=(3, 8, 8), num_samples=7, batch_size=3,
+              labels=[0, 1, 1, 0, 1, 0, 0], use_ddim=use_ddim, eta=eta, seed=3, progress=False, as_float=True)
+    plain, labels, plain_clipped = generate_samples(cuda_graphs=False, clipper=DenoisedClipper(clip, 0.1), **kw)
+    made = _graphs_on_the_cpu(monkeypatch)
+    replayed, replayed_labels, replayed_clipped = generate_samples(cuda_graphs=True, clipper=DenoisedClipper(clip, 0.1),
+                                                                    **kw)
+    expected = ("ddim" if use_ddim else "ddpm") if clip == "none" else "model"
+    assert set(made) == {expected} and len(made) == 3  # one name, asked for by each of the three batches
+    np.testing.assert_array_equal(replayed, plain)
+    np.testing.assert_array_equal(replayed_labels, labels)
+    assert replayed_clipped == plain_clipped and (clip == "none") == (plain_clipped == 0)

@@ -13,7 +13,7 @@ import weakref
 import numpy as np
 import torch
 
-from ..runtime.cuda_graphs import GraphedForward, graphs_usable
+from ..runtime.cuda_graphs import GraphCache, graphs_usable
 from ..runtime.errors import UserError
 from ..runtime.images import to_uint8_images
 from .nn import build_norm_kernels_ahead, weights_cast_for_autocast
@@ -206,8 +206,9 @@ def generate_samples(
         cond_fn: classifier guidance, ``cond_fn(x, t, y=...)`` -> grad of log p(y|x).
         decode_fn: latents -> images in [-1, 1] (the VAE's decoder), or None
             for pixel models.
-        cuda_graphs: on a CUDA device, replay the model from CUDA graphs
-            (same numbers, far fewer kernel launches).
+        cuda_graphs: on a CUDA device, replay each denoising step (or, with
+            guidance by ``cond_fn`` or clipping, the model call) from CUDA
+            graphs: the same numbers, far fewer kernel launches.
         timestep_spacing: where the diffusers samplers' steps lie
             (``samplers.TIMESTEP_SPACINGS``).
     """
@@ -229,8 +230,8 @@ def generate_samples(
     _build_norm_kernels(model, sample_shape, labels, min(2, batch_size, num_samples), device, precision, autocast)
     low_precision_weights = (weights_cast_for_autocast(networks_of(model), torch.bfloat16) if precision == "bf16"
                              else contextlib.nullcontext())
-    if cuda_graphs and graphs_usable(device):
-        model = GraphedForward(model)
+    # Kept across the batches, so that each replays the first batch's graphs.
+    graphs = GraphCache() if cuda_graphs and graphs_usable(device) else None
     with low_precision_weights:
         images, kept_labels = [], []
         starts = range(0, num_samples, batch_size)
@@ -241,9 +242,10 @@ def generate_samples(
             kwargs = {}
             if labels is not None:
                 kwargs["y"] = labels[start:stop].to(device)
-            denoiser = Denoiser(model=model, model_kwargs=kwargs, denoised_fn=clipper, cond_fn=cond_fn)
+            denoiser = Denoiser(model=model, model_kwargs=kwargs, cond_fn=cond_fn,
+                                denoised_fn=None if clipper.mode == "none" else clipper)
             plan = SamplingPlan(diffusion=diffusion, steps=steps, generators=generators, eta=eta, progress=progress,
-                                timestep_spacing=timestep_spacing)
+                                timestep_spacing=timestep_spacing, graphs=graphs)
             with autocast:
                 x = sample_fn(denoiser, x, plan)
             batch_images, keep = _finished_images(x, decode_fn, as_float, on_nonfinite, first_index + start)

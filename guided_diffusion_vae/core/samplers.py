@@ -63,6 +63,11 @@ class SamplingPlan:
     eta: DDIM's noise scale (``ddim`` only).
     progress: show a progress bar over the steps.
     timestep_spacing: where the diffusers samplers' steps lie (TIMESTEP_SPACINGS).
+    graphs: None, or ``graphs(name, fn) -> fn`` replayed from CUDA graphs
+        (``runtime.cuda_graphs.GraphCache``, kept across a call's batches):
+        the core samplers replay their whole step where nothing in it keeps
+        count on the host (no ``cond_fn``, no ``denoised_fn``), else the
+        model call, as the diffusers samplers do.
     """
 
     diffusion: object
@@ -71,6 +76,7 @@ class SamplingPlan:
     eta: float = 0.0
     progress: bool = False
     timestep_spacing: str = "trailing"
+    graphs: Optional[Callable] = None
 
 
 def per_sample_normal(generators, shape, device):
@@ -85,22 +91,40 @@ def _step_bar(plan, count):
 # ---- the diffusion core's samplers -------------------------------------------
 
 
+def _graphed_model(den, plan):
+    """``den`` with its model call replayed from CUDA graphs where ``plan`` has them."""
+    if plan.graphs is None:
+        return den
+    return dataclasses.replace(den, model=plan.graphs("model", den.model))
+
+
 def _core_loop(den, x, plan, ddim):
     diffusion = plan.diffusion
     needs_noise = not ddim or plan.eta > 0
+    whole_step = plan.graphs is not None and den.cond_fn is None and den.denoised_fn is None
+    if not whole_step:
+        den = _graphed_model(den, plan)
+    names = tuple(sorted(den.model_kwargs))
+
+    def step(x, t, noise, *values):
+        """x_t -> x_{t-1}, a function of its tensors alone (so it can be replayed)."""
+        common = dict(clip_denoised=False, denoised_fn=den.denoised_fn, cond_fn=den.cond_fn,
+                      model_kwargs=dict(zip(names, values)), noise=noise)
+        if ddim:
+            return diffusion.ddim_sample(den.model, x, t, eta=plan.eta, **common)["sample"]
+        return diffusion.p_sample(den.model, x, t, **common)["sample"]
+
+    if whole_step:
+        step = plan.graphs("ddim" if ddim else "ddpm", step)
+    # Deterministic DDIM adds sigma * noise with sigma = 0: a zero, not a draw.
+    no_noise = torch.zeros((), device=x.device, dtype=x.dtype)
+    values = [den.model_kwargs[k] for k in names]
     for k in _step_bar(plan, diffusion.num_timesteps):
         i = diffusion.num_timesteps - 1 - k
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        noise = per_sample_normal(plan.generators, x.shape[1:], x.device) if needs_noise else None
+        noise = per_sample_normal(plan.generators, x.shape[1:], x.device) if needs_noise else no_noise
         with torch.no_grad():
-            if ddim:
-                out = diffusion.ddim_sample(den.model, x, t, clip_denoised=False, denoised_fn=den.denoised_fn,
-                                            cond_fn=den.cond_fn, model_kwargs=den.model_kwargs, eta=plan.eta,
-                                            noise=noise)
-            else:
-                out = diffusion.p_sample(den.model, x, t, clip_denoised=False, denoised_fn=den.denoised_fn,
-                                         cond_fn=den.cond_fn, model_kwargs=den.model_kwargs, noise=noise)
-        x = out["sample"]
+            x = step(x, t, noise, *values)
     return x
 
 
@@ -152,6 +176,7 @@ def build_scheduler(name, diffusion, steps, eta=0.0, timestep_spacing="trailing"
 def diffusers_loop(name, den, x, plan):
     """Run diffusers' scheduler ``name`` from noise ``x`` (unit variance)."""
     diffusion = plan.diffusion
+    den = _graphed_model(den, plan)
     scheduler = build_scheduler(name, diffusion, plan.steps, timestep_spacing=plan.timestep_spacing)
     x = x * scheduler.init_noise_sigma
     extra = {"eta": plan.eta} if name == "ddim" else {}

@@ -8,8 +8,8 @@ value back to the host.
 
 :class:`ReplayedStep` is the one mechanism: the diffusion training step
 (``train_util.TrainLoop``), the VAE training step (``vae_training``) and
-:class:`GraphedForward` (the samplers' model call, one graph per input
-shape) all replay through it.
+:class:`GraphedCall` (a sampler's whole denoising step, or its model call,
+one graph per input shape) all replay through it.
 """
 
 import warnings
@@ -90,18 +90,24 @@ def no_autocast_cache():
     return torch.autocast("cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None, cache_enabled=False)
 
 
-class GraphedForward:
-    """``model(x, t, **tensors)`` replayed from a CUDA graph, one graph per
-    input signature (shapes, dtypes, autocast). Inference only: with grad
-    enabled, off CUDA, or with a non-tensor keyword it calls ``model`` itself.
+class GraphedCall:
+    """``fn(*tensors, **tensors)`` replayed from a CUDA graph, one graph per
+    signature (positions, keywords, shapes, dtypes, strides, autocast), each a
+    :class:`ReplayedStep` (the first calls eager, the next captured); each
+    call returns a copy of the output tensor. Inference only: with grad
+    enabled, off CUDA, or with an argument that is not a tensor, ``fn`` runs
+    itself; a failed capture (e.g. a host read inside ``fn``) is said once and
+    from then on ``fn`` runs eagerly.
 
-    Per shape, the first calls run eagerly and the next is captured
-    (:class:`ReplayedStep`); each call returns a copy of the output.
-    The model's weights must not be replaced while this object is in use.
+    A replay runs what ``fn`` did at its capture: ``fn`` must compute from its
+    tensor arguments alone (what it closes over stays fixed), and the modules
+    it runs must keep their weight tensors while this object is in use.
     """
 
-    def __init__(self, model, warmup_steps=2):
-        self.model = model
+    device_type = "cuda"  # where graphs are captured (the tests stand in for them on the CPU)
+
+    def __init__(self, fn, warmup_steps=2):
+        self.fn = fn
         self.warmup_steps = warmup_steps
         self._steps = {}
         self._pool = None
@@ -109,24 +115,25 @@ class GraphedForward:
 
     def __getattr__(self, name):
         # Samplers and guidance read attributes of the model (e.g. ``num_classes``).
-        return getattr(self.__dict__["model"], name)
+        return getattr(self.__dict__["fn"], name)
 
-    def __call__(self, x, t, **kwargs):
-        eager = (self._failed or torch.is_grad_enabled() or x.device.type != "cuda"
-                 or not all(torch.is_tensor(v) for v in kwargs.values()))
+    def __call__(self, *args, **kwargs):
+        values = (*args, *kwargs.values())
+        eager = (self._failed or torch.is_grad_enabled() or not values
+                 or not all(torch.is_tensor(v) and v.device.type == self.device_type for v in values))
         if eager:
-            return self.model(x, t, **kwargs)
-        names = ("x", "t", *sorted(kwargs))
-        tensors = (x, t, *(kwargs[k] for k in names[2:]))
-        key = (names, tuple((tuple(v.shape), v.dtype, v.stride()) for v in tensors), _autocast_state())
+            return self.fn(*args, **kwargs)
+        names = tuple(sorted(kwargs))
+        tensors = (*args, *(kwargs[k] for k in names))
+        key = (len(args), names, tuple((tuple(v.shape), v.dtype, v.stride()) for v in tensors), _autocast_state())
         step = self._steps.get(key)
         if step is None:
             if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every shape's graph
+                self._pool = torch.cuda.graph_pool_handle()  # one memory pool for every signature's graph
 
-            def call(x, t, *values, names=names[2:]):
+            def call(*values, positional=len(args), names=names):
                 with no_autocast_cache():
-                    return self.model(x, t, **dict(zip(names, values)))
+                    return self.fn(*values[:positional], **dict(zip(names, values[positional:])))
 
             step = self._steps[key] = ReplayedStep(call, self.warmup_steps, pool=self._pool)
         try:
@@ -134,9 +141,33 @@ class GraphedForward:
         except RuntimeError as err:
             if step.graph is not None:
                 raise  # a replay failed: a real error, not a capture problem
-            # Capture failed (e.g. a host read inside a custom wrapper): only speed is lost.
             self._failed = True
             # Said once, on stderr (this module sits below the logger).
-            warnings.warn(f"CUDA graph capture of the model failed ({str(err).splitlines()[0]}); sampling eagerly")
+            warnings.warn(f"CUDA graph capture failed ({str(err).splitlines()[0]}); running eagerly")
             torch.cuda.synchronize()
-            return self.model(x, t, **kwargs)
+            return self.fn(*args, **kwargs)
+
+
+class GraphedForward(GraphedCall):
+    """``model(x, t, **tensors)`` replayed from CUDA graphs (:class:`GraphedCall`)."""
+
+    def __init__(self, model, warmup_steps=2):
+        super().__init__(model, warmup_steps)
+        self.model = model
+
+
+class GraphCache:
+    """One :class:`GraphedCall` per name, kept for a whole sampling call so
+    that each batch replays the graphs of the first: ``graphs(name, fn)``
+    returns the one made from the first ``fn`` given under ``name`` (a later
+    ``fn`` must compute the same thing of its tensors)."""
+
+    def __init__(self, warmup_steps=2):
+        self.warmup_steps = warmup_steps
+        self._calls = {}
+
+    def __call__(self, name, fn):
+        call = self._calls.get(name)
+        if call is None:
+            call = self._calls[name] = GraphedCall(fn, self.warmup_steps)
+        return call
