@@ -6,7 +6,7 @@ in docs/BENCHMARKS.md)."""
 
 import torch
 
-from guided_diffusion_vae.runtime.cuda_graphs import GraphedForward, ReplayedStep
+from guided_diffusion_vae.runtime.cuda_graphs import GraphedCall, ReplayedStep
 
 
 class HostReplay(ReplayedStep):
@@ -55,9 +55,9 @@ def test_warmup_capture_and_replay_use_the_right_tensors():
     assert not replayed.fits(torch.zeros(3), torch.zeros(3))
 
 
-def test_graphed_forward_calls_the_model_itself_off_cuda_and_with_grad():
+def test_a_graphed_call_runs_the_model_itself_off_cuda_and_with_grad():
     model = torch.nn.Linear(2, 2)
-    graphed = GraphedForward(lambda x, t, **kw: model(x) + t)
+    graphed = GraphedCall(lambda x, t, **kw: model(x) + t)
     x, t = torch.ones(1, 2), torch.zeros(1, 2)
     with torch.no_grad():
         assert torch.equal(graphed(x, t), model(x))
@@ -78,6 +78,9 @@ def test_a_graph_cache_keeps_the_first_function_of_each_name():
     call = cache("step", first)
     assert cache("step", lambda x: x * 100) is call and cache("model", first) is not call
     assert call.num_classes == 3
+    import copy
+
+    assert copy.copy(call).num_classes == 3  # a copy is built without __init__: no recursion through fn
     x = torch.ones(2)
     with torch.no_grad():
         assert torch.equal(call(x), x + 1)  # off CUDA the first function runs itself

@@ -115,7 +115,10 @@ class GraphedCall:
 
     def __getattr__(self, name):
         # Samplers and guidance read attributes of the model (e.g. ``num_classes``).
-        return getattr(self.__dict__["fn"], name)
+        fn = self.__dict__.get("fn")
+        if fn is None:  # not built yet (copy, pickle)
+            raise AttributeError(name)
+        return getattr(fn, name)
 
     def __call__(self, *args, **kwargs):
         values = (*args, *kwargs.values())
@@ -146,14 +149,6 @@ class GraphedCall:
             warnings.warn(f"CUDA graph capture failed ({str(err).splitlines()[0]}); running eagerly")
             torch.cuda.synchronize()
             return self.fn(*args, **kwargs)
-
-
-class GraphedForward(GraphedCall):
-    """``model(x, t, **tensors)`` replayed from CUDA graphs (:class:`GraphedCall`)."""
-
-    def __init__(self, model, warmup_steps=2):
-        super().__init__(model, warmup_steps)
-        self.model = model
 
 
 class GraphCache:
