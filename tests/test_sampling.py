@@ -314,21 +314,21 @@ def _graphs_on_the_cpu(monkeypatch):
     return made
 
 
-@pytest.mark.parametrize("use_ddim,eta,clip", [(True, 0.0, "none"), (False, 0.0, "none"), (True, 0.5, "none"),
-                                               (True, 0.0, "fixed")])
-def test_replayed_steps_give_the_samples_of_plain_calls(model_and_diffusion, monkeypatch, use_ddim, eta, clip):
+@pytest.mark.parametrize("sampler,eta,clip", [("ddim", 0.0, "none"), ("ddpm", 0.0, "none"), ("ddim", 0.5, "none"),
+                                              ("ddim", 0.0, "fixed"), ("dpmpp_2m", 0.0, "none")])
+def test_replayed_steps_give_the_samples_of_plain_calls(model_and_diffusion, monkeypatch, sampler, eta, clip):
     """On a GPU the core samplers replay their whole step from a CUDA graph
-    (the model call alone where clipping keeps count); later batches replay
-    the graphs of the first, with their own labels and noise. The samples and
-    the clipped share are those of plain calls."""
+    (the model call alone where clipping keeps count, as the diffusers
+    samplers do); later batches replay the graphs of the first, with their own
+    labels and noise. The samples and the clipped share are those of plain calls."""
     model, diffusion = model_and_diffusion
     kw = dict(model=model, diffusion=diffusion, sample_shape=(3, 8, 8), num_samples=7, batch_size=3,
-              labels=[0, 1, 1, 0, 1, 0, 0], use_ddim=use_ddim, eta=eta, seed=3, progress=False, as_float=True)
+              labels=[0, 1, 1, 0, 1, 0, 0], sampler=sampler, eta=eta, seed=3, progress=False, as_float=True)
     plain, labels, plain_clipped = generate_samples(cuda_graphs=False, clipper=DenoisedClipper(clip, 0.1), **kw)
     made = _graphs_on_the_cpu(monkeypatch)
     replayed, replayed_labels, replayed_clipped = generate_samples(cuda_graphs=True, clipper=DenoisedClipper(clip, 0.1),
                                                                     **kw)
-    expected = ("ddim" if use_ddim else "ddpm") if clip == "none" else "model"
+    expected = sampler if clip == "none" and sampler in ("ddim", "ddpm") else "model"
     assert set(made) == {expected} and len(made) == 3  # one name, asked for by each of the three batches
     np.testing.assert_array_equal(replayed, plain)
     np.testing.assert_array_equal(replayed_labels, labels)
