@@ -85,3 +85,36 @@ def test_a_graph_cache_keeps_the_first_function_of_each_name():
     with torch.no_grad():
         assert torch.equal(call(x), x + 1)  # off CUDA the first function runs itself
     assert call._steps == {}
+
+
+def test_a_failed_capture_is_said_once_and_the_call_runs_eagerly(monkeypatch):
+    """A function that cannot be captured (a host read inside it) costs
+    speed, never the result: the capture's error is said once, as a warning
+    naming it, and every call from then on runs the function itself."""
+    import warnings
+
+    from guided_diffusion_vae.runtime import cuda_graphs
+
+    def refuse(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(ReplayedStep, "_on_side_stream", staticmethod(lambda fn: fn()))
+    monkeypatch.setattr(ReplayedStep, "_capture", refuse)
+    monkeypatch.setattr(GraphedCall, "device_type", "cpu")
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(cuda_graphs.torch.cuda, "synchronize", lambda: None)
+    calls = []
+
+    def step(x):
+        calls.append(1)
+        return x * 3
+
+    graphed = GraphedCall(step, warmup_steps=1)
+    x = torch.arange(4.0)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        outputs = [graphed(x) for _ in range(4)]
+    assert all(torch.equal(out, x * 3) for out in outputs)
+    assert [str(w.message) for w in said] == [
+        "CUDA graph capture failed (operation not permitted when stream is capturing); running eagerly"]
+    assert graphed._failed and len(calls) == 4  # one warm-up, then each call ran the function itself
