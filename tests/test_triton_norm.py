@@ -382,3 +382,58 @@ def test_sampling_folds_the_resblock_biases_and_builds_those_kernels_ahead(monke
         monkeypatch.setattr(unet_module, "folds_conv_bias", lambda h: False)
         unfolded = model(x, t, y=y)
     torch.testing.assert_close(folded, unfolded, rtol=1e-5, atol=1e-6)
+
+
+def test_training_convolutions_take_their_bias_gradient_from_one_product():
+    """Where the kernels run, a bf16 training convolution adds its own bias
+    (nn.Conv2d, as conv_nd builds it) so that the bias gradient is one
+    ``ones @ grad`` product over the channels-last rows: the same output and
+    input/weight gradients as torch's convolution, and the bias gradient the
+    float32 sum rounded once. Without gradients, in float32, or where the
+    kernels do not run, it is torch's own convolution."""
+    gen = torch.Generator().manual_seed(0)
+    conv = gd_nn.conv_nd(2, 8, 16, kernel_size=3, padding=1)
+    assert isinstance(conv, torch.nn.Conv2d)
+    plain = torch.nn.Conv2d(8, 16, kernel_size=3, padding=1)
+    plain.load_state_dict(conv.state_dict())  # the same parameter names
+    for layer in (conv, plain):
+        layer.to(memory_format=torch.channels_last)
+    x = _channels_last(torch.randn(4, 8, 12, 12, generator=gen))
+    grad = torch.randn(4, 16, 12, 12, generator=gen).to(torch.bfloat16)
+    results = {}
+    for name, layer, fused in (("product", conv, True), ("torch", plain, True)):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        with gd_nn.fused_norm(fused), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(xi)
+        results[name] = (out, xi, layer)
+        out.backward(_channels_last(grad))
+    out, xi, _ = results["product"]
+    ref, xr, _ = results["torch"]
+    assert "ChannelBiasAdd" in type(out.grad_fn).__name__ and out.dtype == torch.bfloat16
+    assert "ChannelBiasAdd" not in type(ref.grad_fn).__name__
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2 * 2.0 ** -8 * ref.abs().max().item())
+    torch.testing.assert_close(xi.grad, xr.grad, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(conv.weight.grad, plain.weight.grad, rtol=1e-2, atol=1e-2)
+    exact = grad.float().sum(dim=(0, 2, 3))
+    assert conv.bias.grad.dtype == torch.float32
+    assert (conv.bias.grad - exact).abs().max() <= 2.0 ** -8 * exact.abs().max()  # one bf16 rounding
+    # a gradient in the other layout takes torch's reduction: the same sum
+    conv.zero_grad()
+    xi = x.clone().requires_grad_()
+    with gd_nn.fused_norm(True), torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(xi).backward(grad.contiguous())
+    assert (conv.bias.grad - exact).abs().max() <= 2.0 ** -8 * exact.abs().max()
+
+    def kind(fused=True, grad_on=True, autocast=True):
+        with gd_nn.fused_norm(fused), torch.set_grad_enabled(grad_on), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = conv(x)
+        return "product" if out.grad_fn is not None and "ChannelBiasAdd" in type(out.grad_fn).__name__ else "torch"
+
+    assert kind() == "product"
+    assert kind(grad_on=False) == "torch"
+    assert kind(autocast=False) == "torch"  # float32
+    assert kind(fused=False) == "torch"
+    with gd_nn.fused_norm(True):
+        assert not gd_nn.bias_grad_by_product(torch.zeros(2, 8, 4, requires_grad=True))  # not 2-D

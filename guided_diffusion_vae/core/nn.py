@@ -15,7 +15,6 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint as torch_checkpoint
 
-_CONV_BY_DIMS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _AVG_POOL_BY_DIMS = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 
 
@@ -184,6 +183,66 @@ def biased_residual(skip, h, bias):
     return skip + (h + _per_channel(bias, h))
 
 
+def bias_grad_by_product(x):
+    """Whether a 2-D convolution of x should add its bias itself
+    (:func:`add_channel_bias`): when training where the Triton kernels run,
+    in a low-precision dtype (bf16/fp16 autocast or weights). There torch
+    reduced each bias gradient over N*H*W rows in a kernel that ran at a third
+    of the speed of one matrix-vector product at 16x16 (11% of a latent16
+    training step: docs/BENCHMARKS.md)."""
+    if not (torch.is_grad_enabled() and x.dim() == 4 and _triton_runs_for(x)):
+        return False
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind) in _LOW_PRECISION
+    return x.dtype in _LOW_PRECISION
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class _ChannelBiasAdd(torch.autograd.Function):
+    """h + bias per channel; the bias gradient is ``ones @ grad`` over the
+    (N*H*W, C) view of a channels-last gradient (the same sum in float32
+    accumulators, rounded once to grad's dtype, as torch's reduction)."""
+
+    @staticmethod
+    def forward(ctx, h, bias):
+        ctx.bias_dtype = bias.dtype
+        return h + _per_channel(bias.to(h.dtype), h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            if grad.dtype in _LOW_PRECISION and grad.is_contiguous(memory_format=torch.channels_last):
+                rows = grad.permute(0, 2, 3, 1).reshape(-1, grad.shape[1])  # a view: no copy
+                grad_bias = (rows.new_ones(1, rows.shape[0]) @ rows).reshape(-1)
+            else:  # float32 (a product would run in TF32 where that is on) or another layout
+                grad_bias = grad.sum(dim=(0, 2, 3))
+            grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad, grad_bias
+
+
+def add_channel_bias(h, bias):
+    """``h + bias`` for h (N, C, H, W) and bias (C,), added in h's dtype as a
+    convolution's own bias add is; see :class:`_ChannelBiasAdd` for the gradient."""
+    return _ChannelBiasAdd.apply(h, bias)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, same numbers) that adds its own bias
+    where :func:`bias_grad_by_product` says so; :func:`conv_nd` builds it."""
+
+    def forward(self, x):
+        if self.bias is not None and bias_grad_by_product(x):
+            return add_channel_bias(self._conv_forward(x, self.weight, None), self.bias)
+        return super().forward(x)
+
+
+_CONV_BY_DIMS = {1: nn.Conv1d, 2: Conv2d, 3: nn.Conv3d}
+
+
 def _triton_runs_for(x):
     """Whether norm_act runs the hand-written Triton kernels for tensors like x."""
     return _FUSED["kernels"] == "triton" and _fused_norm_usable(x)
@@ -314,7 +373,8 @@ def _pick(table, dims, what):
 
 
 def conv_nd(dims, *args, **kwargs):
-    """A 1D, 2D or 3D convolution (``nn.Conv{dims}d``) built with the given arguments."""
+    """A 1D, 2D or 3D convolution (``nn.Conv{dims}d``; 2D: our :class:`Conv2d`
+    subclass of it) built with the given arguments."""
     return _pick(_CONV_BY_DIMS, dims, "conv_nd")(*args, **kwargs)
 
 
