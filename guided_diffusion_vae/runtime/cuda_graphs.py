@@ -155,9 +155,12 @@ class GraphCache:
     """One :class:`GraphedCall` per name, kept for a whole sampling call so
     that each batch replays the graphs of the first: ``graphs(name, fn)``
     returns the one made from the first ``fn`` given under ``name`` (a later
-    ``fn`` must compute the same thing of its tensors)."""
+    ``fn`` must compute the same thing of its tensors). One eager call per
+    shape before the capture is enough for inference (cuDNN's autotuner
+    picks its kernels in it); a second cost 7% of a 256-sample DDIM-50 call
+    on an H100 (docs/BENCHMARKS.md)."""
 
-    def __init__(self, warmup_steps=2):
+    def __init__(self, warmup_steps=1):
         self.warmup_steps = warmup_steps
         self._calls = {}
 
