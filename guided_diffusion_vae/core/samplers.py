@@ -88,14 +88,14 @@ def _step_bar(plan, count):
     return progress_bar(range(count), desc="denoising", leave=False, disable=not plan.progress)
 
 
-# ---- the diffusion core's samplers -------------------------------------------
-
-
 def _graphed_model(den, plan):
     """``den`` with its model call replayed from CUDA graphs where ``plan`` has them."""
     if plan.graphs is None:
         return den
     return dataclasses.replace(den, model=plan.graphs("model", den.model))
+
+
+# ---- the diffusion core's samplers -------------------------------------------
 
 
 def _core_loop(den, x, plan, ddim):

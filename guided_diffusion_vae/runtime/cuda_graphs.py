@@ -106,7 +106,10 @@ class GraphedCall:
 
     device_type = "cuda"  # where graphs are captured (the tests stand in for them on the CPU)
 
-    def __init__(self, fn, warmup_steps=2):
+    # One eager call per signature before the capture is enough for inference
+    # (cuDNN's autotuner picks its kernels in it); a second cost 7% of a
+    # 256-sample DDIM-50 call on an H100 (docs/BENCHMARKS.md).
+    def __init__(self, fn, warmup_steps=1):
         self.fn = fn
         self.warmup_steps = warmup_steps
         self._steps = {}
@@ -155,17 +158,13 @@ class GraphCache:
     """One :class:`GraphedCall` per name, kept for a whole sampling call so
     that each batch replays the graphs of the first: ``graphs(name, fn)``
     returns the one made from the first ``fn`` given under ``name`` (a later
-    ``fn`` must compute the same thing of its tensors). One eager call per
-    shape before the capture is enough for inference (cuDNN's autotuner
-    picks its kernels in it); a second cost 7% of a 256-sample DDIM-50 call
-    on an H100 (docs/BENCHMARKS.md)."""
+    ``fn`` must compute the same thing of its tensors)."""
 
-    def __init__(self, warmup_steps=1):
-        self.warmup_steps = warmup_steps
+    def __init__(self):
         self._calls = {}
 
     def __call__(self, name, fn):
         call = self._calls.get(name)
         if call is None:
-            call = self._calls[name] = GraphedCall(fn, self.warmup_steps)
+            call = self._calls[name] = GraphedCall(fn)
         return call
