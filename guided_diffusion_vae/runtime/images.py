@@ -68,10 +68,15 @@ def to_pil(image):
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
-def save_png(path, image):
+def png_bytes(image):
+    """(H, W, C) uint8 as the bytes of a PNG file."""
     buf = io.BytesIO()
     to_pil(image).save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_png(path, image):
+    atomic_write_bytes(path, png_bytes(image))
 
 
 def resize_short_side(img, short):

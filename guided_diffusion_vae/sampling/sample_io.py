@@ -8,8 +8,10 @@ import re
 import numpy as np
 
 from ..runtime.errors import UserError
-from ..runtime.files import atomic_write, atomic_write_json, atomic_write_npy, folder_written_whole
-from ..runtime.images import image_grid, save_png
+from ..runtime.files import (
+    atomic_write, atomic_write_bytes, atomic_write_json, folder_written_whole, npy_bytes, write_staged,
+)
+from ..runtime.images import image_grid, png_bytes, save_png
 from ..data.labels import class_name, folder_names
 
 
@@ -46,7 +48,7 @@ def save_samples_whole(output_dir, images, labels=None, label_map=None, db_value
     Returns the paths as they lie in ``output_dir``."""
     check_sample_folder(output_dir)
     with folder_written_whole(output_dir) as staging:
-        paths = save_samples(staging, images, labels, label_map, db_values=db_values, record=record)
+        paths = save_samples(staging, images, labels, label_map, db_values=db_values, record=record, staged=True)
 
     def moved(path):
         return os.path.join(output_dir, os.path.relpath(path, staging))
@@ -55,7 +57,8 @@ def save_samples_whole(output_dir, images, labels=None, label_map=None, db_value
             for key, value in paths.items()}
 
 
-def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=None, db_values=None, record=None):
+def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=None, db_values=None, record=None,
+                 staged=False):
     """Write every sample and a grid; returns the paths written.
 
     ``labels`` (one class index per image) sorts samples into one folder per
@@ -63,8 +66,11 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
     they go to ``output_dir/samples``. ``db_values`` (float32 ``(N, H, W)``,
     e.g. dB) are written beside each PNG as ``generated_NNN.npy``.
     ``record`` (JSON-able: how the samples were drawn) becomes ``sampling.json``.
+    ``staged``: ``output_dir`` is a ``folder_written_whole`` staging folder,
+    so each sample is written plainly rather than atomically.
     """
     os.makedirs(output_dir, exist_ok=True)
+    put = write_staged if staged else atomic_write_bytes
     counters, paths = {}, {"images": [], "arrays": []}
     folder_of = folder_names(labels, label_map) if labels is not None else {}
     for i, image in enumerate(images):
@@ -73,11 +79,10 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
         counters[folder] = k + 1
         path = os.path.join(output_dir, folder, f"generated_{k:03d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_png(path, image)
-        paths["images"].append(path)
+        paths["images"].append(put(path, png_bytes(image)))
         if db_values is not None:
             npy = path[: -len(".png")] + ".npy"
-            paths["arrays"].append(atomic_write_npy(npy, np.asarray(db_values[i], dtype=np.float32)))
+            paths["arrays"].append(put(npy, npy_bytes(np.asarray(db_values[i], dtype=np.float32))))
     order = np.argsort(labels, kind="stable") if labels is not None else np.arange(len(images))
     if labels is not None and grid_columns is None:
         grid_columns = max(counters.values())

@@ -459,8 +459,6 @@ def export_vae(vae, output_dir, *, stats, metrics, grid):
         for name in os.listdir(tmp):
             # Temporary-file writers create 0600 files; a model folder is for sharing.
             os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
     return stats, metrics
 
 
