@@ -16,8 +16,11 @@ if ROOT not in sys.path:
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # No test has a GPU: Triton kernels (core/triton_norm.py) run in Triton's CPU
-# interpreter, which must be chosen before triton is first imported.
-os.environ["TRITON_INTERPRET"] = "1"
+# interpreter, which must be chosen before triton is first imported. On a GPU
+# machine, TRITON_INTERPRET=0 runs them compiled: interpreted, every fused norm
+# of a CUDA step runs in Python (most likely why a resume test did not
+# finish in 170 s on an H100).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture
