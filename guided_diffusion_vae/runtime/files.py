@@ -193,8 +193,15 @@ def atomic_write_torch(path, obj):
 
 
 def atomic_write_npy(path, array):
-    """``np.save`` of ``array`` (never with pickled objects), atomically."""
-    return atomic_write_bytes(path, npy_bytes(array))
+    """``np.save`` of ``array`` (never with pickled objects), atomically,
+    streamed to the file (no copy in memory)."""
+    import numpy as np
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+
+    return atomic_write(path, write)
 
 
 def npy_bytes(array):
@@ -223,7 +230,7 @@ def write_staged(path, data):
 
 def _fsync_tree(folder):
     """fsync every file, then every folder (deepest first), below ``folder``."""
-    for root, dirs, files in os.walk(folder, topdown=False):
+    for root, _, files in os.walk(folder, topdown=False):
         for name in files:
             full = os.path.join(root, name)
             if os.path.islink(full):
