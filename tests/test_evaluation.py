@@ -292,6 +292,32 @@ def test_classifier_round_trip_and_mismatch(real, baseline, tmp_path):
                             classifier_path=path, image_size=64, **FAST))
 
 
+def test_the_classifier_draws_its_batches_ahead_as_a_step_loop_would():
+    """Every step's examples and time shifts are drawn before the first step
+    (the loop then never waits on a copy to the GPU), from the same generator
+    calls in the same order as drawing them step by step: the same classifier."""
+    from guided_diffusion_vae.training.person_classifier import MAX_TIME_SHIFT, _batch_draws, _shifted_in_time
+
+    count, batch, steps, width = 10, 4, 7, 16
+    indices, shifts = _batch_draws(count, batch, steps, width, torch.Generator().manual_seed(5), augment=True)
+    gen, limit = torch.Generator().manual_seed(5), max(1, int(width * MAX_TIME_SHIFT))
+    order, pos = torch.randperm(count, generator=gen), 0
+    for step in range(steps):
+        if pos + batch > count:  # a new pass over the examples, in a new order
+            order, pos = torch.randperm(count, generator=gen), 0
+        assert torch.equal(indices[step], order[pos:pos + batch])
+        pos += batch
+        assert torch.equal(shifts[step], torch.randint(-limit, limit + 1, (batch,), generator=gen))
+    assert len(set(indices[:2].flatten().tolist())) == 2 * batch  # no example twice in one pass
+    plain, none = _batch_draws(count, batch, steps, width, torch.Generator().manual_seed(5), augment=False)
+    assert none is None and torch.equal(plain[:2], indices[:2])  # the first pass draws no shifts before it
+
+    x = torch.arange(2 * 3 * 5, dtype=torch.float32).reshape(2, 1, 3, 5)
+    moved = _shifted_in_time(x, torch.tensor([2, -1]))
+    assert torch.equal(moved[0, 0, :, 2:], x[0, 0, :, :3]) and torch.equal(moved[0, 0, :, :2], x[0, 0, :, :1].expand(3, 2))
+    assert torch.equal(moved[1, 0, :, :4], x[1, 0, :, 1:]) and torch.equal(moved[1, 0, :, 4], x[1, 0, :, 4])
+
+
 def test_frechet_and_precision_recall_on_known_gaussians():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(4000, 4)), rng.normal(size=(4000, 4))

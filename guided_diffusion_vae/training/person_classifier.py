@@ -81,16 +81,38 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
-def _time_shift(x, generator, max_fraction=0.125):
-    """Shift each image along time (columns) by up to ``max_fraction`` of its
-    width, padding with the edge column: a record may start at any moment of
+# Time shifts of the augmentation: up to this share of the image width.
+MAX_TIME_SHIFT = 0.125
+
+
+def _shifted_in_time(x, shifts):
+    """Each image ``x[i]`` shifted along time (columns) by ``shifts[i]``
+    columns, padded with the edge column: a record may start at any moment of
     a walk, so identity must not depend on where the steps fall."""
-    n, _, _, w = x.shape
-    limit = max(1, int(w * max_fraction))
-    shifts = torch.randint(-limit, limit + 1, (n,), generator=generator)
-    cols = torch.arange(w)[None, :] - shifts[:, None]  # (N, W) source column of each output column
-    cols = cols.clamp_(0, w - 1).to(x.device)
+    w = x.shape[3]
+    cols = torch.arange(w, device=x.device)[None, :] - shifts[:, None]  # (N, W) source column of each column
+    cols = cols.clamp_(0, w - 1)
     return torch.gather(x, 3, cols[:, None, None, :].expand(-1, x.shape[1], x.shape[2], -1))
+
+
+def _batch_draws(count, batch_size, steps, width, generator, augment):
+    """``(indices, shifts)``: the examples ``(steps, batch_size)`` of every
+    step, each pass over the ``count`` examples in a new random order, and
+    their time shifts ``(steps, batch_size)`` (None without ``augment``),
+    drawn from ``generator`` in the order a step-by-step loop would draw them.
+    Drawn before the first step, so that the loop never copies from the host:
+    a copy to the GPU waits for the GPU, which would end every step."""
+    limit = max(1, int(width * MAX_TIME_SHIFT))
+    order, pos = torch.randperm(count, generator=generator), 0
+    indices, shifts = [], []
+    for _ in range(steps):
+        if pos + batch_size > count:
+            order, pos = torch.randperm(count, generator=generator), 0
+        indices.append(order[pos:pos + batch_size])
+        pos += batch_size
+        if augment:
+            shifts.append(torch.randint(-limit, limit + 1, (batch_size,), generator=generator))
+    return torch.stack(indices), torch.stack(shifts) if augment else None
 
 
 def classifier_defaults():
@@ -131,15 +153,14 @@ def train_classifier(images, labels, num_classes, *, device, steps=1500, batch_s
     loss_fn = nn.CrossEntropyLoss(label_smoothing=0.05)
     batch_size = min(batch_size, len(data))
     model.train()
-    order, pos = torch.randperm(len(data), generator=gen), 0
+    indices, shifts = _batch_draws(len(data), batch_size, steps, data.shape[3], gen, augment)
+    indices = indices.to(device)
+    shifts = shifts.to(device) if augment else None
     for step in range(steps):
-        if pos + batch_size > len(order):
-            order, pos = torch.randperm(len(data), generator=gen), 0
-        idx = order[pos:pos + batch_size].to(device)
-        pos += batch_size
+        idx = indices[step]
         x = data[idx]
         if augment:
-            x = _time_shift(x, gen)
+            x = _shifted_in_time(x, shifts[step])
         loss = loss_fn(model(x), targets[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
