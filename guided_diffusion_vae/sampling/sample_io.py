@@ -77,8 +77,7 @@ def save_samples(output_dir, images, labels=None, label_map=None, grid_columns=N
         folder = folder_of[int(labels[i])] if labels is not None else "samples"
         k = counters.get(folder, 0)
         counters[folder] = k + 1
-        path = os.path.join(output_dir, folder, f"generated_{k:03d}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        path = os.path.join(output_dir, folder, f"generated_{k:03d}.png")  # both writers make its folder
         paths["images"].append(put(path, png_bytes(image)))
         if db_values is not None:
             npy = path[: -len(".png")] + ".npy"
