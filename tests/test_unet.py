@@ -21,6 +21,7 @@ from guided_diffusion_vae.core.unet import (
     QKVAttentionLegacy,
     SuperResModel,
     UNetModel,
+    Upsample,
 )
 
 BASE = dict(
@@ -195,6 +196,34 @@ def test_bf16_autocast_backward():
     out.float().square().mean().backward()
     grads = [p.grad for p in model.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_upsampling_keeps_the_dtype_autocast_would_widen(monkeypatch):
+    """CUDA autocast casts nearest upsampling's input to float32 (the CPU's
+    does not), so a fake interpolate that widens whenever autocast is on
+    stands in for the GPU here: Upsample must still give bf16 out for bf16 in,
+    bit for bit the plain upsampling, and nothing but its own interpolation
+    may be affected."""
+    unet_module = __import__("guided_diffusion_vae.core.unet", fromlist=["F"])
+    real = unet_module.F.interpolate
+
+    def widening_interpolate(x, *args, **kwargs):
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.float()
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(unet_module.F, "interpolate", widening_interpolate)
+    up = Upsample(8, use_conv=False)
+    x = torch.randn(2, 8, 4, 4).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = up(x)
+        assert torch.is_autocast_enabled("cpu")  # switched back on afterwards
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+    # With a conv, the conv still runs under autocast (bf16 out for float32 in).
+    up_conv = Upsample(8, use_conv=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert up_conv(x.float()).dtype == torch.bfloat16
 
 
 def _count_calls(module):

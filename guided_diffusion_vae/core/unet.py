@@ -262,7 +262,11 @@ class Upsample(nn.Module):
         size = [2 * side for side in x.shape[2:]]
         if self.dims == 3:
             size[0] = x.shape[2]  # 3D signals keep their depth (first axis)
-        x = F.interpolate(x, size=size, mode="nearest")
+        # CUDA autocast runs nearest upsampling in float32; copying values
+        # needs no extra precision, and a float32 result would make the rest
+        # of the up path float32 (twice the bytes, casts back before each conv).
+        with torch.autocast(x.device.type, enabled=False):
+            x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
 
