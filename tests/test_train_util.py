@@ -482,15 +482,24 @@ def _check_train_until(train_until, log):
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # the handlers are restored
 
 
-def test_a_channels_last_run_trains_and_saves_as_a_contiguous_one(tmp_path, tiny_model_flags):
+def _no_tf32_convolutions(monkeypatch):
+    """cuDNN runs float32 convolutions in TF32 by default (10-bit mantissas),
+    and the two layouts take different algorithms: the comparisons across
+    layouts below are about where elements lie, not TF32's rounding."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+def test_a_channels_last_run_trains_and_saves_as_a_contiguous_one(tmp_path, tiny_model_flags, monkeypatch):
     """nn.to_fast_layout (on a GPU with the fused norms: channels-last) only
     changes how the weights lie in memory: the same losses and weights, and
     the checkpoint loads into a plain model."""
     from guided_diffusion_vae.core import nn as gd_nn
 
+    _no_tf32_convolutions(monkeypatch)
     logger.configure(dir=str(tmp_path / "log"), format_strs="log")
-    plain = _loop(tiny_model_flags, tmp_path / "a", 3)
-    assert plain.model.out[-1].weight.is_contiguous()  # on the CPU the default leaves the layout alone
+    with gd_nn.channels_last(False):  # a GPU's default is channels-last
+        plain = _loop(tiny_model_flags, tmp_path / "a", 3)
+    assert plain.model.out[-1].weight.is_contiguous()
     plain.run_loop()
     with gd_nn.channels_last(True):
         last = _loop(tiny_model_flags, tmp_path / "b", 3)
@@ -505,15 +514,16 @@ def test_a_channels_last_run_trains_and_saves_as_a_contiguous_one(tmp_path, tiny
     state, _ = ckpt.load_weights(path)
     fresh, _ = script_util.create_model_and_diffusion(**tiny_model_flags)
     fresh.load_state_dict(state)
-    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    device = next(last.model.parameters()).device
+    fresh.to(device)
+    x, t, y = torch.randn(2, 4, 8, 8, device=device), torch.tensor([3, 7], device=device), torch.tensor([0, 2], device=device)
     with torch.no_grad():
-        torch.testing.assert_close(fresh(x, t, y=torch.tensor([0, 2])), last.model(x, t, y=torch.tensor([0, 2])),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(fresh(x, t, y=y), last.model(x, t, y=y), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("saved_in, resumed_in", [(True, True), (False, True), (True, False)])
 def test_a_run_resumes_exactly_whatever_layout_saved_and_resumed_it(tmp_path, tiny_model_flags, saved_in,
-                                                                     resumed_in):
+                                                                     resumed_in, monkeypatch):
     """A run saved channels-last (nn.to_fast_layout on a GPU) or in NCHW (an
     older version, a CPU) resumes in either layout exactly as it would have
     gone on. The fused AdamW kernel reads each state tensor as raw memory in
@@ -522,6 +532,7 @@ def test_a_run_resumes_exactly_whatever_layout_saved_and_resumed_it(tmp_path, ti
     layout."""
     from guided_diffusion_vae.core import nn as gd_nn
 
+    _no_tf32_convolutions(monkeypatch)
     logger.configure(dir=str(tmp_path / "log"), format_strs="log")
     with gd_nn.channels_last(resumed_in):
         straight = _loop(tiny_model_flags, tmp_path / "a", 6)

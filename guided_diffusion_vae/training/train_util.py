@@ -825,9 +825,10 @@ class TrainLoop:
         in_a_row = self._nonfinite_seen.read()
         if in_a_row is not None and in_a_row >= self.max_nonfinite_steps:
             self.save()
+            counted_at = self.step - self._nonfinite_seen.lag
             raise UserError(
                 f"training stopped: {in_a_row} steps in a row had a non-finite loss or gradient "
-                f"(step {self.step}); try a lower lr (now {self.lr}), grad_clip (e.g. 1.0), "
+                f"(step {counted_at}); try a lower lr (now {self.lr}), grad_clip (e.g. 1.0), "
                 f"precision fp32, or check the data/latent scale for NaN or huge values"
             )
 
@@ -919,6 +920,7 @@ class _LaggedReader:
     def __init__(self, tensor):
         self.tensor = tensor
         self.lagged = tensor.device.type == "cuda"
+        self.lag = 1 if self.lagged else 0  # steps between the value read and the latest
         if self.lagged:
             self.host = torch.zeros((), dtype=tensor.dtype).pin_memory()
             self.copied = None  # the CUDA event of the copy in flight
