@@ -89,8 +89,8 @@ PRESETS = {
     },
     "gpu": {
         "about": "one GPU, 64x64, the configs/microdoppler_small.yaml network with augmentation, sampled "
-                 "with autoguidance from a small guide network (9.3 min on an H200, summed from stages timed "
-                 "alone)",
+                 "with autoguidance from a small guide network (6.4 min end to end on an H100, "
+                 "docs/BENCHMARKS.md)",
         "num_users": 31, "train_per_user": 96, "test_per_user": 32, "image_size": 64,
         # Measured on an H100 (docs/QUALITY.md): the small VAE with 8 latent
         # channels at lr 1e-3 keeps identity (rCAS 0.98 x TRTR after 5,000
