@@ -39,7 +39,7 @@ import torch
 
 from ..runtime import dist_util, logger
 from ..data.batching import BatchStream, ShardedBatchSampler
-from ..runtime.files import atomic_write_json, atomic_write_npy, check_outside, undone_on_failure
+from ..runtime.files import atomic_write_json, atomic_write_npy, check_outside, fsync_path, undone_on_failure
 from ..runtime.errors import UserError, check_number, shown
 from ..data.labels import normalize_label_map
 from .vae_wrapper import DTYPES as VAE_DTYPES
@@ -63,11 +63,6 @@ CACHE_DTYPES = ("float32", "float16")
 # --------------------------------------------------------------------------- #
 # small file helpers
 # --------------------------------------------------------------------------- #
-
-
-def _fsync_file(path):
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def _read_json(path):
@@ -463,7 +458,7 @@ def _finish_cache(cache_dir, plan, vae, scale_spec, labels, num_chunks):
     raw_std = 1.0 / measure_array_scale(store)
     del store
     atomic_write_npy(os.path.join(cache_dir, LABELS_FILE), np.concatenate([labels] * (2 if plan["random_flip"] else 1)))
-    _fsync_file(partial)
+    fsync_path(partial)
     os.replace(partial, os.path.join(cache_dir, LATENTS_FILE))
     meta = {
         "format": FORMAT_VERSION,

@@ -139,20 +139,24 @@ def atomic_write(path, write_fn):
             # A writer may make 0600 files; what we publish respects the
             # umask, as open() would, so collaborators on a shared cluster can read it.
             os.chmod(tmp, 0o666 & ~_current_umask())
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
+            fsync_path(tmp)
             os.replace(tmp, path)
         finally:
             shutil.rmtree(workspace, ignore_errors=True)
     try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_path(folder)
     except OSError:
         pass
     return path
+
+
+def fsync_path(path):
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path, data):
@@ -233,15 +237,9 @@ def _fsync_tree(folder):
     for root, _, files in os.walk(folder, topdown=False):
         for name in files:
             full = os.path.join(root, name)
-            if os.path.islink(full):
-                continue
-            with open(full, "rb") as f:
-                os.fsync(f.fileno())
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            if not os.path.islink(full):
+                fsync_path(full)
+        fsync_path(root)
 
 
 @contextlib.contextmanager

@@ -920,10 +920,14 @@ class _LaggedReader:
     def __init__(self, tensor):
         self.tensor = tensor
         self.lagged = tensor.device.type == "cuda"
-        self.lag = 1 if self.lagged else 0  # steps between the value read and the latest
         if self.lagged:
             self.host = torch.zeros((), dtype=tensor.dtype).pin_memory()
             self.copied = None  # the CUDA event of the copy in flight
+
+    @property
+    def lag(self):
+        """Steps between the value ``read()`` returns and the latest one."""
+        return 1 if self.lagged else 0
 
     def read(self):
         if not self.lagged:
